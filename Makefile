@@ -1,0 +1,52 @@
+# personvlad — developer entry points.  `make demo` and `make test` bootstrap
+# .venv on a fresh machine through `make install`.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+TORCH_VERSION ?= 2.14.1
+export MAX_JOBS ?= 2
+export TORCH_CUDA_ARCH_LIST ?= 7.5;8.0;8.6;8.9;9.0+PTX
+# The real CUDA toolkit root (the directory with lib64/libcudart.so); nvcc on
+# PATH may be a wrapper script, from which torch would infer a wrong root.
+CUDA_HOME ?= $(shell $(PYTHON) setup.py --print-cuda-home 2>/dev/null)
+ifneq ($(strip $(CUDA_HOME)),)
+export CUDA_HOME
+endif
+
+EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
+STAMP_DEPS := $(VENV)/.deps-installed
+STAMP := $(VENV)/.personvlad-built
+
+.PHONY: install test demo bench cmake-test clean ci
+
+install: $(STAMP)
+
+$(STAMP_DEPS): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip setuptools wheel
+	$(PIP) install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow
+	touch $@
+
+$(STAMP): $(STAMP_DEPS) $(EXT_SOURCES)
+	@echo "building personvlad (CUDA_HOME=$(CUDA_HOME), TORCH_CUDA_ARCH_LIST=$(TORCH_CUDA_ARCH_LIST), MAX_JOBS=$(MAX_JOBS))"
+	time $(PIP) install -q --no-build-isolation --no-deps -e .
+	touch $@
+
+test: install
+	$(PY) -m pytest -q tests
+
+demo: install
+	$(VENV)/bin/personvlad demo
+
+bench: install
+	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/cpu-latest.json
+
+cmake-test: install
+	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(PY))
+	cmake --build build-cmake -j $(MAX_JOBS)
+	cd build-cmake && ctest --output-on-failure
+
+clean:
+	rm -rf build build-cmake *.egg-info personvlad/_C*.so $(STAMP)

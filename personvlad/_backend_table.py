@@ -1,0 +1,55 @@
+"""``backend="auto"`` on CUDA tensors: cuda vs triton per shape class.
+
+The choice comes from committed GPU benchmark results: ``bench/results/*.json``
+are reduced by ``personvlad bench table`` into ``backend_table.json`` beside
+this file, mapping a shape class to the backend that was faster there.  Shape
+classes with no measurement fall back to ``DEFAULT_ORDER``.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+from typing import Dict, Optional, Sequence
+
+import torch
+
+TABLE_PATH = os.path.join(os.path.dirname(__file__), "backend_table.json")
+# Order used where no benchmark covers the shape class.
+DEFAULT_ORDER = ("triton", "cuda")
+
+
+def _bucket(x: int) -> int:
+    """Power-of-two bucket (1, 2, 4, ...) of a positive size."""
+    b = 1
+    while b < x:
+        b *= 2
+    return b
+
+
+def shape_class(C: int, P: int, K: int, B: int, dtype: torch.dtype) -> str:
+    return f"C{_bucket(C)}-P{_bucket(P)}-K{_bucket(K)}-B{_bucket(B)}-{str(dtype).replace('torch.', '')}"
+
+
+@functools.lru_cache(maxsize=1)
+def load_table(path: str = TABLE_PATH) -> Dict[str, str]:
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        data = json.load(f)
+    return {str(k): str(v) for k, v in data.get("classes", {}).items()}
+
+
+def pick_cuda_backend(features: torch.Tensor, parts: Optional[torch.Tensor], K: int,
+                      candidates: Sequence[str]) -> str:
+    N, C = features.shape[:2]
+    P = math.prod(features.shape[2:])
+    B = 1 if parts is None else parts.shape[1]
+    best = load_table().get(shape_class(C, P, K, B, features.dtype))
+    if best in candidates:
+        return best
+    for name in DEFAULT_ORDER:
+        if name in candidates:
+            return name
+    return candidates[0]

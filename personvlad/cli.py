@@ -1,0 +1,46 @@
+"""The ``personvlad`` command line: one entry point with subcommands.
+
+Each feature module contributes its subcommands through a
+``register(subparsers)`` function listed in ``COMMAND_MODULES``; the module is
+imported only to build the parser, so ``personvlad --help`` stays fast.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import List, Optional
+
+COMMAND_MODULES = [
+    "personvlad.demo",          # personvlad demo
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="personvlad",
+        description="Video person re-identification with 3D PersonVLAD.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Run `personvlad <command> --help` for a command's options and an example.",
+    )
+    from . import __version__
+
+    parser.add_argument("--version", action="version", version=f"personvlad {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    rc = args.func(args)
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

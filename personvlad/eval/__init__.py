@@ -1,0 +1,1 @@
+"""personvlad.eval"""

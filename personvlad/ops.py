@@ -1,0 +1,351 @@
+"""The single door to the fused PersonVLAD op (SPEC §1).
+
+``person_vlad(...)`` validates its arguments, picks a backend and calls it:
+
+- ``"reference"`` — :func:`personvlad.reference.person_vlad_ref`, pure PyTorch,
+  differentiable by autograd; the executable form of the spec.
+- ``"cpu"``       — the C++ extension (``personvlad._C``), registered as
+  ``torch.ops.personvlad.person_vlad`` for CPU tensors (float32/float64).
+- ``"cuda"``      — the CUDA kernels of the same extension, same op, CUDA key.
+- ``"triton"``    — Triton kernels, registered as
+  ``torch.ops.personvlad.person_vlad_triton`` through ``torch.library.triton_op``.
+- ``"auto"``      — CPU tensors: ``cpu`` when the extension is built, else
+  ``reference``; CUDA tensors: the faster of ``cuda``/``triton`` for the shape
+  class, from the committed benchmark table (:mod:`personvlad._backend_table`),
+  falling back to whichever is available, else ``reference``.
+
+``torch.ops.personvlad.person_vlad`` always exists: when the extension is not
+built (or was built without CUDA) the missing device kernels are filled with
+the pure-PyTorch reference so the op, its fake kernel and its autograd formula
+keep working.  Those fallbacks are *not* reported by :func:`available_backends`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import warnings
+from typing import Callable, Dict, Optional, Tuple
+
+import torch
+
+from . import reference
+
+__all__ = ["person_vlad", "available_backends", "BACKENDS", "extension_loaded"]
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+OP_NAME = "personvlad::person_vlad"
+BWD_NAME = "personvlad::person_vlad_backward"
+SCHEMA = (
+    "person_vlad(Tensor features, Tensor? parts, Tensor assign_weight, "
+    "Tensor assign_bias, Tensor centers, bool normalize=True) -> Tensor"
+)
+BWD_SCHEMA = (
+    "person_vlad_backward(Tensor grad_output, Tensor features, Tensor? parts, "
+    "Tensor assign_weight, Tensor assign_bias, Tensor centers, bool normalize) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
+
+# --------------------------------------------------------------------------
+# Extension loading and op registration
+# --------------------------------------------------------------------------
+_EXT_ERROR: Optional[BaseException] = None
+try:  # the compiled extension defines the schema (TORCH_LIBRARY) + CPU/CUDA kernels
+    from . import _C  # noqa: F401
+except ImportError as e:  # pragma: no cover - exercised by the no-extension CI job
+    _C = None
+    _EXT_ERROR = e
+    if os.environ.get("PERSONVLAD_QUIET_EXT") != "1":
+        warnings.warn(
+            "personvlad: compiled extension personvlad._C not available "
+            f"({e}); using the pure-PyTorch fallback. Rebuild with "
+            "`make install` (or `pip install --no-build-isolation -e .`).",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+def extension_loaded() -> bool:
+    """True when the compiled C++ (and maybe CUDA) extension is loaded."""
+    return _C is not None
+
+
+def _has_kernel(name: str, key: str) -> bool:
+    return bool(torch._C._dispatch_has_kernel_for_dispatch_key(name, key))
+
+
+_FRAGMENT = torch.library.Library("personvlad", "FRAGMENT")  # noqa: F841 (kept alive)
+if not hasattr(torch.ops.personvlad, "person_vlad"):  # no extension: define in Python
+    torch.library.define(OP_NAME, SCHEMA.split("person_vlad", 1)[1])
+    torch.library.define(BWD_NAME, BWD_SCHEMA.split("person_vlad_backward", 1)[1])
+
+# Which device kernels are real (compiled) — decided before fallbacks are added.
+_NATIVE_CPU = _has_kernel(OP_NAME, "CPU") and _has_kernel(BWD_NAME, "CPU")
+_NATIVE_CUDA = _has_kernel(OP_NAME, "CUDA") and _has_kernel(BWD_NAME, "CUDA")
+
+
+def _ref_forward_impl(features, parts, assign_weight, assign_bias, centers, normalize=True):
+    with torch.no_grad():
+        return reference.person_vlad_ref(
+            features, parts, assign_weight, assign_bias, centers, normalize
+        ).contiguous()
+
+
+def _ref_backward_impl(grad_output, features, parts, assign_weight, assign_bias, centers, normalize):
+    return tuple(
+        g.contiguous()
+        for g in reference.person_vlad_backward_ref(
+            grad_output, features, parts, assign_weight, assign_bias, centers, normalize
+        )
+    )
+
+
+for _key, _native in (("CPU", _NATIVE_CPU), ("CUDA", _NATIVE_CUDA)):
+    if not _native:
+        torch.library.impl(OP_NAME, _key)(_ref_forward_impl)
+        torch.library.impl(BWD_NAME, _key)(_ref_backward_impl)
+
+
+def _out_shape(features, assign_weight, normalize):
+    N, C = features.shape[0], features.shape[1]
+    K = assign_weight.shape[0]
+    return (N, K * C) if normalize else (N, K, C)
+
+
+@torch.library.register_fake(OP_NAME)
+def _person_vlad_fake(features, parts, assign_weight, assign_bias, centers, normalize=True):
+    return features.new_empty(_out_shape(features, assign_weight, normalize))
+
+
+@torch.library.register_fake(BWD_NAME)
+def _person_vlad_backward_fake(grad_output, features, parts, assign_weight, assign_bias, centers, normalize):
+    dparts = features.new_empty(0) if parts is None else torch.empty_like(parts)
+    return (
+        torch.empty_like(features),
+        dparts,
+        torch.empty_like(assign_weight),
+        torch.empty_like(assign_bias),
+        torch.empty_like(centers),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    features, parts, W, z, c, normalize = inputs
+    ctx.normalize = normalize
+    ctx.has_parts = parts is not None
+    ctx.save_for_backward(features, parts if parts is not None else features.new_empty(0), W, z, c)
+
+
+def _backward(ctx, grad):
+    features, parts, W, z, c = ctx.saved_tensors
+    grads = torch.ops.personvlad.person_vlad_backward(
+        grad.contiguous(), features, parts if ctx.has_parts else None, W, z, c, ctx.normalize
+    )
+    dF, dM, dW, dz, dc = grads
+    return dF, (dM if ctx.has_parts else None), dW, dz, dc, None
+
+
+torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------
+# Triton backend (lazy: importing triton is slow and may be absent)
+# --------------------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
+def _triton_module():
+    """Return ``personvlad.kernels.person_vlad`` or None if Triton is unusable."""
+    try:
+        from .kernels import person_vlad as mod  # type: ignore
+    except Exception as e:  # ImportError, or triton failing to initialise
+        _triton_module.error = e  # type: ignore[attr-defined]
+        return None
+    return mod
+
+
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _triton_usable(device: torch.device) -> Tuple[bool, str]:
+    if device.type == "cuda":
+        major, _ = torch.cuda.get_device_capability(device)
+        if major < 7:
+            return False, f"Triton needs compute capability >= 7.0, {device} has {major}.x"
+    elif not (device.type == "cpu" and _triton_interpret()):
+        return False, f"Triton runs on CUDA tensors (or CPU with TRITON_INTERPRET=1), got {device}"
+    if _triton_module() is None:
+        return False, f"Triton kernels could not be imported: {getattr(_triton_module, 'error', '?')}"
+    return True, ""
+
+
+def _backend_usable(name: str, device: torch.device) -> Tuple[bool, str]:
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"backend 'cpu' takes CPU tensors, got {device}"
+        if not _NATIVE_CPU:
+            return False, "backend 'cpu' needs the compiled extension personvlad._C (run `make install`)"
+        return True, ""
+    if name == "cuda":
+        if device.type != "cuda":
+            return False, f"backend 'cuda' takes CUDA tensors, got {device}"
+        if not _NATIVE_CUDA:
+            return False, "backend 'cuda' needs personvlad._C built with nvcc (FORCE_CUDA=1 make install)"
+        return True, ""
+    if name == "triton":
+        return _triton_usable(device)
+    raise AssertionError(name)
+
+
+def available_backends(device: Optional[torch.device | str] = None) -> Tuple[str, ...]:
+    """Backends this install can run.
+
+    With ``device`` given, the backends usable for tensors on that device;
+    without, every backend usable on some device present here (``"cuda"`` and
+    ``"triton"`` only when a CUDA device exists, or ``"triton"`` on CPU under
+    ``TRITON_INTERPRET=1``).
+    """
+    if device is not None:
+        dev = torch.device(device)
+        return tuple(b for b in BACKENDS if _backend_usable(b, dev)[0])
+    devices = [torch.device("cpu")]
+    if torch.cuda.is_available():
+        devices.append(torch.device("cuda", torch.cuda.current_device()))
+    found = []
+    for b in BACKENDS:
+        if any(_backend_usable(b, d)[0] for d in devices):
+            found.append(b)
+    return tuple(found)
+
+
+def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], K: int) -> str:
+    dev = features.device
+    if dev.type == "cpu":
+        return "cpu" if _NATIVE_CPU else "reference"
+    if dev.type == "cuda":
+        from ._backend_table import pick_cuda_backend
+
+        candidates = [b for b in ("cuda", "triton") if _backend_usable(b, dev)[0]]
+        if not candidates:
+            return "reference"
+        return pick_cuda_backend(features, parts, K, candidates)
+    return "reference"
+
+
+# --------------------------------------------------------------------------
+# Validation
+# --------------------------------------------------------------------------
+def _fmt_shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def _check_tensor(name: str, t) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if not t.is_floating_point():
+        raise ValueError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+
+
+def validate(features, parts, assign_weight, assign_bias, centers, normalize, backend) -> None:
+    """Raise ``ValueError`` naming the argument for any malformed input."""
+    _check_tensor("features", features)
+    if features.dim() not in (3, 4, 5):
+        raise ValueError(
+            "features: expected shape (N, C, *S) with 1, 2 or 3 spatial dims "
+            f"(rank 3-5), got rank {features.dim()} shape {_fmt_shape(features)}"
+        )
+    N, C = features.shape[0], features.shape[1]
+    S = tuple(features.shape[2:])
+    if C == 0:
+        raise ValueError(f"features: expected C >= 1 channels, got shape {_fmt_shape(features)}")
+    if any(s == 0 for s in S):
+        raise ValueError(f"features: expected a non-empty spatial grid, got shape {_fmt_shape(features)}")
+    if parts is not None:
+        _check_tensor("parts", parts)
+        if parts.dim() != features.dim():
+            raise ValueError(
+                f"parts: expected rank {features.dim()} (N, B, *S) matching features, "
+                f"got rank {parts.dim()} shape {_fmt_shape(parts)}"
+            )
+        if parts.shape[0] != N:
+            raise ValueError(f"parts: expected batch size N={N}, got {parts.shape[0]} (shape {_fmt_shape(parts)})")
+        if parts.shape[1] == 0:
+            raise ValueError("parts: expected B >= 1 part maps (use parts=None for plain NetVLAD), got B=0")
+        if tuple(parts.shape[2:]) != S:
+            raise ValueError(f"parts: expected spatial grid {S} matching features, got {tuple(parts.shape[2:])}")
+    _check_tensor("assign_weight", assign_weight)
+    if assign_weight.dim() != 2:
+        raise ValueError(f"assign_weight: expected shape (K, C), got shape {_fmt_shape(assign_weight)}")
+    K = assign_weight.shape[0]
+    if K == 0:
+        raise ValueError("assign_weight: expected K >= 1 clusters, got K=0")
+    if assign_weight.shape[1] != C:
+        raise ValueError(f"assign_weight: expected shape (K, C={C}), got shape {_fmt_shape(assign_weight)}")
+    _check_tensor("assign_bias", assign_bias)
+    if tuple(assign_bias.shape) != (K,):
+        raise ValueError(f"assign_bias: expected shape (K={K},), got shape {_fmt_shape(assign_bias)}")
+    _check_tensor("centers", centers)
+    if tuple(centers.shape) != (K, C):
+        raise ValueError(f"centers: expected shape (K={K}, C={C}), got shape {_fmt_shape(centers)}")
+    for name, t in (("parts", parts), ("assign_weight", assign_weight), ("assign_bias", assign_bias), ("centers", centers)):
+        if t is not None and t.device != features.device:
+            raise ValueError(f"{name}: expected device {features.device} (features' device), got {t.device}")
+    if not isinstance(normalize, bool):
+        raise ValueError(f"normalize: expected a bool, got {type(normalize).__name__}")
+    if not isinstance(backend, str) or backend not in BACKENDS + ("auto",):
+        raise ValueError(f"backend: expected one of {BACKENDS + ('auto',)}, got {backend!r}")
+
+
+# --------------------------------------------------------------------------
+# The public op
+# --------------------------------------------------------------------------
+def _call_native(features, parts, W, z, c, normalize):
+    return torch.ops.personvlad.person_vlad(features, parts, W, z, c, normalize)
+
+
+def _call_triton(features, parts, W, z, c, normalize):
+    return _triton_module().person_vlad_triton(features, parts, W, z, c, normalize)
+
+
+_DISPATCH: Dict[str, Callable] = {
+    "reference": reference.person_vlad_ref,
+    "cpu": _call_native,
+    "cuda": _call_native,
+    "triton": _call_triton,
+}
+
+
+def resolve_backend(features, parts, assign_weight, backend: str = "auto") -> str:
+    """The backend ``person_vlad`` would use for these tensors."""
+    if backend == "auto":
+        return _auto_backend(features, parts, assign_weight.shape[0])
+    ok, why = _backend_usable(backend, features.device)
+    if not ok:
+        raise ValueError(f"backend: {backend!r} is not available here: {why}; available: {available_backends(features.device)}")
+    return backend
+
+
+def person_vlad(
+    features: torch.Tensor,
+    parts: Optional[torch.Tensor],
+    assign_weight: torch.Tensor,
+    assign_bias: torch.Tensor,
+    centers: torch.Tensor,
+    *,
+    normalize: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Fused part reweighting + VLAD aggregation + intra/L2 normalisation.
+
+    See SPEC §1 and the module docstring.  ``features`` (N, C, *S), ``parts``
+    (N, B, *S) or None, ``assign_weight`` (K, C), ``assign_bias`` (K,),
+    ``centers`` (K, C).  Returns (N, K*C) with ``normalize=True`` else
+    (N, K, C), in ``features.dtype``; differentiable in all five inputs.
+    """
+    validate(features, parts, assign_weight, assign_bias, centers, normalize, backend)
+    name = resolve_backend(features, parts, assign_weight, backend)
+    if features.shape[0] == 0:
+        # Empty batch: nothing to compute; keep the graph connected for autograd.
+        out = features.new_zeros(_out_shape(features, assign_weight, normalize))
+        return out + 0 * (assign_weight.sum() + assign_bias.sum() + centers.sum()).to(out.dtype)
+    return _DISPATCH[name](features, parts, assign_weight, assign_bias, centers, normalize)

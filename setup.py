@@ -1,0 +1,95 @@
+"""Build personvlad and its compiled extension personvlad._C.
+
+- nvcc found (or FORCE_CUDA=1): CUDAExtension with csrc/cpu + csrc/cuda
+  (no GPU is needed to compile).  CUDA_HOME is resolved to the real toolkit
+  root (the directory holding lib64/libcudart.so) even when nvcc on PATH is a
+  wrapper script.
+- otherwise, or PERSONVLAD_CPU_ONLY=1: CppExtension with csrc/cpu only.
+- TORCH_CUDA_ARCH_LIST defaults to "7.5;8.0;8.6;8.9;9.0+PTX".
+"""
+import glob
+import os
+import shutil
+import sys
+
+from setuptools import setup
+
+
+def _truthy(name):
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def find_cuda_home():
+    """The CUDA toolkit root holding lib64/libcudart.so, or None."""
+    candidates = []
+    if os.environ.get("CUDA_HOME"):
+        candidates.append(os.environ["CUDA_HOME"])
+    if os.environ.get("CUDA_PATH"):
+        candidates.append(os.environ["CUDA_PATH"])
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        real = os.path.realpath(nvcc)
+        candidates.append(os.path.dirname(os.path.dirname(real)))
+        # nvcc may be a shell wrapper ("exec /usr/local/cuda-X/bin/nvcc"): read it.
+        try:
+            with open(real, "rb") as f:
+                head = f.read(4096)
+            if head.startswith(b"#!"):
+                for tok in head.decode(errors="ignore").split():
+                    if tok.endswith("/bin/nvcc") and os.path.exists(tok):
+                        candidates.append(os.path.dirname(os.path.dirname(tok)))
+        except OSError:
+            pass
+    candidates += sorted(glob.glob("/usr/local/cuda*"), reverse=True)
+    for root in candidates:
+        for lib in ("lib64", "lib", os.path.join("targets", "x86_64-linux", "lib")):
+            if os.path.exists(os.path.join(root, lib, "libcudart.so")) and os.path.exists(
+                os.path.join(root, "bin", "nvcc")
+            ):
+                return os.path.realpath(root)
+    return None
+
+
+if "--print-cuda-home" in sys.argv:  # used by the Makefile, before torch exists
+    print(find_cuda_home() or "")
+    sys.exit(0)
+
+CPU_ONLY = _truthy("PERSONVLAD_CPU_ONLY")
+CUDA_HOME = None if CPU_ONLY else find_cuda_home()
+WITH_CUDA = (CUDA_HOME is not None or _truthy("FORCE_CUDA")) and not CPU_ONLY
+if CUDA_HOME:
+    os.environ["CUDA_HOME"] = CUDA_HOME  # must precede torch.utils.cpp_extension
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "7.5;8.0;8.6;8.9;9.0+PTX")
+
+from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension  # noqa: E402
+
+here = os.path.dirname(os.path.abspath(__file__))
+rel = lambda paths: sorted(os.path.relpath(p, here) for p in paths)  # noqa: E731
+sources = rel(glob.glob(os.path.join(here, "csrc", "*.cpp")) + glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))
+cxx_flags = ["-O3"]  # the C++ standard comes from torch (C++17 up to 2.12, C++20 after)
+define_macros = []
+if WITH_CUDA:
+    sources += rel(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(here, "csrc", "cuda", "*.cpp")))
+    ext = CUDAExtension(
+        "personvlad._C",
+        sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        define_macros=define_macros + [("WITH_CUDA", None)],
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]},
+    )
+else:
+    ext = CppExtension(
+        "personvlad._C",
+        sources,
+        include_dirs=[os.path.join(here, "csrc")],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx_flags},
+    )
+print(f"personvlad: building {'CUDA' if WITH_CUDA else 'CPU-only'} extension"
+      + (f" (CUDA_HOME={CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else ""),
+      file=sys.stderr)
+
+setup(
+    ext_modules=[ext],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)},
+)
