@@ -1,0 +1,237 @@
+"""Online Instance Matching loss (SPEC §4).
+
+``OIMLoss`` keeps a look-up table (LUT) with one L2-normalised feature per
+labeled identity and a circular queue of features of unlabeled samples.
+The logits of a sample ``x`` (L2-normalised inside) are
+``x · [LUT; queue]ᵀ / temperature``; the loss is the cross-entropy over the
+labeled samples of the batch.
+
+Update rule (after the loss, no gradient), in batch order:
+
+* labeled ``x`` with id ``y``: ``LUT[y] = normalize(momentum*LUT[y] + (1-momentum)*x)``.
+  The updates are applied *sequentially* in batch order, so an id that
+  occurs several times in a batch is moved several times (the updates
+  compound: the second occurrence starts from the LUT row the first one
+  produced).  This is what the original OIM implementation's per-sample loop
+  does.  It is computed in rounds (all first occurrences of every id at once,
+  then all second occurrences, ...), which is exactly the sequential result.
+* unlabeled ``x`` (label ``-1``): written to the queue at ``queue_ptr``,
+  which advances (and wraps) by one per sample; if a batch has more
+  unlabeled samples than the queue holds, only the last ``queue_size``
+  remain, as a sequential write would leave them.
+
+Queue slots that were never written (``queue_filled < queue_size``) are left
+out of the logits rather than counted as all-zero features.
+
+Under an initialised ``torch.distributed`` process group with more than one
+process the (detached, normalised) features and the labels of every rank are
+all-gathered (in rank order) before the update, so every rank applies the
+same updates and holds identical buffers; the gradient stays local.
+
+Updates happen only in training mode (``loss.train()``, the default); in
+``eval()`` mode the forward computes the loss and leaves the buffers alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["OIMLoss"]
+
+
+def _check_int(name: str, value, lo: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ValueError(f"{name}: expected an int >= {lo}, got {value!r}")
+    return value
+
+
+def _dist_world() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size()
+    return 1
+
+
+def _all_gather(t: torch.Tensor) -> torch.Tensor:
+    world = torch.distributed.get_world_size()
+    out = [torch.empty_like(t) for _ in range(world)]
+    torch.distributed.all_gather(out, t.contiguous())
+    return torch.cat(out, 0)
+
+
+class OIMLoss(nn.Module):
+    """OIM loss with a labeled look-up table and an unlabeled circular queue.
+
+    Args:
+        num_features: feature dimension ``D``.
+        num_labeled: number of labeled identities ``L`` (labels ``0..L-1``).
+        queue_size: slots of the unlabeled queue (0 disables it).
+        temperature: softmax temperature (the paper's 1/10).
+        momentum: LUT momentum (0.5).
+        num_sampled: ``None`` uses every LUT/queue entry in the partition
+            function; ``S`` uses the target plus ``S`` negatives drawn
+            uniformly without replacement from the other entries (per
+            sample, from the global torch RNG of the features' device).
+
+    ``forward(features (N, D), labels (N,)) -> scalar``.
+    Buffers: ``lut`` (L, D), ``queue`` (Q, D), ``queue_ptr`` (), ``queue_filled`` ().
+    """
+
+    def __init__(
+        self,
+        num_features: int,
+        num_labeled: int,
+        queue_size: int = 5000,
+        temperature: float = 0.1,
+        momentum: float = 0.5,
+        num_sampled: Optional[int] = None,
+    ) -> None:
+        super().__init__()
+        _check_int("num_features", num_features, 1)
+        _check_int("num_labeled", num_labeled, 1)
+        _check_int("queue_size", queue_size, 0)
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not math.isfinite(temperature) or temperature <= 0:
+            raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+                or not (0.0 <= float(momentum) <= 1.0):
+            raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
+        if num_sampled is not None:
+            _check_int("num_sampled", num_sampled, 1)
+        self.num_features = num_features
+        self.num_labeled = num_labeled
+        self.queue_size = queue_size
+        self.temperature = float(temperature)
+        self.momentum = float(momentum)
+        self.num_sampled = num_sampled
+        self.register_buffer("lut", torch.zeros(num_labeled, num_features))
+        self.register_buffer("queue", torch.zeros(queue_size, num_features))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+
+    def extra_repr(self) -> str:
+        return (f"num_features={self.num_features}, num_labeled={self.num_labeled}, "
+                f"queue_size={self.queue_size}, temperature={self.temperature}, "
+                f"momentum={self.momentum}, num_sampled={self.num_sampled}")
+
+    # ------------------------------------------------------------------ checks
+    def _validate(self, features, labels) -> None:
+        if not isinstance(features, torch.Tensor):
+            raise ValueError(f"features: expected a Tensor (N, {self.num_features}), got {type(features).__name__}")
+        if features.dim() != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"features: expected shape (N, {self.num_features}), got {tuple(features.shape)}")
+        if not features.is_floating_point():
+            raise ValueError(f"features: expected a floating dtype, got {features.dtype}")
+        if not isinstance(labels, torch.Tensor):
+            raise ValueError(f"labels: expected an integer Tensor (N,), got {type(labels).__name__}")
+        if labels.dim() != 1 or labels.shape[0] != features.shape[0]:
+            raise ValueError(f"labels: expected shape ({features.shape[0]},), got {tuple(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
+        if labels.device != features.device:
+            raise ValueError(f"labels: expected device {features.device} (as features), got {labels.device}")
+        if features.device != self.lut.device:
+            raise ValueError(f"features: expected device {self.lut.device} (the loss buffers'), got {features.device}")
+        if labels.numel():
+            lo, hi = int(labels.min()), int(labels.max())
+            if lo < -1 or hi >= self.num_labeled:
+                raise ValueError(
+                    f"labels: expected values in [0, {self.num_labeled}) or -1 (unlabeled), "
+                    f"got values in [{lo}, {hi}]")
+
+    # ------------------------------------------------------------------ forward
+    def table(self) -> torch.Tensor:
+        """The (L + filled, D) matrix the logits are taken against (a copy:
+        autograd keeps it while the buffers are updated in place)."""
+        filled = int(self.queue_filled)
+        if filled == 0:
+            return self.lut.clone()
+        return torch.cat([self.lut, self.queue[:filled]], 0)
+
+    def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._validate(features, labels)
+        labels = labels.long()
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            x = F.normalize(features.float(), dim=1)
+            loss = self._loss(x, labels)
+        if self.training:
+            self._update(x.detach(), labels)
+        return loss
+
+    def _loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        lab = labels >= 0
+        if not bool(lab.any()):
+            # No labeled sample: a zero that keeps the graph connected.
+            return x.sum() * 0.0
+        xl, yl = x[lab], labels[lab]
+        table = self.table()
+        logits = xl @ table.t() / self.temperature  # (n, C)
+        C = table.shape[0]
+        if self.num_sampled is None or self.num_sampled >= C - 1:
+            return F.cross_entropy(logits, yl)
+        # Target + S negatives drawn uniformly without replacement, per sample.
+        n, S = xl.shape[0], self.num_sampled
+        scores = torch.rand(n, C, device=x.device)
+        scores.scatter_(1, yl[:, None], -1.0)  # the target is never a negative
+        neg = scores.topk(S, dim=1).indices  # (n, S)
+        cols = torch.cat([yl[:, None], neg], 1)  # target first
+        sub = logits.gather(1, cols)
+        return F.cross_entropy(sub, torch.zeros(n, dtype=torch.long, device=x.device))
+
+    # ------------------------------------------------------------------ update
+    @torch.no_grad()
+    def _update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        if _dist_world() > 1:
+            x = _all_gather(x.contiguous())
+            labels = _all_gather(labels.contiguous())
+        x = x.to(self.lut.dtype)
+        self._update_lut(x, labels)
+        self._update_queue(x[labels < 0])
+
+    def _update_lut(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+        lab = labels >= 0
+        if not bool(lab.any()):
+            return
+        x, y = x[lab], labels[lab]
+        # occurrence rank of each sample among the samples with its label
+        n = y.shape[0]
+        order = torch.argsort(y, stable=True)
+        ys = y[order]
+        start = torch.ones(n, dtype=torch.bool, device=y.device)
+        start[1:] = ys[1:] != ys[:-1]
+        pos = torch.arange(n, device=y.device)
+        group_start = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
+        occ = torch.empty_like(pos)
+        occ[order] = pos - group_start
+        m = self.momentum
+        for r in range(int(occ.max()) + 1):
+            sel = occ == r  # unique labels within a round, in batch order
+            yr = y[sel]
+            self.lut[yr] = F.normalize(m * self.lut[yr] + (1.0 - m) * x[sel], dim=1)
+
+    def _update_queue(self, u: torch.Tensor) -> None:
+        Q = self.queue_size
+        k = u.shape[0]
+        if Q == 0 or k == 0:
+            return
+        ptr = int(self.queue_ptr)
+        keep = min(k, Q)
+        first = k - keep  # samples [first, k) survive a sequential write
+        idx = (ptr + torch.arange(first, k, device=u.device)) % Q
+        self.queue[idx] = u[first:]
+        self.queue_ptr.fill_((ptr + k) % Q)
+        self.queue_filled.fill_(min(Q, int(self.queue_filled) + k))
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        for name, shape in (("lut", tuple(self.lut.shape)), ("queue", tuple(self.queue.shape))):
+            if name in state_dict and tuple(state_dict[name].shape) != shape:
+                raise ValueError(f"state_dict[{name!r}]: expected shape {shape}, got {tuple(state_dict[name].shape)}")
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def buffers_checksum(self) -> Tuple[float, float, int, int]:
+        """(sum of lut, sum of queue, ptr, filled) — handy to compare ranks."""
+        return (float(self.lut.double().sum()), float(self.queue.double().sum()),
+                int(self.queue_ptr), int(self.queue_filled))
