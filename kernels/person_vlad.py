@@ -1,0 +1,663 @@
+"""Triton forward and backward kernels of the fused PersonVLAD op (SPEC §1).
+
+Public entry points
+-------------------
+``person_vlad_triton(features, parts, assign_weight, assign_bias, centers, normalize=True)``
+    Calls ``torch.ops.personvlad.person_vlad_triton`` and returns the
+    descriptor: ``(N, K*C)`` normalised or ``(N, K, C)`` raw, in
+    ``features.dtype``; differentiable in all five inputs.
+``supports(features, parts, assign_weight, assign_bias=None, centers=None) -> (bool, reason)``
+    Whether these kernels accept the tensors; ``reason`` is a one-line
+    explanation when they do not (``""`` when they do).
+``check_supported(...)``
+    Raises :class:`UnsupportedInput` (a ``ValueError``) with that reason.
+
+Registered ops
+--------------
+``personvlad::person_vlad_triton(Tensor features, Tensor? parts, Tensor assign_weight,
+Tensor assign_bias, Tensor centers, bool normalize) -> (Tensor, Tensor)``
+    returns ``(out, norms)``; ``norms`` is float32 ``(N, K+1)`` (the K row
+    norms of the raw ``V`` then the norm of the intra-normalised vector) when
+    ``normalize`` and ``(N, 0)`` otherwise.  It exists so autograd can save
+    them; it is marked non-differentiable.
+``personvlad::person_vlad_triton_backward(Tensor grad_out, Tensor features, Tensor? parts,
+Tensor assign_weight, Tensor assign_bias, Tensor centers, Tensor out, Tensor norms,
+bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)``
+    ``(dF, dM or empty(0), dW, dz, dc)``, each in its input's dtype and shape.
+
+Both are ``torch.library.triton_op`` s (so ``torch.compile`` sees the Triton
+kernels).  Under ``TRITON_INTERPRET=1`` (CPU testing) ``wrap_triton`` cannot
+make interpreted kernels traceable (they are plain Python and cannot run on
+FakeTensors), so there the same schemas are registered with
+``torch.library.custom_op`` plus an explicit fake kernel: the op is then opaque
+to ``torch.compile`` but behaves identically otherwise.
+
+Kernel design (per sample n; F is (C, P), M is (B, P), all accumulation fp32)
+-------------------------------------------------------------------------
+forward
+  1. ``_fwd_assign``  grid (N, cdiv(P, BLOCK_P)).  G = W F for a P tile
+     (tl.dot over C chunks), then for each part b the max-subtracted softmax
+     over k of ``M[b,p] G[k,p] + z[k]``; accumulates ``A'[k,p] = sum_b a M``
+     (written to an fp32 (N, K, P) workspace) and per-tile partial
+     ``s[k] = sum_{b,p} a`` (written to fixed 16-column slots, so the
+     partial buffer does not depend on the autotuned BLOCK_P).  Nothing of
+     size N*B*K*P is ever written.
+  2. ``_gemm_kc``  grid (N, K tiles, C tiles): ``V = A' F^T - s c`` looping
+     over P (deterministic, no atomics); writes fp32 V (or the raw output).
+  3. ``_fwd_normalize``  grid (N,): intra-normalise rows, L2-normalise, write
+     output and the norms.
+backward
+  4. ``_bwd_normalize``  grid (N,): dV from the saved output and norms (exact
+     backward of ``x / max(||x||, eps)`` twice), and ``ds[k] = -dV[k]·c[k]``.
+  5. ``_bwd_main``  grid (N, cdiv(P, BLOCK_P)): recompute G and a; with
+     ``dA' = dV F`` (same C loop as G) get dM, dlogit, dG, partial dz and s;
+     write dM, dG (fp32 (N, K, P) workspace) and
+     ``dF = dV^T A' + W^T dG``.
+  6. ``_gemm_kc`` again: dW partials ``sum_{n in group} dG F^T`` over a
+     fixed number of sample groups, summed by torch (deterministic).
+  dz, dc = ``-sum_n s dV`` are small torch reductions.
+
+Everything is deterministic for a given autotuned configuration (no
+atomics).  fp32 dots use ``input_precision="ieee"`` (no TF32): with
+``alpha=1000`` the logits are ~1e3 and TF32's 10-bit mantissa would perturb
+the soft-assignment visibly.
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = [
+    "person_vlad_triton",
+    "supports",
+    "check_supported",
+    "UnsupportedInput",
+    "MAX_PARTS",
+    "MAX_CLUSTERS",
+    "MAX_CHANNELS",
+    "INTERPRET",
+]
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+MAX_PARTS = 16
+MAX_CLUSTERS = 128
+MAX_CHANNELS = 1024
+EPS = 1e-12
+_SLOT = 16  # column granularity of the partial-sum buffers (== smallest BLOCK_P)
+
+if INTERPRET:
+
+    def wrap_triton(kernel):  # interpreted kernels are plain Python callables
+        return kernel
+
+else:
+    from torch.library import wrap_triton
+
+
+class UnsupportedInput(ValueError):
+    """The Triton kernels do not handle these inputs (see :func:`supports`)."""
+
+
+# --------------------------------------------------------------------------
+# Support contract
+# --------------------------------------------------------------------------
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def supports(features, parts, assign_weight, assign_bias=None, centers=None) -> Tuple[bool, str]:
+    """``(True, "")`` if the Triton kernels accept these (already validated)
+    tensors, else ``(False, one-line reason)``."""
+    dev = features.device
+    if dev.type == "cpu":
+        if not INTERPRET:
+            return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU)"
+    elif dev.type != "cuda":
+        return False, f"Triton kernels need CUDA tensors, got device {dev}"
+    allowed = _FLOAT_DTYPES if dev.type == "cuda" else (torch.float32, torch.float16)
+    where = "on CUDA" if dev.type == "cuda" else "under the Triton interpreter"
+    for name, t in (("features", features), ("parts", parts), ("assign_weight", assign_weight),
+                    ("assign_bias", assign_bias), ("centers", centers)):
+        if t is not None and t.dtype not in allowed:
+            names = "/".join(str(d).replace("torch.", "") for d in allowed)
+            return False, f"Triton kernels take {names} {where}; {name} is {str(t.dtype).replace('torch.', '')}"
+    C = features.shape[1]
+    K = assign_weight.shape[0]
+    B = 1 if parts is None else parts.shape[1]
+    if B > MAX_PARTS:
+        return False, f"Triton kernels support at most {MAX_PARTS} parts, got B={B}"
+    if K > MAX_CLUSTERS:
+        return False, f"Triton kernels support at most {MAX_CLUSTERS} clusters, got K={K}"
+    if C > MAX_CHANNELS:
+        return False, f"Triton kernels support at most {MAX_CHANNELS} channels, got C={C}"
+    return True, ""
+
+
+def check_supported(features, parts, assign_weight, assign_bias=None, centers=None) -> None:
+    """Raise :class:`UnsupportedInput` when :func:`supports` says no."""
+    ok, why = supports(features, parts, assign_weight, assign_bias, centers)
+    if not ok:
+        raise UnsupportedInput(why)
+
+
+# --------------------------------------------------------------------------
+# Autotune configurations
+# --------------------------------------------------------------------------
+def _cfgs(entries, names):
+    if INTERPRET:  # the interpreter is slow: one small config, no benchmarking
+        entries = entries[:1]
+    return [
+        triton.Config(dict(zip(names, e[:-2])), num_warps=e[-2], num_stages=e[-1]) for e in entries
+    ]
+
+
+if INTERPRET:
+    _ASSIGN = [(16, 16, 1, 1)]
+    _BWD = [(16, 16, 1, 1)]
+    _GEMM = [(16, 16, 16, 1, 1)]
+else:
+    #            BLOCK_P, BLOCK_C, warps, stages
+    _ASSIGN = [(64, 32, 4, 3), (32, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 2)]
+    _BWD = [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)]
+    #          BLOCK_K, BLOCK_C, BLOCK_P, warps, stages
+    _GEMM = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (32, 64, 64, 4, 3), (128, 64, 32, 8, 3),
+             (64, 64, 64, 4, 2)]
+
+
+def _p_bucket(P):
+    """Autotune bucket of the spatial size (powers of two, 16..4096)."""
+    b = 16
+    while b < P and b < 4096:
+        b *= 2
+    return b
+
+
+# --------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------
+@triton.jit
+def _load_tile(ptr, rows, cols, ld, rmask, cmask):
+    """fp32 tile ptr[rows, cols] of a row-major matrix with leading dim ld."""
+    return tl.load(
+        ptr + rows[:, None] * ld + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0
+    ).to(tl.float32)
+
+
+@triton.autotune(configs=_cfgs(_ASSIGN, ("BLOCK_P", "BLOCK_C")), key=["C", "K", "B", "P_BUCKET"])
+@triton.jit
+def _fwd_assign_kernel(
+    F_ptr, M_ptr, W_ptr, Z_ptr, AP_ptr, SPART_ptr,
+    C, P, K, B, NSLOT, P_BUCKET,
+    HAS_PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mk = offs_k < K
+    mp = offs_p < P
+    Fn = F_ptr + n * C * P
+
+    # G = W F for this P tile
+    G = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
+        f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
+        G += tl.dot(w, f, input_precision="ieee")
+
+    z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+    Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for b in range(B):
+        if HAS_PARTS:
+            m = tl.load(M_ptr + (n * B + b) * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+        else:
+            m = tl.full((BLOCK_P,), 1.0, tl.float32)
+        logit = m[None, :] * G + z[:, None]
+        logit = tl.where(mk[:, None], logit, float("-inf"))
+        mx = tl.max(logit, axis=0)
+        e = tl.exp(logit - mx[None, :])
+        a = e / tl.sum(e, axis=0)[None, :]
+        a = tl.where(mp[None, :], a, 0.0)
+        Ap += a * m[None, :]
+        s_acc += tl.sum(a, axis=1)
+
+    tl.store(AP_ptr + n * K * P + offs_k[:, None] * P + offs_p[None, :], Ap,
+             mask=mk[:, None] & mp[None, :])
+    # partial s into 16-column slots: this tile's sum in its first slot, zeros in the rest
+    R: tl.constexpr = BLOCK_P // 16
+    slots = pid_p * R + tl.arange(0, R)
+    vals = tl.where(tl.arange(0, R)[:, None] == 0, s_acc[None, :], 0.0)
+    tl.store(SPART_ptr + n * NSLOT * K + slots[:, None] * K + offs_k[None, :], vals,
+             mask=(slots[:, None] < NSLOT) & mk[None, :])
+
+
+@triton.autotune(configs=_cfgs(_GEMM, ("BLOCK_K", "BLOCK_C", "BLOCK_P")), key=["C", "K", "P_BUCKET", "NPG"])
+@triton.jit
+def _gemm_kc_kernel(
+    X_ptr, F_ptr, S_ptr, CEN_ptr, OUT_ptr,
+    N, C, P, K, NPG, P_BUCKET,
+    SUB_SC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+):
+    """OUT[g, k, c] = sum_{n in group g} sum_p X[n, k, p] F[n, c, p]  (- s[g,k] cen[k,c])."""
+    g = tl.program_id(0)
+    offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mk = offs_k < K
+    mc = offs_c < C
+    acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+    for i in range(NPG):
+        n = g * NPG + i
+        nv = n < N
+        n64 = n.to(tl.int64)
+        Xn = X_ptr + n64 * K * P
+        Fn = F_ptr + n64 * C * P
+        for p0 in range(0, P, BLOCK_P):
+            offs_p = p0 + tl.arange(0, BLOCK_P)
+            mp = (offs_p < P) & nv
+            x = _load_tile(Xn, offs_k, offs_p, P, mk, mp)
+            f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
+            acc += tl.dot(x, tl.trans(f), input_precision="ieee")
+    g64 = g.to(tl.int64)
+    if SUB_SC:
+        s = tl.load(S_ptr + g64 * K + offs_k, mask=mk, other=0.0)
+        cen = _load_tile(CEN_ptr, offs_k, offs_c, C, mk, mc)
+        acc -= s[:, None] * cen
+    out_ptrs = OUT_ptr + g64 * K * C + offs_k[:, None] * C + offs_c[None, :]
+    tl.store(out_ptrs, acc.to(OUT_ptr.dtype.element_ty), mask=mk[:, None] & mc[None, :])
+
+
+@triton.jit
+def _fwd_normalize_kernel(V_ptr, OUT_ptr, NORM_ptr, K, C,
+                          BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    n = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    Vn = V_ptr + n * K * C
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        v = _load_tile(Vn, offs_k, offs_c, C, mk, offs_c < C)
+        ss += tl.sum(v * v, axis=1)
+    r = tl.sqrt(ss)
+    inv_r = 1.0 / tl.maximum(r, 1e-12)
+    gg = tl.sqrt(tl.sum(ss * inv_r * inv_r, axis=0))
+    inv_g = 1.0 / tl.maximum(gg, 1e-12)
+    scale = inv_r * inv_g
+    On = OUT_ptr + n * K * C
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        v = _load_tile(Vn, offs_k, offs_c, C, mk, mc)
+        tl.store(On + offs_k[:, None] * C + offs_c[None, :],
+                 (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=mk[:, None] & mc[None, :])
+    tl.store(NORM_ptr + n * (K + 1) + offs_k, r, mask=mk)
+    tl.store(NORM_ptr + n * (K + 1) + K, gg)
+
+
+@triton.jit
+def _bwd_normalize_kernel(DY_ptr, Y_ptr, NORM_ptr, CEN_ptr, DV_ptr, DS_ptr, K, C,
+                          NORMALIZE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dV (fp32) from dY, and ds[k] = -sum_c dV[k,c] cen[k,c].
+
+    y = u / max(||u||, eps), u[k] = V[k] / max(||V[k]||, eps); the backward of
+    x / max(||x||, eps) is (dy - y (y.dy) [||x|| >= eps]) / max(||x||, eps)."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    DYn = DY_ptr + n * K * C
+    Yn = Y_ptr + n * K * C
+    DVn = DV_ptr + n * K * C
+    if NORMALIZE:
+        r = tl.load(NORM_ptr + n * (K + 1) + offs_k, mask=mk, other=1.0)
+        gg = tl.load(NORM_ptr + n * (K + 1) + K)
+        gc = tl.maximum(gg, 1e-12)
+        rc = tl.maximum(r, 1e-12)
+        gflag = (gg >= 1e-12).to(tl.float32)
+        rflag = (r >= 1e-12).to(tl.float32)
+        # t = y . dy over the whole vector
+        t_rows = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mc = offs_c < C
+            y = _load_tile(Yn, offs_k, offs_c, C, mk, mc)
+            dy = _load_tile(DYn, offs_k, offs_c, C, mk, mc)
+            t_rows += tl.sum(y * dy, axis=1)
+        t = tl.sum(t_rows, axis=0) * gflag
+        # q[k] = u[k] . du[k] with u = y * gc, du = (dy - y t) / gc  ->  q = y.(dy - y t)
+        q = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mc = offs_c < C
+            y = _load_tile(Yn, offs_k, offs_c, C, mk, mc)
+            dy = _load_tile(DYn, offs_k, offs_c, C, mk, mc)
+            q += tl.sum(y * (dy - y * t), axis=1)
+        q = q * rflag
+        ds = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mc = offs_c < C
+            y = _load_tile(Yn, offs_k, offs_c, C, mk, mc)
+            dy = _load_tile(DYn, offs_k, offs_c, C, mk, mc)
+            du = (dy - y * t) / gc
+            dv = (du - (y * gc) * q[:, None]) / rc[:, None]
+            tl.store(DVn + offs_k[:, None] * C + offs_c[None, :], dv, mask=mk[:, None] & mc[None, :])
+            cen = _load_tile(CEN_ptr, offs_k, offs_c, C, mk, mc)
+            ds -= tl.sum(dv * cen, axis=1)
+    else:
+        ds = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + tl.arange(0, BLOCK_C)
+            mc = offs_c < C
+            dv = _load_tile(DYn, offs_k, offs_c, C, mk, mc)
+            tl.store(DVn + offs_k[:, None] * C + offs_c[None, :], dv, mask=mk[:, None] & mc[None, :])
+            cen = _load_tile(CEN_ptr, offs_k, offs_c, C, mk, mc)
+            ds -= tl.sum(dv * cen, axis=1)
+    tl.store(DS_ptr + n * K + offs_k, ds, mask=mk)
+
+
+@triton.autotune(configs=_cfgs(_BWD, ("BLOCK_P", "BLOCK_C")), key=["C", "K", "B", "P_BUCKET"])
+@triton.jit
+def _bwd_main_kernel(
+    F_ptr, M_ptr, W_ptr, Z_ptr, DV_ptr, DS_ptr,
+    DF_ptr, DM_ptr, DG_ptr, DZPART_ptr, SPART_ptr,
+    C, P, K, B, NSLOT, P_BUCKET,
+    HAS_PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    n = tl.program_id(0).to(tl.int64)
+    pid_p = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    mk = offs_k < K
+    mp = offs_p < P
+    Fn = F_ptr + n * C * P
+    DVn = DV_ptr + n * K * C
+
+    # recompute G = W F and dA' = dV F in the same pass over C
+    G = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    dAp = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
+        w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
+        dv = _load_tile(DVn, offs_k, offs_c, C, mk, mc)
+        G += tl.dot(w, f, input_precision="ieee")
+        dAp += tl.dot(dv, f, input_precision="ieee")
+
+    z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+    ds = tl.load(DS_ptr + n * K + offs_k, mask=mk, other=0.0)
+    Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    dG = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    dz = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    s_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for b in range(B):
+        if HAS_PARTS:
+            m = tl.load(M_ptr + (n * B + b) * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+        else:
+            m = tl.full((BLOCK_P,), 1.0, tl.float32)
+        logit = m[None, :] * G + z[:, None]
+        logit = tl.where(mk[:, None], logit, float("-inf"))
+        mx = tl.max(logit, axis=0)
+        e = tl.exp(logit - mx[None, :])
+        a = e / tl.sum(e, axis=0)[None, :]
+        a = tl.where(mp[None, :], a, 0.0)
+        Ap += a * m[None, :]
+        s_acc += tl.sum(a, axis=1)
+        da = dAp * m[None, :] + ds[:, None]
+        dm = tl.sum(a * dAp, axis=0)
+        dl = a * (da - tl.sum(a * da, axis=0)[None, :])
+        dz += tl.sum(dl, axis=1)
+        dG += dl * m[None, :]
+        if HAS_PARTS:
+            dm += tl.sum(dl * G, axis=0)
+            tl.store(DM_ptr + (n * B + b) * P + offs_p, dm.to(DM_ptr.dtype.element_ty), mask=mp)
+
+    tl.store(DG_ptr + n * K * P + offs_k[:, None] * P + offs_p[None, :], dG,
+             mask=mk[:, None] & mp[None, :])
+    R: tl.constexpr = BLOCK_P // 16
+    slots = pid_p * R + tl.arange(0, R)
+    first = tl.arange(0, R)[:, None] == 0
+    smask = (slots[:, None] < NSLOT) & mk[None, :]
+    soffs = n * NSLOT * K + slots[:, None] * K + offs_k[None, :]
+    tl.store(DZPART_ptr + soffs, tl.where(first, dz[None, :], 0.0), mask=smask)
+    tl.store(SPART_ptr + soffs, tl.where(first, s_acc[None, :], 0.0), mask=smask)
+
+    # dF = dV^T A' + W^T dG
+    DFn = DF_ptr + n * C * P
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
+        dv = _load_tile(DVn, offs_k, offs_c, C, mk, mc)
+        df = tl.dot(tl.trans(dv), Ap, input_precision="ieee")
+        df += tl.dot(tl.trans(w), dG, input_precision="ieee")
+        tl.store(DFn + offs_c[:, None] * P + offs_p[None, :], df.to(DF_ptr.dtype.element_ty),
+                 mask=mc[:, None] & mp[None, :])
+
+
+# --------------------------------------------------------------------------
+# Host-side helpers (traceable: shapes only, torch ops and wrap_triton launches)
+# --------------------------------------------------------------------------
+def _block_k(K):
+    return max(16, triton.next_power_of_2(K))
+
+
+def _block_c_rows(BK, C):
+    """C chunk for the per-sample (all K rows) normalisation kernels."""
+    return max(16, min(triton.next_power_of_2(C), 4096 // BK))
+
+
+def _flatten(features, parts):
+    N, C = features.shape[0], features.shape[1]
+    P = _prod(features.shape[2:])
+    F = features.reshape(N, C, P).contiguous()
+    M = None if parts is None else parts.reshape(N, parts.shape[1], P).contiguous()
+    return F, M, N, C, P
+
+
+def _prod(xs):
+    out = 1
+    for x in xs:
+        out = out * x
+    return out
+
+
+def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
+    dev = F.device
+    B = 1 if M is None else M.shape[1]
+    BK = _block_k(K)
+    PB = _p_bucket(P)
+    nslot = triton.cdiv(P, _SLOT)
+    Ap = torch.empty((N, K, P), device=dev, dtype=torch.float32)
+    spart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
+    Mp = F if M is None else M
+    wrap_triton(_fwd_assign_kernel)[lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))](
+        F, Mp, W, z, Ap, spart, C, P, K, B, nslot, PB,
+        HAS_PARTS=M is not None, BLOCK_K=BK,
+    )
+    s = spart.sum(dim=1)  # (N, K)
+    V = torch.empty((N, K, C), device=dev, dtype=torch.float32 if normalize else out_dtype)
+    wrap_triton(_gemm_kc_kernel)[
+        lambda meta: (N, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
+    ](Ap, F, s, c, V, N, C, P, K, 1, PB, SUB_SC=True)
+    if not normalize:
+        return V, torch.empty((N, 0), device=dev, dtype=torch.float32)
+    out = torch.empty((N, K * C), device=dev, dtype=out_dtype)
+    norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
+    wrap_triton(_fwd_normalize_kernel)[(N,)](
+        V, out, norms, K, C, BLOCK_K=BK, BLOCK_C=_block_c_rows(BK, C)
+    )
+    return out, norms
+
+
+def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
+    dev = F.device
+    B = 1 if M is None else M.shape[1]
+    BK = _block_k(K)
+    PB = _p_bucket(P)
+    nslot = triton.cdiv(P, _SLOT)
+    dV = torch.empty((N, K, C), device=dev, dtype=torch.float32)
+    ds = torch.empty((N, K), device=dev, dtype=torch.float32)
+    normp = norms if normalize else dV
+    wrap_triton(_bwd_normalize_kernel)[(N,)](
+        dy, y if normalize else dy, normp, c, dV, ds, K, C,
+        NORMALIZE=normalize, BLOCK_K=BK, BLOCK_C=_block_c_rows(BK, C),
+    )
+    dF = torch.empty((N, C, P), device=dev, dtype=F.dtype)
+    dM = torch.empty((N, B, P), device=dev, dtype=M.dtype) if M is not None else F.new_empty(0)
+    dG = torch.empty((N, K, P), device=dev, dtype=torch.float32)
+    dzpart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
+    spart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
+    Mp = F if M is None else M
+    wrap_triton(_bwd_main_kernel)[lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))](
+        F, Mp, W, z, dV, ds, dF, dM if M is not None else dF, dG, dzpart, spart,
+        C, P, K, B, nslot, PB,
+        HAS_PARTS=M is not None, BLOCK_K=BK,
+    )
+    groups = min(N, 16)
+    npg = triton.cdiv(N, groups)
+    groups = triton.cdiv(N, npg)
+    dWpart = torch.empty((groups, K, C), device=dev, dtype=torch.float32)
+    wrap_triton(_gemm_kc_kernel)[
+        lambda meta: (groups, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
+    ](dG, F, ds, c, dWpart, N, C, P, K, npg, PB, SUB_SC=False)
+    dW = dWpart.sum(dim=0)
+    dz = dzpart.sum(dim=(0, 1))
+    s = spart.sum(dim=1)
+    dc = -(s.unsqueeze(2) * dV).sum(dim=0)
+    return dF, dM, dW, dz, dc
+
+
+# --------------------------------------------------------------------------
+# Op bodies
+# --------------------------------------------------------------------------
+def _forward_impl(
+    features: torch.Tensor,
+    parts: Optional[torch.Tensor],
+    assign_weight: torch.Tensor,
+    assign_bias: torch.Tensor,
+    centers: torch.Tensor,
+    normalize: bool,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    check_supported(features, parts, assign_weight, assign_bias, centers)
+    F, M, N, C, P = _flatten(features, parts)
+    K = assign_weight.shape[0]
+    if N == 0:
+        shape = (0, K * C) if normalize else (0, K, C)
+        return (features.new_empty(shape),
+                features.new_empty((0, K + 1 if normalize else 0), dtype=torch.float32))
+    W = assign_weight.contiguous()
+    z = assign_bias.contiguous()
+    c = centers.contiguous()
+    return _run_forward(F, M, W, z, c, N, C, P, K, normalize, features.dtype)
+
+
+def _backward_impl(
+    grad_out: torch.Tensor,
+    features: torch.Tensor,
+    parts: Optional[torch.Tensor],
+    assign_weight: torch.Tensor,
+    assign_bias: torch.Tensor,
+    centers: torch.Tensor,
+    out: torch.Tensor,
+    norms: torch.Tensor,
+    normalize: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    F, M, N, C, P = _flatten(features, parts)
+    K = assign_weight.shape[0]
+    if N == 0:
+        dM = torch.zeros_like(parts, memory_format=torch.contiguous_format) if parts is not None \
+            else features.new_empty(0)
+        return (torch.zeros_like(features, memory_format=torch.contiguous_format), dM,
+                torch.zeros_like(assign_weight, memory_format=torch.contiguous_format),
+                torch.zeros_like(assign_bias, memory_format=torch.contiguous_format),
+                torch.zeros_like(centers, memory_format=torch.contiguous_format))
+    W = assign_weight.contiguous()
+    z = assign_bias.contiguous()
+    c = centers.contiguous()
+    dy = grad_out.reshape(N, K, C).contiguous()
+    y = out.reshape(N, K, C).contiguous()
+    dF, dM, dW, dz, dc = _run_backward(dy, F, M, W, z, c, y, norms.contiguous(), N, C, P, K, normalize)
+    dF = dF.view(features.shape)
+    dM = dM.view(parts.shape) if parts is not None else dM
+    return (dF, dM, dW.to(assign_weight.dtype), dz.to(assign_bias.dtype), dc.to(centers.dtype))
+
+
+_FWD_NAME = "personvlad::person_vlad_triton"
+_BWD_NAME = "personvlad::person_vlad_triton_backward"
+
+
+def _forward_fake(features, parts, assign_weight, assign_bias, centers, normalize):
+    N, C = features.shape[0], features.shape[1]
+    K = assign_weight.shape[0]
+    shape = (N, K * C) if normalize else (N, K, C)
+    return (features.new_empty(shape),
+            features.new_empty((N, K + 1 if normalize else 0), dtype=torch.float32))
+
+
+def _backward_fake(grad_out, features, parts, assign_weight, assign_bias, centers, out, norms, normalize):
+    def e(t):
+        return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+    return (e(features), e(parts) if parts is not None else features.new_empty(0),
+            e(assign_weight), e(assign_bias), e(centers))
+
+
+if INTERPRET:
+    _fwd_op = torch.library.custom_op(_FWD_NAME, _forward_impl, mutates_args=())
+    _fwd_op.register_fake(_forward_fake)
+    _bwd_op = torch.library.custom_op(_BWD_NAME, _backward_impl, mutates_args=())
+    _bwd_op.register_fake(_backward_fake)
+else:
+    _fwd_op = torch.library.triton_op(_FWD_NAME, _forward_impl, mutates_args=())
+    _bwd_op = torch.library.triton_op(_BWD_NAME, _backward_impl, mutates_args=())
+
+
+def _setup_context(ctx, inputs, output):
+    features, parts, W, z, c, normalize = inputs
+    out, norms = output
+    ctx.normalize = normalize
+    ctx.has_parts = parts is not None
+    ctx.mark_non_differentiable(norms)
+    ctx.save_for_backward(features, parts, W, z, c, out, norms)
+
+
+def _backward(ctx, grad_out, grad_norms):
+    features, parts, W, z, c, out, norms = ctx.saved_tensors
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    dF, dM, dW, dz, dc = torch.ops.personvlad.person_vlad_triton_backward(
+        grad_out, features, parts if ctx.has_parts else None, W, z, c, out, norms, ctx.normalize
+    )
+    return dF, (dM if ctx.has_parts else None), dW, dz, dc, None
+
+
+torch.library.register_autograd(_FWD_NAME, _backward, setup_context=_setup_context)
+
+
+def person_vlad_triton(
+    features: torch.Tensor,
+    parts: Optional[torch.Tensor],
+    assign_weight: torch.Tensor,
+    assign_bias: torch.Tensor,
+    centers: torch.Tensor,
+    normalize: bool = True,
+) -> torch.Tensor:
+    """Fused PersonVLAD with the Triton kernels (SPEC §1); inputs are assumed
+    validated by :func:`personvlad.ops.validate`.  Raises
+    :class:`UnsupportedInput` (a ``ValueError``) outside :func:`supports`."""
+    check_supported(features, parts, assign_weight, assign_bias, centers)
+    out, _ = torch.ops.personvlad.person_vlad_triton(
+        features, parts, assign_weight, assign_bias, centers, normalize
+    )
+    return out
