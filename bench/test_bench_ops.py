@@ -1,0 +1,117 @@
+"""Benchmarks of the fused op: every available backend vs the unfused PyTorch
+forms (matmul reference eager, its torch.compile, and the naive per-part
+broadcast), forward and forward+backward, with peak memory in extra_info.
+
+CPU (``make bench``): the paper-like shape N=8, C=256, grid 2x11x5, B=6, K=64.
+GPU (``bench/gpu_check.sh``): the paper shape N=64 and the large shape
+N=32, C=512, grid 8x14x14 (P=1568), B=8, K=64, in bf16 and fp32.
+
+extra_info keys: op_backend, N, C, P, K, B, dtype, mode ("fwd"|"fwdbwd"),
+peak_bytes (GPU: max_memory_allocated above the inputs; CPU: peak RSS growth),
+output_bytes, baseline ("reference": the eager matmul form of the same run).
+`personvlad bench report` turns the JSON into ratios vs the baseline.
+"""
+import math
+import os
+
+import pytest
+import torch
+
+from personvlad import ops, reference
+from personvlad._memory import peak_bytes
+
+HAS_CUDA = torch.cuda.is_available()
+
+CPU_SHAPES = {"paper-cpu": dict(N=8, C=256, S=(2, 11, 5), B=6, K=64)}
+GPU_SHAPES = {
+    "paper": dict(N=64, C=256, S=(2, 11, 5), B=6, K=64),
+    "large": dict(N=32, C=512, S=(8, 14, 14), B=8, K=64),
+}
+
+
+def _inputs(shape, dtype, device, requires_grad):
+    g = torch.Generator().manual_seed(0)
+    N, C, S, B, K = shape["N"], shape["C"], shape["S"], shape["B"], shape["K"]
+    F = torch.relu(torch.randn(N, C, *S, generator=g)).to(device, dtype)
+    M = torch.rand(N, B, *S, generator=g).to(device, dtype)
+    c = (torch.randn(K, C, generator=g) / math.sqrt(C)).to(device)
+    alpha = 10.0
+    W = (2 * alpha * c).contiguous()
+    z = (-alpha * (c * c).sum(1)).contiguous()
+    ts = [F, M, W, z, c]
+    if requires_grad:
+        ts = [t.detach().requires_grad_(True) for t in ts]
+    return ts
+
+
+def _variants(device):
+    """name -> callable(F, M, W, z, c) for this device."""
+    out = {
+        "unfused-eager": reference.person_vlad_ref,
+        "unfused-naive": reference.person_vlad_naive,
+    }
+    if device == "cuda" or os.environ.get("PERSONVLAD_BENCH_COMPILE_CPU") == "1":
+        out["unfused-compile"] = torch.compile(reference.person_vlad_ref, dynamic=False)
+    for b in ops.available_backends(device):
+        if b == "reference":
+            continue
+        if b == "triton" and device == "cpu":
+            continue  # the interpreter is not a benchmark
+        out[f"fused-{b}"] = (lambda b: lambda *a: ops.person_vlad(*a, backend=b))(b)
+    return out
+
+
+def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
+    variants = _variants(device)
+    if variant not in variants:
+        pytest.skip(f"{variant} not available on {device}")
+    fn = variants[variant]
+    if variant == "unfused-naive" and shape_name == "large":
+        pytest.skip("naive broadcast at the large shape needs > 10 GiB")
+    args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    if mode == "fwd":
+        def step():
+            with torch.no_grad():
+                fn(*args)
+            sync()
+    else:
+        def step():
+            for t in args:
+                t.grad = None
+            fn(*args).float().sum().backward()
+            sync()
+
+    step()  # warm-up (compilation, autotuning)
+    peak = peak_bytes(step, device)
+    P = math.prod(shape["S"])
+    benchmark.extra_info.update(
+        op_backend=variant, N=shape["N"], C=shape["C"], P=P, K=shape["K"], B=shape["B"],
+        dtype=str(dtype).replace("torch.", ""), mode=mode, shape=shape_name,
+        peak_bytes=int(peak), output_bytes=shape["N"] * shape["K"] * shape["C"] * torch.tensor([], dtype=dtype).element_size(),
+        baseline="unfused-eager", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    )
+    rounds = 5 if device == "cpu" else 50
+    benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+
+
+CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"]
+GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton"]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("variant", CPU_VARIANTS)
+def test_op_cpu(benchmark, variant, mode):
+    benchmark.group = f"op-cpu-paper-{mode}"
+    _run_case(benchmark, "cpu", "paper-cpu", CPU_SHAPES["paper-cpu"], torch.float32, variant, mode)
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("variant", GPU_VARIANTS)
+def test_op_gpu(benchmark, variant, mode, shape_name, dtype):
+    benchmark.group = f"op-gpu-{shape_name}-{str(dtype).replace('torch.', '')}-{mode}"
+    _run_case(benchmark, "cuda", shape_name, GPU_SHAPES[shape_name], dtype, variant, mode)

@@ -1,0 +1,304 @@
+"""Cross-backend tests of personvlad.ops.person_vlad against a float64 loop
+oracle written here, plus argument validation, autograd, opcheck and compile.
+
+Backend-specific depth lives in test_cpu_backend.py, test_triton.py and
+test_cuda_backend.py; this file runs the shared matrix over every backend this
+install reports (tests/conftest.py).
+"""
+import math
+
+import pytest
+import torch
+
+from conftest import (
+    GRIDS,
+    PARTS,
+    backend_device_dtype_params,
+    backend_device_params,
+    make_inputs,
+    tolerance,
+)
+from personvlad import ops, reference
+from personvlad.nn import PersonVLAD
+from personvlad.ops import person_vlad
+
+
+def loop_oracle(F, M, W, z, c, normalize=True):
+    """SPEC §1 written as literally as possible, in float64 Python loops."""
+    F, W, z, c = (t.detach().double().cpu() for t in (F, W, z, c))
+    N, C = F.shape[:2]
+    Fp = F.reshape(N, C, -1)
+    P = Fp.shape[2]
+    K = W.shape[0]
+    if M is None:
+        Mp = torch.ones(N, 1, P, dtype=torch.float64)
+    else:
+        Mp = M.detach().double().cpu().reshape(N, M.shape[1], -1)
+    B = Mp.shape[1]
+    out = []
+    for n in range(N):
+        V = torch.zeros(K, C, dtype=torch.float64)
+        for b in range(B):
+            for s in range(P):
+                x = Mp[n, b, s] * Fp[n, :, s]
+                logit = W @ x + z
+                a = torch.exp(logit - logit.max())
+                a = a / a.sum()
+                for k in range(K):
+                    V[k] += a[k] * (x - c[k])
+        if normalize:
+            for k in range(K):
+                V[k] = V[k] / max(V[k].norm().item(), 1e-12)
+            v = V.flatten()
+            V = v / max(v.norm().item(), 1e-12)
+        out.append(V)
+    if N == 0:
+        return torch.zeros((0, K * C) if normalize else (0, K, C), dtype=torch.float64)
+    return torch.stack(out)
+
+
+def plain_netvlad(F, W, z, c):
+    """Textbook NetVLAD (Arandjelović et al.): soft-assign, residual sum,
+    intra-norm, L2 — written independently of the package."""
+    N, C = F.shape[:2]
+    x = F.reshape(N, C, -1).double()
+    a = torch.softmax(torch.einsum("kc,ncp->nkp", W.double(), x) + z.double()[None, :, None], dim=1)
+    V = torch.einsum("nkp,ncp->nkc", a, x) - a.sum(2)[..., None] * c.double()[None]
+    V = torch.nn.functional.normalize(V, dim=2, eps=1e-12)
+    return torch.nn.functional.normalize(V.flatten(1), dim=1, eps=1e-12)
+
+
+# ---------------------------------------------------------------- forward matrix
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("B", PARTS, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("S", GRIDS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("backend,device,dtype", backend_device_dtype_params(exclude=()))
+def test_forward_matches_oracle(backend, device, dtype, S, B, normalize):
+    F, M, W, z, c = make_inputs(N=2, C=6, S=S, B=B, K=4, dtype=dtype, device=device, seed=1)
+    out = person_vlad(F, M, W, z, c, normalize=normalize, backend=backend)
+    assert out.dtype == dtype and out.device.type == device
+    assert out.shape == ((2, 24) if normalize else (2, 4, 6))
+    expect = loop_oracle(F, M, W, z, c, normalize)
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(out.double().cpu(), expect, atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_noncontiguous_equals_contiguous(backend, device):
+    dtype = torch.float32
+    args = make_inputs(N=3, C=5, S=(2, 3, 4), B=2, K=3, dtype=dtype, device=device, seed=2)
+    nc = make_inputs(N=3, C=5, S=(2, 3, 4), B=2, K=3, dtype=dtype, device=device, seed=2, noncontig=True)
+    assert not nc[0].is_contiguous() and not nc[1].is_contiguous()
+    a = person_vlad(*args, backend=backend)
+    b = person_vlad(*nc, backend=backend)
+    torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_empty_batch(backend, device, normalize):
+    F, M, W, z, c = make_inputs(N=0, C=4, S=(3,), B=2, K=3, device=device, requires_grad=True)
+    out = person_vlad(F, M, W, z, c, normalize=normalize, backend=backend)
+    assert out.shape == ((0, 12) if normalize else (0, 3, 4))
+    out.sum().backward()  # must not raise
+    assert W.grad is not None and torch.count_nonzero(W.grad) == 0
+
+
+@pytest.mark.parametrize("K,C", [(1, 5), (4, 1), (1, 1)])
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_degenerate_sizes(backend, device, K, C):
+    F, M, W, z, c = make_inputs(N=2, C=C, S=(5,), B=2, K=K, device=device, seed=3)
+    for normalize in (True, False):
+        out = person_vlad(F, M, W, z, c, normalize=normalize, backend=backend)
+        torch.testing.assert_close(out.double().cpu(), loop_oracle(F, M, W, z, c, normalize), atol=2e-5, rtol=2e-4)
+
+
+def test_parts_none_is_plain_netvlad():
+    F, _, W, z, c = make_inputs(N=3, C=6, S=(4, 5), B=None, K=5, dtype=torch.float64, seed=4)
+    for backend in ops.available_backends("cpu"):
+        if backend == "triton":
+            F32, W32, z32, c32 = (t.float() for t in (F, W, z, c))
+            out = person_vlad(F32, None, W32, z32, c32, backend=backend).double()
+            torch.testing.assert_close(out, plain_netvlad(F, W, z, c), atol=2e-5, rtol=2e-4)
+        else:
+            out = person_vlad(F, None, W, z, c, backend=backend)
+            torch.testing.assert_close(out, plain_netvlad(F, W, z, c), atol=1e-10, rtol=1e-9)
+
+
+def test_parts_all_ones_single_part_equals_none():
+    F, _, W, z, c = make_inputs(N=2, C=6, S=(7,), B=None, K=3, dtype=torch.float64, seed=5)
+    ones = torch.ones(2, 1, 7, dtype=torch.float64)
+    torch.testing.assert_close(
+        person_vlad(F, ones, W, z, c, backend="reference"), person_vlad(F, None, W, z, c, backend="reference")
+    )
+
+
+def test_reference_error_budget():
+    """The tolerances in conftest are ~2x the reference's own error vs float64."""
+    F, M, W, z, c = make_inputs(N=4, C=32, S=(2, 4, 3), B=6, K=8, dtype=torch.float64, seed=6)
+    exact = reference.person_vlad_ref(F, M, W, z, c)
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        out = reference.person_vlad_ref(F.to(dt), M.to(dt), W.float(), z.float(), c.float())
+        err = (out.double() - exact).abs().max().item()
+        atol, _ = tolerance(dt)
+        assert err <= atol, (dt, err, atol)
+
+
+def test_reference_matches_naive_broadcast():
+    F, M, W, z, c = make_inputs(N=2, C=5, S=(3, 4), B=3, K=4, dtype=torch.float64, seed=7)
+    for normalize in (True, False):
+        torch.testing.assert_close(
+            reference.person_vlad_ref(F, M, W, z, c, normalize),
+            reference.person_vlad_naive(F, M, W, z, c, normalize),
+        )
+
+
+# ---------------------------------------------------------------- gradients
+@pytest.mark.parametrize("B", [None, 3], ids=["noparts", "B3"])
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_gradients_match_reference(backend, device, B):
+    """All five gradients vs the float64 reference's autograd (float32 run)."""
+    args64 = make_inputs(N=2, C=5, S=(2, 3), B=B, K=3, dtype=torch.float64, device=device, seed=8, requires_grad=True)
+    args32 = [None if t is None else t.detach().float().requires_grad_(True) for t in args64]
+    gout = torch.randn(2, 15, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+    reference.person_vlad_ref(*args64).backward(gout)
+    person_vlad(*args32, backend=backend).backward(gout.float())
+    for name, t64, t32 in zip(("features", "parts", "weight", "bias", "centers"), args64, args32):
+        if t64 is None:
+            continue
+        torch.testing.assert_close(t32.grad.double(), t64.grad, atol=5e-5, rtol=5e-4, msg=name)
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_gradcheck_float64(backend, normalize):
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"{backend} backend not built here")
+    args = make_inputs(N=2, C=3, S=(2, 2), B=2, K=3, dtype=torch.float64, seed=9, requires_grad=True)
+
+    def f(*a):
+        return person_vlad(*a, normalize=normalize, backend=backend)
+
+    assert torch.autograd.gradcheck(f, args, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_alpha_1000_init_is_finite(dtype):
+    """The paper's alpha=1000 coupling gives huge logits: outputs and
+    gradients stay finite (max-subtracted softmax) on the reference path."""
+    args = make_inputs(N=2, C=16, S=(2, 3, 3), B=6, K=8, dtype=dtype, alpha=1000.0, seed=10)
+    args = [None if t is None else t.detach().requires_grad_(True) for t in args]
+    out = person_vlad(*args, backend="reference")
+    assert torch.isfinite(out).all()
+    out.float().pow(2).sum().backward()
+    for t in args:
+        assert torch.isfinite(t.grad).all()
+    for backend in ops.available_backends("cpu"):
+        if dtype in (torch.float32,) and backend != "reference":
+            out2 = person_vlad(*[t.detach() for t in args], backend=backend)
+            assert torch.isfinite(out2).all()
+
+
+def test_mixed_precision_params():
+    """float32 parameters with float16/bfloat16 features (autocast layout)."""
+    for dt in (torch.float16, torch.bfloat16):
+        F, M, W, z, c = make_inputs(N=2, C=8, S=(3, 3), B=2, K=4, dtype=dt, seed=11, requires_grad=True)
+        assert W.dtype == torch.float32
+        out = person_vlad(F, M, W, z, c, backend="reference")
+        assert out.dtype == dt
+        out.float().sum().backward()
+        assert F.grad.dtype == dt and W.grad.dtype == torch.float32
+
+
+# ---------------------------------------------------------------- custom op
+def test_registered_custom_op_opcheck():
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(3, 2), B=2, K=3, seed=12, requires_grad=True)
+    torch.library.opcheck(torch.ops.personvlad.person_vlad.default, (F, M, W, z, c, True))
+    torch.library.opcheck(torch.ops.personvlad.person_vlad.default, (F, None, W, z, c, False))
+
+
+def test_layer_compiles_fullgraph():
+    torch._dynamo.reset()
+    layer = PersonVLAD(8, num_clusters=4, num_parts=2)
+    x = torch.randn(2, 8, 2, 3, 3)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    torch.testing.assert_close(out, eager, atol=1e-5, rtol=1e-4)
+    out.sum().backward()
+    assert layer.assign_weight.grad is not None and layer.part_weight.grad is not None
+
+
+# ---------------------------------------------------------------- validation
+def _good():
+    return make_inputs(N=2, C=4, S=(3, 2), B=2, K=3, seed=13)
+
+
+def _bad_calls():
+    F, M, W, z, c = _good()
+    cases = [
+        ("features", lambda: person_vlad(F.numpy(), M, W, z, c)),
+        ("features", lambda: person_vlad(F.long(), M, W, z, c)),
+        ("features", lambda: person_vlad(F[0, 0], M, W, z, c)),
+        ("features", lambda: person_vlad(F.reshape(2, 4, 6)[..., None, None, None, None], M, W, z, c)),
+        ("features", lambda: person_vlad(F[:, :0], M, W[:, :0], z, c[:, :0])),
+        ("features", lambda: person_vlad(F[:, :, :0], M[:, :, :0], W, z, c)),
+        ("parts", lambda: person_vlad(F, M.int(), W, z, c)),
+        ("parts", lambda: person_vlad(F, M[0], W, z, c)),
+        ("parts", lambda: person_vlad(F, M[:1], W, z, c)),
+        ("parts", lambda: person_vlad(F, M[:, :0], W, z, c)),
+        ("parts", lambda: person_vlad(F, M[:, :, :2], W, z, c)),
+        ("parts", lambda: person_vlad(F, M.transpose(2, 3), W, z, c)),
+        ("assign_weight", lambda: person_vlad(F, M, W[0], z, c)),
+        ("assign_weight", lambda: person_vlad(F, M, W[:, :3], z, c)),
+        ("assign_weight", lambda: person_vlad(F, M, W[:0], z[:0], c[:0])),
+        ("assign_weight", lambda: person_vlad(F, M, W.to(torch.int32), z, c)),
+        ("assign_bias", lambda: person_vlad(F, M, W, z[:2], c)),
+        ("assign_bias", lambda: person_vlad(F, M, W, z[None], c)),
+        ("assign_bias", lambda: person_vlad(F, M, W, [0.0, 0.0, 0.0], c)),
+        ("centers", lambda: person_vlad(F, M, W, z, c[:2])),
+        ("centers", lambda: person_vlad(F, M, W, z, c.T)),
+        ("centers", lambda: person_vlad(F, M, W, z, c.bool())),
+        ("normalize", lambda: person_vlad(F, M, W, z, c, normalize="yes")),
+        ("backend", lambda: person_vlad(F, M, W, z, c, backend="tpu")),
+        ("backend", lambda: person_vlad(F, M, W, z, c, backend="cuda")),
+        ("backend", lambda: person_vlad(F, M, W, z, c, backend=None)),
+        ("parts", lambda: person_vlad(F, M.to("meta"), W, z, c)),
+        ("centers", lambda: person_vlad(F, M, W, z, c.to("meta"))),
+    ]
+    return cases
+
+
+@pytest.mark.parametrize("idx", range(len(_bad_calls())))
+def test_bad_input_raises_value_error_naming_argument(idx):
+    name, call = _bad_calls()[idx]
+    with pytest.raises(ValueError) as ei:
+        call()
+    msg = str(ei.value)
+    assert msg.startswith(name + ":"), msg
+    assert "expected" in msg or "not available" in msg, msg
+
+
+def test_available_backends_contract():
+    names = ops.available_backends()
+    assert "reference" in names
+    assert set(names) <= set(ops.BACKENDS)
+    if not torch.cuda.is_available():
+        assert "cuda" not in names
+    if ops.extension_loaded() and ops._NATIVE_CPU:
+        assert "cpu" in ops.available_backends("cpu")
+        assert ops.resolve_backend(*_good()[:3]) == "cpu"
+
+
+def test_auto_equals_explicit():
+    args = _good()
+    auto = person_vlad(*args)
+    explicit = person_vlad(*args, backend=ops.resolve_backend(*args[:3]))
+    torch.testing.assert_close(auto, explicit, atol=0, rtol=0)
+
+
+def test_output_is_unit_norm_and_intra_normalised():
+    F, M, W, z, c = make_inputs(N=3, C=7, S=(4, 4), B=6, K=5, dtype=torch.float64, seed=14)
+    out = person_vlad(F, M, W, z, c, backend="reference").view(3, 5, 7)
+    torch.testing.assert_close(out.flatten(1).norm(dim=1), torch.ones(3, dtype=torch.float64))
+    torch.testing.assert_close(out.norm(dim=2), torch.full((3, 5), 1 / math.sqrt(5), dtype=torch.float64))
