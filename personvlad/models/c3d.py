@@ -96,12 +96,21 @@ def _rebuild_parameter(data, requires_grad=False, backward_hooks=None, *rest):
 def _np_reconstruct():
     try:
         from numpy._core.multiarray import _reconstruct, scalar  # numpy >= 2
+        from numpy._core.numeric import _frombuffer
     except ImportError:  # pragma: no cover - numpy 1.x
         from numpy.core.multiarray import _reconstruct, scalar  # type: ignore
-    return _reconstruct, scalar
+        from numpy.core.numeric import _frombuffer  # type: ignore
+    return _reconstruct, scalar, _frombuffer
 
 
-_RECON, _SCALAR = _np_reconstruct()
+_RECON, _SCALAR, _NP_FROMBUFFER = _np_reconstruct()
+
+
+def _frombuffer(buf, dtype, shape, order):
+    # numpy's pickle-protocol-5 array reconstruction (out-of-band buffers).
+    if not isinstance(dtype, np.dtype) or dtype.hasobject:
+        raise UnsafePickleError(f"pickle: refused a numpy buffer of dtype {dtype!r}")
+    return _NP_FROMBUFFER(buf, dtype, shape, order)
 _ALLOWED = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("numpy", "ndarray"): np.ndarray,
@@ -110,6 +119,8 @@ _ALLOWED = {
     ("numpy._core.multiarray", "_reconstruct"): _RECON,
     ("numpy.core.multiarray", "scalar"): _SCALAR,
     ("numpy._core.multiarray", "scalar"): _SCALAR,
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,
+    ("numpy._core.numeric", "_frombuffer"): _frombuffer,
     ("_codecs", "encode"): _codecs_encode,
     ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
     ("torch._utils", "_rebuild_parameter"): _rebuild_parameter,

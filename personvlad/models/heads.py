@@ -21,8 +21,6 @@ from .parts import LearnedParts
 
 __all__ = ["VLADHead", "PoolHead"]
 
-_REDUCED = (torch.float16, torch.bfloat16)
-
 
 class VLADHead(nn.Module):
     """PersonVLAD aggregation, output ``num_clusters * dim``.
@@ -55,13 +53,7 @@ class VLADHead(nn.Module):
 
     def forward(self, x: torch.Tensor, parts: Optional[torch.Tensor]) -> torch.Tensor:
         v = self.vlad
-        backend = v.backend
-        if x.dtype in _REDUCED and x.device.type == "cpu" and ops.resolve_backend(x, parts, v.assign_weight, backend) == "cpu":
-            # The C++ CPU kernels take float32/float64 only: aggregate in float32
-            # (autocast on CPU hands us bfloat16 features).
-            x = x.float()
-            parts = None if parts is None else parts.float()
-        return ops.person_vlad(x, parts, v.assign_weight, v.assign_bias, v.centers, normalize=True, backend=backend)
+        return ops.person_vlad(x, parts, v.assign_weight, v.assign_bias, v.centers, normalize=True, backend=v.backend)
 
 
 class PoolHead(nn.Module):
