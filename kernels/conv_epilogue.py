@@ -64,7 +64,7 @@ __all__ = [
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WINDOW = 127  # offsets are int8 (-1 marks "no gradient")
-_BLOCK = 512
+_BLOCK = 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 512  # fewer, wider programs for the interpreter
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,182 @@
+"""``personvlad bench report`` / ``bench table`` on real pytest-benchmark JSON.
+
+A tiny benchmark suite (sleeps of known length) runs in a subprocess with
+``--benchmark-json`` so the input has exactly pytest-benchmark's format; a
+copy with hand-set medians checks the arithmetic exactly.
+"""
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from personvlad import _backend_table, bench_report
+
+SUITE = textwrap.dedent('''
+    import time
+    import pytest
+
+    def _sleep(s):
+        time.sleep(s)
+
+    @pytest.mark.parametrize("variant, secs", [("slow", 0.004), ("fast", 0.001)])
+    def test_e2e(benchmark, variant, secs):
+        benchmark.group = "e2e"
+        benchmark.extra_info.update(label=variant, baseline="slow", clips=8, peak_bytes=3 * 2 ** 20,
+                                    device="FakeGPU", device_type="cuda")
+        benchmark.pedantic(_sleep, args=(secs,), rounds=3, iterations=1)
+
+    # op benchmarks: class 1 (C=256 ...) cuda faster, class 2 (C=512 ...) triton faster,
+    # plus a CPU row and a reference row that the table must ignore.
+    OPS = [
+        ("fused-cuda",   256, 110, 64, 6, "bfloat16", "fwd", 0.001, "cuda"),
+        ("fused-triton", 256, 110, 64, 6, "bfloat16", "fwd", 0.003, "cuda"),
+        ("fused-cuda",   512, 1568, 64, 8, "float32", "fwdbwd", 0.004, "cuda"),
+        ("fused-triton", 512, 1568, 64, 8, "float32", "fwdbwd", 0.001, "cuda"),
+        ("unfused-eager", 512, 1568, 64, 8, "float32", "fwdbwd", 0.0001, "cuda"),
+        ("fused-cuda",   64, 20, 8, 2, "float32", "fwd", 0.0001, "cpu"),
+    ]
+
+    @pytest.mark.parametrize("i", range(len(OPS)))
+    def test_op(benchmark, i):
+        be, C, P, K, B, dt, mode, secs, devtype = OPS[i]
+        benchmark.group = f"op-{C}-{mode}"
+        benchmark.extra_info.update(op_backend=be, N=8, C=C, P=P, K=K, B=B, dtype=dt, mode=mode,
+                                    device="FakeGPU" if devtype == "cuda" else "cpu", device_type=devtype,
+                                    baseline="unfused-eager")
+        benchmark.pedantic(_sleep, args=(secs,), rounds=3, iterations=1)
+''')
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bench")
+    (d / "test_suite.py").write_text(SUITE)
+    (d / "pytest.ini").write_text("[pytest]\n")
+    out = d / "results.json"
+    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(d),
+         "-c", str(d / "pytest.ini"), f"--benchmark-json={out}", str(d / "test_suite.py")],
+        cwd=str(d), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return out
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="personvlad")
+    sub = p.add_subparsers(dest="command")
+    bench_report.register(sub)
+    return p
+
+
+def _with_medians(path, tmp_path, medians):
+    """A copy of the real JSON with chosen (mean = median = min) per benchmark name."""
+    data = json.loads(path.read_text())
+    data = copy.deepcopy(data)
+    for b in data["benchmarks"]:
+        if b["name"] in medians:
+            t = medians[b["name"]]
+            b["stats"].update(mean=t, median=t, min=t, ops=1.0 / t)
+    out = tmp_path / "exact.json"
+    out.write_text(json.dumps(data))
+    return out
+
+
+def test_report_real_json(results, tmp_path, capsys):
+    args = _parser().parse_args(["bench", "report", str(results), "--out", str(tmp_path / "rep")])
+    assert args.func(args) == 0
+    md = capsys.readouterr().out
+    assert "## e2e" in md and "| test_e2e[slow-0.004] |" in md
+    assert "clips/s" in md and "peak mem" in md and "3 MiB" in md
+    rows = {r["label"]: r for r in bench_report.summarize(bench_report.load_results(str(results)))}
+    # measured sleeps: 4 ms vs 1 ms -> about 4x (loose: a loaded CI machine)
+    assert 2.0 < rows["fast"]["speedup"] < 6.0
+    assert rows["slow"]["speedup"] == pytest.approx(1.0)
+    assert rows["fast"]["clips_per_s"] == pytest.approx(8 / rows["fast"]["mean"])
+    png = tmp_path / "rep" / "results_speedup.png"
+    assert (tmp_path / "rep" / "results.md").read_text().startswith("# results")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_exact_numbers(results, tmp_path):
+    exact = _with_medians(results, tmp_path, {"test_e2e[slow-0.004]": 0.002, "test_e2e[fast-0.001]": 0.0005})
+    md, files = bench_report.write_report(str(exact))
+    assert files == []  # no --out: nothing written
+    line = next(l for l in md.splitlines() if l.startswith("| test_e2e[fast"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[1:4] == ["500 µs", "500 µs", "500 µs"]
+    assert cells[4] == "2000"            # ops/s
+    assert cells[5] == "16,000"          # clips/s = 8 / 0.0005
+    assert cells[-1] == "4.00x"
+    # op rows: baseline "unfused-eager" resolved inside each group
+    rows = {(r["group"], r["label"]): r for r in bench_report.summarize(json.loads(exact.read_text()))}
+    r = rows[("op-512-fwdbwd", "fused-triton")]
+    base = rows[("op-512-fwdbwd", "unfused-eager")]
+    assert r["speedup"] == pytest.approx(base["median"] / r["median"])
+    assert rows[("op-256-fwd", "fused-cuda")]["speedup"] is None  # no unfused-eager in that group
+
+
+def test_table_picks_faster_backend_per_class(results, tmp_path, capsys):
+    out = tmp_path / "backend_table.json"
+    args = _parser().parse_args(["bench", "table", str(results), "--out", str(out)])
+    assert args.func(args) == 0
+    table = json.loads(out.read_text())
+    c1 = _backend_table.shape_class(256, 110, 64, 6, torch.bfloat16)
+    c2 = _backend_table.shape_class(512, 1568, 64, 8, torch.float32)
+    assert table["classes"] == {c1: "cuda", c2: "triton"}  # CPU and unfused rows ignored
+    assert 1.5 < table["details"][c1]["speedup"] < 6
+    assert table["devices"] == ["FakeGPU"] and table["sources"] == ["results.json"]
+    # the file is what backend="auto" reads
+    _backend_table.load_table.cache_clear()
+    try:
+        assert _backend_table.load_table(str(out)) == {c1: "cuda", c2: "triton"}
+    finally:
+        _backend_table.load_table.cache_clear()
+    assert c1 in capsys.readouterr().out
+
+
+def test_table_modes_and_merge(results, tmp_path):
+    out = tmp_path / "t.json"
+    out.write_text(json.dumps({"classes": {"C8-P8-K8-B1-float32": "cuda"}, "sources": ["old.json"]}))
+    t = bench_report.write_backend_table([str(results)], str(out), modes=("fwd",), merge=True)
+    c1 = _backend_table.shape_class(256, 110, 64, 6, torch.bfloat16)
+    assert t["classes"] == {"C8-P8-K8-B1-float32": "cuda", c1: "cuda"}  # fwdbwd class left out
+    assert t["sources"] == ["old.json", "results.json"]
+
+
+def test_table_exact_sums(results, tmp_path):
+    names = [b["name"] for b in json.loads(results.read_text())["benchmarks"] if b["name"].startswith("test_op")]
+    # class 1: cuda 2.0 vs triton 1.0 -> triton now
+    exact = _with_medians(results, tmp_path, {names[0]: 2.0, names[1]: 1.0})
+    t = bench_report.reduce_backend_table([json.loads(exact.read_text())])
+    c1 = _backend_table.shape_class(256, 110, 64, 6, torch.bfloat16)
+    assert t["classes"][c1] == "triton"
+    assert t["details"][c1] == dict(cuda_s=2.0, triton_s=1.0, measurements=1, speedup=2.0)
+
+
+def test_cli_errors(tmp_path, capsys):
+    p = _parser()
+    missing = tmp_path / "nope.json"
+    args = p.parse_args(["bench", "report", str(missing)])
+    assert args.func(args) == 2
+    assert "no such file" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"benchmarks": [{"name": "x", "stats": {"mean": 1.0}}]}))
+    with pytest.raises(ValueError, match=r"stats\['median'\]"):
+        bench_report.load_results(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="'benchmarks' list"):
+        bench_report.load_results(str(bad))
+    # a file without op benchmarks gives an empty table and exit status 1
+    empty = tmp_path / "empty.json"
+    empty.write_text(json.dumps({"benchmarks": []}))
+    args = p.parse_args(["bench", "table", str(empty), "--out", str(tmp_path / "t.json")])
+    assert args.func(args) == 1
+    args = p.parse_args(["bench"])
+    assert args.func(args) == 2
