@@ -1,0 +1,281 @@
+"""The C++ CPU backend of the fused op (csrc/cpu/person_vlad_cpu.cpp).
+
+The cross-backend matrix lives in another file; this one covers what is
+specific to the C++ kernels: agreement with the float64 oracle for every grid
+rank / parts mode / normalize flag, the hand-written backward (against the
+autograd reference and torch.autograd.gradcheck), torch.library.opcheck,
+mixed input dtypes, empty batches, degenerate sizes, alpha=1000, non-contiguous
+inputs, both parallel code paths, determinism and the kernels' own checks.
+"""
+import pytest
+import torch
+
+from conftest import GRIDS, PARTS, make_inputs, tolerance
+from personvlad import ops
+from personvlad.reference import person_vlad_backward_ref, person_vlad_ref
+
+pytestmark = pytest.mark.skipif(
+    "cpu" not in ops.available_backends("cpu"),
+    reason="personvlad._C was built without the C++ CPU kernels",
+)
+
+OP = torch.ops.personvlad.person_vlad
+BWD = torch.ops.personvlad.person_vlad_backward
+
+
+def f64(ts):
+    return [None if t is None else t.detach().to(torch.float64) for t in ts]
+
+
+def oracle(ins, normalize):
+    return person_vlad_ref(*f64(ins), normalize=normalize)
+
+
+def oracle_grads(grad, ins, normalize):
+    return person_vlad_backward_ref(grad.to(torch.float64), *f64(ins), normalize=normalize)
+
+
+def assert_close(got, want, dtype, scale=1.0):
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(got.to(torch.float64), want.to(torch.float64),
+                               atol=atol * scale, rtol=rtol * scale)
+
+
+def test_backend_is_native():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("personvlad::person_vlad", "CPU")
+    F, M, W, z, c = make_inputs()
+    assert ops.resolve_backend(F, M, W, "auto") == "cpu"
+
+
+# --------------------------------------------------------------------------
+# forward and backward against the float64 oracle
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("B", PARTS, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("S", GRIDS, ids=lambda s: "x".join(map(str, s)))
+def test_forward_backward_vs_oracle(S, B, normalize, dtype):
+    ins = make_inputs(N=3, C=6, S=S, B=B, K=4, dtype=dtype, seed=len(S) * 10 + (B or 0))
+    out = ops.person_vlad(*ins, normalize=normalize, backend="cpu")
+    want = oracle(ins, normalize)
+    assert out.dtype == dtype and out.shape == want.shape
+    assert_close(out, want, dtype)
+
+    grad = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = BWD(grad.to(dtype), *ins, normalize)
+    ref = oracle_grads(grad, ins, normalize)
+    names = ["features", "parts", "assign_weight", "assign_bias", "centers"]
+    for name, t, g, r in zip(names, ins, got, ref):
+        if t is None:
+            assert g.numel() == 0, name
+            continue
+        assert g.shape == t.shape and g.dtype == t.dtype, name
+        # gradients are sums of more terms than the output: a little more slack
+        assert_close(g, r, dtype, scale=5.0)
+
+
+def test_paper_shape_float32():
+    # the shape of the paper (N=8, C=256, grid 2x11x5, B=6, K=64), fewer samples
+    ins = make_inputs(N=2, C=256, S=(2, 11, 5), B=6, K=64, dtype=torch.float32)
+    assert_close(ops.person_vlad(*ins, backend="cpu"), oracle(ins, True), torch.float32)
+
+
+# --------------------------------------------------------------------------
+# gradcheck (float64, all five inputs) and opcheck
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "S,B,normalize",
+    [((5,), None, True), ((2, 3), 2, True), ((2, 2, 2), 3, False), ((3, 2), 1, False)],
+    ids=["1d-noparts-norm", "2d-B2-norm", "3d-B3-raw", "2d-B1-raw"],
+)
+def test_gradcheck(S, B, normalize):
+    ins = make_inputs(N=2, C=3, S=S, B=B, K=3, dtype=torch.float64, requires_grad=True, seed=3)
+    F, M, W, z, c = ins
+
+    def fn(F, M, W, z, c):
+        return ops.person_vlad(F, M, W, z, c, normalize=normalize, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, (F, M, W, z, c), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_noncontiguous_and_large_alpha():
+    # alpha = 10 keeps finite differences meaningful while the softmax is peaked
+    ins = make_inputs(N=2, C=3, S=(2, 3), B=2, K=3, dtype=torch.float64, alpha=10.0,
+                      noncontig=True, requires_grad=True, seed=5)
+
+    def fn(*a):
+        return ops.person_vlad(*a, normalize=True, backend="cpu")
+
+    assert torch.autograd.gradcheck(fn, tuple(ins), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("B", [None, 3], ids=["noparts", "B3"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_opcheck(dtype, B, normalize):
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(2, 3), B=B, K=3, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(OP, (F, M, W, z, c, normalize))
+
+
+# --------------------------------------------------------------------------
+# dtypes, layouts, sizes
+# --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "fdt,pdt",
+    [(torch.float64, torch.float32), (torch.float32, torch.float64),
+     (torch.float16, torch.float32), (torch.bfloat16, torch.float32)],
+    ids=["f64-feat-f32-params", "f32-feat-f64-params", "f16-feat", "bf16-feat"],
+)
+def test_mixed_dtypes(fdt, pdt):
+    ins = make_inputs(N=2, C=5, S=(3, 4), B=2, K=3, dtype=fdt, param_dtype=pdt, requires_grad=True)
+    out = ops.person_vlad(*ins, backend="cpu")
+    assert out.dtype == fdt
+    # compute dtype: float64 only when features are float64
+    cd = torch.float64 if fdt == torch.float64 else torch.float32
+    want = oracle(ins, True)
+    assert_close(out, want, fdt if fdt in (torch.float16, torch.bfloat16) else cd)
+    out.float().square().sum().backward()
+    for t in ins:
+        assert t.grad is not None and t.grad.dtype == t.dtype and t.grad.shape == t.shape
+        assert torch.isfinite(t.grad.float()).all()
+    # grads agree with the reference run on the same (mixed) inputs
+    ref_ins = [t.detach().clone().requires_grad_(True) for t in ins]
+    person_vlad_ref(*ref_ins).float().square().sum().backward()
+    for t, r in zip(ins, ref_ins):
+        tol = tolerance(fdt if fdt in (torch.float16, torch.bfloat16) else cd)
+        torch.testing.assert_close(t.grad.double(), r.grad.double(), atol=tol[0] * 20, rtol=tol[1] * 20)
+
+
+def test_noncontiguous_inputs_same_result():
+    kw = dict(N=3, C=5, S=(2, 3, 2), B=4, K=3, dtype=torch.float64, seed=9)
+    ins = make_inputs(**kw)
+    nc = make_inputs(noncontig=True, **kw)
+    assert not nc[0].is_contiguous() and not nc[2].is_contiguous()
+    torch.testing.assert_close(OP(*nc, True), OP(*ins, True), atol=1e-14, rtol=1e-12)
+    g = torch.randn(3, 15, dtype=torch.float64)
+    g_nc = torch.empty(15, 3, dtype=torch.float64).t().copy_(g)
+    assert not g_nc.is_contiguous()
+    for a, b, t in zip(BWD(g_nc, *nc, True), BWD(g, *ins, True), nc):
+        torch.testing.assert_close(a, b, atol=1e-13, rtol=1e-11)
+        if t is not None:
+            # gradients keep their input's layout, as the fake kernel promises
+            assert a.stride() == torch.empty_like(t).stride()
+
+
+@pytest.mark.parametrize("B", [None, 2], ids=["noparts", "B2"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_empty_batch(B, normalize):
+    F, M, W, z, c = make_inputs(N=0, C=4, S=(2, 3), B=B, K=3)
+    out = OP(F, M, W, z, c, normalize)
+    assert out.shape == ((0, 12) if normalize else (0, 3, 4)) and out.dtype == F.dtype
+    dF, dM, dW, dz, dc = BWD(out, F, M, W, z, c, normalize)
+    assert dF.shape == F.shape
+    assert dM.shape == (M.shape if M is not None else (0,))
+    for g, t in ((dW, W), (dz, z), (dc, c)):
+        assert g.shape == t.shape and g.dtype == t.dtype
+        assert torch.equal(g, torch.zeros_like(t))
+    # and through the public door + autograd
+    ins = make_inputs(N=0, C=4, S=(2, 3), B=B, K=3, requires_grad=True)
+    y = ops.person_vlad(*ins, normalize=normalize, backend="cpu")
+    y.sum().backward()
+    assert all(t.grad is None or t.grad.abs().sum() == 0 for t in ins if t is not None)
+
+
+@pytest.mark.parametrize("K,C", [(1, 4), (3, 1), (1, 1)], ids=["K1", "C1", "K1C1"])
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+def test_degenerate_sizes(K, C, normalize):
+    ins = make_inputs(N=2, C=C, S=(5,), B=2, K=K, dtype=torch.float64, seed=K * 7 + C)
+    out = OP(*ins, normalize)
+    assert_close(out, oracle(ins, normalize), torch.float64)
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    for g, r in zip(BWD(grad, *ins, normalize), oracle_grads(grad, ins, normalize)):
+        assert_close(g, r, torch.float64, scale=10.0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+def test_alpha_1000_finite(dtype):
+    # the paper's initialisation: W = 2*alpha*c, z = -alpha*||c||^2, alpha = 1000
+    ins = make_inputs(N=3, C=16, S=(2, 4, 3), B=6, K=8, dtype=dtype, alpha=1000.0,
+                      requires_grad=True, seed=11)
+    out = ops.person_vlad(*ins, backend="cpu")
+    assert torch.isfinite(out).all()
+    assert_close(out, oracle(ins, True), dtype, scale=10.0)
+    out.square().sum().backward()
+    for t in ins:
+        assert torch.isfinite(t.grad).all()
+    raw = ops.person_vlad(*ins, normalize=False, backend="cpu")
+    assert torch.isfinite(raw).all()
+
+
+def test_zero_vlad_rows_clamped():
+    # A cluster nobody is assigned to has V_k == 0: the intra-normalisation clamp
+    # is active there, so its gradient must follow the clamp (norm = constant),
+    # exactly as the autograd reference does.
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3, dtype=torch.float64)
+    z = z.clone()
+    z[2] = -1e4  # cluster 2 never wins: a[:, 2, :] underflows to 0
+    ins = [F, M, W, z, c]
+    out = OP(*ins, True)
+    assert torch.equal(out.view(2, 3, 4)[:, 2], torch.zeros(2, 4, dtype=torch.float64))
+    grad = torch.randn(out.shape, dtype=torch.float64)
+    for g, r in zip(BWD(grad, *ins, True), oracle_grads(grad, ins, True)):
+        assert torch.isfinite(g).all()
+        torch.testing.assert_close(g, r, atol=1e-9, rtol=1e-9)
+
+
+# --------------------------------------------------------------------------
+# parallel code paths and determinism
+# --------------------------------------------------------------------------
+@pytest.fixture
+def two_threads():
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_parallel_paths_agree(two_threads):
+    # N=1 < threads: per-sample loop split over positions; N=5: batch chunks.
+    ins = make_inputs(N=5, C=8, S=(3, 7), B=3, K=6, dtype=torch.float64, seed=2)
+    full = OP(*ins, True)
+    grad = torch.randn(full.shape, dtype=torch.float64)
+    gfull = BWD(grad, *ins, True)
+    dW_sum = torch.zeros_like(ins[2])
+    for n in range(5):
+        one = [t[n:n + 1] for t in ins[:2]] + ins[2:]
+        torch.testing.assert_close(OP(*one, True), full[n:n + 1], atol=1e-14, rtol=1e-12)
+        g1 = BWD(grad[n:n + 1], *one, True)
+        torch.testing.assert_close(g1[0], gfull[0][n:n + 1], atol=1e-13, rtol=1e-11)
+        torch.testing.assert_close(g1[1], gfull[1][n:n + 1], atol=1e-13, rtol=1e-11)
+        dW_sum += g1[2]
+    torch.testing.assert_close(dW_sum, gfull[2], atol=1e-12, rtol=1e-10)
+    torch.set_num_threads(1)
+    for a, b in zip(BWD(grad, *ins, True), gfull):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+def test_backward_deterministic(two_threads):
+    ins = make_inputs(N=7, C=8, S=(4, 5), B=3, K=6, dtype=torch.float32, seed=4)
+    grad = torch.randn(7, 48)
+    first = BWD(grad, *ins, True)
+    for _ in range(3):
+        for a, b in zip(BWD(grad, *ins, True), first):
+            assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------
+# the kernels' own checks (direct op calls bypass the Python door)
+# --------------------------------------------------------------------------
+def test_kernel_rejects_bad_input():
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(2, 3), B=2, K=3)
+    with pytest.raises(RuntimeError, match="assign_weight"):
+        OP(F, M, W[:, :3], z, c, True)
+    with pytest.raises(RuntimeError, match="parts"):
+        OP(F, M[:, :, :1], W, z, c, True)
+    with pytest.raises(RuntimeError, match="centers"):
+        OP(F, M, W, z, c[:2], True)
+    with pytest.raises(RuntimeError, match="features"):
+        OP(F.flatten(1), None, W, z, c, True)
+    out = OP(F, M, W, z, c, True)
+    with pytest.raises(RuntimeError, match="grad_output"):
+        BWD(out[:, :5], F, M, W, z, c, True)
