@@ -38,7 +38,8 @@ H, W = 256, 128
 PRESETS: Dict[str, dict] = {
     # ~16+16 ids, 3 cameras, 2 tracklets per id per camera, 8-24 frames: a few seconds
     "tiny": dict(train_ids=16, test_ids=16, num_cams=3, cams_per_id=(2, 3), tracklets_per_cam=(2, 2),
-                 frames=(8, 24), junk=3, distractors=3, twin_frac=0.25, occlusion_p=0.3, quality=(85, 95)),
+                 frames=(8, 24), junk=3, distractors=3, twin_frac=0.25, occlusion_p=0.3, quality=(85, 95),
+                 nuisance=1.0),
     # quick experiments: ~40k frames
     "small": dict(train_ids=100, test_ids=100, num_cams=6, cams_per_id=(2, 4), tracklets_per_cam=(1, 3),
                   frames=(12, 48), junk=40, distractors=40, twin_frac=0.25, occlusion_p=0.3, quality=(80, 95)),
@@ -188,12 +189,14 @@ def _scene(seed: int, cam: int) -> np.ndarray:
     return img
 
 
-def _camera(seed: int, cam: int):
+def _camera(seed: int, cam: int, nuisance: float = 1.0):
+    """A camera's colour cast (RGB gains) and gamma; ``nuisance`` scales their strength."""
     rng = np.random.default_rng([seed, 104729, cam])
     gains = rng.uniform(0.78, 1.22, size=3)
     gains /= gains.mean() ** 0.5
     gamma = float(rng.uniform(0.8, 1.25))
-    return gains.astype(np.float32), gamma
+    gains = 1.0 + nuisance * (gains - 1.0)
+    return gains.astype(np.float32), 1.0 + nuisance * (gamma - 1.0)
 
 
 def _lut(gains, gamma, illum) -> np.ndarray:
@@ -346,16 +349,18 @@ def render_tracklet(job: dict) -> List[np.ndarray]:
     rng = np.random.default_rng(job["rng"])
     seed, cam, kind, n = job["seed"], job["cam"], job["kind"], job["frames"]
     a = job.get("attrs")
-    gains, gamma = _camera(seed, cam)
-    lut = _lut(gains, gamma, float(rng.uniform(0.7, 1.2))).ravel().tolist()
+    nu = float(job.get("nuisance", 1.0))
+    gains, gamma = _camera(seed, cam, nu)
+    lut = _lut(gains, gamma, 1.0 + nu * float(rng.uniform(-0.3, 0.2))).ravel().tolist()
     scene = _scene(seed, cam)
     bx = int(rng.integers(0, scene.shape[1] - W))
     bg = scene[:, bx:bx + W].copy()
-    _clutter(rng, bg, int(rng.integers(0, 4)))
-    occ_p = job["occlusion_p"]
+    _clutter(rng, bg, int(round(nu * int(rng.integers(0, 4)))))
+    occ_p = job["occlusion_p"] * nu
     # bounding-box misalignment for the tracklet, per-frame jitter below
-    s = float(rng.uniform(0.72, 1.0))
-    dx, dy = float(rng.uniform(-14, 14)), float(rng.uniform(-18, 18))
+    s = 1.0 - nu * float(rng.uniform(0.0, 0.28))
+    dx, dy = nu * float(rng.uniform(-14, 14)), nu * float(rng.uniform(-18, 18))
+    jit = 1.5 * nu
     if kind == "junk":  # bad detections: far too big, or cut off
         s = float(rng.uniform(1.3, 2.0))
         dx, dy = float(rng.uniform(-40, 40)), float(rng.uniform(-150, 60))
@@ -371,9 +376,9 @@ def render_tracklet(job: dict) -> List[np.ndarray]:
     for t in range(n):
         img = bg.copy()
         if kind != "distractor":
-            ph = 230.0 * s * a["height"] * float(rng.uniform(0.97, 1.03))
-            top = (H - ph) / 2 + dy + float(rng.normal(0, 1.5))
-            cx = W / 2 + dx + vx * t + float(rng.normal(0, 1.5))
+            ph = 230.0 * s * a["height"] * (1.0 + nu * float(rng.uniform(-0.03, 0.03)))
+            top = (H - ph) / 2 + dy + jit * float(rng.standard_normal())
+            cx = W / 2 + dx + nu * vx * t + jit * float(rng.standard_normal())
             _render_person(img, a, cx, top, ph, phase0 + freq * t, mirror)
         else:
             _clutter(rng, img, 1)
@@ -384,12 +389,28 @@ def render_tracklet(job: dict) -> List[np.ndarray]:
             elif occ["kind"] == "bottom":
                 sl = _window(H * (1 - occ["size"]), H, 0, W)
             else:
-                sl = _window(H * 0.2, H, ox - W * occ["size"], ox + W * occ["size"])
+                sl = _window(H * 0.3, H, ox - 0.5 * W * occ["size"], ox + 0.5 * W * occ["size"])
             if sl is not None:
                 img[sl] = occ["colour"]
         np.clip(img, 0, 255, out=img)
         frames.append(np.asarray(Image.fromarray(img.astype(np.uint8)).point(lut)))
     return frames
+
+
+def _savemat(path: str, key: str, arr: np.ndarray) -> None:
+    """scipy.io.savemat with a fixed header text (scipy writes the creation time
+    into it), so the same seed gives the same bytes."""
+    import io
+
+    from scipy.io import savemat
+
+    buf = io.BytesIO()
+    savemat(buf, {key: arr})
+    data = bytearray(buf.getvalue())
+    text = b"MATLAB 5.0 MAT-file, written by personvlad.data.synth"
+    data[:116] = text.ljust(116, b" ")
+    with open(path, "wb") as f:
+        f.write(bytes(data))
 
 
 def _write_job(job: dict) -> int:
@@ -405,10 +426,23 @@ def _write_job(job: dict) -> int:
 # ----------------------------------------------------------------------------- the generator
 
 
-def _build_plan(preset: str, seed: int):
+def _config(preset) -> dict:
+    if isinstance(preset, dict):
+        cfg = dict(PRESETS["tiny"])
+        unknown = set(preset) - set(PRESETS["mars-scale"]) - set(cfg)
+        if unknown:
+            raise ValueError(f"preset: unknown keys {sorted(unknown)}")
+        cfg.update(preset)
+        if "frames_lognormal" in preset:
+            cfg.pop("frames", None)
+        return cfg
     if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {sorted(PRESETS)}; got {preset!r}")
-    cfg = PRESETS[preset]
+        raise ValueError(f"preset: expected one of {sorted(PRESETS)} or a dict of overrides; got {preset!r}")
+    return PRESETS[preset]
+
+
+def _build_plan(preset, seed: int):
+    cfg = _config(preset)
     rng = np.random.default_rng([int(seed), 1])
     n_tr, n_te = cfg["train_ids"], cfg["test_ids"]
     pids = np.sort(rng.choice(np.arange(1, 2 * (n_tr + n_te) + 1), size=n_tr + n_te, replace=False))
@@ -467,10 +501,9 @@ def _build_plan(preset: str, seed: int):
 
 def generate(out_dir, preset: str = "tiny", seed: int = 0, workers: int = 1, progress: bool = False) -> str:
     """Write a synthetic MARS-layout dataset to ``out_dir`` (see module doc) and
-    return ``out_dir``.  ``workers`` > 1 renders tracklets in parallel
+    return ``out_dir``.  ``preset``: "tiny", "small", "mars-scale", or a dict
+    overriding keys of ``PRESETS["tiny"]`` (e.g. for very small test trees).  ``workers`` > 1 renders tracklets in parallel
     processes (same bytes as ``workers=1``)."""
-    from scipy.io import savemat
-
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"seed: expected a non-negative integer; got {seed!r}")
     if not isinstance(workers, int) or workers < 1:
@@ -495,12 +528,13 @@ def generate(out_dir, preset: str = "tiny", seed: int = 0, workers: int = 1, pro
             os.makedirs(os.path.join(out_dir, home, ps), exist_ok=True)
             jobs.append(dict(out=out_dir, dir=os.path.join(home, ps), names=names, seed=int(seed), cam=t["cam"],
                              kind=t["kind"], frames=t["frames"], attrs=t["attrs"], rng=t["rng"],
-                             quality=t["quality"], occlusion_p=cfg["occlusion_p"]))
+                             quality=t["quality"], occlusion_p=cfg["occlusion_p"],
+                             nuisance=float(cfg.get("nuisance", 1.0))))
         with open(os.path.join(out_dir, "info", fname), "w") as f:
             f.write("\n".join(names_all) + "\n")
-        savemat(os.path.join(out_dir, "info", mname), {key: np.asarray(rows, dtype=np.float64)})
-    savemat(os.path.join(out_dir, "info", "query_IDX.mat"),
-            {"query_IDX": (np.asarray(query_rows, dtype=np.float64) + 1)[None, :]})
+        _savemat(os.path.join(out_dir, "info", mname), key, np.asarray(rows, dtype=np.float64).reshape(-1, 4))
+    _savemat(os.path.join(out_dir, "info", "query_IDX.mat"), "query_IDX",
+             (np.asarray(query_rows, dtype=np.float64) + 1)[None, :])
     nframes = 0
     if workers == 1:
         for j in jobs:
@@ -515,7 +549,7 @@ def generate(out_dir, preset: str = "tiny", seed: int = 0, workers: int = 1, pro
                 done += 1
                 if progress and done % max(1, len(jobs) // 20) == 0:
                     print(f"synth: {done}/{len(jobs)} tracklets", flush=True)
-    meta = dict(preset=preset, seed=int(seed), train_ids=cfg["train_ids"], test_ids=cfg["test_ids"],
+    meta = dict(preset=preset if isinstance(preset, str) else "custom", seed=int(seed), train_ids=cfg["train_ids"], test_ids=cfg["test_ids"],
                 train_tracklets=len(train), test_tracklets=len(test), queries=len(query_rows),
                 junk_tracklets=cfg["junk"], distractor_tracklets=cfg["distractors"], frames=nframes,
                 frame_size=[H, W])
