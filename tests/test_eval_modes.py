@@ -36,8 +36,11 @@ def make_feature_file(path, seed=0, n_ids=30, dim=16, clip_noise=1.2, with_train
 
     ids = np.arange(n_ids)
     split("query", ids, np.zeros(n_ids))
-    gallery_ids = np.concatenate([ids, ids[: n_ids // 2], [-1, -1, 0]])
-    split("gallery", gallery_ids, np.concatenate([np.ones(n_ids), np.zeros(n_ids // 2), [1, 1, 1]]))
+    # the last 3 ids are only seen by the query camera (no valid match under "standard"),
+    # plus junk (-1) and distractor (0) entries
+    gallery_ids = np.concatenate([ids[:-3], ids[: n_ids // 2], ids[-3:], [-1, -1, 0]])
+    gallery_cams = np.concatenate([np.ones(n_ids - 3), np.zeros(n_ids // 2 + 3), [1, 1, 1]])
+    split("gallery", gallery_ids, gallery_cams)
     if with_train:
         tids = np.repeat(np.arange(n_ids, n_ids + 10), 4)
         split("train", tids, np.tile([0, 1], len(tids) // 2))
@@ -262,3 +265,16 @@ def test_cli_evaluate_reports_missing_train_key(tmp_path, capsys):
     path = make_feature_file(tmp_path / "f.npz", with_train=False)
     assert _run_cli(["evaluate", "--features", path, "--metric", "kissme"]) == 2
     assert "train_feats" in capsys.readouterr().err
+
+
+def test_query_counts_match_the_protocol(tmp_path):
+    from personvlad.eval import per_query_stats
+    from personvlad.eval.modes import query_counts
+
+    path = make_feature_file(tmp_path / "f.npz")
+    ff = FeatureFile(path)
+    c = query_counts(ff)
+    st = per_query_stats(compute_distmat(ff["query_feats"], ff["gallery_feats"]), ff["query_pids"],
+                         ff["gallery_pids"], ff["query_camids"], ff["gallery_camids"], "standard")
+    assert c["num_scored_standard"] == int((st["num_matches"] > 0).sum()) == 27 < c["num_query"] == 30
+    assert c["num_gallery"] == ff["gallery_pids"].shape[0]

@@ -301,3 +301,20 @@ def test_compute_distmat_cuda_matches_cpu():
     rng = np.random.default_rng(0)
     q, g = rng.standard_normal((50, 64)).astype(np.float32), rng.standard_normal((70, 64)).astype(np.float32)
     assert np.allclose(compute_distmat(q, g, device="cuda"), compute_distmat(q, g, device="cpu"), atol=1e-4)
+
+
+def test_single_cross_camera_match_gives_same_cmc_and_lower_trapezoid_ap():
+    # iLIDS-VID / PRID-2011 layout: query cam 0, gallery cam 1, one tracklet per id, no junk
+    rng = np.random.default_rng(4)
+    n = 40
+    d = rng.random((n, n)).astype(np.float32)
+    ids, q_cam, g_cam = np.arange(n), np.zeros(n, int), np.ones(n, int)
+    cmc_s, map_s = evaluate(d, ids, ids, q_cam, g_cam, max_rank=20, protocol="standard")
+    cmc_m, map_m = evaluate(d, ids, ids, q_cam, g_cam, max_rank=20, protocol="mars")
+    assert np.array_equal(cmc_s, cmc_m)
+    st = per_query_stats(d, ids, ids, q_cam, g_cam, "standard")
+    mt = per_query_stats(d, ids, ids, q_cam, g_cam, "mars")
+    r = st["first_rank"] + 1  # 1-based rank of the only match
+    assert np.allclose(st["ap"], 1.0 / r)
+    assert np.allclose(mt["ap"], np.where(r == 1, 1.0, 0.5 / r))  # ((0/(r-1)) + 1/r) / 2
+    assert map_m <= map_s

@@ -128,11 +128,11 @@ def _cmd_search(args) -> int:
         rows.append(row)
     head = "query" + (f" pid={query_pid} cam={query_cam}" if query_pid is not None else "")
     print(f"{head}  backend={index.backend}  top-{len(rows)} of {len(index)}")
-    print(f"{'rank':>4}  {'index':>6}  {'pid':>6}  {'cam':>3}  {'score':>7}" + ("  ok" if query_pid is not None else ""))
+    print(f"{'rank':>4}  {'index':>6}  {'pid':>6}  {'cam':>3}  {'score':>7}" + ("  same id" if query_pid is not None else ""))
     for row in rows:
         line = f"{row['rank']:>4}  {row['index']:>6}  {row['pid']:>6}  {row['camid']:>3}  {row['score']:>7.4f}"
         if "correct" in row:
-            line += "  " + ("✓" if row["correct"] else "✗")
+            line += "  " + ("yes" if row["correct"] else "no")
         print(line)
     if args.json:
         with open(args.json, "w") as fh:
@@ -152,7 +152,7 @@ def _register_retrieval(sub) -> None:
     b.add_argument("--out", required=True, help="index file to write (npz format)")
     b.add_argument("--split", default="gallery", help="which split to index (default gallery)")
     b.add_argument("--type", choices=["flat", "ivf"], default="flat", help="flat (exact) or ivf (approximate)")
-    b.add_argument("--nlist", type=int, default=None, help="ivf cells (default round(4 sqrt(N)))")
+    b.add_argument("--nlist", type=int, default=None, help="ivf cells (default min(sqrt(N), N/39))")
     b.add_argument("--nprobe", type=int, default=None, help="ivf cells visited per query (default nlist/8)")
     b.add_argument("--no-faiss", action="store_true", help="do not store a faiss index even if faiss is installed")
     b.set_defaults(func=_cmd_index_build)

@@ -201,6 +201,32 @@ def evaluate_feature_file(path_or_ff, protocols: Sequence[str] = ("standard",), 
     return out
 
 
+def query_counts(path_or_ff) -> dict:
+    """Sizes of a feature file's query/gallery and how many queries each protocol scores.
+
+    ``standard``: queries with a gallery entry of the same id from another
+    camera (the others are skipped); ``mars``: every query is scored (those
+    with no good entry count as 0).
+    """
+    ff = path_or_ff if isinstance(path_or_ff, FeatureFile) else FeatureFile(path_or_ff)
+    qp, qc = ff["query_pids"].astype(np.int64), ff["query_camids"].astype(np.int64)
+    gp, gc = ff["gallery_pids"].astype(np.int64), ff["gallery_camids"].astype(np.int64)
+
+    def count(keys, table):
+        u, c = np.unique(table, axis=0, return_counts=True)
+        if u.ndim == 1:
+            pos = np.searchsorted(u, keys)
+            pos = np.minimum(pos, len(u) - 1)
+            return np.where(u[pos] == keys, c[pos], 0)
+        lookup = {tuple(k): n for k, n in zip(u.tolist(), c.tolist())}
+        return np.array([lookup.get(tuple(k), 0) for k in keys.tolist()])
+
+    same_id = count(qp, gp)
+    same_id_cam = count(np.stack([qp, qc], 1), np.stack([gp, gc], 1))
+    return {"num_query": int(qp.shape[0]), "num_gallery": int(gp.shape[0]),
+            "num_scored_standard": int(((same_id - same_id_cam) > 0).sum()), "num_scored_mars": int(qp.shape[0])}
+
+
 def _summary(cmc: np.ndarray, maps: np.ndarray) -> dict:
     d = {"mAP": float(maps.mean()), "mAP_std": float(maps.std())}
     for r in REPORT_RANKS:
@@ -235,6 +261,7 @@ def evaluate_splits(paths: Sequence[str], protocols: Sequence[str] = ("standard"
     per_file = [evaluate_feature_file(p, protocols=protocols, metric=metric, modes=mode_list, repeats=repeats,
                                       seed=seed, max_rank=max_rank, metric_kwargs=metric_kwargs, device=device)
                 for p in paths]
+    counts = [{"file": p, **query_counts(p)} for p in paths]
     results: Dict[str, Dict[str, dict]] = {}
     for p in protocols:
         results[p] = {}
@@ -247,7 +274,8 @@ def evaluate_splits(paths: Sequence[str], protocols: Sequence[str] = ("standard"
                               for i, path in enumerate(paths)]
             results[p][mode] = s
     return {"features": paths, "metric": metric, "max_rank": int(max_rank), "repeats": int(repeats),
-            "seed": int(seed), "modes": mode_list, "protocols": list(protocols), "results": results}
+            "seed": int(seed), "modes": mode_list, "protocols": list(protocols), "counts": counts,
+            "results": results}
 
 
 def format_table(report: dict) -> str:
@@ -266,10 +294,17 @@ def format_table(report: dict) -> str:
     line = lambda cells: "  ".join(str(c).rjust(w) if i >= 2 else str(c).ljust(w)  # noqa: E731
                                    for i, (c, w) in enumerate(zip(cells, widths)))
     sep = "-" * len(line(head))
+    counts = report.get("counts") or []
+    sizes = ""
+    if counts:
+        c0 = counts[0]
+        sizes = (f"\nquery {c0['num_query']}  gallery {c0['num_gallery']}  standard scores "
+                 f"{c0['num_scored_standard']} queries (with a cross-camera match), mars all {c0['num_scored_mars']}"
+                 + ("  [first split]" if len(counts) > 1 else ""))
     title = (f"metric={report['metric']}  files={len(report['features'])}"
              + (f" (mean ± std over splits)" if multi else "")
              + (f"  random modes: mean of {report['repeats']} draws" if any(m != "all/all" for m in report["modes"]) else ""))
-    return "\n".join([title, sep, line(head), sep] + [line(r) for r in rows] + [sep])
+    return "\n".join([title + sizes, sep, line(head), sep] + [line(r) for r in rows] + [sep])
 
 
 def write_json(report: dict, path: str) -> None:

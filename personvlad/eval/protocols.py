@@ -37,9 +37,12 @@ Two protocols are implemented, both fully vectorised over queries:
 Ranking ties are broken by gallery index (a stable ascending sort), as
 MATLAB's ``sort`` does.  Which one to report: papers on MARS usually quote the
 ``"standard"`` numbers (they come from the common python evaluators); the
-``"mars"`` numbers are what the benchmark's official MATLAB kit prints and are
-slightly lower on mAP (junk ``-1`` removed, trapezoid AP, unmatched queries
-counted as 0).  iLIDS-VID and PRID-2011 are usually reported as CMC only.
+``"mars"`` numbers are what the benchmark's official MATLAB kit prints.  For
+the same ranking the trapezoid AP never exceeds the non-interpolated one and
+unmatched queries count as 0, so ``"mars"`` mAP is usually a little lower
+(dropping the junk ``-1`` entries pushes the other way).  iLIDS-VID and
+PRID-2011 (one cross-camera match per query, no junk) give the same CMC under
+both protocols and are usually reported as CMC only.
 """
 from __future__ import annotations
 

@@ -92,7 +92,7 @@ class GalleryIndex:
 
         ``use_faiss``: ``None`` = use faiss when importable; ``True`` = require
         it; ``False`` = exact search only.  ``nlist`` (ivf) defaults to
-        ``round(4 sqrt(N))`` capped at ``N``; ``nprobe`` defaults to
+        ``min(round(sqrt(N)), N // 39)`` (at least 1); ``nprobe`` defaults to
         ``max(1, nlist // 8)``.
         """
         if index_type not in INDEX_TYPES:
@@ -117,8 +117,8 @@ class GalleryIndex:
             if first_frame.shape != (n,):
                 raise ValueError(f"first_frame: expected shape ({n},), got {first_frame.shape}")
         if index_type == "ivf":
-            if nlist is None:
-                nlist = int(min(n, max(1, round(4 * np.sqrt(n)))))
+            if nlist is None:  # ~sqrt(N) cells, and >= 39 points per cell as faiss's k-means wants
+                nlist = int(max(1, min(round(np.sqrt(n)), n // 39)))
             if not (isinstance(nlist, (int, np.integer)) and 1 <= nlist <= n):
                 raise ValueError(f"nlist: expected an int in [1, {n}] (number of gallery entries), got {nlist!r}")
             if nprobe is None:
