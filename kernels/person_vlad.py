@@ -595,6 +595,15 @@ def _backward_impl(
 
 _FWD_NAME = "personvlad::person_vlad_triton"
 _BWD_NAME = "personvlad::person_vlad_triton_backward"
+_FWD_SCHEMA = (
+    "(Tensor features, Tensor? parts, Tensor assign_weight, Tensor assign_bias, "
+    "Tensor centers, bool normalize) -> (Tensor, Tensor)"
+)
+_BWD_SCHEMA = (
+    "(Tensor grad_out, Tensor features, Tensor? parts, Tensor assign_weight, "
+    "Tensor assign_bias, Tensor centers, Tensor out, Tensor norms, bool normalize) "
+    "-> (Tensor, Tensor, Tensor, Tensor, Tensor)"
+)
 
 
 def _forward_fake(features, parts, assign_weight, assign_bias, centers, normalize):
@@ -614,13 +623,13 @@ def _backward_fake(grad_out, features, parts, assign_weight, assign_bias, center
 
 
 if INTERPRET:
-    _fwd_op = torch.library.custom_op(_FWD_NAME, _forward_impl, mutates_args=())
+    _fwd_op = torch.library.custom_op(_FWD_NAME, _forward_impl, mutates_args=(), schema=_FWD_SCHEMA)
     _fwd_op.register_fake(_forward_fake)
-    _bwd_op = torch.library.custom_op(_BWD_NAME, _backward_impl, mutates_args=())
+    _bwd_op = torch.library.custom_op(_BWD_NAME, _backward_impl, mutates_args=(), schema=_BWD_SCHEMA)
     _bwd_op.register_fake(_backward_fake)
 else:
-    _fwd_op = torch.library.triton_op(_FWD_NAME, _forward_impl, mutates_args=())
-    _bwd_op = torch.library.triton_op(_BWD_NAME, _backward_impl, mutates_args=())
+    _fwd_op = torch.library.triton_op(_FWD_NAME, _forward_impl, mutates_args=(), schema=_FWD_SCHEMA)
+    _bwd_op = torch.library.triton_op(_BWD_NAME, _backward_impl, mutates_args=(), schema=_BWD_SCHEMA)
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,372 @@
+"""Triton backend of the fused op (kernels/person_vlad.py).
+
+Without a GPU these run the kernels under the Triton interpreter
+(``TRITON_INTERPRET=1``, set by conftest.py) on CPU tensors, so shapes are tiny
+and the dtypes are float32/float16 (the interpreter has no bfloat16).  The
+``cuda``-marked tests exercise the real kernels, bf16 included, at the paper
+shape and a large shape.
+"""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from conftest import HAS_CUDA, make_inputs, tolerance
+from personvlad import ops, reference
+
+pytest.importorskip("triton")
+if "triton" not in ops.available_backends():
+    pytest.skip("Triton backend not usable here", allow_module_level=True)
+
+from personvlad.kernels import person_vlad as tk  # noqa: E402
+
+DEV = "cuda" if HAS_CUDA else "cpu"
+NAMES = ("features", "parts", "assign_weight", "assign_bias", "centers")
+
+
+def _f64(ts):
+    return [None if t is None else t.detach().double() for t in ts]
+
+
+def _oracle(ins, normalize):
+    return reference.person_vlad_ref(*_f64(ins), normalize=normalize)
+
+
+def _grads(fn, ins, normalize, grad_out, cast=None):
+    """Gradients of sum(fn(ins) * grad_out) w.r.t. every non-None input."""
+    leaves = [None if t is None else (t.detach() if cast is None else t.detach().to(cast)).requires_grad_(True)
+              for t in ins]
+    out = fn(*leaves, normalize=normalize)
+    req = [t for t in leaves if t is not None]
+    gs = torch.autograd.grad(out, req, grad_out.to(out.dtype))
+    it = iter(gs)
+    return [None if t is None else next(it) for t in leaves]
+
+
+def _triton(*ins, normalize=True):
+    return ops.person_vlad(*ins, normalize=normalize, backend="triton")
+
+
+def _ref(*ins, normalize=True):
+    return reference.person_vlad_ref(*ins, normalize=normalize)
+
+
+# ---------------------------------------------------------------------------
+# forward vs the float64 oracle
+# ---------------------------------------------------------------------------
+FWD_CASES = [
+    # grid, B, normalize, dtype, alpha
+    pytest.param((7,), None, True, torch.float32, None, id="1d-noparts-norm-f32"),
+    pytest.param((3, 5), 3, True, torch.float32, None, id="2d-B3-norm-f32"),
+    pytest.param((2, 3, 4), 2, False, torch.float32, None, id="3d-B2-raw-f32"),
+    pytest.param((20,), 3, True, torch.float16, None, id="1d-B3-norm-f16"),
+    pytest.param((4, 5), None, False, torch.float16, None, id="2d-noparts-raw-f16"),
+    pytest.param((2, 2, 5), 2, True, torch.float32, 1000.0, id="3d-B2-norm-f32-alpha1000"),
+]
+
+
+@pytest.mark.parametrize("grid,B,normalize,dtype,alpha", FWD_CASES)
+def test_forward_matches_float64_oracle(grid, B, normalize, dtype, alpha):
+    ins = make_inputs(N=2, C=12, S=grid, B=B, K=5, dtype=dtype, alpha=alpha, device=DEV)
+    out = _triton(*ins, normalize=normalize)
+    K, C = 5, 12
+    assert out.shape == ((2, K * C) if normalize else (2, K, C))
+    assert out.dtype == dtype
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(out.double(), _oracle(ins, normalize), atol=atol, rtol=rtol)
+
+
+def test_forward_op_returns_norms():
+    """The raw op returns (out, norms): row norms of V then the global norm."""
+    ins = make_inputs(N=2, C=8, S=(3, 4), B=2, K=4, device=DEV)
+    out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    V = _oracle(ins, False)
+    r = V.norm(dim=2)
+    g = (V / r[..., None]).flatten(1).norm(dim=1)
+    assert norms.shape == (2, 5) and norms.dtype == torch.float32
+    torch.testing.assert_close(norms.double(), torch.cat([r, g[:, None]], 1), atol=1e-5, rtol=1e-5)
+    raw, rnorms = torch.ops.personvlad.person_vlad_triton(*ins, False)
+    assert rnorms.shape == (2, 0)
+    torch.testing.assert_close(raw.double(), V, atol=2e-5, rtol=2e-4)
+
+
+def test_noncontiguous_inputs_give_identical_results():
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, seed=3)
+    nc = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, seed=3, noncontig=True)
+    assert not nc[0].is_contiguous() and not nc[1].is_contiguous()
+    go = torch.randn(2, 4 * 8, generator=torch.Generator().manual_seed(1)).to(DEV)
+    a = _triton(*ins)
+    b = _triton(*nc)
+    assert torch.equal(a, b)
+    ga = _grads(_triton, ins, True, go)
+    gb = _grads(_triton, nc, True, go)
+    for x, y, t in zip(ga, gb, nc):
+        assert x.shape == t.shape
+        assert torch.equal(x, y)
+
+
+def test_empty_batch():
+    for normalize in (True, False):
+        ins = make_inputs(N=0, C=6, S=(3, 4), B=2, K=3, device=DEV, requires_grad=True)
+        out = tk.person_vlad_triton(*ins, normalize)
+        assert out.shape == ((0, 18) if normalize else (0, 3, 6))
+        gs = torch.autograd.grad(out.sum(), ins, allow_unused=True)
+        for g, t in zip(gs, ins):
+            assert g is not None and g.shape == t.shape and g.dtype == t.dtype
+            assert not g.any()
+
+
+# ---------------------------------------------------------------------------
+# gradients
+# ---------------------------------------------------------------------------
+GRAD_CASES = [
+    pytest.param((7,), None, True, None, id="1d-noparts-norm"),
+    pytest.param((3, 5), 3, True, None, id="2d-B3-norm"),
+    pytest.param((2, 3, 4), 2, False, None, id="3d-B2-raw"),
+    pytest.param((20,), 3, True, 10.0, id="1d-B3-norm-alpha10"),
+]
+
+
+@pytest.mark.parametrize("grid,B,normalize,alpha", GRAD_CASES)
+def test_gradients_float32(grid, B, normalize, alpha):
+    """All five gradients within ~2x of the reference's own float32 error
+    against the float64 oracle (plus a floor of 1e-6 of the gradient scale)."""
+    ins = make_inputs(N=2, C=12, S=grid, B=B, K=5, alpha=alpha, device=DEV, seed=7)
+    shape = (2, 60) if normalize else (2, 5, 12)
+    go = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEV)
+    g_tri = _grads(_triton, ins, normalize, go)
+    g_64 = _grads(_ref, ins, normalize, go, cast=torch.float64)
+    g_32 = _grads(_ref, ins, normalize, go)
+    for name, t, gt, g64, g32 in zip(NAMES, ins, g_tri, g_64, g_32):
+        if t is None:
+            continue
+        assert gt.dtype == t.dtype and gt.shape == t.shape, name
+        scale = g64.abs().max().item()
+        ref_err = (g32.double() - g64).abs().max().item()
+        err = (gt.double() - g64).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6 * scale, f"{name}: err {err:.3e} vs reference fp32 err {ref_err:.3e}"
+
+
+def test_gradients_half_features_float32_params():
+    """fp16 features/parts with fp32 parameters (autocast layout): each
+    gradient comes back in its input's dtype and is as accurate as the
+    reference's own fp16 path."""
+    ins = make_inputs(N=2, C=12, S=(3, 5), B=2, K=5, dtype=torch.float16, device=DEV, seed=11)
+    assert ins[2].dtype == torch.float32
+    go = torch.randn(2, 60, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEV)
+    g_tri = _grads(_triton, ins, True, go)
+    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
+    g_16 = _grads(_ref, ins, True, go)
+    for name, t, gt, g64, g16 in zip(NAMES, ins, g_tri, g_64, g_16):
+        assert gt.dtype == t.dtype and gt.shape == t.shape, name
+        scale = g64.abs().max().item()
+        ref_err = (g16.double() - g64).abs().max().item()
+        err = (gt.double() - g64).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: err {err:.3e} vs reference fp16 err {ref_err:.3e}"
+
+
+# ---------------------------------------------------------------------------
+# memory: nothing of size N*B*K*P is allocated
+# ---------------------------------------------------------------------------
+class _RecordAllocs(TorchDispatchMode):
+    """Sizes of the tensors produced by the host code.  ``set_``/``copy_`` are
+    skipped: the Triton interpreter uses them to mirror kernel arguments."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in (torch.ops.aten.copy_.default,) or func.overloadpacket is torch.ops.aten.set_:
+            return out
+        for t in out if isinstance(out, (tuple, list)) else (out,):
+            if isinstance(t, torch.Tensor):
+                self.sizes.append((t.numel(), str(func)))
+        return out
+
+
+def test_no_per_part_intermediate_is_allocated():
+    """Forward and backward host code allocate nothing of size N*B*K*P (the
+    kernels only write into what the host allocates)."""
+    N, C, S, B, K = 2, 4, (10,), 6, 8
+    P = 10
+    F, M, W, z, c = make_inputs(N=N, C=C, S=S, B=B, K=K, device=DEV)
+    rec = _RecordAllocs()
+    with rec:
+        out, norms = tk._run_forward(F, M, W, z, c, N, C, P, K, True, F.dtype)
+        dy = torch.ones_like(out).reshape(N, K, C)
+        tk._run_backward(dy, F, M, W, z, c, out.reshape(N, K, C), norms, N, C, P, K, True)
+    assert rec.sizes
+    biggest = max(rec.sizes)
+    assert biggest[0] <= N * K * P < N * B * K * P, biggest
+    # and the result is still right
+    torch.testing.assert_close(out.double(), _oracle([F, M, W, z, c], True), atol=2e-5, rtol=2e-4)
+
+
+# ---------------------------------------------------------------------------
+# support contract
+# ---------------------------------------------------------------------------
+def test_supports_contract():
+    F, M, W, z, c = make_inputs(N=1, C=4, S=(2,), B=2, K=3, device=DEV)
+    assert tk.supports(F, M, W, z, c) == (True, "")
+    assert tk.supports(F, None, W) == (True, "")
+    big_b = torch.zeros(1, tk.MAX_PARTS + 1, 2, device=DEV)
+    big_k = torch.zeros(tk.MAX_CLUSTERS + 1, 4, device=DEV)
+    big_c = torch.zeros(1, tk.MAX_CHANNELS + 1, 2, device=DEV)
+    cases = [
+        ((F, big_b, W), "at most 16 parts"),
+        ((F, M, big_k), "at most 128 clusters"),
+        ((big_c, None, torch.zeros(3, tk.MAX_CHANNELS + 1, device=DEV)), "at most 1024 channels"),
+        ((F.double(), M, W), "features is float64"),
+        ((F, M, W, z, c.double()), "centers is float64"),
+    ]
+    if not HAS_CUDA:
+        cases.append(((F.bfloat16(), M, W), "features is bfloat16"))
+    for args, msg in cases:
+        ok, why = tk.supports(*args)
+        assert not ok and msg in why, (msg, why)
+        with pytest.raises(tk.UnsupportedInput, match=msg):
+            tk.check_supported(*args)
+        assert issubclass(tk.UnsupportedInput, ValueError)
+    with pytest.raises(ValueError, match="at most 128 clusters"):
+        tk.person_vlad_triton(F, M, big_k, torch.zeros(tk.MAX_CLUSTERS + 1, device=DEV),
+                              torch.zeros(tk.MAX_CLUSTERS + 1, 4, device=DEV), True)
+
+
+# ---------------------------------------------------------------------------
+# torch.library.opcheck and torch.compile
+# ---------------------------------------------------------------------------
+@pytest.mark.parametrize("normalize", [True, False])
+def test_opcheck_forward(normalize):
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, requires_grad=True)
+    res = torch.library.opcheck(torch.ops.personvlad.person_vlad_triton, tuple(ins) + (normalize,))
+    assert set(res) == {"test_schema", "test_autograd_registration", "test_faketensor",
+                        "test_aot_dispatch_dynamic"}
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+def test_opcheck_forward_no_parts():
+    F, _, W, z, c = make_inputs(N=2, C=8, S=(6,), B=None, K=4, device=DEV, requires_grad=True)
+    res = torch.library.opcheck(torch.ops.personvlad.person_vlad_triton, (F, None, W, z, c, True))
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+def test_opcheck_backward():
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV)
+    out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    go = torch.randn_like(out)
+    args = (go, *ins, out, norms, True)
+    # the backward op has no autograd formula of its own (no double backward)
+    res = torch.library.opcheck(torch.ops.personvlad.person_vlad_triton_backward, args,
+                                test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    assert all(v == "SUCCESS" for v in res.values()), res
+
+
+def test_torch_compile_fullgraph():
+    """fullgraph=True through the public door: no graph breaks, same values and
+    gradients as eager.  Under the interpreter the op is opaque to Inductor
+    (see the module docstring of personvlad.kernels.person_vlad); on CUDA
+    Inductor sees the Triton kernels themselves."""
+    torch._dynamo.reset()
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, requires_grad=True)
+
+    def f(F, M, W, z, c):
+        return ops.person_vlad(F, M, W, z, c, backend="triton") * 2.0
+
+    cf = torch.compile(f, fullgraph=True, backend="inductor")
+    y = cf(*ins)
+    y0 = f(*ins)
+    torch.testing.assert_close(y, y0)
+    go = torch.randn_like(y0)
+    g = torch.autograd.grad(y, ins, go)
+    g0 = torch.autograd.grad(y0, ins, go)
+    for a, b in zip(g, g0):
+        torch.testing.assert_close(a, b)
+
+
+# ---------------------------------------------------------------------------
+# CUDA: real kernels at realistic shapes
+# ---------------------------------------------------------------------------
+CUDA_SHAPES = [
+    pytest.param(dict(N=64, C=256, S=(2, 11, 5), B=6, K=64), id="paper-64x256x2x11x5-B6-K64"),
+    pytest.param(dict(N=32, C=512, S=(8, 14, 14), B=8, K=64), id="large-32x512x8x14x14-B8-K64"),
+]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+@pytest.mark.parametrize("alpha", [None, 1000.0], ids=["randinit", "alpha1000"])
+def test_cuda_forward_realistic_shapes(shape, dtype, alpha):
+    ins = make_inputs(dtype=dtype, device="cuda", alpha=alpha, seed=5, **shape)
+    atol, rtol = tolerance(dtype)
+    for normalize in (True, False):
+        out = tk.person_vlad_triton(*ins, normalize)
+        assert out.dtype == dtype
+        ref = _oracle(ins, normalize)
+        if not normalize:  # raw V scales with P: compare relative to its magnitude
+            atol = atol * ref.abs().max().item()
+        torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", CUDA_SHAPES)
+def test_cuda_gradients_realistic_shapes(shape):
+    ins = make_inputs(device="cuda", seed=6, **shape)
+    N, C, K = shape["N"], shape["C"], shape["K"]
+    go = torch.randn(N, K * C, device="cuda", dtype=torch.float64)
+    g_tri = _grads(_triton, ins, True, go)
+    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
+    g_32 = _grads(_ref, ins, True, go)
+    for name, gt, g64, g32 in zip(NAMES, g_tri, g_64, g_32):
+        scale = g64.abs().max().item()
+        ref_err = (g32.double() - g64).abs().max().item()
+        err = (gt.double() - g64).abs().max().item()
+        assert err <= 2 * ref_err + 1e-6 * scale, f"{name}: err {err:.3e} vs reference fp32 err {ref_err:.3e}"
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_gradients_half(dtype):
+    ins = make_inputs(N=8, C=64, S=(4, 6, 3), B=4, K=16, dtype=dtype, device="cuda", seed=8)
+    go = torch.randn(8, 16 * 64, device="cuda", dtype=torch.float64)
+    g_tri = _grads(_triton, ins, True, go)
+    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
+    g_h = _grads(_ref, ins, True, go)
+    for name, t, gt, g64, gh in zip(NAMES, ins, g_tri, g_64, g_h):
+        assert gt.dtype == t.dtype, name
+        scale = g64.abs().max().item()
+        ref_err = (gh.double() - g64).abs().max().item()
+        err = (gt.double() - g64).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: err {err:.3e} vs reference err {ref_err:.3e}"
+
+
+@pytest.mark.cuda
+def test_cuda_deterministic():
+    ins = make_inputs(N=16, C=128, S=(4, 7, 5), B=6, K=32, device="cuda", seed=9)
+    go = torch.randn(16, 32 * 128, device="cuda")
+    a = _triton(*ins)
+    ga = _grads(_triton, ins, True, go)
+    for _ in range(2):
+        assert torch.equal(_triton(*ins), a)
+        for x, y in zip(_grads(_triton, ins, True, go), ga):
+            assert torch.equal(x, y)
+
+
+@pytest.mark.cuda
+def test_cuda_opcheck_and_compile():
+    ins = make_inputs(N=4, C=32, S=(2, 5, 3), B=3, K=16, device="cuda", requires_grad=True)
+    for normalize in (True, False):
+        res = torch.library.opcheck(torch.ops.personvlad.person_vlad_triton, tuple(ins) + (normalize,))
+        assert all(v == "SUCCESS" for v in res.values()), res
+    torch._dynamo.reset()
+
+    def f(F, M, W, z, c):
+        return ops.person_vlad(F, M, W, z, c, backend="triton")
+
+    cf = torch.compile(f, fullgraph=True)
+    y, y0 = cf(*ins), f(*ins)
+    torch.testing.assert_close(y, y0, atol=1e-6, rtol=1e-5)
+    go = torch.randn_like(y0)
+    for a, b in zip(torch.autograd.grad(y, ins, go), torch.autograd.grad(y0, ins, go)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
