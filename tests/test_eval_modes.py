@@ -278,3 +278,12 @@ def test_query_counts_match_the_protocol(tmp_path):
                          ff["gallery_pids"], ff["query_camids"], ff["gallery_camids"], "standard")
     assert c["num_scored_standard"] == int((st["num_matches"] > 0).sum()) == 27 < c["num_query"] == 30
     assert c["num_gallery"] == ff["gallery_pids"].shape[0]
+
+
+def test_package_exports_resolve():
+    import personvlad.eval as ev
+
+    for name in ev.__all__:
+        assert getattr(ev, name) is not None, name
+    with pytest.raises(AttributeError):
+        ev.not_a_name

@@ -29,8 +29,12 @@ def _cmd_evaluate(args) -> int:
     metric_kwargs = None
     if args.metric in ("xqda", "kissme"):
         pca = args.pca_dim
-        metric_kwargs = {"reg": args.reg,
-                         "pca_dim": None if pca == "none" else ("auto" if pca == "auto" else int(pca))}
+        if pca not in ("none", "auto"):
+            try:
+                pca = int(pca)
+            except ValueError:
+                return _fail(f"--pca-dim: expected 'auto', 'none' or a positive int, got {args.pca_dim!r}")
+        metric_kwargs = {"reg": args.reg, "pca_dim": None if pca == "none" else pca}
     try:
         report = evaluate_splits(args.features, protocols=protocols, metric=args.metric, modes=bool(args.modes),
                                  repeats=args.repeats, seed=args.seed, max_rank=args.max_rank,

@@ -170,7 +170,8 @@ class _QuadraticMetric:
         return self._embed(x)
 
     def distance(self, qf, gf) -> np.ndarray:
-        """``(Q, G)`` learned distances ``(q - g)^T A (q - g)`` (float64)."""
+        """``(Q, G)`` learned distances ``(q - g)^T A (q - g)``, computed in float64 and
+        returned as float32 (half the memory for MARS-sized matrices; ranking-safe)."""
         if self.kernel_ is None:
             raise RuntimeError(f"{type(self).__name__}: call fit() before distance()")
         q = np.asarray(qf, dtype=np.float64)
@@ -183,7 +184,7 @@ class _QuadraticMetric:
         m = self.kernel_
         um, vm = u @ m, v @ m
         d = (um * u).sum(1)[:, None] + (vm * v).sum(1)[None, :] - 2.0 * (um @ v.T)
-        return d
+        return d.astype(np.float32)
 
 
 class KISSME(_QuadraticMetric):
