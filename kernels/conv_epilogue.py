@@ -79,10 +79,13 @@ def _bias_relu_pool3d_fwd_kernel(
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if USE_I64:  # 64-bit index math only where an offset can pass 2**31
+        idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     # Walk the output in its memory order so stores (and most loads) coalesce.
     if CHANNELS_LAST:
@@ -143,10 +146,13 @@ def _bias_relu_pool3d_bwd_kernel(
     SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr,
     PD: tl.constexpr, PH: tl.constexpr, PW: tl.constexpr,
     ND: tl.constexpr, NH: tl.constexpr, NW: tl.constexpr,
-    CHANNELS_LAST: tl.constexpr, BLOCK: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, USE_I64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    if USE_I64:  # 64-bit index math only where an offset can pass 2**31
+        idx = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    else:
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     if CHANNELS_LAST:
         c = idx % C
@@ -247,8 +253,19 @@ def _memory_format(channels_last: bool):
     return torch.channels_last_3d if channels_last else torch.contiguous_format
 
 
-def _launch_params():
-    return dict(BLOCK=_BLOCK, num_warps=4)
+def _launch_params(*tensors):
+    return dict(BLOCK=_BLOCK, USE_I64=_needs_i64(*tensors))
+
+
+def _needs_i64(*tensors) -> bool:
+    """True when an element offset (or the padded element count) of any
+    tensor may not fit in int32."""
+    lim = 2 ** 31 - 1 - 2 * _BLOCK
+    for t in tensors:
+        span = 1 + sum((n - 1) * abs(st) for n, st in zip(t.shape, t.stride()) if n > 0)
+        if span > lim or t.numel() > lim:
+            return True
+    return False
 
 
 # --------------------------------------------------------------------------
@@ -300,7 +317,7 @@ def _bias_relu_pool3d_impl(y: torch.Tensor, bias: torch.Tensor, kernel_size: Lis
             y, bias, out, off, total, C, D, H, W, Do, Ho, Wo,
             *y.stride(), *out.stride(),
             KD=KD, KH=KH, KW=KW, SD=SD, SH=SH, SW=SW, PD=PD, PH=PH, PW=PW,
-            CHANNELS_LAST=cl, **_launch_params(),
+            CHANNELS_LAST=cl, **_launch_params(y, out),
         )
     return out, off
 
@@ -322,7 +339,7 @@ def _bias_relu_pool3d_backward_impl(grad_out: torch.Tensor, offsets: torch.Tenso
             *grad_out.stride(), *offsets.stride(), *gy.stride(),
             KD=KD, KH=KH, KW=KW, SD=SD, SH=SH, SW=SW, PD=PD, PH=PH, PW=PW,
             ND=-(-KD // SD), NH=-(-KH // SH), NW=-(-KW // SW),
-            CHANNELS_LAST=channels_last, **_launch_params(),
+            CHANNELS_LAST=channels_last, **_launch_params(grad_out, offsets, gy),
         )
     return gy
 

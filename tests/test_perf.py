@@ -106,6 +106,24 @@ def test_epilogue_ties_route_to_first_element_like_pytorch():
 
 
 @needs_triton
+def test_epilogue_int64_index_path(monkeypatch):
+    assert ce._needs_i64(torch.empty(2 ** 31, dtype=torch.int8, device="meta"))
+    big = torch.empty(2 ** 31 + 8, dtype=torch.int8, device="meta")
+    assert ce._needs_i64(big.as_strided((2,), (2 ** 31,)))  # 2 elements, far apart
+    assert not ce._needs_i64(torch.empty(2, 3, 4, 5, 6))
+    # force the 64-bit index branch of both kernels on a small case
+    monkeypatch.setattr(ce, "_needs_i64", lambda *t: True)
+    y, b = _inputs(torch.float32, True, shape=(2, 3, 5, 7, 9))
+    y1, y2 = y.clone().requires_grad_(True), y.clone().requires_grad_(True)
+    out = ce.bias_relu_pool3d(y1, b, (2, 2, 2), None, (0, 1, 1), True)
+    ref = _ref(y2, b, (2, 2, 2), None, (0, 1, 1), True)
+    torch.testing.assert_close(out, ref)
+    out.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(y1.grad, y2.grad)
+
+
+@needs_triton
 def test_epilogue_noncontiguous_input_and_fp32_bias_with_half_input():
     y, b = _inputs(torch.float16, False, shape=(2, 4, 4, 6, 6))
     y = y.transpose(3, 4)  # neither NCDHW- nor NDHWC-contiguous
