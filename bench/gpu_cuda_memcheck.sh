@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# Run the CUDA backend's kernels (csrc/cuda/person_vlad_cuda.cu) under
+# compute-sanitizer: memcheck (out-of-bounds / misaligned accesses), then
+# racecheck (shared-memory races in the epilogue kernels) and initcheck
+# (reads of uninitialised device memory, e.g. scratch buffers).  A small
+# Python driver calls the forward and backward ops over the edge cases
+# (1/2/3-D grids, parts None/1/6, normalize on/off, N*P not a multiple of the
+# block size, K=1, C=1, K>128, all four dtypes).
+#
+#   bench/gpu_cuda_memcheck.sh                 # all three tools
+#   TOOLS=memcheck bench/gpu_cuda_memcheck.sh  # just one
+#   PYTHON=python3 COMPUTE_SANITIZER=/path/to/compute-sanitizer bench/gpu_cuda_memcheck.sh
+#
+# Needs a CUDA device and personvlad._C built with CUDA.  Exits non-zero when
+# a tool reports an error, the driver fails, or the prerequisites are missing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [[ -n "${PYTHON:-}" ]]; then PY="$PYTHON"
+elif [[ -x .venv/bin/python ]]; then PY=.venv/bin/python
+else PY=python3; fi
+
+SAN="${COMPUTE_SANITIZER:-}"
+if [[ -z "$SAN" ]]; then
+  SAN="$(command -v compute-sanitizer || true)"
+  for cand in "${CUDA_HOME:-/nonexistent}/bin/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer \
+              /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
+    [[ -z "$SAN" && -x "$cand" ]] && SAN="$cand"
+  done
+fi
+if [[ -z "$SAN" ]]; then
+  echo "gpu_cuda_memcheck: compute-sanitizer not found (set COMPUTE_SANITIZER)" >&2
+  exit 2
+fi
+
+DRIVER="$(mktemp "${TMPDIR:-/tmp}/pv_memcheck_XXXXXX.py")"
+trap 'rm -f "$DRIVER"' EXIT
+cat >"$DRIVER" <<'EOF'
+import sys
+import torch
+sys.path.insert(0, "tests")
+from conftest import make_inputs  # noqa: E402
+from personvlad import ops  # noqa: E402
+
+if not torch.cuda.is_available():
+    sys.exit("gpu_cuda_memcheck: no CUDA device")
+if not ops._NATIVE_CUDA:
+    sys.exit("gpu_cuda_memcheck: personvlad._C has no CUDA kernels (build with nvcc)")
+FWD = torch.ops.personvlad.person_vlad.default
+BWD = torch.ops.personvlad.person_vlad_backward.default
+cases = [
+    dict(N=3, C=6, S=(7,), B=None, K=5),
+    dict(N=2, C=6, S=(3, 5), B=1, K=5),
+    dict(N=2, C=5, S=(2, 3, 4), B=6, K=4),
+    dict(N=3, C=40, S=(7, 13), B=3, K=9),     # N*P = 273: a partial second block
+    dict(N=2, C=1, S=(5,), B=2, K=4),
+    dict(N=2, C=3, S=(5,), B=2, K=1),
+    dict(N=1, C=3, S=(4, 4), B=2, K=130),     # K > 128, more rows than warps
+    dict(N=0, C=4, S=(3,), B=2, K=3),
+]
+n = 0
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    for case in cases:
+        for normalize in (True, False):
+            args = make_inputs(**case, dtype=dtype, device="cuda", seed=n)
+            nc = make_inputs(**case, dtype=dtype, device="cuda", seed=n, noncontig=True) if case["N"] else args
+            for a in (args, nc):
+                out = FWD(*a, normalize)
+                grads = BWD(torch.ones_like(out), *a, normalize)
+                torch.cuda.synchronize()
+                assert all(torch.isfinite(t.float()).all() for t in (out, *grads)), (case, dtype, normalize)
+            n += 1
+print(f"gpu_cuda_memcheck driver: {n} configurations, forward + backward, contiguous + non-contiguous")
+EOF
+
+TOOLS="${TOOLS:-memcheck racecheck initcheck}"
+status=0
+for tool in $TOOLS; do
+  echo "=== compute-sanitizer --tool $tool"
+  # No caching allocator: every tensor is its own allocation, so an access
+  # past a tensor's end is out of bounds for memcheck.
+  if PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" --error-exitcode 99 "$PY" "$DRIVER"; then
+    echo "=== $tool: clean"
+  else
+    rc=$?
+    echo "=== $tool: FAILED (exit $rc)" >&2
+    status=1
+  fi
+done
+exit $status

@@ -1,0 +1,580 @@
+// CUDA kernels of the fused PersonVLAD op (SPEC §1):
+//   torch.ops.personvlad.person_vlad / person_vlad_backward, CUDA dispatch key.
+//
+// ---------------------------------------------------------------------------
+// Math, per sample n (F: C x P, M: B x P, W: K x C, z: K, c: K x C; P = prod(S)).
+// Parts None is one part equal to 1 everywhere (B = 1, M = 1).
+//
+// Forward
+//   G        = W F                                   (K x P)   GEMM (cuBLAS)
+//   logit    = M[b,s] G[k,s] + z[k]
+//   a[b,:,s] = softmax_k(logit[b,:,s])               (max-subtracted)
+//   A'[k,s]  = sum_b a[b,k,s] M[b,s]                 (K x P)   } fused kernel,
+//   S[k]     = sum_{b,s} a[b,k,s]                    (K)       } one thread per (n,s)
+//   V        = A' F^T - S c                          (K x C)   GEMM + epilogue
+//   normalize: r_k = max(|V_k|, eps), U_k = V_k / r_k, u = flatten_kmajor(U),
+//              g = max(|u|, eps), out = u / g                  epilogue kernel
+//
+// Backward (dO = grad_output; everything above is recomputed)
+//   normalisation:  if |u| >= eps: du = (dO - out <out,dO>) / g, else du = dO / eps
+//                   (<out,dO> = (1/g) sum_k <V_k,dO_k> / r_k)
+//                   if |V_k| >= eps: dV_k = (du_k - U_k <U_k,du_k>) / r_k,
+//                   else dV_k = du_k / eps                      (clamp_min passes
+//                   the gradient where x >= eps, like torch)
+//                   normalize=False: dV = dO
+//   V = A' F^T - S c:
+//     dA'  = dV F                                    (K x P)   GEMM
+//     dF  += dV^T A'                                 (C x P)   GEMM
+//     dS_k = -<dV_k, c_k>                                      epilogue kernel
+//     dc_k = -sum_n S[n,k] dV[n,k]
+//   A' = sum_b a M, S = sum_{b,s} a:
+//     da[b,k,s] = dA'[k,s] M[b,s] + dS[k]
+//     dM[b,s]  += sum_k a[b,k,s] dA'[k,s]
+//   softmax: dlogit[b,k,s] = a[b,k,s] (da[b,k,s] - sum_j a[b,j,s] da[b,j,s])
+//   logit = M G + z:
+//     dG[k,s]  = sum_b dlogit[b,k,s] M[b,s]                    fused kernel,
+//     dM[b,s] += sum_k dlogit[b,k,s] G[k,s]                    one thread per (n,s)
+//     dz[k]    = sum_{n,b,s} dlogit[b,k,s]                     (per-column partials,
+//                                                               then at::sum)
+//   G = W F:
+//     dW  = sum_n dG F^T    (one GEMM over the batch: (K, N*P) x (N*P, C))
+//     dF += W^T dG                                   (C x P)   GEMM
+//
+// Everything is computed in the accumulation dtype acc_t (float64 for float64
+// features, else float32); half/bfloat16 features are converted to float32 up
+// front (so cuBLAS runs in fp32), and results are cast to each input's dtype.
+// The largest temporaries are of size N*K*P (G, A', per-column S partials, dA',
+// dG, per-column dz partials) and N*K*C; nothing of size N*B*K*P is allocated
+// (the per-(b,s) softmax statistics are N*B*P).  All reductions are done in a
+// fixed order (in-thread loops, warp shuffles, at::sum), so results are
+// deterministic.  Only plain CUDA (no tensor-core intrinsics, no sm_70+-only
+// features, no bf16 arithmetic intrinsics) so it builds for any arch >= 3.5.
+// ---------------------------------------------------------------------------
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+namespace personvlad {
+namespace cuda {
+namespace {
+
+constexpr int kColumnThreads = 256;    // threads per block of the per-(n,s) kernels
+constexpr int kEpilogueThreads = 256;  // threads per block (one block per sample)
+constexpr int kWarp = 32;
+constexpr double kEps = 1e-12;
+
+__device__ __forceinline__ float vexp(float x) { return expf(x); }
+__device__ __forceinline__ double vexp(double x) { return exp(x); }
+__device__ __forceinline__ float vsqrt(float x) { return sqrtf(x); }
+__device__ __forceinline__ double vsqrt(double x) { return sqrt(x); }
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t warp_sum(acc_t v) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off /= 2) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;  // every lane holds the (same) total
+}
+
+// Sum over the block of one value per warp (all lanes of a warp pass the same
+// value).  Every thread returns the same total, summed in warp order.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum_of_warps(acc_t v, acc_t* smem) {
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, nw = blockDim.x / kWarp;
+  if (lane == 0) smem[warp] = v;
+  __syncthreads();
+  acc_t t = 0;
+  for (int w = 0; w < nw; ++w) t += smem[w];
+  return t;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t logit_of(acc_t m, acc_t g, acc_t z) {
+  return m * g + z;
+}
+
+// ---------------------------------------------------------------------------
+// Forward assignment kernel: one thread per column (n, s).
+//   G (N,K,P), M (N,B,P) or nullptr, z (K)  ->  Ap (N,K,P), Sc (N,K,P) where
+//   Sc[n,k,s] = sum_b a[b,k,s] (summed over s later), and the per-(b,s)
+//   softmax statistics st_max/st_inv (N,B,P) used as scratch.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+__global__ void __launch_bounds__(kColumnThreads) assign_forward_kernel(
+    const acc_t* __restrict__ G, const acc_t* __restrict__ M, const acc_t* __restrict__ z,
+    acc_t* __restrict__ Ap, acc_t* __restrict__ Sc, acc_t* __restrict__ st_max,
+    acc_t* __restrict__ st_inv, int64_t N, int64_t B, int64_t K, int64_t P) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= N * P) return;
+  const int64_t n = col / P, s = col - n * P;
+  const acc_t* g = G + n * K * P + s;                        // g[k * P] = G[n,k,s]
+  const acc_t* m = (M != nullptr) ? M + n * B * P + s : nullptr;  // m[b * P] = M[n,b,s]
+  acc_t* smax = st_max + n * B * P + s;
+  acc_t* sinv = st_inv + n * B * P + s;
+
+  // Pass 1, per part: max and 1/sum of exp over k.
+  for (int64_t b = 0; b < B; ++b) {
+    const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
+    acc_t vmax = logit_of(mb, g[0], z[0]);
+    for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
+    acc_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
+    smax[b * P] = vmax;
+    sinv[b * P] = acc_t(1) / sum;
+  }
+  // Pass 2, per cluster: accumulate over parts, write each output once.
+  acc_t* ap = Ap + n * K * P + s;
+  acc_t* sc = Sc + n * K * P + s;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t gk = g[k * P], zk = z[k];
+    acc_t acc_a = 0, acc_s = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
+      const acc_t a = vexp(logit_of(mb, gk, zk) - smax[b * P]) * sinv[b * P];
+      acc_a += a * mb;
+      acc_s += a;
+    }
+    ap[k * P] = acc_a;
+    sc[k * P] = acc_s;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward assignment kernel: one thread per column (n, s).
+//   Inputs G, M (or nullptr), z, dAp (N,K,P), dS (N,K).
+//   Outputs dG (N,K,P), dZc (N,K,P) (per-column dz partials: sum_b dlogit),
+//   dM (N,B,P) (skipped when M is nullptr).  st_* (N,B,P) are scratch.
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+__global__ void __launch_bounds__(kColumnThreads) assign_backward_kernel(
+    const acc_t* __restrict__ G, const acc_t* __restrict__ M, const acc_t* __restrict__ z,
+    const acc_t* __restrict__ dAp, const acc_t* __restrict__ dS, acc_t* __restrict__ dG,
+    acc_t* __restrict__ dZc, acc_t* __restrict__ dM, acc_t* __restrict__ st_max,
+    acc_t* __restrict__ st_inv, acc_t* __restrict__ st_dot, int64_t N, int64_t B, int64_t K,
+    int64_t P) {
+  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (col >= N * P) return;
+  const int64_t n = col / P, s = col - n * P;
+  const acc_t* g = G + n * K * P + s;
+  const acc_t* dap = dAp + n * K * P + s;
+  const acc_t* ds = dS + n * K;
+  const acc_t* m = (M != nullptr) ? M + n * B * P + s : nullptr;
+  acc_t* smax = st_max + n * B * P + s;
+  acc_t* sinv = st_inv + n * B * P + s;
+  acc_t* sdot = st_dot + n * B * P + s;
+
+  // Pass 1, per part: softmax statistics, dot = sum_j a_j da_j, and dM.
+  for (int64_t b = 0; b < B; ++b) {
+    const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
+    acc_t vmax = logit_of(mb, g[0], z[0]);
+    for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
+    acc_t sum = 0;
+    for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
+    const acc_t inv = acc_t(1) / sum;
+    acc_t dot = 0, dm = 0;
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t a = vexp(logit_of(mb, g[k * P], z[k]) - vmax) * inv;
+      const acc_t da = dap[k * P] * mb + ds[k];
+      dot += a * da;
+      dm += a * dap[k * P];  // through A' = sum_b a M
+    }
+    if (dM != nullptr) {
+      for (int64_t k = 0; k < K; ++k) {
+        const acc_t gk = g[k * P];
+        const acc_t a = vexp(logit_of(mb, gk, z[k]) - vmax) * inv;
+        const acc_t da = dap[k * P] * mb + ds[k];
+        dm += a * (da - dot) * gk;  // through logit = M G + z
+      }
+      dM[n * B * P + b * P + s] = dm;
+    }
+    smax[b * P] = vmax;
+    sinv[b * P] = inv;
+    sdot[b * P] = dot;
+  }
+  // Pass 2, per cluster: dG and dz partials, written once.
+  acc_t* dg = dG + n * K * P + s;
+  acc_t* dzc = dZc + n * K * P + s;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t gk = g[k * P], zk = z[k], dapk = dap[k * P], dsk = ds[k];
+    acc_t acc_g = 0, acc_z = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
+      const acc_t a = vexp(logit_of(mb, gk, zk) - smax[b * P]) * sinv[b * P];
+      const acc_t dl = a * (dapk * mb + dsk - sdot[b * P]);
+      acc_g += dl * mb;
+      acc_z += dl;
+    }
+    dg[k * P] = acc_g;
+    dzc[k * P] = acc_z;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Forward epilogue: one block per sample n.  V = Vraw - S c, then (optionally)
+// intra- and global L2 normalisation; writes out (N, K*C) in out_t.  Warp w
+// owns the rows k = w, w + nwarps, ...; lanes stride over channels.  rn (N,K)
+// is scratch for the row norms.
+// ---------------------------------------------------------------------------
+template <typename out_t, typename acc_t>
+__global__ void __launch_bounds__(kEpilogueThreads) epilogue_forward_kernel(
+    const acc_t* __restrict__ Vraw, const acc_t* __restrict__ S, const acc_t* __restrict__ cen,
+    out_t* __restrict__ out, acc_t* __restrict__ rn, int64_t K, int64_t C, bool normalize) {
+  __shared__ acc_t smem[kEpilogueThreads / kWarp];
+  const int64_t n = blockIdx.x;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, nw = blockDim.x / kWarp;
+  const acc_t eps = acc_t(kEps);
+  const acc_t* vr = Vraw + n * K * C;
+  out_t* o = out + n * K * C;
+
+  acc_t local = 0;  // sum over this warp's rows of |V_k / r_k|^2
+  for (int64_t k = warp; k < K; k += nw) {
+    const acc_t sk = S[n * K + k];
+    acc_t ss = 0;
+    for (int64_t c = lane; c < C; c += kWarp) {
+      const acc_t v = vr[k * C + c] - sk * cen[k * C + c];
+      if (normalize) {
+        ss += v * v;
+      } else {
+        o[k * C + c] = static_cast<out_t>(v);
+      }
+    }
+    if (normalize) {
+      ss = warp_sum(ss);
+      const acc_t r = max(vsqrt(ss), eps);
+      if (lane == 0) rn[n * K + k] = r;
+      local += ss / (r * r);
+    }
+  }
+  if (!normalize) return;  // uniform over the block
+  const acc_t total = block_sum_of_warps(local, smem);  // __syncthreads inside
+  const acc_t gn = max(vsqrt(total), eps);
+  for (int64_t k = warp; k < K; k += nw) {
+    const acc_t sk = S[n * K + k];
+    const acc_t r = rn[n * K + k];
+    for (int64_t c = lane; c < C; c += kWarp) {
+      const acc_t v = vr[k * C + c] - sk * cen[k * C + c];
+      o[k * C + c] = static_cast<out_t>((v / r) / gn);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Backward epilogue: one block per sample n.  From Vraw, S, c and dO (all
+// acc_t) computes dV (N,K,C) through the normalisation (or dV = dO) and
+// dS[n,k] = -<dV_k, c_k>.  nrm (N,K) is scratch (unclamped row norms).
+// ---------------------------------------------------------------------------
+template <typename acc_t>
+__global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
+    const acc_t* __restrict__ Vraw, const acc_t* __restrict__ S, const acc_t* __restrict__ cen,
+    const acc_t* __restrict__ dO, acc_t* __restrict__ dV, acc_t* __restrict__ dS,
+    acc_t* __restrict__ nrm, int64_t K, int64_t C, bool normalize) {
+  __shared__ acc_t smem_a[kEpilogueThreads / kWarp];
+  __shared__ acc_t smem_b[kEpilogueThreads / kWarp];
+  const int64_t n = blockIdx.x;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp, nw = blockDim.x / kWarp;
+  const acc_t eps = acc_t(kEps);
+  const acc_t* vr = Vraw + n * K * C;
+  const acc_t* go = dO + n * K * C;
+  acc_t* dv = dV + n * K * C;
+
+  if (!normalize) {
+    for (int64_t k = warp; k < K; k += nw) {
+      acc_t dsum = 0;
+      for (int64_t c = lane; c < C; c += kWarp) {
+        const acc_t d = go[k * C + c];
+        dv[k * C + c] = d;
+        dsum += d * cen[k * C + c];
+      }
+      dsum = warp_sum(dsum);
+      if (lane == 0) dS[n * K + k] = -dsum;
+    }
+    return;
+  }
+
+  // Pass 1: row norms, |u|^2 and <out, dO> * g.
+  acc_t local_ss = 0, local_pd = 0;
+  for (int64_t k = warp; k < K; k += nw) {
+    const acc_t sk = S[n * K + k];
+    acc_t ss = 0, pd = 0;
+    for (int64_t c = lane; c < C; c += kWarp) {
+      const acc_t v = vr[k * C + c] - sk * cen[k * C + c];
+      ss += v * v;
+      pd += v * go[k * C + c];
+    }
+    ss = warp_sum(ss);
+    pd = warp_sum(pd);
+    const acc_t nk = vsqrt(ss);
+    const acc_t r = max(nk, eps);
+    if (lane == 0) nrm[n * K + k] = nk;
+    local_ss += ss / (r * r);
+    local_pd += pd / r;
+  }
+  const acc_t tot_ss = block_sum_of_warps(local_ss, smem_a);
+  const acc_t tot_pd = block_sum_of_warps(local_pd, smem_b);
+  const acc_t graw = vsqrt(tot_ss);
+  const bool g_clamped = !(graw >= eps);
+  const acc_t gn = g_clamped ? eps : graw;
+  const acc_t od = tot_pd / gn;  // <out, dO>
+
+  // Pass 2: du (global normalisation), then dV (intra normalisation), dS.
+  for (int64_t k = warp; k < K; k += nw) {
+    const acc_t sk = S[n * K + k];
+    const acc_t nk = nrm[n * K + k];
+    const bool r_clamped = !(nk >= eps);
+    const acc_t r = r_clamped ? eps : nk;
+    acc_t udu = 0;  // <U_k, du_k>
+    if (!r_clamped) {
+      for (int64_t c = lane; c < C; c += kWarp) {
+        const acc_t u = (vr[k * C + c] - sk * cen[k * C + c]) / r;
+        const acc_t d = go[k * C + c];
+        const acc_t du = g_clamped ? d / eps : (d - (u / gn) * od) / gn;
+        udu += u * du;
+      }
+      udu = warp_sum(udu);
+    }
+    acc_t dsum = 0;
+    for (int64_t c = lane; c < C; c += kWarp) {
+      const acc_t u = (vr[k * C + c] - sk * cen[k * C + c]) / r;
+      const acc_t d = go[k * C + c];
+      const acc_t du = g_clamped ? d / eps : (d - (u / gn) * od) / gn;
+      const acc_t dvk = r_clamped ? du / eps : (du - u * udu) / r;
+      dv[k * C + c] = dvk;
+      dsum += dvk * cen[k * C + c];
+    }
+    dsum = warp_sum(dsum);
+    if (lane == 0) dS[n * K + k] = -dsum;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Host side
+// ---------------------------------------------------------------------------
+struct Flat {
+  at::Tensor F, M, W, z, c;  // acc dtype, contiguous; M undefined when parts is None
+  int64_t N, C, P, B, K;
+  at::ScalarType acc;
+};
+
+void check_inputs(const at::Tensor& features, const std::optional<at::Tensor>& parts,
+                  const at::Tensor& W, const at::Tensor& z, const at::Tensor& c) {
+  TORCH_CHECK(features.is_cuda(), "personvlad (CUDA): features must be a CUDA tensor, got ",
+              features.device());
+  TORCH_CHECK(features.dim() >= 3, "personvlad (CUDA): features: expected (N, C, *S), got shape ",
+              features.sizes());
+  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
+              "personvlad (CUDA): features: expected a floating dtype, got ", features.scalar_type());
+  const int64_t N = features.size(0), C = features.size(1);
+  TORCH_CHECK(W.dim() == 2 && W.size(1) == C && W.size(0) >= 1,
+              "personvlad (CUDA): assign_weight: expected (K, C=", C, "), got ", W.sizes());
+  const int64_t K = W.size(0);
+  TORCH_CHECK(z.dim() == 1 && z.size(0) == K, "personvlad (CUDA): assign_bias: expected (K=", K,
+              ",), got ", z.sizes());
+  TORCH_CHECK(c.dim() == 2 && c.size(0) == K && c.size(1) == C,
+              "personvlad (CUDA): centers: expected (K=", K, ", C=", C, "), got ", c.sizes());
+  std::vector<std::pair<const char*, const at::Tensor*>> ts = {
+      {"assign_weight", &W}, {"assign_bias", &z}, {"centers", &c}};
+  if (parts.has_value()) {
+    const at::Tensor& M = *parts;
+    TORCH_CHECK(M.dim() == features.dim() && M.size(0) == N && M.size(1) >= 1 &&
+                    M.sizes().slice(2) == features.sizes().slice(2),
+                "personvlad (CUDA): parts: expected (N=", N, ", B, *S) matching features ",
+                features.sizes(), ", got ", M.sizes());
+    ts.push_back({"parts", &M});
+  }
+  for (const auto& nt : ts) {
+    TORCH_CHECK(nt.second->device() == features.device(), "personvlad (CUDA): ", nt.first,
+                ": expected device ", features.device(), ", got ", nt.second->device());
+    TORCH_CHECK(at::isFloatingType(nt.second->scalar_type()), "personvlad (CUDA): ", nt.first,
+                ": expected a floating dtype, got ", nt.second->scalar_type());
+  }
+}
+
+Flat flatten_inputs(const at::Tensor& features, const std::optional<at::Tensor>& parts,
+                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c) {
+  Flat f;
+  f.N = features.size(0);
+  f.C = features.size(1);
+  f.P = 1;
+  for (int64_t d = 2; d < features.dim(); ++d) f.P *= features.size(d);
+  f.K = W.size(0);
+  f.B = parts.has_value() ? parts->size(1) : 1;
+  f.acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  f.F = features.reshape({f.N, f.C, f.P}).to(f.acc).contiguous();
+  if (parts.has_value()) f.M = parts->reshape({f.N, f.B, f.P}).to(f.acc).contiguous();
+  f.W = W.to(f.acc).contiguous();
+  f.z = z.to(f.acc).contiguous();
+  f.c = c.to(f.acc).contiguous();
+  return f;
+}
+
+unsigned int column_blocks(int64_t N, int64_t P) {
+  const int64_t cols = N * P;
+  const int64_t blocks = (cols + kColumnThreads - 1) / kColumnThreads;
+  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+              "personvlad (CUDA): too many columns N*P=", cols);
+  return static_cast<unsigned int>(blocks);
+}
+
+unsigned int sample_blocks(int64_t N) {
+  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "personvlad (CUDA): batch too large, N=", N);
+  return static_cast<unsigned int>(N);
+}
+
+// G, A', S and A' F^T for the flattened inputs (N >= 1).
+struct Core {
+  at::Tensor G, Ap, S, Vraw;
+};
+
+Core forward_core(const Flat& f) {
+  const auto opts = f.F.options();
+  Core r;
+  r.G = at::matmul(f.W, f.F).contiguous();  // (N, K, P)
+  r.Ap = at::empty({f.N, f.K, f.P}, opts);
+  at::Tensor Sc = at::empty({f.N, f.K, f.P}, opts);
+  at::Tensor st_max = at::empty({f.N, f.B, f.P}, opts);
+  at::Tensor st_inv = at::empty({f.N, f.B, f.P}, opts);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(f.acc, "person_vlad_cuda_assign_forward", [&] {
+    assign_forward_kernel<scalar_t><<<column_blocks(f.N, f.P), kColumnThreads, 0, stream>>>(
+        r.G.data_ptr<scalar_t>(), f.M.defined() ? f.M.data_ptr<scalar_t>() : nullptr,
+        f.z.data_ptr<scalar_t>(), r.Ap.data_ptr<scalar_t>(), Sc.data_ptr<scalar_t>(),
+        st_max.data_ptr<scalar_t>(), st_inv.data_ptr<scalar_t>(), f.N, f.B, f.K, f.P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  r.S = Sc.sum(2);                                     // (N, K)
+  r.Vraw = at::bmm(r.Ap, f.F.transpose(1, 2));         // (N, K, C)
+  return r;
+}
+
+// Gradient `g` (any shape with like.numel() elements, acc dtype) in the dtype
+// and layout of `like` (the layout at::empty_like(like) has, which is what the
+// fake kernel returns).
+at::Tensor like_input(const at::Tensor& g, const at::Tensor& like) {
+  at::Tensor t = g.to(like.scalar_type()).reshape(like.sizes());
+  if (like.is_contiguous()) return t.contiguous();
+  at::Tensor out = at::empty_like(like);
+  out.copy_(t);
+  return out;
+}
+
+at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::Tensor>& parts,
+                            const at::Tensor& assign_weight, const at::Tensor& assign_bias,
+                            const at::Tensor& centers, bool normalize) {
+  check_inputs(features, parts, assign_weight, assign_bias, centers);
+  const at::cuda::OptionalCUDAGuard guard(at::device_of(features));
+  const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
+  at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
+                             : at::empty({N, K, C}, features.options());
+  if (N == 0) return out;
+
+  const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers);
+  const Core core = forward_core(f);
+  at::Tensor rn = at::empty({N, K}, f.F.options());
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "person_vlad_cuda_epilogue", [&] {
+    using out_t = scalar_t;
+    using acc_t = at::opmath_type<scalar_t>;  // double for double, else float (== f.acc)
+    TORCH_INTERNAL_ASSERT(c10::CppTypeToScalarType<acc_t>::value == f.acc);
+    epilogue_forward_kernel<out_t, acc_t><<<sample_blocks(N), kEpilogueThreads, 0, stream>>>(
+        core.Vraw.data_ptr<acc_t>(), core.S.data_ptr<acc_t>(), f.c.data_ptr<acc_t>(),
+        out.data_ptr<out_t>(), rn.data_ptr<acc_t>(), K, C, normalize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vlad_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& features,
+    const std::optional<at::Tensor>& parts, const at::Tensor& assign_weight,
+    const at::Tensor& assign_bias, const at::Tensor& centers, bool normalize) {
+  check_inputs(features, parts, assign_weight, assign_bias, centers);
+  TORCH_CHECK(grad_output.device() == features.device(),
+              "personvlad (CUDA): grad_output: expected device ", features.device(), ", got ",
+              grad_output.device());
+  const at::cuda::OptionalCUDAGuard guard(at::device_of(features));
+  const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
+  TORCH_CHECK(grad_output.numel() == N * K * C, "personvlad (CUDA): grad_output: expected ",
+              N * K * C, " elements (N=", N, ", K=", K, ", C=", C, "), got shape ",
+              grad_output.sizes());
+
+  if (N == 0) {
+    return std::make_tuple(at::empty_like(features),
+                           parts.has_value() ? at::empty_like(*parts)
+                                             : at::empty({0}, features.options()),
+                           at::zeros_like(assign_weight), at::zeros_like(assign_bias),
+                           at::zeros_like(centers));
+  }
+
+  const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers);
+  const int64_t B = f.B, P = f.P;
+  const auto opts = f.F.options();
+  const Core core = forward_core(f);  // recompute
+  const at::Tensor gO = grad_output.reshape({N, K, C}).to(f.acc).contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+
+  // dV and dS through the normalisation.
+  at::Tensor dV = at::empty({N, K, C}, opts);
+  at::Tensor dS = at::empty({N, K}, opts);
+  at::Tensor nrm = at::empty({N, K}, opts);
+  AT_DISPATCH_FLOATING_TYPES(f.acc, "person_vlad_cuda_epilogue_backward", [&] {
+    epilogue_backward_kernel<scalar_t><<<sample_blocks(N), kEpilogueThreads, 0, stream>>>(
+        core.Vraw.data_ptr<scalar_t>(), core.S.data_ptr<scalar_t>(), f.c.data_ptr<scalar_t>(),
+        gO.data_ptr<scalar_t>(), dV.data_ptr<scalar_t>(), dS.data_ptr<scalar_t>(),
+        nrm.data_ptr<scalar_t>(), K, C, normalize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // Through V = A' F^T - S c.
+  const at::Tensor dAp = at::bmm(dV, f.F);                    // (N, K, P)
+  const at::Tensor dc = (dV * core.S.unsqueeze(2)).sum(0).neg_();  // (K, C)
+
+  // Through the part-reweighted softmax.
+  at::Tensor dG = at::empty({N, K, P}, opts);
+  at::Tensor dZc = at::empty({N, K, P}, opts);
+  at::Tensor dM = f.M.defined() ? at::empty({N, B, P}, opts) : at::Tensor();
+  at::Tensor st_max = at::empty({N, B, P}, opts);
+  at::Tensor st_inv = at::empty({N, B, P}, opts);
+  at::Tensor st_dot = at::empty({N, B, P}, opts);
+  AT_DISPATCH_FLOATING_TYPES(f.acc, "person_vlad_cuda_assign_backward", [&] {
+    assign_backward_kernel<scalar_t><<<column_blocks(N, P), kColumnThreads, 0, stream>>>(
+        core.G.data_ptr<scalar_t>(), f.M.defined() ? f.M.data_ptr<scalar_t>() : nullptr,
+        f.z.data_ptr<scalar_t>(), dAp.data_ptr<scalar_t>(), dS.data_ptr<scalar_t>(),
+        dG.data_ptr<scalar_t>(), dZc.data_ptr<scalar_t>(),
+        dM.defined() ? dM.data_ptr<scalar_t>() : nullptr, st_max.data_ptr<scalar_t>(),
+        st_inv.data_ptr<scalar_t>(), st_dot.data_ptr<scalar_t>(), N, B, K, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+
+  // Through G = W F, and V's dependence on F.
+  const at::Tensor dF =
+      at::baddbmm(at::matmul(f.W.t(), dG), dV.transpose(1, 2), core.Ap);  // (N, C, P)
+  const at::Tensor dW = at::mm(dG.permute({1, 0, 2}).reshape({K, N * P}),
+                               f.F.permute({1, 0, 2}).reshape({C, N * P}).t());  // (K, C)
+  const at::Tensor dz = dZc.sum({0, 2});                                          // (K,)
+
+  return std::make_tuple(
+      like_input(dF, features),
+      parts.has_value() ? like_input(dM, *parts) : at::empty({0}, features.options()),
+      like_input(dW, assign_weight), like_input(dz, assign_bias), like_input(dc, centers));
+}
+
+}  // namespace
+}  // namespace cuda
+}  // namespace personvlad
+
+TORCH_LIBRARY_IMPL(personvlad, CUDA, m) {
+  m.impl("person_vlad", &personvlad::cuda::person_vlad_cuda);
+  m.impl("person_vlad_backward", &personvlad::cuda::person_vlad_backward_cuda);
+}
