@@ -288,3 +288,53 @@ def test_shard_store_errors(shards, tmp_path):
         (bad / f).write_bytes(data[:-7] if f == "frames.u8" else data)
     with pytest.raises(ValueError, match="frames.u8.*bytes"):
         ShardStore(str(bad))
+
+
+# ----------------------------------------------------------------------------- GPU paths (run by bench/gpu_check.sh)
+
+
+@pytest.mark.cuda
+def test_shard_loaders_cuda_match_cpu(shards):
+    a = list(ShardTrainLoader(shards, clip_len=4, num_ids=2, num_per_id=3, seed=0, threads=2))
+    b = list(ShardTrainLoader(shards, clip_len=4, num_ids=2, num_per_id=3, seed=0, threads=2, device="cuda"))
+    assert len(a) == len(b) > 0
+    for (x, p, c), (y, q, d) in zip(a, b):
+        assert y.is_cuda and y.dtype == torch.uint8 and y.is_contiguous()
+        assert torch.equal(x, y.cpu()) and torch.equal(p, q.cpu()) and torch.equal(c, d.cpu())
+    for split in ("query", "gallery"):
+        a = list(ShardTestLoader(shards, split, 4, stride=2, batch_size=3))
+        b = list(ShardTestLoader(shards, split, 4, stride=2, batch_size=3, device="cuda"))
+        assert torch.equal(torch.cat([x for x, _ in a]), torch.cat([y.cpu() for y, _ in b]))
+        assert torch.equal(torch.cat([t for _, t in a]), torch.cat([t.cpu() for _, t in b]))
+
+
+@pytest.mark.cuda
+def test_gpu_jpeg_close_to_cpu(tmp_path):
+    from personvlad.data.gpu_jpeg import GpuJpegTrainLoader, decode_clips_cuda, gpu_jpeg_available
+
+    if not gpu_jpeg_available():
+        pytest.skip("torchvision with decode_jpeg(device='cuda') is not installed")
+    paths = list(_tracklet(str(tmp_path / "j"), 6, ext="jpg"))
+    ref = read_clip(paths, range(6), size=(32, 16))
+    got = decode_clips_cuda([paths], (32, 16), "cuda")
+    assert got.shape == (1, 3, 6, 32, 16) and got.is_cuda
+    assert (got[0].cpu().float() - ref.float()).abs().mean() < 3.0
+    with open(paths[2], "wb") as f:
+        f.write(b"\xff\xd8 broken")
+    stats = FrameStats()
+    got = decode_clips_cuda([paths, paths[:1] * 6], (32, 16), "cuda", stats=stats)
+    assert torch.equal(got[0].cpu(), read_clip(paths, range(6), size=(32, 16)))  # CPU fallback for the bad clip
+    assert stats.totals()["bad_frames"] == 1
+    dl = GpuJpegTrainLoader([(tuple(paths), 0, 0), (tuple(paths[:3]), 1, 1)], clip_len=4, size=(32, 16),
+                            num_ids=2, num_per_id=2)
+    x, p, c = next(iter(dl))
+    assert x.shape == (4, 3, 4, 32, 16) and x.is_cuda and sorted(p.tolist()) == [0, 0, 1, 1]
+
+
+def test_gpu_jpeg_guarded_without_cuda_or_torchvision(monkeypatch):
+    from personvlad.data import gpu_jpeg
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gpu_jpeg.gpu_jpeg_available() is False
+    with pytest.raises(RuntimeError, match="torchvision"):
+        gpu_jpeg.GpuJpegTrainLoader([(("a.jpg",), 0, 0)], clip_len=2)
