@@ -26,7 +26,7 @@ install: $(STAMP)
 $(STAMP_DEPS): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow
+	$(PIP) install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow faiss-cpu
 	touch $@
 
 $(STAMP): $(STAMP_DEPS) $(EXT_SOURCES)

@@ -13,6 +13,10 @@ from typing import List, Optional
 
 COMMAND_MODULES = [
     "personvlad.demo",          # personvlad demo
+    "personvlad.data.cli",      # personvlad synth | pack
+    "personvlad.engine.cli",    # personvlad train | extract
+    "personvlad.eval.cli",      # personvlad evaluate | index | search | visualize
+    "personvlad.bench_report",  # personvlad bench report | table
 ]
 
 
