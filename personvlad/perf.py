@@ -57,14 +57,19 @@ _BACKENDS = ("auto", "triton", "reference")
 # --------------------------------------------------------------------------
 # Fused epilogue
 # --------------------------------------------------------------------------
+_KMOD = None  # the kernel module once imported (read directly while torch.compile traces)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernel_module():
     """``personvlad.kernels.conv_epilogue`` or None when Triton is unusable."""
+    global _KMOD
     try:
         from .kernels import conv_epilogue as mod  # type: ignore
     except Exception as e:  # ImportError, or Triton failing to initialise
         _kernel_module.error = e  # type: ignore[attr-defined]
         return None
+    _KMOD = mod
     return mod
 
 
@@ -120,6 +125,16 @@ def epilogue_ref(y: torch.Tensor, bias: torch.Tensor, kernel_size=None, stride=N
 
 
 def _run_epilogue(y, bias, kernel_size, stride, padding, ceil_mode, backend):
+    if backend != "reference" and torch.compiler.is_compiling():
+        # Traced by dynamo: no device queries or cached imports, only what the
+        # eager checks below would have decided for a usable install.
+        kmod = _KMOD
+        ok = kmod is not None and (y.is_cuda or (y.device.type == "cpu" and kmod.INTERPRET))
+        if ok and (y.is_cuda or y.dtype != torch.bfloat16):
+            return kmod.bias_relu_pool3d(y, bias, kernel_size, stride, padding, ceil_mode)
+        if backend == "triton":
+            raise ValueError("backend: 'triton' is not usable here")
+        return epilogue_ref(y, bias, kernel_size, stride, padding, ceil_mode)
     use_triton = backend == "triton"
     if backend == "auto":
         # The interpreter (CPU) has no bf16: there bf16 takes the eager path.
@@ -167,6 +182,8 @@ class FusedBiasReLUPool3d(nn.Module):
         self.kernel_size, self.stride, self.padding = _pool_args(kernel_size, stride, padding)
         self.ceil_mode = bool(ceil_mode)
         self.backend = _check_backend(backend)
+        if backend != "reference":
+            _kernel_module()  # import now, not while torch.compile traces forward
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
         return _run_epilogue(y, self.bias, self.kernel_size, self.stride, self.padding, self.ceil_mode,
@@ -195,6 +212,8 @@ class FusedConv3d(nn.Conv3d):
             pool.get("kernel_size"), pool.get("stride"), pool.get("padding", 0))
         self.pool_ceil_mode = bool(pool.get("ceil_mode", False))
         self.backend = _check_backend(backend)
+        if backend != "reference":
+            _kernel_module()  # import now, not while torch.compile traces forward
 
     @classmethod
     def from_conv(cls, conv: nn.Conv3d, pool: Optional[nn.MaxPool3d] = None, backend: str = "auto") -> "FusedConv3d":

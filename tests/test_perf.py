@@ -246,6 +246,15 @@ def test_fuse_sequential_same_outputs_grads_and_state_dict():
         torch.testing.assert_close(plain(x), ref.detach(), atol=1e-5, rtol=1e-5)
 
 
+def test_fused_model_under_torch_compile_fullgraph():
+    model = _seq().to(DEV)
+    fused = perf.fuse_conv_relu_pool(copy.deepcopy(model))
+    x = torch.randn(2, 3, 4, 9, 7, device=DEV)
+    compiled = torch.compile(fused, backend="inductor" if HAS_CUDA else "eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 def test_fused_conv_shares_parameters():
     conv = nn.Conv3d(3, 4, 3, padding=1)
     f = perf.FusedConv3d.from_conv(conv, nn.MaxPool3d(2))
