@@ -178,3 +178,55 @@ def test_e2e_train_gpu(benchmark, variant):
     fn = _train_fn(variant, model, clips, GPU_TRAIN_IDS, GPU_TRAIN_PER_ID)
     _run(benchmark, fn, label=variant, baseline="train-fp32", clips=n, batch=n, preset="paper",
          dtype="float32" if variant == "train-fp32" else "bfloat16", device="cuda", rounds=5, warmup=2)
+
+
+# --------------------------------------------------------------------------
+# GPU: the conv epilogue alone (bias + ReLU + MaxPool3d on a cuDNN conv output)
+# --------------------------------------------------------------------------
+# conv1a / conv2a outputs of the paper model at batch 64 (channels_last_3d, bf16).
+EPILOGUE_SHAPES = {
+    "conv1a": ((64, 64, 16, 180, 90), (1, 2, 2)),
+    "conv2a": ((64, 128, 16, 90, 45), (2, 2, 2)),
+}
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
+@pytest.mark.parametrize("shape", list(EPILOGUE_SHAPES))
+@pytest.mark.parametrize("variant", ["eager", "compile", "fused-triton"])
+def test_epilogue_gpu(benchmark, variant, shape, mode):
+    import torch.nn.functional as F
+
+    from personvlad.kernels.conv_epilogue import bias_relu_pool3d
+
+    benchmark.group = f"epilogue-gpu-{shape}-{mode}"
+    size, pool = EPILOGUE_SHAPES[shape]
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(*size, generator=g, dtype=torch.bfloat16).cuda().contiguous(memory_format=torch.channels_last_3d)
+    b = torch.randn(size[1], generator=g).cuda()
+    if mode == "fwdbwd":
+        y.requires_grad_(True)
+        b.requires_grad_(True)
+
+    def eager(y, b):
+        return F.max_pool3d(F.relu(y + b.to(y.dtype).view(1, -1, 1, 1, 1)), pool)
+
+    f = {"eager": eager, "compile": torch.compile(eager), "fused-triton": lambda y, b: bias_relu_pool3d(y, b, pool)}[variant]
+
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                f(y, b)
+        else:
+            y.grad = b.grad = None
+            f(y, b).float().sum().backward()
+        torch.cuda.synchronize()
+
+    for _ in range(3):
+        step()
+    peak = peak_bytes(step, "cuda")
+    benchmark.extra_info.update(label=variant, baseline="eager", shape=shape, size=list(size), pool=list(pool),
+                                mode=mode, dtype="bfloat16", peak_bytes=int(peak),
+                                bytes_moved=int(y.numel() * 2 * (1 + 1 / (pool[0] * pool[1] * pool[2]))))
+    benchmark.pedantic(step, rounds=20, iterations=1, warmup_rounds=0)
