@@ -13,6 +13,11 @@ GPU (``bench/gpu_check.sh``; skipped without CUDA), the paper model
   channels_last_3d, fused Adam), ``train-bf16-cl-epilogue`` (+ fused conv
   epilogues).
 
+- the conv epilogue alone at the conv1a / conv2a output shapes (batch 64,
+  bf16, channels_last_3d), fwd and fwd+bwd: ``eager`` (baseline:
+  ``max_pool3d(relu(y + b))``), ``compile`` (the same, torch.compile),
+  ``fused-triton`` (:func:`personvlad.kernels.conv_epilogue.bias_relu_pool3d`).
+
 CPU (tiny model, 8x64x32 clips, few rounds): inference ``eager-fp32``
 (baseline), ``ofi-fp32``, ``ofi-bf16``; training ``train-fp32``.
 

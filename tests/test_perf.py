@@ -5,7 +5,6 @@ tests/conftest.py) on tiny CPU tensors; the CUDA-marked tests repeat the key
 checks on a GPU (bf16 included) and exercise the CUDA-graph runner.
 """
 import copy
-import os
 import warnings
 
 import pytest
