@@ -237,3 +237,21 @@ def test_build_dataset_and_sorting(tmp_path):
     with pytest.raises(ValueError, match="split_id"):
         build_dataset("mars", root, split_id=2)
     assert natural_sorted(["f10.png", "f2.png", "f1.png"]) == ["f1.png", "f2.png", "f10.png"]
+
+
+def test_mars_corrupt_jpeg_is_skipped_by_the_loader(tmp_path):
+    from personvlad.data import build_test_loader
+
+    root = _mars_tree(str(tmp_path))
+    with open(os.path.join(root, "bbox_test", "0005", "0005C1T0001F004.jpg"), "wb") as f:
+        f.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    d = MARS(root)  # the reader does not decode frames
+    dl = build_test_loader(d.query, clip_len=4, size=(8, 4), stride=4, batch_size=8, workers=0)
+    x = torch_cat([c for c, _ in dl])
+    assert x.shape == (3 + 1, 3, 4, 8, 4)  # 12 frames -> 3 clips, 5 frames -> 1 clip (full clips only)
+    assert dl.stats.totals()["bad_frames"] == 1
+
+
+def torch_cat(xs):
+    import torch
+    return torch.cat(xs)

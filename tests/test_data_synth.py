@@ -133,3 +133,19 @@ def test_cli_synth_and_pack(tmp_path, tiny):
     assert args.func == data_cli._synth and args.preset == "tiny" and args.seed == 1
     with pytest.raises(SystemExit):
         parser.parse_args(["synth", "--out", "x", "--preset", "huge"])
+
+
+def test_preset_plans_match_counts():
+    from personvlad.data.synth import _build_plan
+
+    cfg, train, test, queries = _build_plan("mars-scale", 0)
+    assert len({t["pid"] for t in train}) == 625 and len(train) == 8298
+    assert len({t["pid"] for t in test if t["pid"] > 0}) == 636 and len(test) == 12180
+    assert sum(t["pid"] == -1 for t in test) == cfg["junk"] and sum(t["pid"] == 0 for t in test) == cfg["distractors"]
+    assert 1.0e6 < sum(t["frames"] for t in train + test) < 1.4e6  # MARS: ~1.19M frames
+    assert all(test[r]["pid"] > 0 for r in queries) and len(set(queries)) == len(queries)
+    for p in ("tiny", "small"):
+        cfg, train, test, _ = _build_plan(p, 0)
+        assert len({t["pid"] for t in train}) == cfg["train_ids"]
+        lo, hi = cfg["frames"]
+        assert all(lo <= t["frames"] <= hi for t in train + test)
