@@ -102,14 +102,24 @@ def test_bad_frames_are_skipped_and_counted(tmp_path, caplog):
         read_clip(paths, [6], size=SIZE)
 
 
-def test_train_dataset_survives_bad_frames_in_workers(tmp_path):
+def test_train_dataset_survives_bad_frames_in_workers(tmp_path, caplog):
     paths = list(_tracklet(str(tmp_path / "a"), 4)) + [str(tmp_path / "gone.png")]
     tr = [(tuple(paths), 0, 0), (_tracklet(str(tmp_path / "b"), 5), 1, 0)]
     dl = build_train_loader(tr, clip_len=5, size=SIZE, num_ids=2, num_per_id=2, workers=1, seed=0)
-    for _ in range(2):
-        for x, pids, _ in dl:
-            assert x.shape == (4, 3, 5, 16, 8)
+    with caplog.at_level(logging.WARNING, logger="personvlad.data"):
+        for _ in range(2):
+            for x, pids, _ in dl:
+                assert x.shape == (4, 3, 5, 16, 8)
     assert dl.stats.totals()["bad_frames"] == 4  # 2 epochs x 2 clips of pid 0, one bad frame each
+    lines = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(lines) == 2 and lines[0].startswith("epoch 0: 2 of 20 frames") and lines[1].startswith("epoch 1:")
+    inf = build_train_loader(tr, clip_len=5, size=SIZE, num_ids=2, num_per_id=2, workers=0, seed=0, infinite=True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="personvlad.data"):
+        it = iter(inf)
+        for _ in range(3 * len(inf)):
+            next(it)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 3
 
 
 # ----------------------------------------------------------------------------- sampling

@@ -104,8 +104,9 @@ def collate_clips(batch):
 
 
 class _EpochLoader:
-    """A DataLoader wrapper that logs the bad-frame summary (one warning line)
-    when an epoch's iteration finishes."""
+    """A DataLoader wrapper that logs the bad-frame summary (one warning line,
+    only if frames were bad) when an epoch's iteration finishes, or every
+    ``len(sampler)`` batches with an infinite sampler."""
 
     def __init__(self, loader: DataLoader, stats: FrameStats, sampler=None):
         self.loader, self.stats, self.sampler = loader, stats, sampler
@@ -121,11 +122,18 @@ class _EpochLoader:
         return len(self.loader)
 
     def __iter__(self):
+        infinite = bool(getattr(self.sampler, "infinite", False))
+        per_epoch = len(self.sampler) if infinite else 0
+        k = 0
         try:
-            yield from self.loader
+            for batch in self.loader:
+                k += 1
+                if per_epoch and k % per_epoch == 0:  # an infinite sampler: summarise every epoch's worth
+                    self.stats.log_summary(epoch=self.epoch + k // per_epoch - 1)
+                yield batch
         finally:
-            self.stats.log_summary(epoch=self.epoch)
-            if self.sampler is not None and hasattr(self.sampler, "set_epoch"):
+            self.stats.log_summary(epoch=self.epoch if not per_epoch else self.epoch + k // per_epoch)
+            if self.sampler is not None and hasattr(self.sampler, "set_epoch") and not infinite:
                 self.set_epoch(self.epoch + 1)
 
 
