@@ -453,8 +453,9 @@ def test_init_centers_from_kmeans_on_raw_features():
     torch.manual_seed(6)
     model = build_model("tiny", num_clusters=4)
     g = torch.Generator().manual_seed(6)
-    batches = [torch.rand(2, 3, 8, 64, 32, generator=g) for _ in range(3)]
-    # raw local vectors: 2 clips x 8 cells per batch
+    u8 = [torch.randint(0, 256, (2, 3, 8, 64, 32), generator=g, dtype=torch.uint8) for _ in range(3)]
+    batches = [b.float() / 255 for b in u8]
+    # raw local vectors: 2 clips x 8 cells per batch, no part reweighting
     desc = collect_descriptors(model, batches, num_descriptors=40)
     with torch.no_grad():
         f = torch.cat([model.features(b) for b in batches])
@@ -465,15 +466,13 @@ def test_init_centers_from_kmeans_on_raw_features():
     assert d.max() < 1e-5
     assert len({tuple(r.tolist()) for r in desc}) == 40  # sampled without replacement
     before = model.head.vlad.centers.detach().clone()
-    u8_batches = [((b * 255).round().to(torch.uint8), torch.zeros(2)) for b in batches]  # (clips, pids) tuples
+    u8_batches = [(b, torch.zeros(2)) for b in u8]  # uint8 (clips, pids) tuples
     model.train()
     out = init_centers_from(model, u8_batches, num_descriptors=1000, iters=20, seed=0)
     assert out is model and model.training
     v = model.head.vlad
     assert not torch.equal(v.centers, before)
-    with torch.no_grad():
-        fu = torch.cat([model.features(b[0]) for b in u8_batches]).flatten(2).transpose(1, 2).reshape(-1, 64)
-    torch.testing.assert_close(v.centers.detach(), kmeans(fu, 4, iters=20, seed=0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(v.centers.detach(), kmeans(allvec, 4, iters=20, seed=0), atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(v.assign_weight.detach(), 2 * v.alpha * v.centers.detach())
     torch.testing.assert_close(v.assign_bias.detach(), -v.alpha * (v.centers.detach() ** 2).sum(1))
     with pytest.raises(ValueError, match="head='vlad'"):

@@ -21,11 +21,11 @@ def bin_masks(length: int, n: int, device=None, dtype=torch.float32) -> torch.Te
     """(n, length) 0/1 masks of the adaptive-pooling bins of ``length`` into ``n``."""
     if length < 1 or n < 1:
         raise ValueError(f"bin_masks: expected length >= 1 and n >= 1, got length={length}, n={n}")
-    starts = [(i * length) // n for i in range(n)]
-    ends = [-((-(i + 1) * length) // n) for i in range(n)]  # ceil
+    # Device-side integer arithmetic: no host->device copies, trace-friendly.
+    i = torch.arange(n, device=device)
+    lo = ((i * length) // n)[:, None]
+    hi = (((i + 1) * length + n - 1) // n)[:, None]  # ceil((i+1)*length/n)
     pos = torch.arange(length, device=device)
-    lo = torch.tensor(starts, device=device)[:, None]
-    hi = torch.tensor(ends, device=device)[:, None]
     return ((pos[None, :] >= lo) & (pos[None, :] < hi)).to(dtype)
 
 
