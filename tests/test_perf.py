@@ -5,6 +5,7 @@ tests/conftest.py) on tiny CPU tensors; the CUDA-marked tests repeat the key
 checks on a GPU (bf16 included) and exercise the CUDA-graph runner.
 """
 import copy
+import os
 import warnings
 
 import pytest
@@ -155,6 +156,44 @@ def test_epilogue_opcheck():
     b.requires_grad_(True)
     torch.library.opcheck(torch.ops.personvlad.bias_relu_pool3d.default,
                           (y, b, [2, 2, 2], [2, 2, 2], [0, 1, 1], True))
+
+
+_AOT = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from personvlad.kernels import conv_epilogue as ce
+
+cases = [
+    (ce._bias_relu_pool3d_fwd_kernel, {"y_ptr": "*bf16", "b_ptr": "*fp32", "out_ptr": "*bf16", "off_ptr": "*i8"},
+     dict(KD=2, KH=2, KW=2, SD=2, SH=2, SW=2, PD=0, PH=1, PW=1, CHANNELS_LAST=True, USE_I64=False, BLOCK=512)),
+    (ce._bias_relu_pool3d_fwd_kernel, {"y_ptr": "*fp16", "b_ptr": "*fp16", "out_ptr": "*fp16", "off_ptr": "*i8"},
+     dict(KD=1, KH=2, KW=2, SD=1, SH=2, SW=2, PD=0, PH=0, PW=0, CHANNELS_LAST=False, USE_I64=True, BLOCK=512)),
+    (ce._bias_relu_pool3d_bwd_kernel, {"go_ptr": "*bf16", "off_ptr": "*i8", "gy_ptr": "*bf16"},
+     dict(KD=3, KH=3, KW=3, SD=1, SH=2, SW=2, PD=1, PH=1, PW=1, ND=3, NH=2, NW=2, CHANNELS_LAST=True,
+          USE_I64=False, BLOCK=512)),
+]
+for arch in (90,):
+    for kern, ptrs, cons in cases:
+        ints = "i64" if cons["USE_I64"] else "i32"
+        sig = {n: ptrs.get(n, "constexpr" if n in cons else ints) for n in kern.arg_names}
+        k = triton.compile(ASTSource(fn=kern, signature=sig, constexprs=cons), target=GPUTarget("cuda", arch, 32))
+        assert k.asm["cubin"], (arch, kern)
+print("AOT-OK")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA or ce is None, reason="CPU-only check (the GPU runs the kernels for real)")
+def test_epilogue_kernels_compile_for_gpu_ahead_of_time():
+    """The interpreter does not type-check like the compiler: lower both
+    kernels to cubin for sm_90 (no GPU needed) in a subprocess
+    without TRITON_INTERPRET."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", _AOT], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "AOT-OK" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-4000:]
 
 
 @needs_triton
