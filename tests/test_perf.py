@@ -479,3 +479,34 @@ def test_epilogue_bf16_on_gpu(layout):
     out.float().sum().backward()
     ref.sum().backward()
     torch.testing.assert_close(y.grad.float(), y32.grad, atol=0, rtol=0)
+
+
+def test_inference_runner_static_buffer_logic_without_cuda():
+    """The graph-replay bookkeeping (copy-in, slicing, chunking, shape
+    checks) with a stand-in graph whose replay runs the function eagerly."""
+    lin = torch.nn.Linear(4, 2)
+
+    def run(x):
+        return lin(x.float().flatten(1)[:, :4]).float()
+
+    static_in = torch.zeros(3, 3, 1, 2, 2)
+
+    class Replay:
+        def replay(self):
+            static_out.copy_(run(static_in))
+
+    static_out = run(static_in)
+    r = perf.InferenceRunner(lin, run, torch.device("cpu"), static_in, static_out, Replay())
+    x = torch.randn(7, 3, 1, 2, 2)
+    with torch.no_grad():
+        ref = run(x)
+        torch.testing.assert_close(r(x[:3]), ref[:3])   # exact batch
+        torch.testing.assert_close(r(x[:2]), ref[:2])   # smaller: front of the buffer
+        torch.testing.assert_close(r(x), ref)           # larger: chunks of 3
+    out = r(x[:3])
+    r(x[3:6])
+    torch.testing.assert_close(out, ref[:3])  # a clone, not a view of the static output
+    with pytest.raises(ValueError, match="captured"):
+        r(torch.randn(3, 3, 1, 2, 3))
+    with pytest.raises(ValueError, match="captured"):
+        r(x[:3].double())
