@@ -41,7 +41,8 @@ def register(subparsers) -> None:
     p.add_argument("--preset", default="tiny", choices=["tiny", "small", "mars-scale"],
                    help="tiny: ~16+16 ids (seconds); small: ~100+100 ids; mars-scale: MARS's counts (long)")
     p.add_argument("--seed", type=int, default=0, help="RNG seed (same seed -> same bytes)")
-    p.add_argument("--workers", type=int, default=1, help="rendering processes (output does not depend on it)")
+    p.add_argument("--workers", type=int, default=max(1, min(8, os.cpu_count() or 1)),
+                   help="rendering processes (the output does not depend on it)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=_synth)
 

@@ -356,6 +356,7 @@ def render_tracklet(job: dict) -> List[np.ndarray]:
     bx = int(rng.integers(0, scene.shape[1] - W))
     bg = scene[:, bx:bx + W].copy()
     _clutter(rng, bg, int(round(nu * int(rng.integers(0, 4)))))
+    bg = np.clip(bg, 0, 255).astype(np.uint8)  # frames are painted in uint8 (values are truncated like astype)
     occ_p = job["occlusion_p"] * nu
     # bounding-box misalignment for the tracklet, per-frame jitter below
     s = 1.0 - nu * float(rng.uniform(0.0, 0.28))
@@ -392,8 +393,7 @@ def render_tracklet(job: dict) -> List[np.ndarray]:
                 sl = _window(H * 0.3, H, ox - 0.5 * W * occ["size"], ox + 0.5 * W * occ["size"])
             if sl is not None:
                 img[sl] = occ["colour"]
-        np.clip(img, 0, 255, out=img)
-        frames.append(np.asarray(Image.fromarray(img.astype(np.uint8)).point(lut)))
+        frames.append(np.asarray(Image.fromarray(img).point(lut)))
     return frames
 
 
