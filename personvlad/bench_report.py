@@ -334,6 +334,8 @@ def write_backend_table(results: Sequence[str], out: str, modes: Sequence[str] =
         details.update(table["details"])
         table["classes"], table["details"] = classes, details
         table["sources"] = sorted(set(old.get("sources", [])) | set(table["sources"]))
+    if not table["classes"]:
+        return table  # nothing measured: leave any existing table alone
     d = os.path.dirname(os.path.abspath(out))
     os.makedirs(d, exist_ok=True)
     with open(out, "w") as f:
@@ -366,7 +368,7 @@ def _cmd_table(args) -> int:
         return 2
     if not table["classes"]:
         print("personvlad bench table: no GPU op benchmarks with op_backend cuda/triton and C, P, K, B, dtype "
-              f"in {args.results}; wrote an empty table to {args.out}")
+              f"in {args.results}; {args.out} left unchanged")
         return 1
     for cls, be in table["classes"].items():
         det = table["details"].get(cls, {})

@@ -191,5 +191,6 @@ def test_cli_errors(tmp_path, capsys):
     empty.write_text(json.dumps({"benchmarks": []}))
     args = p.parse_args(["bench", "table", str(empty), "--out", str(tmp_path / "t.json")])
     assert args.func(args) == 1
+    assert not (tmp_path / "t.json").exists()  # nothing written over an existing table either
     args = p.parse_args(["bench"])
     assert args.func(args) == 2
