@@ -255,3 +255,14 @@ def test_mars_corrupt_jpeg_is_skipped_by_the_loader(tmp_path):
 def torch_cat(xs):
     import torch
     return torch.cat(xs)
+
+
+def test_mars_rows_must_match_frame_names(tmp_path):
+    root = _mars_tree(str(tmp_path))
+    info = os.path.join(root, "info", "tracks_train_info.mat")
+    savemat(info, {"track_train_info": np.asarray([[1.0, 12, 3, 2]])})  # the frames are from camera 1
+    with pytest.raises(ValueError, match=r"pid 3, camera 2.*0003C1T0001F001.jpg"):
+        MARS(root)
+    savemat(info, {"track_train_info": np.asarray([[10.0, 14, 3, 1]])})  # spans two tracklets of pid 3
+    with pytest.raises(ValueError, match="camera 1"):
+        MARS(root)

@@ -205,6 +205,14 @@ class MARS(VideoDataset):
                 if len(nm) < 6 or not nm.lower().endswith(IMAGE_EXTS):
                     raise ValueError(f"{info_path}: row {row}: frame name {nm!r} is not a MARS image name "
                                      "like 0001C1T0001F001.jpg")
+                if nm[4] == "C" and nm[5].isdigit():  # MARS names carry pid and camera: check them
+                    try:
+                        npid = -1 if nm[:4] == "00-1" else int(nm[:4])  # junk frames live in 00-1/
+                    except ValueError:
+                        npid = None
+                    if npid != pid or int(nm[5]) != camid:
+                        raise ValueError(f"{info_path}: row {row}: expected frames of pid {pid}, camera {camid} "
+                                         f"(1-based) between names {start} and {end}; got {nm!r}")
             paths = tuple(os.path.join(self.root, home, nm[:4], nm) for nm in tnames)
             out.append((paths, int(pid), int(camid) - 1))
         return out
