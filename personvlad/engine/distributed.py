@@ -1,0 +1,109 @@
+"""torch.distributed helpers for ``torchrun``-launched training.
+
+``torchrun --nproc_per_node=N -m personvlad.cli train ...`` sets ``RANK``,
+``WORLD_SIZE``, ``LOCAL_RANK`` and ``MASTER_ADDR/PORT``; :func:`setup` reads
+them and initialises NCCL (CUDA) or gloo (CPU).  Without them everything runs
+in one process (rank 0 of 1).
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, List
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["DistInfo", "setup", "cleanup", "is_dist", "barrier", "broadcast_object", "all_reduce_mean",
+           "launched_by_torchrun"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    backend: str = ""
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def resolve_device(pref: str, local_rank: int = 0) -> torch.device:
+    if pref == "auto":
+        pref = "cuda" if torch.cuda.is_available() else "cpu"
+    if pref.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device: expected an available device, got {pref!r} but CUDA is not available")
+        if pref == "cuda":
+            return torch.device("cuda", local_rank % max(torch.cuda.device_count(), 1))
+        return torch.device(pref)
+    if pref != "cpu":
+        raise ValueError(f"device: expected auto|cpu|cuda|cuda:N, got {pref!r}")
+    return torch.device("cpu")
+
+
+def setup(device_pref: str = "auto", timeout_minutes: int = 120) -> DistInfo:
+    """Initialise the process group when launched by torchrun (env vars) or
+    return the single-process info.  An already initialised group is reused."""
+    if dist.is_available() and dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        device = resolve_device(device_pref, local)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        return DistInfo(rank, world, local, dist.get_backend(), device, False)
+    if not launched_by_torchrun():
+        return DistInfo(device=resolve_device(device_pref, 0))
+    rank = int(os.environ["RANK"])
+    world = int(os.environ["WORLD_SIZE"])
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = resolve_device(device_pref, local)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return DistInfo(rank, world, local, backend, device, True)
+
+
+def cleanup(info: DistInfo) -> None:
+    if info.initialized_here and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def is_dist() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def barrier() -> None:
+    if is_dist():
+        dist.barrier()
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    if not is_dist():
+        return obj
+    box: List[Any] = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_reduce_mean(value: float, device: torch.device) -> float:
+    if not is_dist():
+        return float(value)
+    t = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()

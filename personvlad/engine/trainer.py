@@ -1,0 +1,532 @@
+"""The training loop: two-step schedule, OIM, checkpoints/resume, DDP, logs.
+
+``train(config, out_dir, resume=False) -> summary dict``.
+
+* Step 1 (``schedule.step1_iters``): VLAD centers frozen
+  (``model.center_parameters()``), Adam (eps 1e-4) at ``step1_lr`` multiplied
+  by ``step1_gamma`` every ``step1_decay_every`` iterations; before it, on a
+  fresh run, the centers are k-means-initialised from training descriptors.
+* Step 2 (``schedule.step2_iters``): everything trained jointly at ``step2_lr``
+  (a fresh Adam).
+* Iterations are counted over both steps; a checkpoint (``latest.pt``,
+  atomic) is written every ``log.ckpt_every`` iterations and at the end of each
+  step, and holds everything needed to continue bit-for-bit (model,
+  optimizer, schedule, loss buffers, RNG states of every rank, iteration,
+  step, config).
+* Data randomness is keyed, not streamed: batch ``b`` of rank ``r`` is the
+  sampler's ``b``-th batch, and each of its clips is drawn (clip start,
+  flip) from its own seed ``f(seed, r, b, position)``, so a resumed run (with
+  any number of loader workers) sees exactly the batches an uninterrupted one
+  would.  With ``deterministic: true`` (seeded, deterministic algorithms) a
+  run killed and resumed ends with the same weights as an uninterrupted one
+  (bitwise on CPU).
+* Evaluation (both protocols) at the end of each step and every
+  ``log.eval_every`` iterations; ``best.pt`` keeps the best standard mAP.
+* Only rank 0 writes checkpoints and logs; OIM buffers are kept identical
+  across ranks by the loss itself.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import random
+import time
+from typing import Any, Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from .. import __version__
+from . import checkpoint as ckpt_mod
+from . import distributed as dist_mod
+from .config import TrainConfig
+from .extract import autocast_dtype, evaluate_model
+
+log = logging.getLogger("personvlad.engine")
+
+__all__ = ["train", "build_optimizer", "StepSchedule", "load_dataset"]
+
+
+# --------------------------------------------------------------------------- schedule
+class StepSchedule:
+    """lr = base_lr * gamma ** (step_iter // every) (constant when every == 0).
+    ``state_dict`` is plain Python (weights_only safe)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, base_lr: float, gamma: float = 1.0, every: int = 0,
+                 step_iter: int = 0) -> None:
+        self.optimizer, self.base_lr, self.gamma, self.every = optimizer, float(base_lr), float(gamma), int(every)
+        self.step_iter = int(step_iter)
+        self._apply()
+
+    def lr(self) -> float:
+        if self.every <= 0:
+            return self.base_lr
+        return self.base_lr * self.gamma ** (self.step_iter // self.every)
+
+    def _apply(self) -> None:
+        for g in self.optimizer.param_groups:
+            g["lr"] = self.lr()
+
+    def step(self) -> None:
+        self.step_iter += 1
+        self._apply()
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"base_lr": self.base_lr, "gamma": self.gamma, "every": self.every, "step_iter": self.step_iter}
+
+    def load_state_dict(self, s: Dict[str, Any]) -> None:
+        self.base_lr, self.gamma, self.every = float(s["base_lr"]), float(s["gamma"]), int(s["every"])
+        self.step_iter = int(s["step_iter"])
+        self._apply()
+
+
+def build_optimizer(params: List[nn.Parameter], cfg: TrainConfig, lr: float, device: torch.device):
+    fused = {"on": True, "off": False, "auto": device.type == "cuda"}[cfg.optim.fused]
+    kw = dict(lr=lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps, weight_decay=cfg.optim.weight_decay)
+    if fused:
+        kw["fused"] = True
+    return torch.optim.Adam(params, **kw)
+
+
+# --------------------------------------------------------------------------- data
+def load_dataset(cfg: TrainConfig, is_main: bool = True):
+    """The dataset object (``.train/.query/.gallery/.num_train_pids``) of ``cfg.data``."""
+    from ..data.readers import MARS, build_dataset
+
+    d = cfg.data
+    if d.dataset == "synthetic":
+        if not d.root:
+            raise ValueError("data.root: expected a folder for the synthetic data set, got ''")
+        if not os.path.isdir(os.path.join(d.root, "info")):
+            if is_main:
+                from ..data.synth import generate
+
+                log.info("generating the synthetic data set (preset %s) in %s", d.synth_preset, d.root)
+                generate(d.root, preset=d.synth_preset, seed=d.synth_seed)
+            dist_mod.barrier()
+        return MARS(d.root)
+    if not d.root:
+        raise ValueError(f"data.root: expected the {d.dataset} folder, got ''")
+    return build_dataset(d.dataset, d.root, split_id=d.split_id)
+
+
+class _KeyedSampler:
+    """Wraps the identity-balanced batch sampler: yields batches of
+    ``(tracklet_index, item_seed)`` from global batch ``start`` on, forever."""
+
+    def __init__(self, sampler, seed: int, rank: int, start: int = 0, namespace: int = 0) -> None:
+        self.sampler, self.seed, self.rank, self.start, self.ns = sampler, int(seed), int(rank), int(start), namespace
+
+    def __iter__(self) -> Iterator[List[tuple]]:
+        it = iter(self.sampler)
+        for _ in range(self.start):
+            next(it)
+        b = self.start
+        for batch in it:
+            ss = np.random.SeedSequence([self.seed, self.ns, self.rank, b])
+            seeds = ss.generate_state(len(batch), dtype=np.uint64)
+            yield [(int(i), int(s) & 0x7FFF_FFFF_FFFF_FFFF) for i, s in zip(batch, seeds)]
+            b += 1
+
+
+class _KeyedDataset(torch.utils.data.Dataset):
+    """``ds[(index, seed)]``: ``ds[index]`` drawn under ``torch.manual_seed(seed)``
+    (the process-wide RNG is left as it was)."""
+
+    def __init__(self, ds) -> None:
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        idx, seed = key
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.ds[idx]
+
+
+def _train_loader(train_set, cfg: TrainConfig, model_cfg, rank: int, world: int, start_batch: int, *,
+                  flip_p: Optional[float] = None, namespace: int = 0, pin: bool = False):
+    from ..data.loader import TrainClipDataset
+    from ..data.sampling import IdentityBalancedSampler
+
+    d = cfg.data
+    ds = TrainClipDataset(train_set, model_cfg.clip_len, (model_cfg.height, model_cfg.width),
+                          flip_p=d.flip_p if flip_p is None else flip_p)
+    sampler = IdentityBalancedSampler(ds.tracklets, d.num_ids, d.num_per_id, seed=cfg.seed + 7919 * namespace,
+                                      rank=rank, world_size=world, infinite=True)
+    keyed = _KeyedSampler(sampler, cfg.seed, rank, start_batch, namespace)
+    kw: Dict[str, Any] = dict(num_workers=d.workers, pin_memory=pin, generator=torch.Generator().manual_seed(cfg.seed))
+    if d.workers > 0:
+        kw.update(persistent_workers=False, prefetch_factor=4)
+    loader = torch.utils.data.DataLoader(_KeyedDataset(ds), batch_sampler=keyed, **kw)
+    return loader, ds.stats
+
+
+# --------------------------------------------------------------------------- helpers
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _set_deterministic(on: bool, device: torch.device) -> None:
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cudnn.deterministic = True
+    else:
+        torch.use_deterministic_algorithms(False)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+
+
+class _Logs:
+    """CSV logs (+ TensorBoard when importable) on rank 0."""
+
+    def __init__(self, out_dir: str, enabled: bool, tensorboard: bool) -> None:
+        self.enabled = enabled
+        self.out_dir = out_dir
+        self.tb = None
+        if not enabled:
+            return
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+
+                self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
+            except Exception:  # ImportError, or a broken install
+                log.info("tensorboard is not installed: TensorBoard logs skipped (CSV logs in %s)", out_dir)
+
+    def _row(self, name: str, row: Dict[str, Any]) -> None:
+        path = os.path.join(self.out_dir, name)
+        new = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                w.writeheader()
+            w.writerow(row)
+
+    def train_row(self, row: Dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._row("train_log.csv", row)
+        if self.tb is not None:
+            it = row["iteration"]
+            for k in ("loss", "lr", "clips_per_s"):
+                self.tb.add_scalar(f"train/{k}", row[k], it)
+
+    def eval_row(self, it: int, step: int, metrics: Dict[str, Dict[str, float]]) -> None:
+        if not self.enabled:
+            return
+        row: Dict[str, Any] = {"iteration": it, "step": step}
+        for proto, vals in metrics.items():
+            for k, v in vals.items():
+                row[f"{proto}_{k}"] = round(v, 6)
+        self._row("eval_log.csv", row)
+        if self.tb is not None:
+            for proto, vals in metrics.items():
+                for k, v in vals.items():
+                    self.tb.add_scalar(f"eval_{proto}/{k}", v, it)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+# --------------------------------------------------------------------------- train
+class _TrainModule(nn.Module):
+    """model + criterion: what DDP wraps (so classifier losses are synced too)."""
+
+    def __init__(self, model: nn.Module, criterion: nn.Module, triplet: Optional[nn.Module], triplet_weight: float,
+                 amp_dtype: Optional[torch.dtype]) -> None:
+        super().__init__()
+        self.model, self.criterion, self.triplet = model, criterion, triplet
+        self.triplet_weight, self.amp_dtype = triplet_weight, amp_dtype
+
+    def forward(self, clips: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        dev = clips.device.type
+        with torch.autocast(device_type=dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            feats = self.model(clips)
+        feats = feats.float()
+        loss = self.criterion(feats, pids)
+        if self.triplet is not None and self.triplet_weight > 0:
+            loss = loss + self.triplet_weight * self.triplet(feats, pids)
+        return loss
+
+
+def _criterion(cfg: TrainConfig, dim: int, num_ids: int):
+    from ..losses import BatchHardTripletLoss, build_loss
+
+    lc = cfg.loss
+    crit = build_loss(lc.name, dim, num_ids, queue_size=lc.queue_size, temperature=lc.temperature,
+                      momentum=lc.momentum, num_sampled=lc.num_sampled, margin=lc.margin)
+    tri = BatchHardTripletLoss(lc.margin) if (lc.triplet_weight > 0 and lc.name != "triplet") else None
+    return crit, tri
+
+
+def _step_params(model: nn.Module, criterion: nn.Module, step: int, cfg: TrainConfig) -> List[nn.Parameter]:
+    frozen = {id(p) for p in model.center_parameters()} if (step == 1 and cfg.schedule.step1_freeze_centers) else set()
+    params = []
+    for p in list(model.parameters()) + list(criterion.parameters()):
+        p.requires_grad_(id(p) not in frozen)
+        if id(p) not in frozen:
+            params.append(p)
+    return params
+
+
+def _init_centers(model, train_set, cfg: TrainConfig, model_cfg, device: torch.device) -> None:
+    from ..models import init_centers_from
+
+    loader, _ = _train_loader(train_set, cfg, model_cfg, rank=0, world=1, start_batch=0, flip_p=0.0, namespace=1)
+    dtype = autocast_dtype(device, cfg.amp)
+
+    def batches():
+        for i, (clips, _, _) in enumerate(loader):
+            if i >= cfg.schedule.kmeans_batches:
+                return
+            yield clips.to(device).float().div_(255.0)
+
+    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        init_centers_from(model, batches(), num_descriptors=cfg.schedule.kmeans_descriptors, seed=cfg.seed)
+
+
+def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: Optional[bool] = None,
+          stop_after: Optional[int] = None) -> Dict[str, Any]:
+    """Train per ``config`` into ``out_dir``; returns a summary dict
+    (iterations, first/last logged loss, last and best metrics, paths).
+
+    ``resume=True`` continues from the newest checkpoint in ``out_dir``
+    (starting fresh when there is none); without it an ``out_dir`` that
+    already holds a checkpoint is refused.  ``stop_after`` ends the run after
+    that many iterations in total (the schedule is unchanged; a checkpoint is
+    written), e.g. to split a run in pieces.
+    """
+    if not isinstance(config, TrainConfig):
+        raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    cfg = config
+    dinfo = dist_mod.setup(cfg.device)
+    try:
+        return _train(cfg, out_dir, resume, dinfo, progress, stop_after)
+    finally:
+        dist_mod.cleanup(dinfo)
+
+
+def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_after) -> Dict[str, Any]:
+    from ..models import PersonVLADNet
+
+    device, rank, world, main = dinfo.device, dinfo.rank, dinfo.world_size, dinfo.is_main
+    _set_deterministic(cfg.deterministic, device)
+    _seed_all(cfg.seed)
+    os.makedirs(out_dir, exist_ok=True)
+
+    state = None
+    if resume:
+        path = ckpt_mod.find_latest(out_dir)
+        if path is None:
+            log.info("--resume: no checkpoint in %s, starting fresh", out_dir)
+        else:
+            state = ckpt_mod.load_checkpoint(path, map_location="cpu")
+            log.info("resuming from %s (iteration %d, step %d)", path, state["iteration"], state["step"])
+    elif ckpt_mod.find_latest(out_dir) is not None:
+        raise ValueError(f"out_dir: {out_dir} already holds a checkpoint; pass resume=True (--resume) "
+                         f"or choose another output folder")
+    dist_mod.barrier()
+
+    dataset = load_dataset(cfg, main)
+    model_cfg = cfg.model_config()
+    model = PersonVLADNet(model_cfg)
+    crit, tri = _criterion(cfg, model.output_dim, dataset.num_train_pids)
+    if cfg.init_from and state is None:
+        src = ckpt_mod.load_checkpoint(cfg.init_from, map_location="cpu")
+        try:
+            model.load_state_dict(src["model"])
+        except RuntimeError as e:
+            raise ValueError(f"init_from: {cfg.init_from} does not match the model config: {e}") from None
+        log.info("initialised the model from %s", cfg.init_from)
+    model.to(device)
+    crit.to(device)
+    if tri is not None:
+        tri.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last_3d)
+    amp_dtype = autocast_dtype(device, cfg.amp)
+
+    s1, s2 = cfg.schedule.step1_iters, cfg.schedule.step2_iters
+    total = s1 + s2
+    start_it = 0
+    best = {"metric": "standard.mAP", "value": -1.0, "iteration": -1}
+    metrics: Dict[str, Any] = {}
+    if state is not None:
+        model.load_state_dict(state["model"])
+        crit.load_state_dict(state["loss"])
+        start_it = int(state["iteration"])
+        best = dict(state.get("best", best))
+        metrics = dict(state.get("metrics", {}))
+    elif cfg.schedule.kmeans_init and s1 > 0 and model_cfg.head == "vlad":
+        if main:
+            t0 = time.time()
+            _init_centers(model, dataset.train, cfg, model_cfg, device)
+            log.info("k-means initialised the VLAD centers (%.1fs)", time.time() - t0)
+        if world > 1:
+            for p in model.center_parameters():
+                torch.distributed.broadcast(p.data, 0)
+
+    logs = _Logs(out_dir, main, cfg.log.tensorboard)
+    if main:
+        cfg.save_yaml(os.path.join(out_dir, "config.yaml"))
+
+    def step_of(it: int) -> int:
+        return 1 if it < s1 else 2
+
+    def setup_step(step: int, step_iter: int):
+        params = _step_params(model, crit, step, cfg)
+        lr = cfg.schedule.step1_lr if step == 1 else cfg.schedule.step2_lr
+        opt = build_optimizer(params, cfg, lr, device)
+        sc = cfg.schedule
+        sched = StepSchedule(opt, lr, sc.step1_gamma if step == 1 else sc.step2_gamma,
+                             sc.step1_decay_every if step == 1 else sc.step2_decay_every, step_iter)
+        module = _TrainModule(model, crit, tri, cfg.loss.triplet_weight, amp_dtype)
+        if world > 1:
+            ids = [device.index] if device.type == "cuda" else None
+            module = nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
+        return opt, sched, module
+
+    step = step_of(start_it) if start_it < total else 2
+    opt, sched, net = setup_step(step, start_it - (s1 if step == 2 else 0))
+    if state is not None and start_it < total:
+        if int(state["step"]) == step:
+            opt.load_state_dict(state["optimizer"])
+            sched.load_state_dict(state["scheduler"])
+        rngs = state.get("rng_ranks") or []
+        if len(rngs) == world:
+            ckpt_mod.restore_rng(rngs[rank])
+        else:
+            if world > 1 or len(rngs) > 1:
+                log.warning("checkpoint RNG states are for %d rank(s), this run has %d: using rank 0's",
+                            len(rngs), world)
+            ckpt_mod.restore_rng(state["rng"])
+
+    def gather_rng():
+        mine = ckpt_mod.capture_rng()
+        if world > 1:
+            allr: List[Any] = [None] * world
+            torch.distributed.all_gather_object(allr, mine)
+            return allr
+        return [mine]
+
+    def save(it: int, step: int, path_name: str = ckpt_mod.LATEST) -> None:
+        rngs = gather_rng()  # every rank takes part
+        if not main:
+            return
+        st = {
+            "format": ckpt_mod.FORMAT, "version": __version__, "iteration": it, "step": step,
+            "model": model.state_dict(), "model_config": model_cfg.to_dict(),
+            "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "loss": crit.state_dict(),
+            "rng": rngs[0], "rng_ranks": rngs, "config": cfg.to_dict(), "best": dict(best),
+            "metrics": metrics, "world_size": world,
+        }
+        target = os.path.join(out_dir, path_name)
+        ckpt_mod.save_checkpoint(st, target)
+        if path_name == ckpt_mod.LATEST and cfg.log.keep_checkpoints > 0:
+            ckpt_mod.keep_snapshot(target, it, cfg.log.keep_checkpoints)
+
+    def run_eval(it: int, step: int) -> None:
+        nonlocal metrics
+        improved = False
+        if main:
+            t0 = time.time()
+            metrics = evaluate_model(model, dataset, stride=cfg.data.test_stride, batch_size=cfg.data.test_batch_size,
+                                     workers=min(cfg.data.workers, 4), amp=cfg.amp)
+            model.train()
+            logs.eval_row(it, step, metrics)
+            m = metrics["standard"]
+            log.info("eval @%d: standard mAP %.4f rank-1 %.4f | mars mAP %.4f rank-1 %.4f (%.1fs)", it, m["mAP"],
+                     m["rank1"], metrics["mars"]["mAP"], metrics["mars"]["rank1"], time.time() - t0)
+            if m["mAP"] > best["value"]:
+                best.update(value=m["mAP"], iteration=it, metrics=metrics)
+                improved = True
+        metrics, best_now, improved = dist_mod.broadcast_object((metrics, dict(best), improved))
+        best.update(best_now)
+        if improved:
+            save(it, step, ckpt_mod.BEST)  # collective (RNG gather); rank 0 writes
+
+    end = total if stop_after is None else min(total, int(stop_after))
+    show = main and (cfg.log.progress if progress is None else progress)
+    bar = None
+    if show and start_it < end:
+        from tqdm import tqdm
+
+        bar = tqdm(total=end, initial=start_it, desc="train", unit="it", dynamic_ncols=True)
+
+    model.train()
+    batch_clips = cfg.data.num_ids * cfg.data.num_per_id
+    loader, stats = _train_loader(dataset.train, cfg, model_cfg, rank, world, start_it,
+                                  pin=device.type == "cuda")
+    data_iter = iter(loader) if start_it < end else None
+    window: List[float] = []
+    history: List[Dict[str, float]] = []
+    t_last = time.time()
+    it_last = start_it
+    it = start_it
+    while it < end:
+        s = step_of(it)
+        if s != step:  # step 1 -> step 2: unfreeze the centers, fresh optimizer
+            step = s
+            opt, sched, net = setup_step(step, 0)
+            log.info("step 2: joint fine-tuning of all parameters at lr %g", cfg.schedule.step2_lr)
+        clips, pids, _ = next(data_iter)
+        clips = clips.to(device, non_blocking=True).float().div_(255.0)
+        if device.type == "cuda" and cfg.channels_last:
+            clips = clips.contiguous(memory_format=torch.channels_last_3d)
+        pids = pids.to(device, non_blocking=True)
+        loss = net(clips, pids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
+        lr_now = sched.lr()
+        opt.step()
+        sched.step()
+        it += 1
+        lv = float(loss.detach())
+        if not math.isfinite(lv):
+            raise FloatingPointError(f"loss became {lv} at iteration {it}; lower the lr or enable optim.grad_clip")
+        window.append(lv)
+        if bar is not None:
+            bar.update(1)
+        if it % cfg.log.log_every == 0 or it == end:
+            now = time.time()
+            cps = (it - it_last) * batch_clips * world / max(now - t_last, 1e-9)
+            mean_loss = dist_mod.all_reduce_mean(sum(window) / len(window), device)
+            row = {"iteration": it, "step": step, "loss": round(mean_loss, 6), "lr": lr_now,
+                   "clips_per_s": round(cps, 2), "time": round(now, 3)}
+            history.append({"iteration": it, "loss": mean_loss})
+            logs.train_row(row)
+            if bar is not None:
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", clips_s=f"{cps:.1f}", step=step)
+            window, t_last, it_last = [], now, it
+        step_end = it == s1 or it == total
+        if step_end or (cfg.log.eval_every and it % cfg.log.eval_every == 0):
+            run_eval(it, step)
+        if step_end or it == end or (cfg.log.ckpt_every and it % cfg.log.ckpt_every == 0):
+            save(it, step)
+    if bar is not None:
+        bar.close()
+    stats.log_summary()
+    logs.close()
+    dist_mod.barrier()
+    return {
+        "out_dir": out_dir, "iterations": it, "total_iterations": total, "resumed_from": start_it if state else None,
+        "first_loss": history[0]["loss"] if history else None, "last_loss": history[-1]["loss"] if history else None,
+        "history": history, "metrics": metrics, "best": best,
+        "checkpoint": os.path.join(out_dir, ckpt_mod.LATEST), "best_checkpoint": os.path.join(out_dir, ckpt_mod.BEST),
+        "world_size": world,
+        "loss_checksum": [float(t.double().sum()) for t in crit.state_dict().values()],
+        "model_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
+    }
