@@ -348,3 +348,15 @@ def test_gpu_jpeg_guarded_without_cuda_or_torchvision(monkeypatch):
     assert gpu_jpeg.gpu_jpeg_available() is False
     with pytest.raises(RuntimeError, match="torchvision"):
         gpu_jpeg.GpuJpegTrainLoader([(("a.jpg",), 0, 0)], clip_len=2)
+
+
+def test_pack_counts_bad_frames(tmp_path):
+    paths = list(_tracklet(str(tmp_path / "a"), 4))
+    os.remove(paths[2])
+    ds = _DS([(tuple(paths), 0, 0)], [(tuple(paths[:2]), 1, 0)], [(tuple(paths[:1]), 1, 1)])
+    st = ShardStore(pack_dataset(ds, str(tmp_path / "sh"), size=SIZE))
+    assert st.meta["bad_frames"] == 1 and st.frames.shape == (7, 16, 8, 3)
+    assert np.array_equal(st.frames[2], st.frames[1])  # the missing frame repeats its nearest good frame
+    assert st.split("query")["offsets"].tolist() == [4] and st.split("gallery")["lengths"].tolist() == [1]
+    with pytest.raises(ValueError, match="size"):
+        pack_dataset(ds, str(tmp_path / "x"), size="64by32")

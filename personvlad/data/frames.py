@@ -44,8 +44,10 @@ class FrameStats:
     main process sees the totals.
     """
 
-    def __init__(self):
-        self.counts = torch.zeros(MAX_WORKER_SLOTS + 1, 3, dtype=torch.int64).share_memory_()
+    def __init__(self, shared: bool = True):
+        self.counts = torch.zeros(MAX_WORKER_SLOTS + 1, 3, dtype=torch.int64)
+        if shared:  # visible to DataLoader worker processes
+            self.counts.share_memory_()
         self._logged = torch.zeros(3, dtype=torch.int64)
         self.examples: Dict[str, str] = {}  # filled in the process that saw them
 

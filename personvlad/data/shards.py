@@ -50,7 +50,7 @@ def _pack_job(args):
         st["mm"] = None
     if st["mm"] is None:
         st["mm"] = np.memmap(path, dtype=np.uint8, mode="r+", shape=st["shape"])
-    stats = FrameStats()
+    stats = FrameStats(shared=False)
     arr = read_frames(frames, list(range(len(frames))), size, stats)
     st["mm"][off:off + len(frames)] = arr
     return stats.bad_frames
@@ -286,7 +286,7 @@ class ShardTrainLoader:
                                                rank=rank, world_size=world_size, infinite=infinite)
         self.clip_len, self.flip_p, self.seed, self.rank = clip_len, float(flip_p), int(seed), rank
         self.device, self.threads, self.prefetch = device, threads, prefetch
-        self.stats = FrameStats()  # frames were validated when packing; kept for API symmetry
+        self.stats = FrameStats(shared=False)  # frames were validated when packing; kept for API symmetry
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
