@@ -215,15 +215,24 @@ def _to_clips(x: torch.Tensor, flips: Optional[torch.Tensor]) -> torch.Tensor:
 
 
 class _Prefetcher:
-    """Fills ``slots`` (pinned when ``device`` is CUDA) with ``fill(spec, buf)``
-    in a thread pool, hands them over in order, copies to ``device``."""
+    """Fills buffer slots (pinned when ``device`` is CUDA) with ``fill(spec, buf)``
+    in a thread pool, hands them over in order, copies to ``device``.  The
+    slots are shared with later epochs through ``cache``: one iteration at a
+    time per loader."""
 
-    def __init__(self, specs_iter, fill, shape, device, threads: int, depth: int):
+    def __init__(self, specs_iter, fill, shape, device, threads: int, depth: int, cache: Optional[dict] = None):
         self.device = torch.device(device) if device is not None else None
         self.cuda = self.device is not None and self.device.type == "cuda"
         self.depth = max(depth, threads + 1)
-        self.bufs = [torch.empty(shape, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(self.depth)]
-        self.events: List[Optional[torch.cuda.Event]] = [None] * self.depth
+        key = (tuple(shape), self.cuda, self.depth)
+        ring = cache.get(key) if cache is not None else None
+        if ring is None:  # pinned buffers are costly to allocate: kept across epochs in ``cache``
+            ring = ([torch.empty(shape, dtype=torch.uint8, pin_memory=self.cuda) for _ in range(self.depth)],
+                    [None] * self.depth)
+            if cache is not None:
+                cache.clear()
+                cache[key] = ring
+        self.bufs, self.events = ring  # events[i]: the last H2D copy out of bufs[i]
         self.specs_iter, self.fill = specs_iter, fill
         self.pool = ThreadPoolExecutor(max_workers=threads)
 
@@ -288,6 +297,7 @@ class ShardTrainLoader:
         self.device, self.threads, self.prefetch = device, threads, prefetch
         self.stats = FrameStats(shared=False)  # frames were validated when packing; kept for API symmetry
         self.epoch = 0
+        self._ring: dict = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -321,7 +331,7 @@ class ShardTrainLoader:
         B, T = self.sampler.batch_size, self.clip_len
         on_dev = self._on_device()
         shape = (B, T, h, w, 3) if on_dev else (B, 3, T, h, w)
-        pf = _Prefetcher(self._specs(), self._fill, shape, self.device, self.threads, self.prefetch)
+        pf = _Prefetcher(self._specs(), self._fill, shape, self.device, self.threads, self.prefetch, self._ring)
         dev = pf.device if pf.device is not None else torch.device("cpu")
         pids_all = torch.from_numpy(self.split["pids"])
         cams_all = torch.from_numpy(self.split["camids"])
@@ -353,6 +363,7 @@ class ShardTestLoader:
         self.s = self.store.split(split)
         self.clip_len, self.batch_size, self.device = clip_len, batch_size, device
         self.threads, self.prefetch = threads, prefetch
+        self._ring: dict = {}
         tids, starts = [], []
         for ti, n in enumerate(self.s["lengths"].tolist()):
             if mode == "all":
@@ -387,7 +398,7 @@ class ShardTestLoader:
         B, T = self.batch_size, self.clip_len
         on_dev = self._on_device()
         pf = _Prefetcher(self._specs(), self._fill, (B, T, h, w, 3) if on_dev else (B, 3, T, h, w), self.device,
-                         self.threads, self.prefetch)
+                         self.threads, self.prefetch, self._ring)
         dev = pf.device if pf.device is not None else torch.device("cpu")
         for x, sel in pf:
             yield (_to_clips(x, None) if on_dev else x), torch.from_numpy(self.tids[sel]).to(dev)
