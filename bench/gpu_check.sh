@@ -13,7 +13,11 @@
 # non-zero at the end if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT="${OUT:-bench/results/gpu-$(date -u +%Y%m%d-%H%M)}"
+# Everything is written under RES; where the device tool's $OUT exists (it
+# returns at most 8 files) RES is packed into $OUT/gpu_results.tgz at the end.
+RES="bench/results/gpu-$(date -u +%Y%m%d-%H%M)"
+DEVICE_OUT="${OUT:-}"
+OUT="$RES"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python3}"
@@ -30,7 +34,7 @@ step() {  # step NAME LIMIT_S CMD...
   fi
 }
 
-step build 240 $PY -m pip install --no-build-isolation --no-deps -e .
+step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
 $PY - > "$OUT/env.json" <<'EOF'
 import json, datetime, platform, torch
 try:
@@ -49,19 +53,34 @@ print(json.dumps({
 EOF
 cat "$OUT/env.json"
 
-step gpu_tests 150 $PY -m pytest -q -x -m cuda -p no:cacheprovider tests/
+T0=$(date +%s)
+left() { echo $(( 460 - ($(date +%s) - T0) )); }   # keep the whole run under ~8 min
+step gpu_tests 120 $PY -m pytest -q -x -m cuda -p no:cacheprovider tests/
 if [ -f bench/gpu_cuda_memcheck.sh ]; then
-  step memcheck 90 bash bench/gpu_cuda_memcheck.sh
+  step memcheck 60 bash bench/gpu_cuda_memcheck.sh
 fi
 BENCH_OPTS=(-q -p no:cacheprovider --benchmark-only --benchmark-disable-gc --benchmark-min-time=0.05)
-step bench_ops 150 $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_ops.py -k gpu --benchmark-json="$OUT/bench_ops.json"
+step bench_ops 120 $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_ops.py -k gpu --benchmark-json="$OUT/bench_ops.json"
+[ -s "$OUT/bench_ops.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops.json" --out "$OUT/backend_table.json"
+step perf_tests 60 $PY -m pytest -q -p no:cacheprovider tests/test_perf.py
+$PY -c "import json; from personvlad.perf import check_cudnn_3d; print(json.dumps(check_cudnn_3d(warn=False), indent=1, default=str))" > "$OUT/cudnn_check.json"; cat "$OUT/cudnn_check.json"
+# End to end: without the torch.compile variants first (they are the slow part).
+step bench_e2e $(( $(left) > 150 ? 150 : $(left) )) $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_e2e.py -k "gpu and not compile" --benchmark-json="$OUT/bench_e2e.json"
 models=()
-for f in bench/test_bench_e2e.py bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do
+for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do
   [ -f "$f" ] && models+=("$f")
 done
-step bench_model 150 $PY -m pytest "${BENCH_OPTS[@]}" "${models[@]}" -k "gpu or cuda" --benchmark-json="$OUT/bench_model.json"
-for j in bench_ops bench_model; do
+if [ "$(left)" -gt 40 ]; then
+  step bench_model $(( $(left) > 90 ? 90 : $(left) )) $PY -m pytest "${BENCH_OPTS[@]}" "${models[@]}" -k "gpu or cuda" --benchmark-json="$OUT/bench_model.json"
+fi
+if [ "$(left)" -gt 60 ]; then
+  step bench_e2e_compile $(left) $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_e2e.py -k "gpu and compile" --benchmark-json="$OUT/bench_e2e_compile.json"
+fi
+for j in bench_ops bench_e2e bench_e2e_compile bench_model; do
   [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.md" 2>&1 && cat "$OUT/$j.md"
 done
 echo "results in $OUT"
+if [ -n "$DEVICE_OUT" ]; then
+  tar czf "$DEVICE_OUT/gpu_results.tgz" "$OUT" && cat "$OUT"/*.md > "$DEVICE_OUT/summary.md" 2>/dev/null
+fi
 if [ ${#failed[@]} -gt 0 ]; then echo "failed steps: ${failed[*]}"; exit 1; fi
