@@ -43,7 +43,7 @@ demo: install
 bench: install
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/results/cpu-latest.json
 
-cmake-test: install
+cmake-test: $(STAMP_DEPS)  # needs torch only, not the Python extension
 	cmake -S . -B build-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$$($(PY) -c 'import torch.utils; print(torch.utils.cmake_prefix_path)')" -DPython3_EXECUTABLE=$(abspath $(PY))
 	cmake --build build-cmake -j $(MAX_JOBS)
 	cd build-cmake && ctest --output-on-failure
