@@ -5,7 +5,11 @@ marked ``@pytest.mark.cuda`` is skipped here (tests/conftest.py) and runs on a
 GPU machine.  Every CUDA result is compared with the pure-PyTorch reference
 evaluated in float64 on the same (dtype-rounded) inputs.
 """
+import ctypes
+import os
 import pathlib
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -16,6 +20,8 @@ from personvlad.ops import person_vlad
 
 FWD = torch.ops.personvlad.person_vlad.default
 BWD = torch.ops.personvlad.person_vlad_backward.default
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CU_SOURCE = ROOT / "csrc" / "cuda" / "person_vlad_cuda.cu"
 NAMES = ("features", "parts", "assign_weight", "assign_bias", "centers")
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 
@@ -67,6 +73,194 @@ def test_cuda_backend_reported_only_with_a_device():
     F, M, W, z, c = make_inputs(N=1, C=2, S=(3,), B=1, K=2)
     with pytest.raises(ValueError, match="^backend:"):
         person_vlad(F, M, W, z, c, backend="cuda")
+
+
+# ---------------------------------------------------------------- kernel source on the CPU
+# The device code of person_vlad_cuda.cu (between its BEGIN/END DEVICE CODE
+# markers) is compiled with the host C++ compiler against
+# csrc/cuda/cpu_emulation.h and driven by a Python copy of the .cu's host
+# pipeline (same GEMMs, same buffers).  Outputs start as NaN, so an element a
+# kernel forgets to write fails the comparison.  This runs the real kernel
+# arithmetic and indexing without a GPU (not the launch configuration, the
+# half/bfloat16 output casts or the C++ host glue: the @cuda tests do those).
+_EMU_API = r"""
+#define PV_EXPORTS(T, SFX)                                                                      \
+  extern "C" void stats_fwd_##SFX(const T* G, const T* M, const T* z, T* mx, T* iv, int64_t N,  \
+                                  int64_t B, int64_t K, int64_t P) {                           \
+    launch_serial((N * B * P + kFlatThreads - 1) / kFlatThreads, kFlatThreads,                  \
+                  [&] { softmax_stats_forward_kernel<T>(G, M, z, mx, iv, N, B, K, P); });       \
+  }                                                                                             \
+  extern "C" void acc_fwd_##SFX(const T* G, const T* M, const T* z, const T* mx, const T* iv,   \
+                                T* Ap, T* Sc, int64_t N, int64_t B, int64_t K, int64_t P) {     \
+    launch_serial((N * K * P + kFlatThreads - 1) / kFlatThreads, kFlatThreads, [&] {            \
+      assign_accumulate_forward_kernel<T>(G, M, z, mx, iv, Ap, Sc, N, B, K, P);                 \
+    });                                                                                         \
+  }                                                                                             \
+  extern "C" void stats_bwd_##SFX(const T* G, const T* M, const T* z, const T* dAp,             \
+                                  const T* dS, T* mx, T* iv, T* dot, T* dM, int64_t N,          \
+                                  int64_t B, int64_t K, int64_t P) {                           \
+    launch_serial((N * B * P + kFlatThreads - 1) / kFlatThreads, kFlatThreads, [&] {            \
+      softmax_stats_backward_kernel<T>(G, M, z, dAp, dS, mx, iv, dot, dM, N, B, K, P);          \
+    });                                                                                         \
+  }                                                                                             \
+  extern "C" void acc_bwd_##SFX(const T* G, const T* M, const T* z, const T* dAp, const T* dS,  \
+                                const T* mx, const T* iv, const T* dot, T* dG, T* dZc,          \
+                                int64_t N, int64_t B, int64_t K, int64_t P) {                  \
+    launch_serial((N * K * P + kFlatThreads - 1) / kFlatThreads, kFlatThreads, [&] {            \
+      assign_accumulate_backward_kernel<T>(G, M, z, dAp, dS, mx, iv, dot, dG, dZc, N, B, K, P); \
+    });                                                                                         \
+  }                                                                                             \
+  extern "C" int epi_fwd_##SFX(const T* Vraw, const T* S, const T* c, T* out, T* rn,            \
+                               int64_t N, int64_t K, int64_t C, int normalize) {                \
+    return launch_threads(N, kEpilogueThreads, [=] {                                            \
+      epilogue_forward_kernel<T, T>(Vraw, S, c, out, rn, K, C, normalize != 0);                 \
+    }) ? 0 : 1;                                                                                 \
+  }                                                                                             \
+  extern "C" int epi_bwd_##SFX(const T* Vraw, const T* S, const T* c, const T* dO, T* dV,       \
+                               T* dS, T* nrm, int64_t N, int64_t K, int64_t C, int normalize) { \
+    return launch_threads(N, kEpilogueThreads, [=] {                                            \
+      epilogue_backward_kernel<T>(Vraw, S, c, dO, dV, dS, nrm, K, C, normalize != 0);           \
+    }) ? 0 : 1;                                                                                 \
+  }
+PV_EXPORTS(float, f32)
+PV_EXPORTS(double, f64)
+"""
+
+
+@pytest.fixture(scope="module")
+def emulated_kernels(tmp_path_factory):
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no host C++ compiler to build the emulated kernels")
+    src = CU_SOURCE.read_text()
+    begin, end = src.index("// BEGIN DEVICE CODE"), src.index("// END DEVICE CODE")
+    code = (
+        '#include "cpu_emulation.h"\nnamespace pv_kernels {\n' + src[begin:end]
+        + "\n}  // namespace pv_kernels\nusing namespace pv_kernels;\n" + _EMU_API
+    )
+    d = tmp_path_factory.mktemp("cuda_emulation")
+    (d / "emu.cpp").write_text(code)
+    lib = d / "libpv_emu.so"
+    cmd = [cxx, "-std=c++17", "-O1", "-shared", "-fPIC", "-pthread", "-Wno-unknown-pragmas",
+           "-I", str(CU_SOURCE.parent), "-o", str(lib), str(d / "emu.cpp")]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, "device code does not compile for the CPU emulation:\n" + r.stderr[-4000:]
+    return ctypes.CDLL(str(lib))
+
+
+class _Emu:
+    """Python copy of person_vlad_cuda.cu's host code around the emulated kernels."""
+
+    def __init__(self, lib):
+        self.lib = lib
+
+    def _call(self, name, acc, *args):
+        conv = []
+        for a in args:
+            if a is None or isinstance(a, torch.Tensor):
+                conv.append(ctypes.c_void_p(None if a is None else a.data_ptr()))
+            elif isinstance(a, bool):
+                conv.append(ctypes.c_int(int(a)))
+            else:
+                conv.append(ctypes.c_int64(a))
+        fn = getattr(self.lib, f"{name}_{'f64' if acc == torch.float64 else 'f32'}")
+        fn.restype = ctypes.c_int
+        rc = fn(*conv)
+        if name.startswith("epi"):
+            assert rc == 0, f"{name}: a __syncthreads/__shfl_xor_sync was not reached by all threads"
+
+    @staticmethod
+    def _nan(shape, acc):
+        return torch.full(shape, float("nan"), dtype=acc)
+
+    @staticmethod
+    def flatten(features, parts, W, z, c):
+        N, C = features.shape[:2]
+        acc = torch.float64 if features.dtype == torch.float64 else torch.float32
+        F = features.reshape(N, C, -1).to(acc).contiguous()
+        M = None if parts is None else parts.reshape(N, parts.shape[1], -1).to(acc).contiguous()
+        B = 1 if parts is None else parts.shape[1]
+        return F, M, W.to(acc).contiguous(), z.to(acc).contiguous(), c.to(acc).contiguous(), B, acc
+
+    def core(self, F, M, W, z, B, acc):
+        N, C, P = F.shape
+        K = W.shape[0]
+        G = torch.matmul(W, F).contiguous()
+        Ap, Sc = self._nan((N, K, P), acc), self._nan((N, K, P), acc)
+        mx, iv = self._nan((N, B, P), acc), self._nan((N, B, P), acc)
+        self._call("stats_fwd", acc, G, M, z, mx, iv, N, B, K, P)
+        self._call("acc_fwd", acc, G, M, z, mx, iv, Ap, Sc, N, B, K, P)
+        return G, Ap, Sc.sum(2), torch.bmm(Ap, F.transpose(1, 2)).contiguous()
+
+    def forward(self, features, parts, W, z, c, normalize):
+        F, M, Wc, zc, cc, B, acc = self.flatten(features, parts, W, z, c)
+        N, C, _ = F.shape
+        K = Wc.shape[0]
+        _, _, S, Vraw = self.core(F, M, Wc, zc, B, acc)
+        out, rn = self._nan((N, K, C), acc), self._nan((N, K), acc)
+        self._call("epi_fwd", acc, Vraw, S, cc, out, rn, N, K, C, normalize)
+        return (out.reshape(N, K * C) if normalize else out).to(features.dtype)
+
+    def backward(self, grad, features, parts, W, z, c, normalize):
+        F, M, Wc, zc, cc, B, acc = self.flatten(features, parts, W, z, c)
+        N, C, P = F.shape
+        K = Wc.shape[0]
+        G, Ap, S, Vraw = self.core(F, M, Wc, zc, B, acc)
+        gO = grad.reshape(N, K, C).to(acc).contiguous()
+        dV, dS, nrm = self._nan((N, K, C), acc), self._nan((N, K), acc), self._nan((N, K), acc)
+        self._call("epi_bwd", acc, Vraw, S, cc, gO, dV, dS, nrm, N, K, C, normalize)
+        dAp = torch.bmm(dV, F).contiguous()
+        dc = -(dV * S.unsqueeze(2)).sum(0)
+        dG, dZc = self._nan((N, K, P), acc), self._nan((N, K, P), acc)
+        dM = None if M is None else self._nan((N, B, P), acc)
+        mx, iv, dot = (self._nan((N, B, P), acc) for _ in range(3))
+        self._call("stats_bwd", acc, G, M, zc, dAp, dS, mx, iv, dot, dM, N, B, K, P)
+        self._call("acc_bwd", acc, G, M, zc, dAp, dS, mx, iv, dot, dG, dZc, N, B, K, P)
+        dF = torch.baddbmm(torch.matmul(Wc.t(), dG), dV.transpose(1, 2), Ap)
+        dW = dG.permute(1, 0, 2).reshape(K, N * P) @ F.permute(1, 0, 2).reshape(C, N * P).t()
+        return (
+            dF.to(features.dtype).reshape(features.shape),
+            features.new_empty(0) if parts is None else dM.to(parts.dtype).reshape(parts.shape),
+            dW.to(W.dtype), dZc.sum((0, 2)).to(z.dtype), dc.to(c.dtype),
+        )
+
+
+_EMU_CASES = (
+    [dict(S=S, B=B, K=5, C=6) for S in GRIDS for B in PARTS]
+    + [dict(S=(3, 5), B=B, K=K, C=C) for B in (None, 6) for K, C in ((1, 3), (4, 1), (19, 40))]
+    + [dict(S=(7, 13), B=2, K=3, C=5)]  # N*B*P and N*K*P not multiples of the block size
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", _EMU_CASES, ids=lambda c: f"S{'x'.join(map(str, c['S']))}-B{c['B']}-K{c['K']}-C{c['C']}")
+def test_kernel_source_emulated_on_cpu(emulated_kernels, case, dtype):
+    emu = _Emu(emulated_kernels)
+    alphas = (None, 30.0) if case["B"] == 6 else (None,)  # alpha couples W, z to the centers
+    for normalize in (True, False):
+        for alpha in alphas:
+            args = make_inputs(N=3, dtype=dtype, alpha=alpha, seed=case["K"] + case["C"], **case)
+            out = emu.forward(*args, normalize)
+            atol, rtol = tolerance(dtype)
+            torch.testing.assert_close(out.double(), _ref64(args, normalize), atol=atol, rtol=rtol)
+            gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+            gout = gout.to(dtype)
+            _check_grads(emu.backward(gout, *args, normalize), _grads_ref64(gout, args, normalize), args, dtype)
+
+
+def test_kernel_source_emulated_zero_vlad(emulated_kernels):
+    """V == 0 (features 0, centers 0): every norm is clamped to eps."""
+    emu = _Emu(emulated_kernels)
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3, dtype=torch.float64, seed=5)
+    F = F.clone()
+    F[0] = 0
+    args = [F, M, W, z, torch.zeros_like(c)]
+    for normalize in (True, False):
+        out = emu.forward(*args, normalize)
+        torch.testing.assert_close(out, _ref64(args, normalize), atol=1e-12, rtol=1e-9)
+        gout = torch.randn(out.shape, dtype=torch.float64)
+        _check_grads(emu.backward(gout, *args, normalize), _grads_ref64(gout, args, normalize), args,
+                     torch.float64)
 
 
 # ---------------------------------------------------------------- helpers (GPU)

@@ -9,8 +9,10 @@
 //   G        = W F                                   (K x P)   GEMM (cuBLAS)
 //   logit    = M[b,s] G[k,s] + z[k]
 //   a[b,:,s] = softmax_k(logit[b,:,s])               (max-subtracted)
-//   A'[k,s]  = sum_b a[b,k,s] M[b,s]                 (K x P)   } fused kernel,
-//   S[k]     = sum_{b,s} a[b,k,s]                    (K)       } one thread per (n,s)
+//   A'[k,s]  = sum_b a[b,k,s] M[b,s]                 (K x P)   } two kernels: softmax
+//   S[k]     = sum_{b,s} a[b,k,s]                    (K)       } statistics per (n,b,s),
+//                                                                then sums over b per
+//                                                                (n,k,s); S via at::sum
 //   V        = A' F^T - S c                          (K x C)   GEMM + epilogue
 //   normalize: r_k = max(|V_k|, eps), U_k = V_k / r_k, u = flatten_kmajor(U),
 //              g = max(|u|, eps), out = u / g                  epilogue kernel
@@ -32,10 +34,10 @@
 //     dM[b,s]  += sum_k a[b,k,s] dA'[k,s]
 //   softmax: dlogit[b,k,s] = a[b,k,s] (da[b,k,s] - sum_j a[b,j,s] da[b,j,s])
 //   logit = M G + z:
-//     dG[k,s]  = sum_b dlogit[b,k,s] M[b,s]                    fused kernel,
-//     dM[b,s] += sum_k dlogit[b,k,s] G[k,s]                    one thread per (n,s)
-//     dz[k]    = sum_{n,b,s} dlogit[b,k,s]                     (per-column partials,
-//                                                               then at::sum)
+//     dM[b,s] += sum_k dlogit[b,k,s] G[k,s]                    kernel per (n,b,s)
+//     dG[k,s]  = sum_b dlogit[b,k,s] M[b,s]                    kernel per (n,k,s)
+//     dz[k]    = sum_{n,b,s} dlogit[b,k,s]                     (per-(n,k,s) partials
+//                                                               sum_b, then at::sum)
 //   G = W F:
 //     dW  = sum_n dG F^T    (one GEMM over the batch: (K, N*P) x (N*P, C))
 //     dF += W^T dG                                   (C x P)   GEMM
@@ -43,8 +45,8 @@
 // Everything is computed in the accumulation dtype acc_t (float64 for float64
 // features, else float32); half/bfloat16 features are converted to float32 up
 // front (so cuBLAS runs in fp32), and results are cast to each input's dtype.
-// The largest temporaries are of size N*K*P (G, A', per-column S partials, dA',
-// dG, per-column dz partials) and N*K*C; nothing of size N*B*K*P is allocated
+// The largest temporaries are of size N*K*P (G, A', per-(n,k,s) S partials, dA',
+// dG, per-(n,k,s) dz partials) and N*K*C; nothing of size N*B*K*P is allocated
 // (the per-(b,s) softmax statistics are N*B*P).  All reductions are done in a
 // fixed order (in-thread loops, warp shuffles, at::sum), so results are
 // deterministic.  Only plain CUDA (no tensor-core intrinsics, no sm_70+-only
@@ -70,7 +72,10 @@ namespace personvlad {
 namespace cuda {
 namespace {
 
-constexpr int kColumnThreads = 256;    // threads per block of the per-(n,s) kernels
+// BEGIN DEVICE CODE: from here to END DEVICE CODE the file is also compiled for
+// the CPU (csrc/cuda/cpu_emulation.h) and run by tests/test_cuda_backend.py, so
+// keep it free of ATen/c10 and of CUDA features the emulation lacks.
+constexpr int kFlatThreads = 128;      // threads per block of the flat (n,b,s)/(n,k,s) kernels
 constexpr int kEpilogueThreads = 256;  // threads per block (one block per sample)
 constexpr int kWarp = 32;
 constexpr double kEps = 1e-12;
@@ -105,119 +110,128 @@ __device__ __forceinline__ acc_t logit_of(acc_t m, acc_t g, acc_t z) {
 }
 
 // ---------------------------------------------------------------------------
-// Forward assignment kernel: one thread per column (n, s).
-//   G (N,K,P), M (N,B,P) or nullptr, z (K)  ->  Ap (N,K,P), Sc (N,K,P) where
-//   Sc[n,k,s] = sum_b a[b,k,s] (summed over s later), and the per-(b,s)
-//   softmax statistics st_max/st_inv (N,B,P) used as scratch.
+// Soft-assignment kernels.  Each is a flat 1-D launch over either the
+// (n, b, s) "part columns" (N*B*P threads: softmax statistics over k) or the
+// (n, k, s) entries (N*K*P threads: accumulation over b).  Consecutive threads
+// take consecutive s, so every global access is coalesced; each thread writes
+// only its own outputs (no atomics), and every sum is a fixed-order loop.
+// Parts None: M is nullptr and B = 1 (M = 1).
+//
+// Tensor layouts (contiguous, acc_t): G, Ap, Sc, dAp, dG, dZc (N,K,P);
+// M, dM, st_* (N,B,P); z (K); dS (N,K).
 // ---------------------------------------------------------------------------
-template <typename acc_t>
-__global__ void __launch_bounds__(kColumnThreads) assign_forward_kernel(
-    const acc_t* __restrict__ G, const acc_t* __restrict__ M, const acc_t* __restrict__ z,
-    acc_t* __restrict__ Ap, acc_t* __restrict__ Sc, acc_t* __restrict__ st_max,
-    acc_t* __restrict__ st_inv, int64_t N, int64_t B, int64_t K, int64_t P) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= N * P) return;
-  const int64_t n = col / P, s = col - n * P;
-  const acc_t* g = G + n * K * P + s;                        // g[k * P] = G[n,k,s]
-  const acc_t* m = (M != nullptr) ? M + n * B * P + s : nullptr;  // m[b * P] = M[n,b,s]
-  acc_t* smax = st_max + n * B * P + s;
-  acc_t* sinv = st_inv + n * B * P + s;
 
-  // Pass 1, per part: max and 1/sum of exp over k.
-  for (int64_t b = 0; b < B; ++b) {
-    const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
-    acc_t vmax = logit_of(mb, g[0], z[0]);
-    for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
-    acc_t sum = 0;
-    for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
-    smax[b * P] = vmax;
-    sinv[b * P] = acc_t(1) / sum;
-  }
-  // Pass 2, per cluster: accumulate over parts, write each output once.
-  acc_t* ap = Ap + n * K * P + s;
-  acc_t* sc = Sc + n * K * P + s;
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t gk = g[k * P], zk = z[k];
-    acc_t acc_a = 0, acc_s = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
-      const acc_t a = vexp(logit_of(mb, gk, zk) - smax[b * P]) * sinv[b * P];
-      acc_a += a * mb;
-      acc_s += a;
-    }
-    ap[k * P] = acc_a;
-    sc[k * P] = acc_s;
-  }
+// Forward statistics, one thread per (n, b, s): st_max = max_k logit,
+// st_inv = 1 / sum_k exp(logit - st_max).
+template <typename acc_t>
+__global__ void __launch_bounds__(kFlatThreads) softmax_stats_forward_kernel(
+    const acc_t* __restrict__ G, const acc_t* __restrict__ M, const acc_t* __restrict__ z,
+    acc_t* __restrict__ st_max, acc_t* __restrict__ st_inv, int64_t N, int64_t B, int64_t K,
+    int64_t P) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (n, b, s)
+  if (i >= N * B * P) return;
+  const int64_t n = i / (B * P), s = i % P;
+  const acc_t mb = (M != nullptr) ? M[i] : acc_t(1);
+  const acc_t* g = G + n * K * P + s;  // g[k * P] = G[n,k,s]
+  acc_t vmax = logit_of(mb, g[0], z[0]);
+  for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
+  acc_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
+  st_max[i] = vmax;
+  st_inv[i] = acc_t(1) / sum;  // sum >= 1 (the max term is exp(0))
 }
 
-// ---------------------------------------------------------------------------
-// Backward assignment kernel: one thread per column (n, s).
-//   Inputs G, M (or nullptr), z, dAp (N,K,P), dS (N,K).
-//   Outputs dG (N,K,P), dZc (N,K,P) (per-column dz partials: sum_b dlogit),
-//   dM (N,B,P) (skipped when M is nullptr).  st_* (N,B,P) are scratch.
-// ---------------------------------------------------------------------------
+// Forward accumulation, one thread per (n, k, s):
+//   Ap[n,k,s] = sum_b a[b,k,s] M[b,s],  Sc[n,k,s] = sum_b a[b,k,s].
 template <typename acc_t>
-__global__ void __launch_bounds__(kColumnThreads) assign_backward_kernel(
+__global__ void __launch_bounds__(kFlatThreads) assign_accumulate_forward_kernel(
     const acc_t* __restrict__ G, const acc_t* __restrict__ M, const acc_t* __restrict__ z,
-    const acc_t* __restrict__ dAp, const acc_t* __restrict__ dS, acc_t* __restrict__ dG,
-    acc_t* __restrict__ dZc, acc_t* __restrict__ dM, acc_t* __restrict__ st_max,
-    acc_t* __restrict__ st_inv, acc_t* __restrict__ st_dot, int64_t N, int64_t B, int64_t K,
-    int64_t P) {
-  const int64_t col = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= N * P) return;
-  const int64_t n = col / P, s = col - n * P;
+    const acc_t* __restrict__ st_max, const acc_t* __restrict__ st_inv, acc_t* __restrict__ Ap,
+    acc_t* __restrict__ Sc, int64_t N, int64_t B, int64_t K, int64_t P) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (n, k, s)
+  if (i >= N * K * P) return;
+  const int64_t n = i / (K * P), k = (i / P) % K, s = i % P;
+  const int64_t j0 = n * B * P + s;  // (n, 0, s) in the (N,B,P) tensors
+  const acc_t gk = G[i], zk = z[k];
+  acc_t acc_a = 0, acc_s = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t j = j0 + b * P;
+    const acc_t mb = (M != nullptr) ? M[j] : acc_t(1);
+    const acc_t a = vexp(logit_of(mb, gk, zk) - st_max[j]) * st_inv[j];
+    acc_a += a * mb;
+    acc_s += a;
+  }
+  Ap[i] = acc_a;
+  Sc[i] = acc_s;
+}
+
+// Backward statistics and dM, one thread per (n, b, s):
+//   st_max, st_inv as in the forward; st_dot = sum_k a[b,k,s] da[b,k,s] with
+//   da[b,k,s] = dAp[k,s] M[b,s] + dS[k];
+//   dM[b,s] = sum_k a dAp[k,s] + sum_k a (da - st_dot) G[k,s]   (if M given).
+template <typename acc_t>
+__global__ void __launch_bounds__(kFlatThreads) softmax_stats_backward_kernel(
+    const acc_t* __restrict__ G, const acc_t* __restrict__ M, const acc_t* __restrict__ z,
+    const acc_t* __restrict__ dAp, const acc_t* __restrict__ dS, acc_t* __restrict__ st_max,
+    acc_t* __restrict__ st_inv, acc_t* __restrict__ st_dot, acc_t* __restrict__ dM, int64_t N,
+    int64_t B, int64_t K, int64_t P) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (n, b, s)
+  if (i >= N * B * P) return;
+  const int64_t n = i / (B * P), s = i % P;
+  const acc_t mb = (M != nullptr) ? M[i] : acc_t(1);
   const acc_t* g = G + n * K * P + s;
   const acc_t* dap = dAp + n * K * P + s;
   const acc_t* ds = dS + n * K;
-  const acc_t* m = (M != nullptr) ? M + n * B * P + s : nullptr;
-  acc_t* smax = st_max + n * B * P + s;
-  acc_t* sinv = st_inv + n * B * P + s;
-  acc_t* sdot = st_dot + n * B * P + s;
-
-  // Pass 1, per part: softmax statistics, dot = sum_j a_j da_j, and dM.
-  for (int64_t b = 0; b < B; ++b) {
-    const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
-    acc_t vmax = logit_of(mb, g[0], z[0]);
-    for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
-    acc_t sum = 0;
-    for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
-    const acc_t inv = acc_t(1) / sum;
-    acc_t dot = 0, dm = 0;
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t a = vexp(logit_of(mb, g[k * P], z[k]) - vmax) * inv;
-      const acc_t da = dap[k * P] * mb + ds[k];
-      dot += a * da;
-      dm += a * dap[k * P];  // through A' = sum_b a M
-    }
-    if (dM != nullptr) {
-      for (int64_t k = 0; k < K; ++k) {
-        const acc_t gk = g[k * P];
-        const acc_t a = vexp(logit_of(mb, gk, z[k]) - vmax) * inv;
-        const acc_t da = dap[k * P] * mb + ds[k];
-        dm += a * (da - dot) * gk;  // through logit = M G + z
-      }
-      dM[n * B * P + b * P + s] = dm;
-    }
-    smax[b * P] = vmax;
-    sinv[b * P] = inv;
-    sdot[b * P] = dot;
-  }
-  // Pass 2, per cluster: dG and dz partials, written once.
-  acc_t* dg = dG + n * K * P + s;
-  acc_t* dzc = dZc + n * K * P + s;
+  acc_t vmax = logit_of(mb, g[0], z[0]);
+  for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
+  acc_t sum = 0;
+  for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
+  const acc_t inv = acc_t(1) / sum;
+  acc_t dot = 0, dm = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const acc_t gk = g[k * P], zk = z[k], dapk = dap[k * P], dsk = ds[k];
-    acc_t acc_g = 0, acc_z = 0;
-    for (int64_t b = 0; b < B; ++b) {
-      const acc_t mb = (m != nullptr) ? m[b * P] : acc_t(1);
-      const acc_t a = vexp(logit_of(mb, gk, zk) - smax[b * P]) * sinv[b * P];
-      const acc_t dl = a * (dapk * mb + dsk - sdot[b * P]);
-      acc_g += dl * mb;
-      acc_z += dl;
-    }
-    dg[k * P] = acc_g;
-    dzc[k * P] = acc_z;
+    const acc_t a = vexp(logit_of(mb, g[k * P], z[k]) - vmax) * inv;
+    const acc_t dapk = dap[k * P];
+    dot += a * (dapk * mb + ds[k]);
+    dm += a * dapk;  // through A' = sum_b a M
   }
+  if (M != nullptr) {
+    for (int64_t k = 0; k < K; ++k) {
+      const acc_t gk = g[k * P];
+      const acc_t a = vexp(logit_of(mb, gk, z[k]) - vmax) * inv;
+      dm += a * (dap[k * P] * mb + ds[k] - dot) * gk;  // through logit = M G + z
+    }
+    dM[i] = dm;
+  }
+  st_max[i] = vmax;
+  st_inv[i] = inv;
+  st_dot[i] = dot;
+}
+
+// Backward accumulation, one thread per (n, k, s), with
+// dlogit[b,k,s] = a (dAp[k,s] M[b,s] + dS[k] - st_dot[b,s]):
+//   dG[n,k,s] = sum_b dlogit M[b,s],  dZc[n,k,s] = sum_b dlogit.
+template <typename acc_t>
+__global__ void __launch_bounds__(kFlatThreads) assign_accumulate_backward_kernel(
+    const acc_t* __restrict__ G, const acc_t* __restrict__ M, const acc_t* __restrict__ z,
+    const acc_t* __restrict__ dAp, const acc_t* __restrict__ dS, const acc_t* __restrict__ st_max,
+    const acc_t* __restrict__ st_inv, const acc_t* __restrict__ st_dot, acc_t* __restrict__ dG,
+    acc_t* __restrict__ dZc, int64_t N, int64_t B, int64_t K, int64_t P) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;  // (n, k, s)
+  if (i >= N * K * P) return;
+  const int64_t n = i / (K * P), k = (i / P) % K, s = i % P;
+  const int64_t j0 = n * B * P + s;
+  const acc_t gk = G[i], zk = z[k], dapk = dAp[i], dsk = dS[n * K + k];
+  acc_t acc_g = 0, acc_z = 0;
+  for (int64_t b = 0; b < B; ++b) {
+    const int64_t j = j0 + b * P;
+    const acc_t mb = (M != nullptr) ? M[j] : acc_t(1);
+    const acc_t a = vexp(logit_of(mb, gk, zk) - st_max[j]) * st_inv[j];
+    const acc_t dl = a * (dapk * mb + dsk - st_dot[j]);
+    acc_g += dl * mb;
+    acc_z += dl;
+  }
+  dG[i] = acc_g;
+  dZc[i] = acc_z;
 }
 
 // ---------------------------------------------------------------------------
@@ -357,6 +371,8 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
   }
 }
 
+// END DEVICE CODE
+
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
@@ -418,11 +434,10 @@ Flat flatten_inputs(const at::Tensor& features, const std::optional<at::Tensor>&
   return f;
 }
 
-unsigned int column_blocks(int64_t N, int64_t P) {
-  const int64_t cols = N * P;
-  const int64_t blocks = (cols + kColumnThreads - 1) / kColumnThreads;
+unsigned int flat_blocks(int64_t count) {
+  const int64_t blocks = (count + kFlatThreads - 1) / kFlatThreads;
   TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
-              "personvlad (CUDA): too many columns N*P=", cols);
+              "personvlad (CUDA): problem too large (", count, " threads)");
   return static_cast<unsigned int>(blocks);
 }
 
@@ -442,14 +457,22 @@ Core forward_core(const Flat& f) {
   r.G = at::matmul(f.W, f.F).contiguous();  // (N, K, P)
   r.Ap = at::empty({f.N, f.K, f.P}, opts);
   at::Tensor Sc = at::empty({f.N, f.K, f.P}, opts);
+  // An empty spatial grid (P = 0, rejected by ops.py but legal for the raw op)
+  // launches nothing: A' and S stay empty / zero.
   at::Tensor st_max = at::empty({f.N, f.B, f.P}, opts);
   at::Tensor st_inv = at::empty({f.N, f.B, f.P}, opts);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES(f.acc, "person_vlad_cuda_assign_forward", [&] {
-    assign_forward_kernel<scalar_t><<<column_blocks(f.N, f.P), kColumnThreads, 0, stream>>>(
-        r.G.data_ptr<scalar_t>(), f.M.defined() ? f.M.data_ptr<scalar_t>() : nullptr,
-        f.z.data_ptr<scalar_t>(), r.Ap.data_ptr<scalar_t>(), Sc.data_ptr<scalar_t>(),
-        st_max.data_ptr<scalar_t>(), st_inv.data_ptr<scalar_t>(), f.N, f.B, f.K, f.P);
+  if (f.P > 0) AT_DISPATCH_FLOATING_TYPES(f.acc, "person_vlad_cuda_assign_forward", [&] {
+    const scalar_t* M = f.M.defined() ? f.M.data_ptr<scalar_t>() : nullptr;
+    softmax_stats_forward_kernel<scalar_t><<<flat_blocks(f.N * f.B * f.P), kFlatThreads, 0, stream>>>(
+        r.G.data_ptr<scalar_t>(), M, f.z.data_ptr<scalar_t>(), st_max.data_ptr<scalar_t>(),
+        st_inv.data_ptr<scalar_t>(), f.N, f.B, f.K, f.P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    assign_accumulate_forward_kernel<scalar_t>
+        <<<flat_blocks(f.N * f.K * f.P), kFlatThreads, 0, stream>>>(
+            r.G.data_ptr<scalar_t>(), M, f.z.data_ptr<scalar_t>(), st_max.data_ptr<scalar_t>(),
+            st_inv.data_ptr<scalar_t>(), r.Ap.data_ptr<scalar_t>(), Sc.data_ptr<scalar_t>(), f.N,
+            f.B, f.K, f.P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   r.S = Sc.sum(2);                                     // (N, K)
@@ -547,13 +570,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
   at::Tensor st_max = at::empty({N, B, P}, opts);
   at::Tensor st_inv = at::empty({N, B, P}, opts);
   at::Tensor st_dot = at::empty({N, B, P}, opts);
-  AT_DISPATCH_FLOATING_TYPES(f.acc, "person_vlad_cuda_assign_backward", [&] {
-    assign_backward_kernel<scalar_t><<<column_blocks(N, P), kColumnThreads, 0, stream>>>(
-        core.G.data_ptr<scalar_t>(), f.M.defined() ? f.M.data_ptr<scalar_t>() : nullptr,
-        f.z.data_ptr<scalar_t>(), dAp.data_ptr<scalar_t>(), dS.data_ptr<scalar_t>(),
-        dG.data_ptr<scalar_t>(), dZc.data_ptr<scalar_t>(),
-        dM.defined() ? dM.data_ptr<scalar_t>() : nullptr, st_max.data_ptr<scalar_t>(),
-        st_inv.data_ptr<scalar_t>(), st_dot.data_ptr<scalar_t>(), N, B, K, P);
+  if (P > 0) AT_DISPATCH_FLOATING_TYPES(f.acc, "person_vlad_cuda_assign_backward", [&] {
+    const scalar_t* M = f.M.defined() ? f.M.data_ptr<scalar_t>() : nullptr;
+    softmax_stats_backward_kernel<scalar_t><<<flat_blocks(N * B * P), kFlatThreads, 0, stream>>>(
+        core.G.data_ptr<scalar_t>(), M, f.z.data_ptr<scalar_t>(), dAp.data_ptr<scalar_t>(),
+        dS.data_ptr<scalar_t>(), st_max.data_ptr<scalar_t>(), st_inv.data_ptr<scalar_t>(),
+        st_dot.data_ptr<scalar_t>(), dM.defined() ? dM.data_ptr<scalar_t>() : nullptr, N, B, K, P);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    assign_accumulate_backward_kernel<scalar_t>
+        <<<flat_blocks(N * K * P), kFlatThreads, 0, stream>>>(
+            core.G.data_ptr<scalar_t>(), M, f.z.data_ptr<scalar_t>(), dAp.data_ptr<scalar_t>(),
+            dS.data_ptr<scalar_t>(), st_max.data_ptr<scalar_t>(), st_inv.data_ptr<scalar_t>(),
+            st_dot.data_ptr<scalar_t>(), dG.data_ptr<scalar_t>(), dZc.data_ptr<scalar_t>(), N, B, K,
+            P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 

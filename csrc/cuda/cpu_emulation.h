@@ -1,0 +1,136 @@
+// CPU emulation of the few CUDA features used by the device code of
+// person_vlad_cuda.cu (the part between "BEGIN DEVICE CODE" and "END DEVICE
+// CODE"), so that tests/test_cuda_backend.py can compile that code with a
+// host C++17 compiler and run it without a GPU.  Test-only: never included by
+// the extension build (setup.py compiles *.cu and *.cpp, not headers).
+//
+// - Kernels without barriers run block by block, thread by thread
+//   (launch_serial).
+// - Kernels with __syncthreads / __shfl_xor_sync run one std::thread per CUDA
+//   thread of a block, block after block (launch_threads): __syncthreads is a
+//   block-wide barrier and __shfl_xor_sync a per-warp exchange between two
+//   warp-wide barriers, so a shuffle that is not reached by all 32 lanes of a
+//   warp times out and the launch reports failure instead of silently working.
+// - __shared__ variables become function-local statics: shared by the
+//   threads of a block, and blocks run one after another.
+#pragma once
+
+#include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <cmath>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <vector>
+
+struct pv_emu_uint3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+inline thread_local pv_emu_uint3 threadIdx, blockIdx, blockDim;
+
+#define __global__
+#define __device__
+#define __forceinline__ inline
+#define __launch_bounds__(x)
+#define __shared__ static
+
+template <typename T>
+inline T max(T a, T b) {
+  return a > b ? a : b;  // CUDA's fmax-like max for finite inputs
+}
+inline float expf(float x) { return std::exp(x); }
+inline float sqrtf(float x) { return std::sqrt(x); }
+using std::exp;
+using std::sqrt;
+
+namespace pv_emu {
+constexpr int kMaxWarps = 32;
+
+// A reusable barrier that gives up after a timeout instead of hanging: a
+// barrier not reached by every thread it waits for (a divergent
+// __syncthreads or shuffle) sets `broken`, after which every wait returns at
+// once so the launch finishes and reports the error.
+struct Barrier {
+  explicit Barrier(unsigned n) : expected(n) {}
+  void arrive_and_wait() {
+    std::unique_lock<std::mutex> lock(mutex);
+    if (broken) return;
+    const unsigned gen = generation;
+    if (++arrived == expected) {
+      arrived = 0;
+      ++generation;
+      cv.notify_all();
+      return;
+    }
+    if (!cv.wait_for(lock, std::chrono::seconds(20), [&] { return generation != gen || broken; })) {
+      broken = true;
+      cv.notify_all();
+    }
+  }
+  std::mutex mutex;
+  std::condition_variable cv;
+  unsigned expected, arrived = 0, generation = 0;
+  bool broken = false;
+};
+
+inline std::unique_ptr<Barrier> block_barrier;
+inline std::vector<std::unique_ptr<Barrier>> warp_barriers;
+inline double exchange[kMaxWarps][32];
+
+// True when a barrier of the last launch_threads timed out.
+inline bool last_launch_broken() {
+  bool broken = block_barrier && block_barrier->broken;
+  for (const auto& w : warp_barriers) broken = broken || w->broken;
+  return broken;
+}
+}  // namespace pv_emu
+
+inline void __syncthreads() { pv_emu::block_barrier->arrive_and_wait(); }
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
+  const unsigned w = threadIdx.x / 32, l = threadIdx.x % 32;
+  pv_emu::exchange[w][l] = static_cast<double>(v);  // exact for float and double
+  pv_emu::warp_barriers[w]->arrive_and_wait();
+  const T r = static_cast<T>(pv_emu::exchange[w][l ^ static_cast<unsigned>(lane_mask)]);
+  pv_emu::warp_barriers[w]->arrive_and_wait();
+  return r;
+}
+
+template <typename F>
+void launch_serial(int64_t blocks, unsigned threads, F kernel) {
+  for (int64_t b = 0; b < blocks; ++b)
+    for (unsigned t = 0; t < threads; ++t) {
+      blockIdx.x = static_cast<unsigned>(b);
+      threadIdx.x = t;
+      blockDim.x = threads;
+      kernel();
+    }
+}
+
+template <typename F>
+bool launch_threads(int64_t blocks, unsigned threads, F kernel) {  // false: a barrier broke
+  // One std::thread per CUDA thread of a block, reused for every block; a
+  // block-wide barrier after each block keeps the blocks apart (their
+  // __shared__ statics are reused).
+  pv_emu::block_barrier = std::make_unique<pv_emu::Barrier>(threads);
+  pv_emu::warp_barriers.clear();
+  for (unsigned w = 0; w < threads / 32; ++w)
+    pv_emu::warp_barriers.push_back(std::make_unique<pv_emu::Barrier>(32));
+  std::vector<std::thread> pool;
+  pool.reserve(threads);
+  for (unsigned t = 0; t < threads; ++t)
+    pool.emplace_back([=] {
+      for (int64_t b = 0; b < blocks; ++b) {
+        blockIdx.x = static_cast<unsigned>(b);
+        threadIdx.x = t;
+        blockDim.x = threads;
+        kernel();
+        pv_emu::block_barrier->arrive_and_wait();
+      }
+    });
+  for (auto& th : pool) th.join();
+  return !pv_emu::last_launch_broken();
+}
