@@ -170,10 +170,7 @@ else:
 
 def _p_bucket(P):
     """Autotune bucket of the spatial size (powers of two, 16..4096)."""
-    b = 16
-    while b < P and b < 4096:
-        b *= 2
-    return b
+    return _pow2_at_least(P, 16, 4096)
 
 
 # --------------------------------------------------------------------------
@@ -448,13 +445,22 @@ def _bwd_main_kernel(
 # --------------------------------------------------------------------------
 # Host-side helpers (traceable: shapes only, torch ops and wrap_triton launches)
 # --------------------------------------------------------------------------
+def _pow2_at_least(n, lo=16, hi=None):
+    """Smallest power of two >= n (at least lo, at most hi).  Written with
+    comparisons only so that it also works (by guarding) on SymInts."""
+    b = lo
+    while b < n and (hi is None or b < hi):
+        b *= 2
+    return b
+
+
 def _block_k(K):
-    return max(16, triton.next_power_of_2(K))
+    return _pow2_at_least(K)
 
 
 def _block_c_rows(BK, C):
     """C chunk for the per-sample (all K rows) normalisation kernels."""
-    return max(16, min(triton.next_power_of_2(C), 4096 // BK))
+    return _pow2_at_least(C, 16, max(16, 4096 // BK))
 
 
 def _flatten(features, parts):
