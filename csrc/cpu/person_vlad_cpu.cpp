@@ -204,13 +204,14 @@ struct RowArgs {
   const T* M;    // (B, P)  or nullptr (one part, all ones)
   const T* z;    // (K)
   int64_t B, P, K;
+  int64_t ldy = 0;  // row stride of AT and dGT (they share a P x 2K buffer)
   // forward outputs
-  T* AT = nullptr;  // (P, K)  A'^T
+  T* AT = nullptr;  // (P, K)  A'^T, row stride ldy
   T* ST = nullptr;  // (P, K)  sum_b a  (reduced over s afterwards)
   // backward inputs / outputs
   const T* dAT = nullptr;  // (P, K)  dA'^T
   const T* ds = nullptr;   // (K)
-  T* dGT = nullptr;        // (P, K)  dG^T
+  T* dGT = nullptr;        // (P, K)  dG^T, row stride ldy
   T* DZ = nullptr;         // (P, K)  sum_b dl (reduced over s afterwards)
   T* dM = nullptr;         // (B, P)  or nullptr
 };
@@ -220,7 +221,7 @@ PV_INLINE void forward_rows_impl(const RowArgs<T>& r, int64_t s0, int64_t s1, T*
   const int64_t K = r.K;
   for (int64_t s = s0; s < s1; ++s) {
     const T* g = r.GT + s * K;
-    T* at = r.AT + s * K;
+    T* at = r.AT + s * r.ldy;
     T* st = r.ST + s * K;
     for (int64_t k = 0; k < K; ++k) {
       at[k] = T(0);
@@ -244,7 +245,7 @@ PV_INLINE void backward_rows_impl(const RowArgs<T>& r, int64_t s0, int64_t s1, T
   for (int64_t s = s0; s < s1; ++s) {
     const T* g = r.GT + s * K;
     const T* dat = r.dAT + s * K;
-    T* dg = r.dGT + s * K;
+    T* dg = r.dGT + s * r.ldy;
     T* dz = r.DZ + s * K;
     for (int64_t k = 0; k < K; ++k) {
       dg[k] = T(0);
@@ -339,17 +340,25 @@ Inputs prepare(const at::Tensor& features, const std::optional<at::Tensor>& part
   return in;
 }
 
-// Per-chunk GEMM and row scratch.
+// Per-chunk GEMM and row scratch.  Y = [A'^T | dG^T] (P x 2K) so that the
+// backward gets dF = dV^T A' + W^T dG = [dV; W]^T Y^T from one GEMM.
 struct Scratch {
-  at::Tensor GT, AT, ST;  // (P, K)
+  at::Tensor GT, ST;  // (P, K)
+  at::Tensor Y;       // (P, 2K)
+  at::Tensor AT;      // Y[:, :K]
+  at::Tensor dGT;     // Y[:, K:]
   Scratch(int64_t P, int64_t K, at::TensorOptions o)
-      : GT(at::empty({P, K}, o)), AT(at::empty({P, K}, o)), ST(at::empty({P, K}, o)) {}
+      : GT(at::empty({P, K}, o)), ST(at::empty({P, K}, o)), Y(at::empty({P, 2 * K}, o)) {
+    AT = Y.narrow(1, 0, K);
+    dGT = Y.narrow(1, K, K);
+  }
 };
 
 // Forward pass of one sample up to V (written into Vout, (K, C)); s -> s_out (K).
+// need_V=false stops after A' and s (the raw backward does not need V).
 template <typename T>
 void sample_forward(const Inputs& in, int64_t n, Scratch& sc, at::Tensor& Vout, T* s_out,
-                    bool inner_parallel) {
+                    bool inner_parallel, bool need_V = true) {
   const VladDims& d = in.d;
   const at::Tensor Fn = in.F.select(0, n);  // (C, P)
   at::mm_out(sc.GT, Fn.t(), in.W.t());      // G^T = F^T W^T   (P, K)
@@ -360,11 +369,13 @@ void sample_forward(const Inputs& in, int64_t n, Scratch& sc, at::Tensor& Vout, 
   r.B = d.B;
   r.P = d.P;
   r.K = d.K;
+  r.ldy = 2 * d.K;
   r.AT = sc.AT.data_ptr<T>();
   r.ST = sc.ST.data_ptr<T>();
   over_positions<T>(d.P, d.K, d.B, inner_parallel,
                     [&](int64_t s0, int64_t s1, T* a) { forward_rows(r, s0, s1, a); });
   column_sums(r.ST, d.P, d.K, s_out, false);
+  if (!need_V) return;
   at::mm_out(Vout, sc.AT.t(), Fn.t());  // V = A' F^T   (K, C)
   T* V = Vout.data_ptr<T>();
   const T* c = in.c.data_ptr<T>();
@@ -498,15 +509,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor dW_acc = at::zeros({plan.chunks, d.K, d.C}, o);
   at::Tensor dz_acc = at::zeros({plan.chunks, d.K}, o);
   at::Tensor dc_acc = at::zeros({plan.chunks, d.K, d.C}, o);
-  const at::Tensor Wt = in.W.t();  // (C, K)
 
   auto chunk_fn = [&](int64_t c0, int64_t c1) {
     Scratch sc(d.P, d.K, o);
     at::Tensor V = at::empty({d.K, d.C}, o);
     at::Tensor U = at::empty({d.K, d.C}, o);
-    at::Tensor dV = at::empty({d.K, d.C}, o);
+    at::Tensor X = at::empty({2 * d.K, d.C}, o);  // [dV; W]
+    at::Tensor dV = X.narrow(0, 0, d.K);
+    X.narrow(0, d.K, d.K).copy_(in.W);
     at::Tensor dAT = at::empty({d.P, d.K}, o);
-    at::Tensor dGT = at::empty({d.P, d.K}, o);
     at::Tensor DZ = at::empty({d.P, d.K}, o);
     std::vector<T> s(d.K), ds(d.K);
     const T* c = in.c.data_ptr<T>();
@@ -517,7 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       for (int64_t n = chunk_begin(ci, d.N, plan.chunks); n < chunk_begin(ci + 1, d.N, plan.chunks);
            ++n) {
         const bool inner = !plan.batch_parallel;
-        sample_forward<T>(in, n, sc, V, s.data(), inner);
+        sample_forward<T>(in, n, sc, V, s.data(), inner, /*need_V=*/normalize);
         // dV
         T* dVp = dV.data_ptr<T>();
         std::memcpy(dVp, grad.select(0, n).data_ptr<T>(), sizeof(T) * d.K * d.C);
@@ -540,18 +551,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
         r.B = d.B;
         r.P = d.P;
         r.K = d.K;
+        r.ldy = 2 * d.K;
         r.dAT = dAT.data_ptr<T>();
         r.ds = ds.data();
-        r.dGT = dGT.data_ptr<T>();
+        r.dGT = sc.dGT.data_ptr<T>();
         r.DZ = DZ.data_ptr<T>();
         r.dM = d.has_parts ? dM.select(0, n).data_ptr<T>() : nullptr;
         over_positions<T>(d.P, d.K, d.B, inner,
                           [&](int64_t s0, int64_t s1, T* a) { backward_rows(r, s0, s1, a); });
         column_sums(r.DZ, d.P, d.K, dzc, true);
-        dWc.addmm_(dGT.t(), Fn.t());  // dW += dG F^T         (K, C)
+        dWc.addmm_(sc.dGT.t(), Fn.t());  // dW += dG F^T                  (K, C)
         at::Tensor dFn = dF.select(0, n);
-        at::mm_out(dFn, dV.t(), sc.AT.t());  // dF = dV^T A'      (C, P)
-        dFn.addmm_(Wt, dGT.t());             //    + W^T dG
+        at::mm_out(dFn, X.t(), sc.Y.t());  // dF = dV^T A' + W^T dG = X^T Y^T (C, P)
       }
     }
   };
