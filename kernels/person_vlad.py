@@ -672,6 +672,13 @@ def person_vlad_triton(
     validated by :func:`personvlad.ops.validate`.  Raises
     :class:`UnsupportedInput` (a ``ValueError``) outside :func:`supports`."""
     check_supported(features, parts, assign_weight, assign_bias, centers)
+    if features.is_cuda and not torch.compiler.is_compiling():
+        # Triton launches on the current device: make it the tensors' device.
+        with torch.cuda.device(features.device):
+            out, _ = torch.ops.personvlad.person_vlad_triton(
+                features, parts, assign_weight, assign_bias, centers, normalize
+            )
+        return out
     out, _ = torch.ops.personvlad.person_vlad_triton(
         features, parts, assign_weight, assign_bias, centers, normalize
     )
