@@ -296,6 +296,75 @@ def test_torch_compile_fullgraph():
         torch.testing.assert_close(a, b)
 
 
+_GPU_PATH_SCRIPT = r"""
+import os
+os.environ.pop("TRITON_INTERPRET", None)
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.proxy_tensor import make_fx
+from torch._library.triton import get_triton_kernels_for_op
+from personvlad.kernels import person_vlad as tk
+
+assert not tk.INTERPRET
+# 1. registered as triton_op: torch knows the kernels behind both ops
+assert len(get_triton_kernels_for_op("personvlad::person_vlad_triton")) == 3
+assert len(get_triton_kernels_for_op("personvlad::person_vlad_triton_backward")) == 3
+
+# 2. the op body traces on fake CUDA tensors into visible Triton kernel calls
+with FakeTensorMode():
+    ins = [torch.empty(s, device="cuda") for s in [(2, 8, 3, 5), (2, 2, 3, 5), (4, 8), (4,), (4, 8)]]
+    gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)
+    hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(hops) == 3, gm.code
+    out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    assert out.shape == (2, 32) and norms.shape == (2, 5)
+    g = torch.empty(2, 32, device="cuda")
+    gm = make_fx(lambda *a: tk._backward_impl(*a, True))(g, *ins, out, norms)
+    assert len([n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]) == 3
+
+# 3. every kernel compiles for a real GPU target in bf16 (the interpreter has no bf16)
+def comp(fn, sig, consts, warps, stages):
+    names = fn.arg_names
+    full = {n: ("constexpr" if n in consts else sig[n]) for n in names}
+    src = ASTSource(fn=fn, signature=full, constexprs={(names.index(k),): v for k, v in consts.items()})
+    k = triton.compile(src, target=GPUTarget("cuda", 80, 32), options={"num_warps": warps, "num_stages": stages})
+    assert len(k.asm["ptx"]) > 0
+
+ints = {n: "i32" for n in ("C", "P", "K", "B", "NSLOT", "P_BUCKET", "N", "NPG")}
+f, f32 = "*bf16", "*fp32"
+comp(tk._fwd_assign_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, AP_ptr=f32, SPART_ptr=f32),
+     dict(HAS_PARTS=True, BLOCK_K=64, BLOCK_P=64, BLOCK_C=32), 4, 3)
+comp(tk._gemm_kc_kernel.fn, dict(ints, X_ptr=f32, F_ptr=f, S_ptr=f32, CEN_ptr=f32, OUT_ptr=f),
+     dict(SUB_SC=True, BLOCK_K=64, BLOCK_C=64, BLOCK_P=32), 4, 3)
+comp(tk._fwd_normalize_kernel, dict(ints, V_ptr=f32, OUT_ptr=f, NORM_ptr=f32), dict(BLOCK_K=64, BLOCK_C=64), 4, 1)
+comp(tk._bwd_normalize_kernel, dict(ints, DY_ptr=f, Y_ptr=f, NORM_ptr=f32, CEN_ptr=f32, DV_ptr=f32, DS_ptr=f32),
+     dict(NORMALIZE=True, BLOCK_K=64, BLOCK_C=64), 4, 1)
+comp(tk._bwd_main_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, DV_ptr=f32, DS_ptr=f32, DF_ptr=f,
+     DM_ptr=f, DG_ptr=f32, DZPART_ptr=f32, SPART_ptr=f32), dict(HAS_PARTS=True, BLOCK_K=64, BLOCK_P=32, BLOCK_C=32), 4, 2)
+print("GPU-PATH-OK")
+"""
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the cuda-marked tests run the real GPU path")
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch (fake CUDA tensors, ptxas)")
+def test_gpu_registration_path_without_gpu():
+    """Without the interpreter the ops are torch.library.triton_op s.  In a
+    fresh process without TRITON_INTERPRET: both ops know their kernels, the
+    op bodies trace on fake CUDA tensors into triton_kernel_wrapper calls, and
+    every kernel compiles (bf16) for an sm_80 target."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PERSONVLAD_QUIET_EXT"] = "1"
+    r = subprocess.run([sys.executable, "-c", _GPU_PATH_SCRIPT], env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and "GPU-PATH-OK" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------
 # CUDA: real kernels at realistic shapes
 # ---------------------------------------------------------------------------
