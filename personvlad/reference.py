@@ -21,6 +21,7 @@ the "naive NetVLAD per part" baseline.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -73,10 +74,11 @@ def person_vlad_ref(
     (N, K, C), in ``features.dtype``.
     """
     N, C = features.shape[:2]
+    P = math.prod(features.shape[2:])
     K = assign_weight.shape[0]
     cd = compute_dtype(features)
-    F = features.reshape(N, C, -1).to(cd)
-    M = None if parts is None else parts.reshape(N, parts.shape[1], -1).to(cd)
+    F = features.reshape(N, C, P).to(cd)
+    M = None if parts is None else parts.reshape(N, parts.shape[1], P).to(cd)
     W = assign_weight.to(cd)
     z = assign_bias.to(cd)
     c = centers.to(cd)
@@ -108,12 +110,13 @@ def person_vlad_naive(
     baseline only, never used by the package itself.
     """
     N, C = features.shape[:2]
+    P = math.prod(features.shape[2:])
     cd = compute_dtype(features)
-    F = features.reshape(N, C, -1).to(cd)
+    F = features.reshape(N, C, P).to(cd)
     if parts is None:
-        M = F.new_ones(N, 1, F.shape[2])
+        M = F.new_ones(N, 1, P)
     else:
-        M = parts.reshape(N, parts.shape[1], -1).to(cd)
+        M = parts.reshape(N, parts.shape[1], P).to(cd)
     x = M.unsqueeze(2) * F.unsqueeze(1)  # (N, B, C, P)
     W = assign_weight.to(cd)
     logits = torch.einsum("kc,nbcp->nbkp", W, x) + assign_bias.to(cd)[None, None, :, None]
