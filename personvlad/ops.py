@@ -21,7 +21,6 @@ keep working.  Those fallbacks are *not* reported by :func:`available_backends`.
 """
 from __future__ import annotations
 
-import functools
 import os
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -150,15 +149,20 @@ torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context
 # --------------------------------------------------------------------------
 # Triton backend (lazy: importing triton is slow and may be absent)
 # --------------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+_TRITON = {"loaded": False, "module": None, "error": None}
+
+
 def _triton_module():
-    """Return ``personvlad.kernels.person_vlad`` or None if Triton is unusable."""
-    try:
-        from .kernels import person_vlad as mod  # type: ignore
-    except Exception as e:  # ImportError, or triton failing to initialise
-        _triton_module.error = e  # type: ignore[attr-defined]
-        return None
-    return mod
+    """Return ``personvlad.kernels.person_vlad`` or None if Triton is unusable
+    (imported once; a plain cache so torch.compile traces through it)."""
+    if not _TRITON["loaded"]:
+        _TRITON["loaded"] = True
+        try:
+            from .kernels import person_vlad as mod  # type: ignore
+            _TRITON["module"] = mod
+        except Exception as e:  # ImportError, or triton failing to initialise
+            _TRITON["error"] = e
+    return _TRITON["module"]
 
 
 def _triton_interpret() -> bool:
@@ -173,7 +177,7 @@ def _triton_usable(device: torch.device) -> Tuple[bool, str]:
     elif not (device.type == "cpu" and _triton_interpret()):
         return False, f"Triton runs on CUDA tensors (or CPU with TRITON_INTERPRET=1), got {device}"
     if _triton_module() is None:
-        return False, f"Triton kernels could not be imported: {getattr(_triton_module, 'error', '?')}"
+        return False, f"Triton kernels could not be imported: {_TRITON['error']}"
     return True, ""
 
 
@@ -218,7 +222,7 @@ def available_backends(device: Optional[torch.device | str] = None) -> Tuple[str
     return tuple(found)
 
 
-def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], K: int) -> str:
+def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], W: torch.Tensor) -> str:
     dev = features.device
     if dev.type == "cpu":
         return "cpu" if _NATIVE_CPU else "reference"
@@ -226,9 +230,11 @@ def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], K: int)
         from ._backend_table import pick_cuda_backend
 
         candidates = [b for b in ("cuda", "triton") if _backend_usable(b, dev)[0]]
+        if "triton" in candidates and not _triton_module().supports(features, parts, W)[0]:
+            candidates.remove("triton")  # outside the kernels' limits (B<=16, K<=128, C<=1024)
         if not candidates:
             return "reference"
-        return pick_cuda_backend(features, parts, K, candidates)
+        return pick_cuda_backend(features, parts, W.shape[0], candidates)
     return "reference"
 
 
@@ -318,10 +324,14 @@ _DISPATCH: Dict[str, Callable] = {
 def resolve_backend(features, parts, assign_weight, backend: str = "auto") -> str:
     """The backend ``person_vlad`` would use for these tensors."""
     if backend == "auto":
-        return _auto_backend(features, parts, assign_weight.shape[0])
+        return _auto_backend(features, parts, assign_weight)
     ok, why = _backend_usable(backend, features.device)
     if not ok:
         raise ValueError(f"backend: {backend!r} is not available here: {why}; available: {available_backends(features.device)}")
+    if backend == "triton":
+        ok, why = _triton_module().supports(features, parts, assign_weight)
+        if not ok:
+            raise ValueError(f"backend: 'triton' cannot run these inputs: {why}")
     return backend
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from conftest import (
+    DEVICES,
     GRIDS,
     PARTS,
     backend_device_dtype_params,
@@ -302,3 +303,22 @@ def test_output_is_unit_norm_and_intra_normalised():
     out = person_vlad(F, M, W, z, c, backend="reference").view(3, 5, 7)
     torch.testing.assert_close(out.flatten(1).norm(dim=1), torch.ones(3, dtype=torch.float64))
     torch.testing.assert_close(out.norm(dim=2), torch.full((3, 5), 1 / math.sqrt(5), dtype=torch.float64))
+
+
+def test_triton_limits_raise_value_error_naming_backend():
+    if "triton" not in ops.available_backends("cpu"):
+        pytest.skip("triton backend not usable here")
+    F, M, W, z, c = make_inputs(N=1, C=4, S=(3,), B=17, K=2, seed=15)
+    with pytest.raises(ValueError, match=r"^backend: 'triton' cannot run these inputs: .*17"):
+        person_vlad(F, M, W, z, c, backend="triton")
+    # the same inputs run on the default backend
+    assert person_vlad(F, M, W, z, c).shape == (1, 8)
+
+
+@pytest.mark.parametrize("device", [pytest.param(d, marks=[pytest.mark.cuda] if d == "cuda" else []) for d in DEVICES])
+def test_registered_op_empty_batch_direct(device):
+    """The registered op itself (not only the door) handles N=0."""
+    F, M, W, z, c = make_inputs(N=0, C=4, S=(3, 2), B=2, K=3, device=device)
+    op = torch.ops.personvlad.person_vlad
+    assert op(F, M, W, z, c, True).shape == (0, 12)
+    assert op(F, None, W, z, c, False).shape == (0, 3, 4)
