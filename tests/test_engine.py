@@ -41,10 +41,14 @@ def _env():
 
 
 def small_cfg(root, **sections):
-    """The tiny preset at a reduced input (8x32x16), deterministic, CPU."""
+    """The tiny preset at a reduced input (8x32x16), deterministic, CPU.
+
+    The op backend is pinned to "reference" (pure PyTorch): these tests check
+    the engine's bitwise resume, and the C++ "cpu" backend was seen to give
+    run-to-run different gradients under load (reported to its owner)."""
     d = {
         "name": "test", "seed": 0, "deterministic": True, "device": "cpu",
-        "model": {"preset": "tiny", "height": 32, "width": 16},
+        "model": {"preset": "tiny", "height": 32, "width": 16, "backend": "reference"},
         "data": {"dataset": "synthetic", "root": str(root), "num_ids": 4, "num_per_id": 2, "workers": 0,
                  "test_batch_size": 64},
         "loss": {"queue_size": 16},
@@ -204,9 +208,10 @@ def short_run(synth_root, tmp_path_factory):
     from personvlad.engine.trainer import load_dataset, train
     from personvlad.models import PersonVLADNet
 
-    cfg = small_cfg(synth_root, deterministic=False,
-                    schedule={"step1_iters": 60, "step1_decay_every": 40, "step2_iters": 10},
-                    log={"log_every": 10, "ckpt_every": 0})
+    # exactly configs/synthetic-tiny.yaml (240 iterations), in-process, no workers
+    cfg = TrainConfig.from_yaml(os.path.join(REPO, "configs", "synthetic-tiny.yaml")).apply_overrides(
+        [f"data.root={synth_root}", "data.workers=0", "log.progress=false", "log.tensorboard=false",
+         "log.ckpt_every=0", "device=cpu"])
     torch.manual_seed(0)
     untrained = evaluate_model(PersonVLADNet(cfg.model_config()), load_dataset(cfg), workers=0)
     out = tmp_path_factory.mktemp("run") / "short"
@@ -217,15 +222,15 @@ def short_run(synth_root, tmp_path_factory):
 def test_short_run_lowers_loss_and_beats_untrained(short_run):
     cfg, out, summary, untrained = short_run
     hist = summary["history"]
-    assert summary["iterations"] == 70 and len(hist) == 7
+    assert summary["iterations"] == 240 and len(hist) == 24
     assert hist[-1]["loss"] < 0.8 * hist[0]["loss"], hist
     trained = summary["metrics"]
     assert trained["standard"]["rank1"] > untrained["standard"]["rank1"] + 0.1, (trained, untrained)
-    assert trained["standard"]["mAP"] > untrained["standard"]["mAP"], (trained, untrained)
+    assert trained["standard"]["mAP"] > untrained["standard"]["mAP"] + 0.05, (trained, untrained)
     for f in ("latest.pt", "best.pt", "train_log.csv", "eval_log.csv", "config.yaml"):
         assert (out / f).exists(), f
     st = ck.load_checkpoint(str(out / "latest.pt"))
-    assert st["iteration"] == 70 and st["step"] == 2 and st["version"]
+    assert st["iteration"] == 240 and st["step"] == 2 and st["version"]
     assert set(st["loss"]) >= {"lut", "queue", "queue_ptr", "queue_filled"}
     assert {"python", "numpy", "torch", "cuda"} <= set(st["rng"])
     assert TrainConfig.from_dict(st["config"]).to_dict() == cfg.to_dict()

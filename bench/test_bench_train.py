@@ -1,0 +1,91 @@
+"""Training-step throughput of the engine (issue 8): clips/s of one full step.
+
+One step = forward (autocast bf16 + channels_last_3d on CUDA, fp32 on CPU) +
+OIM loss (LUT + queue update) + backward + Adam (eps 1e-4; fused on CUDA),
+through the same ``_TrainModule`` / ``build_optimizer`` the trainer uses, on a
+fixed uint8 clip batch moved/normalised as the trainer does (so data loading
+is not measured; see bench/test_bench_data.py for that).
+
+- ``train-tiny-cpu``: tiny preset (8x64x32), batch 8 (4 ids x 2), CPU float32.
+- ``train-paper-gpu``: paper preset (16x180x90), batch 15 (5 ids x 3), bf16,
+  skipped without CUDA.  ``train-paper-gpu-step1`` freezes the VLAD centers
+  (the paper's step 1), ``train-paper-gpu-step2`` trains everything.
+
+extra_info: label, preset, batch, clips (-> clips_per_s in bench/conftest.py),
+dtype, step, peak_bytes / peak_method, device_name, torch_version.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personvlad._memory import peak_bytes
+from personvlad.engine.config import TrainConfig
+from personvlad.engine.trainer import _TrainModule, _step_params, build_optimizer
+from personvlad.losses import OIMLoss
+from personvlad.models import build_model
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def _step_fn(preset: str, num_ids: int, per_id: int, device: str, step: int):
+    torch.manual_seed(0)
+    dev = torch.device(device)
+    model = build_model(preset).to(dev)
+    c = model.config
+    amp = torch.bfloat16 if dev.type == "cuda" else None
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last_3d)
+    cfg = TrainConfig()
+    crit = OIMLoss(model.output_dim, 625, queue_size=5000).to(dev)
+    params = _step_params(model, crit, step, cfg)
+    opt = build_optimizer(params, cfg, 3e-4, dev)
+    net = _TrainModule(model, crit, None, 0.0, amp)
+    n = num_ids * per_id
+    g = torch.Generator().manual_seed(0)
+    clips_u8 = torch.randint(0, 256, (n, 3, c.clip_len, c.height, c.width), dtype=torch.uint8, generator=g)
+    pids = (torch.arange(n) // per_id).to(dev)
+
+    def fn():
+        x = clips_u8.to(dev, non_blocking=True).float().div_(255.0)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last_3d)
+        loss = net(x, pids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        return loss.detach()
+
+    return fn, n
+
+
+def _run(benchmark, fn, n, *, label, preset, device, dtype, step, rounds, warmup):
+    for _ in range(warmup):
+        fn()
+    peak = peak_bytes(fn, device)
+    benchmark.extra_info.update(
+        label=label, preset=preset, batch=n, clips=n, dtype=dtype, step=step, peak_bytes=peak,
+        peak_method="cuda_max_memory_allocated" if device == "cuda" else "vmhwm_delta",
+        device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch_version=torch.__version__,
+    )
+    out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
+    assert torch.isfinite(out).all()
+
+
+@pytest.mark.benchmark(group="train-cpu")
+def test_train_step_tiny_cpu(benchmark):
+    fn, n = _step_fn("tiny", 4, 2, "cpu", step=2)
+    _run(benchmark, fn, n, label="train-tiny-cpu", preset="tiny", device="cpu", dtype="float32", step=2,
+         rounds=5, warmup=1)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.benchmark(group="train-gpu")
+@pytest.mark.parametrize("step", [1, 2])
+def test_train_step_paper_gpu(benchmark, step):
+    fn, n = _step_fn("paper", 5, 3, "cuda", step=step)
+    _run(benchmark, fn, n, label=f"train-paper-gpu-step{step}", preset="paper", device="cuda", dtype="bfloat16",
+         step=step, rounds=20, warmup=5)
