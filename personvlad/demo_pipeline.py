@@ -88,7 +88,8 @@ def _pictures(out_dir: str, results: Dict[str, dict], model, dataset, feats_path
     clip = read_clip(frames, idx, size=(cfg.height, cfg.width))  # uint8 (3, T, H, W)
     with torch.no_grad():
         _, parts = model(clip[None], return_parts=True)
-    pics.append(plot_part_maps(clip, parts[0].float().numpy(), os.path.join(out_dir, "part_maps.png")))
+    pics.append(plot_part_maps(clip.permute(1, 0, 2, 3), parts[0].float().numpy(),
+                               os.path.join(out_dir, "part_maps.png")))
 
     # Ranked gallery list for the first query.
     ff = FeatureFile(feats_path)
