@@ -284,7 +284,6 @@ def _init_centers(model, train_set, cfg: TrainConfig, model_cfg, device: torch.d
     from ..models import init_centers_from
 
     loader, _ = _train_loader(train_set, cfg, model_cfg, rank=0, world=1, start_batch=0, flip_p=0.0, namespace=1)
-    dtype = autocast_dtype(device, cfg.amp)
 
     def batches():
         for i, (clips, _, _) in enumerate(loader):
@@ -292,8 +291,8 @@ def _init_centers(model, train_set, cfg: TrainConfig, model_cfg, device: torch.d
                 return
             yield clips.to(device).float().div_(255.0)
 
-    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-        init_centers_from(model, batches(), num_descriptors=cfg.schedule.kmeans_descriptors, seed=cfg.seed)
+    # fp32 throughout: the k-means distances must not run under bf16 autocast
+    init_centers_from(model, batches(), num_descriptors=cfg.schedule.kmeans_descriptors, seed=cfg.seed)
 
 
 def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: Optional[bool] = None,
@@ -311,9 +310,14 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: 
         raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
     cfg = config
     dinfo = dist_mod.setup(cfg.device)
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic)
     try:
         return _train(cfg, out_dir, resume, dinfo, progress, stop_after)
     finally:
+        # leave the process-wide switches as they were
+        torch.use_deterministic_algorithms(saved[0])
+        torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
         dist_mod.cleanup(dinfo)
 
 
