@@ -40,11 +40,15 @@ def _setup_logging() -> None:
 def register(subparsers) -> None:
     p = subparsers.add_parser(
         "train", help="train a PersonVLAD model (two-step OIM schedule; resumable; DDP via torchrun)",
-        description=__doc__, epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description="Train per a YAML config: k-means VLAD centers, step 1 (centers frozen, Adam eps 1e-4, lr "
+                    "halved every N iterations), step 2 (joint fine-tuning), OIM loss; atomic checkpoints "
+                    "(latest.pt, best.pt by mAP), CSV/TensorBoard logs, periodic evaluation (both protocols). "
+                    "Under torchrun (RANK/WORLD_SIZE set) it runs DDP: NCCL on GPUs, gloo on CPU.", epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML training config (configs/*.yaml); with --resume and no --config, "
                                     "the config saved in --out is used")
-    p.add_argument("--override", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config value, dotted keys (repeatable), e.g. schedule.step1_iters=100")
+    p.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
+                   help="override config values, dotted keys (several, or repeat the flag), "
+                        "e.g. schedule.step1_iters=100 optim.grad_clip=5")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--out", help="output folder (checkpoints, logs); default runs/<config name>")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many iterations in total")
