@@ -71,6 +71,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <tuple>
@@ -133,6 +134,21 @@ struct Lanes {
   static constexpr int64_t L = 64 / sizeof(T);  // one 512-bit register
 };
 
+// Pairwise (tree) folding of the lane accumulators: each level is a vector
+// operation, unlike a sequential scalar chain.
+template <typename T, int64_t L>
+PV_INLINE T fold_sum(T* acc) {
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
+  return acc[0];
+}
+template <typename T, int64_t L>
+PV_INLINE T fold_max(T* acc) {
+  for (int64_t w = L / 2; w >= 1; w /= 2)
+    for (int64_t j = 0; j < w; ++j) acc[j] = acc[j + w] > acc[j] ? acc[j + w] : acc[j];
+  return acc[0];
+}
+
 template <typename T>
 PV_INLINE T row_max(const T* x, int64_t K) {
   constexpr int64_t L = Lanes<T>::L;
@@ -141,8 +157,7 @@ PV_INLINE T row_max(const T* x, int64_t K) {
   int64_t k = 0;
   for (; k + L <= K; k += L)
     for (int64_t j = 0; j < L; ++j) acc[j] = x[k + j] > acc[j] ? x[k + j] : acc[j];
-  T m = -std::numeric_limits<T>::infinity();
-  for (int64_t j = 0; j < L; ++j) m = acc[j] > m ? acc[j] : m;
+  T m = fold_max<T, L>(acc);
   for (; k < K; ++k) m = x[k] > m ? x[k] : m;
   return m;
 }
@@ -157,9 +172,7 @@ PV_INLINE T row_dot(const T* x, const T* y, int64_t K) {
     for (int64_t j = 0; j < L; ++j) acc[j] += x[k + j] * y[k + j];
   T tail = T(0);
   for (; k < K; ++k) tail += x[k] * y[k];
-  T s = T(0);
-  for (int64_t j = 0; j < L; ++j) s += acc[j];
-  return s + tail;
+  return fold_sum<T, L>(acc) + tail;
 }
 
 // e[k] = exp(e[k] - mx), returns sum_k e[k].
@@ -181,9 +194,7 @@ PV_INLINE T row_exp_sum(T* e, T mx, int64_t K) {
     e[k] = v;
     tail += v;
   }
-  T s = T(0);
-  for (int64_t j = 0; j < L; ++j) s += acc[j];
-  return s + tail;
+  return fold_sum<T, L>(acc) + tail;
 }
 
 // a[k] = softmax_k(m * g[k] + z[k]).
@@ -475,6 +486,9 @@ at::Tensor forward_impl(const Inputs& in, bool normalize) {
   if (d.N == 0) return out;
   const Plan plan = make_plan(d.N);
   auto chunk_fn = [&](int64_t c0, int64_t c1) {
+    // Worker threads do not inherit the caller's dispatch TLS: skip the
+    // autograd layer for the internal GEMMs explicitly.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
     Scratch sc(d.P, d.K, o);
     std::vector<T> s(d.K);
     for (int64_t ci = c0; ci < c1; ++ci) {
@@ -511,6 +525,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
   at::Tensor dc_acc = at::zeros({plan.chunks, d.K, d.C}, o);
 
   auto chunk_fn = [&](int64_t c0, int64_t c1) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
     Scratch sc(d.P, d.K, o);
     at::Tensor V = at::empty({d.K, d.C}, o);
     at::Tensor U = at::empty({d.K, d.C}, o);
