@@ -51,13 +51,13 @@
 // recomputed twice (forward pass for A'/s/V, then in the backward row loop),
 // which costs 2x the exponentials but no B*K*P storage.
 //
-// Parallelism.  N >= threads: the batch is cut into `threads` fixed chunks
-// processed by at::parallel_for; ATen GEMMs inside run single-threaded.
-// N < threads: samples run one after another, the GEMMs use ATen's own
-// threading and the per-position loops are split over P with at::parallel_for.
-// Batch reductions (dW, dz, dc) are accumulated per chunk (not per thread)
-// and summed in chunk order, so results are deterministic for a given
-// thread count.
+// Structure.  Phases over the whole batch: every GEMM is one batched ATen
+// call (bmm, threaded by ATen/BLAS) made outside our own parallel regions, so
+// BLAS threading never nests; the per-position loops (softmax, A', s, and
+// their backward) run in at::parallel_for over samples (N >= threads) or over
+// positions (N < threads) and call no ATen op.  Buffers of size N*P*K and
+// N*K*C only (never N*B*K*P).  Batch reductions (dW, dz, dc) are sums over
+// the batch dimension in a fixed order: deterministic.
 //
 // Dtypes.  Compute dtype: float64 if features is float64, else float32
 // (float16/bfloat16 features and mixed-dtype parameters are converted once).
@@ -215,7 +215,7 @@ struct RowArgs {
   const T* M;    // (B, P)  or nullptr (one part, all ones)
   const T* z;    // (K)
   int64_t B, P, K;
-  int64_t ldy = 0;  // row stride of AT and dGT (they share a P x 2K buffer)
+  int64_t ldy = 0;  // row stride of AT and dGT
   // forward outputs
   T* AT = nullptr;  // (P, K)  A'^T, row stride ldy
   T* ST = nullptr;  // (P, K)  sum_b a  (reduced over s afterwards)
@@ -299,7 +299,7 @@ void backward_rows(const RowArgs<double>& r, int64_t s0, int64_t s1, double* a) 
 }
 
 // Run fn(s0, s1, scratch) over [0, P): inline when `inner_parallel` is false
-// (we already are one chunk of a batch-parallel loop), else split over P.
+// (we already run inside a batch-parallel loop), else split over P.
 template <typename T, typename Fn>
 void over_positions(int64_t P, int64_t K, int64_t B, bool inner_parallel, const Fn& fn) {
   auto run = [&](int64_t s0, int64_t s1) {
@@ -349,53 +349,6 @@ Inputs prepare(const at::Tensor& features, const std::optional<at::Tensor>& part
   in.z = z.to(in.cd).contiguous();
   in.c = c.to(in.cd).contiguous();
   return in;
-}
-
-// Per-chunk GEMM and row scratch.  Y = [A'^T | dG^T] (P x 2K) so that the
-// backward gets dF = dV^T A' + W^T dG = [dV; W]^T Y^T from one GEMM.
-struct Scratch {
-  at::Tensor GT, ST;  // (P, K)
-  at::Tensor Y;       // (P, 2K)
-  at::Tensor AT;      // Y[:, :K]
-  at::Tensor dGT;     // Y[:, K:]
-  Scratch(int64_t P, int64_t K, at::TensorOptions o)
-      : GT(at::empty({P, K}, o)), ST(at::empty({P, K}, o)), Y(at::empty({P, 2 * K}, o)) {
-    AT = Y.narrow(1, 0, K);
-    dGT = Y.narrow(1, K, K);
-  }
-};
-
-// Forward pass of one sample up to V (written into Vout, (K, C)); s -> s_out (K).
-// need_V=false stops after A' and s (the raw backward does not need V).
-template <typename T>
-void sample_forward(const Inputs& in, int64_t n, Scratch& sc, at::Tensor& Vout, T* s_out,
-                    bool inner_parallel, bool need_V = true) {
-  const VladDims& d = in.d;
-  const at::Tensor Fn = in.F.select(0, n);  // (C, P)
-  at::mm_out(sc.GT, Fn.t(), in.W.t());      // G^T = F^T W^T   (P, K)
-  RowArgs<T> r;
-  r.GT = sc.GT.data_ptr<T>();
-  r.M = d.has_parts ? in.M.select(0, n).data_ptr<T>() : nullptr;
-  r.z = in.z.data_ptr<T>();
-  r.B = d.B;
-  r.P = d.P;
-  r.K = d.K;
-  r.ldy = 2 * d.K;
-  r.AT = sc.AT.data_ptr<T>();
-  r.ST = sc.ST.data_ptr<T>();
-  over_positions<T>(d.P, d.K, d.B, inner_parallel,
-                    [&](int64_t s0, int64_t s1, T* a) { forward_rows(r, s0, s1, a); });
-  column_sums(r.ST, d.P, d.K, s_out, false);
-  if (!need_V) return;
-  at::mm_out(Vout, sc.AT.t(), Fn.t());  // V = A' F^T   (K, C)
-  T* V = Vout.data_ptr<T>();
-  const T* c = in.c.data_ptr<T>();
-  for (int64_t k = 0; k < d.K; ++k) {
-    const T sk = s_out[k];
-    T* v = V + k * d.C;
-    const T* ck = c + k * d.C;
-    for (int64_t j = 0; j < d.C; ++j) v[j] -= sk * ck[j];
-  }
 }
 
 // In-place intra + global L2 normalisation of V (K, C) (contiguous).
@@ -461,21 +414,75 @@ void normalize_backward_inplace(const T* V, T* g, T* U, int64_t K, int64_t C) {
   }
 }
 
-// Split [0, N) into `chunks` contiguous, fixed ranges.
-inline int64_t chunk_begin(int64_t i, int64_t N, int64_t chunks) { return i * N / chunks; }
-
-struct Plan {
-  int64_t chunks;
-  bool batch_parallel;
-};
-
-Plan make_plan(int64_t N) {
+// Run per_sample(n, inner_parallel) for every sample: batch-parallel when
+// there are at least as many samples as threads (each sample then runs on one
+// thread), else samples in turn with the position loop split over threads.
+// Only plain loops run inside these parallel regions: every GEMM is a batched
+// ATen call made outside them (no nested BLAS threading).
+template <typename Fn>
+void for_each_sample(int64_t N, const Fn& per_sample) {
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
-  const bool nested = at::in_parallel_region();
-  if (N >= threads || nested || threads == 1) {
-    return {std::max<int64_t>(1, std::min<int64_t>(N, threads)), !nested && threads > 1};
+  if (N >= threads || at::in_parallel_region()) {
+    at::parallel_for(0, N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) per_sample(n, false);
+    });
+  } else {
+    for (int64_t n = 0; n < N; ++n) per_sample(n, true);
   }
-  return {1, false};  // few samples: parallelise inside each sample instead
+}
+
+// W^T broadcast over the batch as a (N, C, K) view (no copy).
+inline at::Tensor batched_Wt(const at::Tensor& W, int64_t N) {
+  return W.t().unsqueeze(0).expand({N, W.size(1), W.size(0)});
+}
+
+// Forward up to the soft-assignment statistics for the whole batch:
+// GT = F^T W^T (N, P, K), AT = A'^T (N, P, K), s (N, K).
+template <typename T>
+void assign_phase(const Inputs& in, const at::Tensor& FT, at::Tensor& GT, at::Tensor& AT,
+                  at::Tensor& s) {
+  const VladDims& d = in.d;
+  at::bmm_out(GT, FT, batched_Wt(in.W, d.N));
+  const T* gt = GT.data_ptr<T>();
+  T* atp = AT.data_ptr<T>();
+  T* sp = s.data_ptr<T>();
+  const T* M = d.has_parts ? in.M.data_ptr<T>() : nullptr;
+  const T* z = in.z.data_ptr<T>();
+  for_each_sample(d.N, [&](int64_t n, bool inner) {
+    std::vector<T> ST(d.P * d.K);
+    RowArgs<T> r;
+    r.GT = gt + n * d.P * d.K;
+    r.M = M ? M + n * d.B * d.P : nullptr;
+    r.z = z;
+    r.B = d.B;
+    r.P = d.P;
+    r.K = d.K;
+    r.ldy = d.K;
+    r.AT = atp + n * d.P * d.K;
+    r.ST = ST.data();
+    over_positions<T>(d.P, d.K, d.B, inner,
+                      [&](int64_t s0, int64_t s1, T* a) { forward_rows(r, s0, s1, a); });
+    column_sums(ST.data(), d.P, d.K, sp + n * d.K, false);
+  });
+}
+
+// V = A' F^T - s c for the whole batch, into V (N, K, C).
+template <typename T>
+void vlad_phase(const Inputs& in, const at::Tensor& FT, const at::Tensor& AT, const at::Tensor& s,
+                at::Tensor& V) {
+  const VladDims& d = in.d;
+  at::bmm_out(V, AT.transpose(1, 2), FT);
+  T* v = V.data_ptr<T>();
+  const T* sp = s.data_ptr<T>();
+  const T* c = in.c.data_ptr<T>();
+  at::parallel_for(0, d.N * d.K, std::max<int64_t>(1, 8192 / d.C), [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const T sk = sp[i];
+      const T* ck = c + (i % d.K) * d.C;
+      T* row = v + i * d.C;
+      for (int64_t j = 0; j < d.C; ++j) row[j] -= sk * ck[j];
+    }
+  });
 }
 
 template <typename T>
@@ -484,26 +491,17 @@ at::Tensor forward_impl(const Inputs& in, bool normalize) {
   const auto o = in.F.options();
   at::Tensor out = at::empty({d.N, d.K, d.C}, o);
   if (d.N == 0) return out;
-  const Plan plan = make_plan(d.N);
-  auto chunk_fn = [&](int64_t c0, int64_t c1) {
-    // Worker threads do not inherit the caller's dispatch TLS: skip the
-    // autograd layer for the internal GEMMs explicitly.
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    Scratch sc(d.P, d.K, o);
-    std::vector<T> s(d.K);
-    for (int64_t ci = c0; ci < c1; ++ci) {
-      for (int64_t n = chunk_begin(ci, d.N, plan.chunks); n < chunk_begin(ci + 1, d.N, plan.chunks);
-           ++n) {
-        at::Tensor Vn = out.select(0, n);
-        sample_forward<T>(in, n, sc, Vn, s.data(), !plan.batch_parallel);
-        if (normalize) normalize_inplace(Vn.data_ptr<T>(), d.K, d.C);
-      }
-    }
-  };
-  if (plan.batch_parallel) {
-    at::parallel_for(0, plan.chunks, 1, chunk_fn);
-  } else {
-    chunk_fn(0, plan.chunks);
+  const at::Tensor FT = in.F.transpose(1, 2);  // (N, P, C) view
+  at::Tensor GT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor AT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor s = at::empty({d.N, d.K}, o);
+  assign_phase<T>(in, FT, GT, AT, s);
+  vlad_phase<T>(in, FT, AT, s, out);
+  if (normalize) {
+    T* v = out.data_ptr<T>();
+    at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) normalize_inplace(v + n * d.K * d.C, d.K, d.C);
+    });
   }
   return out;
 }
@@ -513,87 +511,77 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const Inputs& in, const at::Tensor& grad, bool normalize) {
   const VladDims& d = in.d;
   const auto o = in.F.options();
-  at::Tensor dF = at::empty({d.N, d.C, d.P}, o);
   at::Tensor dM = d.has_parts ? at::empty({d.N, d.B, d.P}, o) : at::Tensor();
   if (d.N == 0) {
-    return {dF, dM, at::zeros({d.K, d.C}, o), at::zeros({d.K}, o), at::zeros({d.K, d.C}, o)};
+    return {at::empty({d.N, d.C, d.P}, o), dM, at::zeros({d.K, d.C}, o), at::zeros({d.K}, o),
+            at::zeros({d.K, d.C}, o)};
   }
-  const Plan plan = make_plan(d.N);
-  // Per-chunk batch reductions, summed in chunk order afterwards.
-  at::Tensor dW_acc = at::zeros({plan.chunks, d.K, d.C}, o);
-  at::Tensor dz_acc = at::zeros({plan.chunks, d.K}, o);
-  at::Tensor dc_acc = at::zeros({plan.chunks, d.K, d.C}, o);
+  const at::Tensor FT = in.F.transpose(1, 2);  // (N, P, C) view
+  at::Tensor GT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor AT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor s = at::empty({d.N, d.K}, o);
+  assign_phase<T>(in, FT, GT, AT, s);
 
-  auto chunk_fn = [&](int64_t c0, int64_t c1) {
-    at::AutoDispatchBelowADInplaceOrView below_autograd;  // see forward_impl
-    Scratch sc(d.P, d.K, o);
-    at::Tensor V = at::empty({d.K, d.C}, o);
-    at::Tensor U = at::empty({d.K, d.C}, o);
-    at::Tensor X = at::empty({2 * d.K, d.C}, o);  // [dV; W]
-    at::Tensor dV = X.narrow(0, 0, d.K);
-    X.narrow(0, d.K, d.K).copy_(in.W);
-    at::Tensor dAT = at::empty({d.P, d.K}, o);
-    at::Tensor DZ = at::empty({d.P, d.K}, o);
-    std::vector<T> s(d.K), ds(d.K);
+  // dV (N, K, C): grad through the normalisations (needs V), then ds.
+  at::Tensor dV = grad.clone();
+  if (normalize) {
+    at::Tensor V = at::empty({d.N, d.K, d.C}, o);
+    vlad_phase<T>(in, FT, AT, s, V);
+    const T* vp = V.data_ptr<T>();
+    T* dvp = dV.data_ptr<T>();
+    at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
+      std::vector<T> U(d.K * d.C);
+      for (int64_t n = n0; n < n1; ++n)
+        normalize_backward_inplace(vp + n * d.K * d.C, dvp + n * d.K * d.C, U.data(), d.K, d.C);
+    });
+  }
+  at::Tensor ds = at::empty({d.N, d.K}, o);
+  {
+    const T* dvp = dV.data_ptr<T>();
     const T* c = in.c.data_ptr<T>();
-    for (int64_t ci = c0; ci < c1; ++ci) {
-      at::Tensor dWc = dW_acc.select(0, ci);
-      T* dzc = dz_acc.select(0, ci).data_ptr<T>();
-      T* dcc = dc_acc.select(0, ci).data_ptr<T>();
-      for (int64_t n = chunk_begin(ci, d.N, plan.chunks); n < chunk_begin(ci + 1, d.N, plan.chunks);
-           ++n) {
-        const bool inner = !plan.batch_parallel;
-        sample_forward<T>(in, n, sc, V, s.data(), inner, /*need_V=*/normalize);
-        // dV
-        T* dVp = dV.data_ptr<T>();
-        std::memcpy(dVp, grad.select(0, n).data_ptr<T>(), sizeof(T) * d.K * d.C);
-        if (normalize) normalize_backward_inplace(V.data_ptr<T>(), dVp, U.data_ptr<T>(), d.K, d.C);
-        // ds, dc
-        for (int64_t k = 0; k < d.K; ++k) {
-          const T* dv = dVp + k * d.C;
-          const T* ck = c + k * d.C;
-          ds[k] = -row_dot(dv, ck, d.C);
-          T* dck = dcc + k * d.C;
-          const T sk = s[k];
-          for (int64_t j = 0; j < d.C; ++j) dck[j] -= sk * dv[j];
-        }
-        const at::Tensor Fn = in.F.select(0, n);  // (C, P)
-        at::mm_out(dAT, Fn.t(), dV.t());            // dA'^T = F^T dV^T  (P, K)
-        RowArgs<T> r;
-        r.GT = sc.GT.data_ptr<T>();
-        r.M = d.has_parts ? in.M.select(0, n).data_ptr<T>() : nullptr;
-        r.z = in.z.data_ptr<T>();
-        r.B = d.B;
-        r.P = d.P;
-        r.K = d.K;
-        r.ldy = 2 * d.K;
-        r.dAT = dAT.data_ptr<T>();
-        r.ds = ds.data();
-        r.dGT = sc.dGT.data_ptr<T>();
-        r.DZ = DZ.data_ptr<T>();
-        r.dM = d.has_parts ? dM.select(0, n).data_ptr<T>() : nullptr;
-        over_positions<T>(d.P, d.K, d.B, inner,
-                          [&](int64_t s0, int64_t s1, T* a) { backward_rows(r, s0, s1, a); });
-        column_sums(r.DZ, d.P, d.K, dzc, true);
-        dWc.addmm_(sc.dGT.t(), Fn.t());  // dW += dG F^T                  (K, C)
-        at::Tensor dFn = dF.select(0, n);
-        at::mm_out(dFn, X.t(), sc.Y.t());  // dF = dV^T A' + W^T dG = X^T Y^T (C, P)
-      }
-    }
-  };
-  if (plan.batch_parallel) {
-    at::parallel_for(0, plan.chunks, 1, chunk_fn);
-  } else {
-    chunk_fn(0, plan.chunks);
+    T* dsp = ds.data_ptr<T>();
+    for (int64_t i = 0; i < d.N * d.K; ++i)
+      dsp[i] = -row_dot(dvp + i * d.C, c + (i % d.K) * d.C, d.C);
   }
-  at::Tensor dW = dW_acc.select(0, 0).clone();
-  at::Tensor dz = dz_acc.select(0, 0).clone();
-  at::Tensor dc = dc_acc.select(0, 0).clone();
-  for (int64_t i = 1; i < plan.chunks; ++i) {
-    dW.add_(dW_acc.select(0, i));
-    dz.add_(dz_acc.select(0, i));
-    dc.add_(dc_acc.select(0, i));
+  at::Tensor dAT = at::bmm(FT, dV.transpose(1, 2));  // dA'^T = F^T dV^T   (N, P, K)
+  at::Tensor dGT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor dz_n = at::empty({d.N, d.K}, o);
+  {
+    const T* gt = GT.data_ptr<T>();
+    const T* dat = dAT.data_ptr<T>();
+    const T* dsp = ds.data_ptr<T>();
+    T* dgt = dGT.data_ptr<T>();
+    T* dzp = dz_n.data_ptr<T>();
+    const T* M = d.has_parts ? in.M.data_ptr<T>() : nullptr;
+    T* dMp = d.has_parts ? dM.data_ptr<T>() : nullptr;
+    const T* z = in.z.data_ptr<T>();
+    for_each_sample(d.N, [&](int64_t n, bool inner) {
+      std::vector<T> DZ(d.P * d.K);
+      RowArgs<T> r;
+      r.GT = gt + n * d.P * d.K;
+      r.M = M ? M + n * d.B * d.P : nullptr;
+      r.z = z;
+      r.B = d.B;
+      r.P = d.P;
+      r.K = d.K;
+      r.ldy = d.K;
+      r.dAT = dat + n * d.P * d.K;
+      r.ds = dsp + n * d.K;
+      r.dGT = dgt + n * d.P * d.K;
+      r.DZ = DZ.data();
+      r.dM = dMp ? dMp + n * d.B * d.P : nullptr;
+      over_positions<T>(d.P, d.K, d.B, inner,
+                        [&](int64_t s0, int64_t s1, T* a) { backward_rows(r, s0, s1, a); });
+      column_sums(DZ.data(), d.P, d.K, dzp + n * d.K, false);
+    });
   }
+  // Batch reductions (fixed order: deterministic).
+  at::Tensor dz = dz_n.sum(0);
+  at::Tensor dc = (dV * s.unsqueeze(2)).sum(0).neg_();
+  at::Tensor dW = at::bmm(dGT.transpose(1, 2), FT).sum(0);  // sum_n dG F^T
+  // dF = dV^T A' + W^T dG   (N, C, P)
+  at::Tensor dF = at::bmm(dV.transpose(1, 2), AT.transpose(1, 2));
+  dF.baddbmm_(batched_Wt(in.W, d.N), dGT.transpose(1, 2));
   return {dF, dM, dW, dz, dc};
 }
 
