@@ -59,6 +59,8 @@ step gpu_tests 120 $PY -m pytest -q -x -m cuda -p no:cacheprovider tests/
 if [ -f bench/gpu_cuda_memcheck.sh ]; then
   step memcheck 60 bash bench/gpu_cuda_memcheck.sh
 fi
+# The libtorch C++ test with its CUDA case (dispatcher-level, no Python).
+step cmake_cuda_test 120 bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
 BENCH_OPTS=(-q -p no:cacheprovider --benchmark-only --benchmark-disable-gc --benchmark-min-time=0.05)
 step bench_ops 120 $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_ops.py -k gpu --benchmark-json="$OUT/bench_ops.json"
 [ -s "$OUT/bench_ops.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops.json" --out "$OUT/backend_table.json"
