@@ -20,7 +20,8 @@ COMMAND_MODULES = [
 ]
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(modules: Optional[List[str]] = None) -> argparse.ArgumentParser:
+    """The argparse tree of ``modules`` (default: every command module)."""
     parser = argparse.ArgumentParser(
         prog="personvlad",
         description="Video person re-identification with 3D PersonVLAD.",
@@ -31,13 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"personvlad {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="<command>")
-    for name in COMMAND_MODULES:
+    for name in COMMAND_MODULES if modules is None else modules:
         importlib.import_module(name).register(sub)
     return parser
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    parser = build_parser()
+def main(argv: Optional[List[str]] = None, modules: Optional[List[str]] = None) -> int:
+    """Run a command; ``modules`` restricts the tree (``python -m
+    personvlad.eval.cli ...`` runs only that module's commands)."""
+    parser = build_parser(modules)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

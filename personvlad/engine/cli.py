@@ -132,14 +132,10 @@ def extract_main(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="personvlad", formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="<command>")
-    register(sub)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    """Standalone entry (``python -m personvlad.engine.cli ...``): this module's commands only."""
+    from ..cli import main as cli_main
+
+    return cli_main(argv, modules=[__name__])
 
 
 if __name__ == "__main__":

@@ -358,14 +358,10 @@ def register(subparsers) -> None:
 
 
 def main(argv=None) -> int:
-    """Standalone entry (``python -m personvlad.eval.cli ...``)."""
-    parser = argparse.ArgumentParser(prog="personvlad")
-    register(parser.add_subparsers(dest="command", metavar="<command>"))
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
-    return int(args.func(args) or 0)
+    """Standalone entry (``python -m personvlad.eval.cli ...``): this module's commands only."""
+    from ..cli import main as cli_main
+
+    return cli_main(argv, modules=[__name__])
 
 
 if __name__ == "__main__":
