@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 # Training budget (iterations of step 1 / step 2) and its reduced CI form.
-BUDGET = {"full": (240, 40), "fast": (100, 20)}
+BUDGET = {"full": (360, 40), "fast": (160, 40)}
 
 
 def _demo_config(data_root: str, head: str, fast: bool, seed: int):
@@ -39,7 +39,7 @@ def _demo_config(data_root: str, head: str, fast: bool, seed: int):
         f"name=demo-{head}", f"seed={seed}", "device=cpu", "amp=fp32",
         "model.preset=tiny", f"model.head={head}",
         "data.dataset=synthetic", f"data.root={data_root}", "data.synth_preset=tiny", f"data.synth_seed={seed}",
-        "data.num_ids=4", "data.num_per_id=2", "data.workers=0", "data.test_batch_size=64",
+        "data.num_ids=8", "data.num_per_id=2", "data.workers=0", "data.test_batch_size=64",
         "loss.name=oim", "loss.queue_size=64",
         "optim.grad_clip=10.0",
         "schedule.kmeans_init=true", "schedule.kmeans_descriptors=4000", "schedule.kmeans_batches=10",
