@@ -2,11 +2,11 @@
 
 CUDA: ``torch.cuda.max_memory_allocated`` above what was allocated before.
 CPU: growth of the process's peak resident set (Linux ``VmHWM``, reset through
-``/proc/self/clear_refs``).  So that freed blocks are returned to the OS and
-re-counted, glibc is told to serve every allocation of 64 KiB or more with its
-own mmap (``mallopt(M_MMAP_THRESHOLD)``, which also stops the threshold from
-drifting upwards) and the heap is trimmed before measuring.  Small
-allocations below that size are not seen; the op's tensors are far larger.
+``/proc/self/clear_refs``).  So that blocks freed by earlier calls are not
+silently reused, glibc's ``malloc_trim(0)`` first hands every free page of
+every arena back to the OS; the measured call then faults in what it
+allocates.  The allocator's policy is not changed, so timings taken in the
+same process stay representative.
 """
 from __future__ import annotations
 
@@ -16,16 +16,11 @@ from typing import Callable
 
 import torch
 
-_M_MMAP_THRESHOLD = -3
-
-
 @functools.lru_cache(maxsize=1)
 def _libc():
     try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-        return libc
-    except (OSError, AttributeError):
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
         return None
 
 
