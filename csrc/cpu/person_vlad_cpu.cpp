@@ -437,6 +437,21 @@ inline at::Tensor batched_Wt(const at::Tensor& W, int64_t N) {
 }
 
 // Forward up to the soft-assignment statistics for the whole batch:
+// The per-sample inputs shared by the forward and backward row kernels.
+template <typename T>
+RowArgs<T> sample_rows(const Inputs& in, const T* gt, int64_t n) {
+  const VladDims& d = in.d;
+  RowArgs<T> r;
+  r.GT = gt + n * d.P * d.K;
+  r.M = d.has_parts ? in.M.data_ptr<T>() + n * d.B * d.P : nullptr;
+  r.z = in.z.data_ptr<T>();
+  r.B = d.B;
+  r.P = d.P;
+  r.K = d.K;
+  r.ldy = d.K;
+  return r;
+}
+
 // GT = F^T W^T (N, P, K), AT = A'^T (N, P, K), s (N, K).
 template <typename T>
 void assign_phase(const Inputs& in, const at::Tensor& FT, at::Tensor& GT, at::Tensor& AT,
@@ -446,18 +461,9 @@ void assign_phase(const Inputs& in, const at::Tensor& FT, at::Tensor& GT, at::Te
   const T* gt = GT.data_ptr<T>();
   T* atp = AT.data_ptr<T>();
   T* sp = s.data_ptr<T>();
-  const T* M = d.has_parts ? in.M.data_ptr<T>() : nullptr;
-  const T* z = in.z.data_ptr<T>();
   for_each_sample(d.N, [&](int64_t n, bool inner) {
     std::vector<T> ST(d.P * d.K);
-    RowArgs<T> r;
-    r.GT = gt + n * d.P * d.K;
-    r.M = M ? M + n * d.B * d.P : nullptr;
-    r.z = z;
-    r.B = d.B;
-    r.P = d.P;
-    r.K = d.K;
-    r.ldy = d.K;
+    RowArgs<T> r = sample_rows<T>(in, gt, n);
     r.AT = atp + n * d.P * d.K;
     r.ST = ST.data();
     over_positions<T>(d.P, d.K, d.B, inner,
@@ -552,19 +558,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     const T* dsp = ds.data_ptr<T>();
     T* dgt = dGT.data_ptr<T>();
     T* dzp = dz_n.data_ptr<T>();
-    const T* M = d.has_parts ? in.M.data_ptr<T>() : nullptr;
     T* dMp = d.has_parts ? dM.data_ptr<T>() : nullptr;
-    const T* z = in.z.data_ptr<T>();
     for_each_sample(d.N, [&](int64_t n, bool inner) {
       std::vector<T> DZ(d.P * d.K);
-      RowArgs<T> r;
-      r.GT = gt + n * d.P * d.K;
-      r.M = M ? M + n * d.B * d.P : nullptr;
-      r.z = z;
-      r.B = d.B;
-      r.P = d.P;
-      r.K = d.K;
-      r.ldy = d.K;
+      RowArgs<T> r = sample_rows<T>(in, gt, n);
       r.dAT = dat + n * d.P * d.K;
       r.ds = dsp + n * d.K;
       r.dGT = dgt + n * d.P * d.K;
