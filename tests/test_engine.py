@@ -44,8 +44,11 @@ def small_cfg(root, **sections):
     """The tiny preset at a reduced input (8x32x16), deterministic, CPU.
 
     The op backend is pinned to "reference" (pure PyTorch): these tests check
-    the engine's bitwise resume, and the C++ "cpu" backend was seen to give
-    run-to-run different gradients under load (reported to its owner)."""
+    the engine's bitwise resume.  The C++ "cpu" backend is bitwise repeatable
+    for identical processes, but a killed-and-resumed run with it differs from
+    the uninterrupted one in the last bits (seen 2026-11-27; cause not yet
+    found — suspected alignment-dependent vector paths on tensors loaded from a
+    checkpoint), so it is not used here."""
     d = {
         "name": "test", "seed": 0, "deterministic": True, "device": "cpu",
         "model": {"preset": "tiny", "height": 32, "width": 16, "backend": "reference"},
