@@ -6,6 +6,7 @@ test_cuda_backend.py; this file runs the shared matrix over every backend this
 install reports (tests/conftest.py).
 """
 import math
+import os
 
 import pytest
 import torch
@@ -322,3 +323,36 @@ def test_registered_op_empty_batch_direct(device):
     op = torch.ops.personvlad.person_vlad
     assert op(F, M, W, z, c, True).shape == (0, 12)
     assert op(F, None, W, z, c, False).shape == (0, 3, 4)
+
+
+def test_package_works_without_compiled_extension():
+    """With personvlad._C unavailable the op, its autograd and the layer run
+    on the pure-PyTorch fallback, with one warning saying how to rebuild."""
+    import subprocess
+    import sys
+
+    code = r"""
+import sys, warnings
+sys.modules["personvlad._C"] = None          # make `from . import _C` fail
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter("always")
+    import torch, personvlad
+    from personvlad import ops
+msgs = [str(x.message) for x in w if "personvlad._C" in str(x.message)]
+assert len(msgs) == 1 and "make install" in msgs[0], msgs
+assert not ops.extension_loaded() and ops.available_backends("cpu")[0] == "reference"
+assert "cpu" not in ops.available_backends("cpu")
+F = torch.randn(2, 4, 3, 2, dtype=torch.float64, requires_grad=True)
+M = torch.rand(2, 2, 3, 2, dtype=torch.float64)
+W, z, c = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64)
+out = torch.ops.personvlad.person_vlad(F, M, W, z, c, True)
+ref = personvlad.reference.person_vlad_ref(F, M, W, z, c)
+assert torch.allclose(out, ref)
+out.sum().backward()
+assert F.grad is not None and torch.isfinite(F.grad).all()
+assert personvlad.PersonVLAD(4, num_clusters=3, num_parts=2)(torch.randn(2, 4, 5)).shape == (2, 12)
+print("ok")
+"""
+    env = dict(os.environ, PERSONVLAD_QUIET_EXT="0")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-3000:]
