@@ -71,6 +71,31 @@ _BLOCK = 4096 if os.environ.get("TRITON_INTERPRET") == "1" else 512  # fewer, wi
 # Kernels
 # --------------------------------------------------------------------------
 @triton.jit
+def _unravel(idx, C, D, H, W, CHANNELS_LAST: tl.constexpr):
+    """(n, c, d, h, w) of flat element indices of an (N, C, D, H, W) tensor
+    walked in its memory order (NDHWC when CHANNELS_LAST, else NCDHW)."""
+    if CHANNELS_LAST:
+        c = idx % C
+        t = idx // C
+        w = t % W
+        t = t // W
+        h = t % H
+        t = t // H
+        d = t % D
+        n = t // D
+    else:
+        w = idx % W
+        t = idx // W
+        h = t % H
+        t = t // H
+        d = t % D
+        t = t // D
+        c = t % C
+        n = t // C
+    return n, c, d, h, w
+
+
+@triton.jit
 def _bias_relu_pool3d_fwd_kernel(
     y_ptr, b_ptr, out_ptr, off_ptr,
     total, C, D, H, W, Do, Ho, Wo,
@@ -88,24 +113,7 @@ def _bias_relu_pool3d_fwd_kernel(
         idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
     # Walk the output in its memory order so stores (and most loads) coalesce.
-    if CHANNELS_LAST:
-        c = idx % C
-        t = idx // C
-        ow = t % Wo
-        t = t // Wo
-        oh = t % Ho
-        t = t // Ho
-        od = t % Do
-        n = t // Do
-    else:
-        ow = idx % Wo
-        t = idx // Wo
-        oh = t % Ho
-        t = t // Ho
-        od = t % Do
-        t = t // Do
-        c = t % C
-        n = t // C
+    n, c, od, oh, ow = _unravel(idx, C, Do, Ho, Wo, CHANNELS_LAST)
     base = n * sy_n + c * sy_c
     d0 = od * SD - PD
     h0 = oh * SH - PH
@@ -154,24 +162,7 @@ def _bias_relu_pool3d_bwd_kernel(
     else:
         idx = pid * BLOCK + tl.arange(0, BLOCK)
     mask = idx < total
-    if CHANNELS_LAST:
-        c = idx % C
-        t = idx // C
-        w = t % W
-        t = t // W
-        h = t % H
-        t = t // H
-        d = t % D
-        n = t // D
-    else:
-        w = idx % W
-        t = idx // W
-        h = t % H
-        t = t // H
-        d = t % D
-        t = t // D
-        c = t % C
-        n = t // C
+    n, c, d, h, w = _unravel(idx, C, D, H, W, CHANNELS_LAST)
     gbase = n * sg_n + c * sg_c
     fbase = n * sf_n + c * sf_c
     acc = tl.zeros([BLOCK], dtype=tl.float32)
