@@ -177,6 +177,22 @@ def _p_bucket(P):
 # Kernels
 # --------------------------------------------------------------------------
 @triton.jit
+def _part_assign(G, z, M_ptr, n, b, B, P, offs_p, mk, mp, HAS_PARTS: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Part ``b``'s map m (BLOCK_P,) and soft-assignment a = softmax_k(m G + z)
+    (BLOCK_K, BLOCK_P), max-subtracted in fp32; masked rows/columns give 0."""
+    if HAS_PARTS:
+        m = tl.load(M_ptr + (n * B + b) * P + offs_p, mask=mp, other=0.0).to(tl.float32)
+    else:
+        m = tl.full((BLOCK_P,), 1.0, tl.float32)
+    logit = m[None, :] * G + z[:, None]
+    logit = tl.where(mk[:, None], logit, float("-inf"))
+    mx = tl.max(logit, axis=0)
+    e = tl.exp(logit - mx[None, :])
+    a = e / tl.sum(e, axis=0)[None, :]
+    return m, tl.where(mp[None, :], a, 0.0)
+
+
+@triton.jit
 def _load_tile(ptr, rows, cols, ld, rmask, cmask):
     """fp32 tile ptr[rows, cols] of a row-major matrix with leading dim ld."""
     return tl.load(
@@ -213,16 +229,7 @@ def _fwd_assign_kernel(
     Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for b in range(B):
-        if HAS_PARTS:
-            m = tl.load(M_ptr + (n * B + b) * P + offs_p, mask=mp, other=0.0).to(tl.float32)
-        else:
-            m = tl.full((BLOCK_P,), 1.0, tl.float32)
-        logit = m[None, :] * G + z[:, None]
-        logit = tl.where(mk[:, None], logit, float("-inf"))
-        mx = tl.max(logit, axis=0)
-        e = tl.exp(logit - mx[None, :])
-        a = e / tl.sum(e, axis=0)[None, :]
-        a = tl.where(mp[None, :], a, 0.0)
+        m, a = _part_assign(G, z, M_ptr, n, b, B, P, offs_p, mk, mp, HAS_PARTS, BLOCK_P)
         Ap += a * m[None, :]
         s_acc += tl.sum(a, axis=1)
 
@@ -398,16 +405,7 @@ def _bwd_main_kernel(
     dz = tl.zeros((BLOCK_K,), dtype=tl.float32)
     s_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for b in range(B):
-        if HAS_PARTS:
-            m = tl.load(M_ptr + (n * B + b) * P + offs_p, mask=mp, other=0.0).to(tl.float32)
-        else:
-            m = tl.full((BLOCK_P,), 1.0, tl.float32)
-        logit = m[None, :] * G + z[:, None]
-        logit = tl.where(mk[:, None], logit, float("-inf"))
-        mx = tl.max(logit, axis=0)
-        e = tl.exp(logit - mx[None, :])
-        a = e / tl.sum(e, axis=0)[None, :]
-        a = tl.where(mp[None, :], a, 0.0)
+        m, a = _part_assign(G, z, M_ptr, n, b, B, P, offs_p, mk, mp, HAS_PARTS, BLOCK_P)
         Ap += a * m[None, :]
         s_acc += tl.sum(a, axis=1)
         da = dAp * m[None, :] + ds[:, None]
