@@ -500,8 +500,9 @@ def test_autocast_bfloat16_cpu():
     # non-finite values (torch 2.14.1: conv4a.weight, 2 runs in 40; 0 in 60
     # with oneDNN off) — a library defect, not one of this model.
     model.train()
-    with torch.backends.mkldnn.flags(enabled=False), torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(x).float().pow(2).sum() + model(x).float()[:, 0].sum()
+    with torch.backends.mkldnn.flags(enabled=False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x).float().pow(2).sum() + model(x).float()[:, 0].sum()
         loss.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
