@@ -591,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
       at::baddbmm(at::matmul(f.W.t(), dG), dV.transpose(1, 2), core.Ap);  // (N, C, P)
   const at::Tensor dW = at::mm(dG.permute({1, 0, 2}).reshape({K, N * P}),
                                f.F.permute({1, 0, 2}).reshape({C, N * P}).t());  // (K, C)
-  const at::Tensor dz = dZc.sum({0, 2});                                          // (K,)
+  const at::Tensor dz = dZc.sum(at::IntArrayRef{0, 2});                          // (K,)
 
   return std::make_tuple(
       like_input(dF, features),
