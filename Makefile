@@ -19,7 +19,7 @@ EXT_SOURCES := $(shell find csrc -type f 2>/dev/null) setup.py pyproject.toml
 STAMP_DEPS := $(VENV)/.deps-installed
 STAMP := $(VENV)/.personvlad-built
 
-.PHONY: install test demo bench cmake-test clean ci
+.PHONY: install test demo bench cmake-test compat-test clean ci
 
 install: $(STAMP)
 
@@ -48,5 +48,31 @@ cmake-test: $(STAMP_DEPS)  # needs torch only, not the Python extension
 	cmake --build build-cmake -j $(MAX_JOBS)
 	cd build-cmake && ctest --output-on-failure
 
+# The oldest supported torch (the GPU machine's 2.11, with its Triton 3.6): the
+# extension is built and the whole suite run against it, in a copy of the
+# tracked tree -- an editable build writes personvlad/_C*.so into the source
+# tree, which must stay .venv's.  One GPU architecture is enough to check that
+# the sources compile against that torch's headers.  Triton 3.6's interpreter
+# needs numpy < 2.4 (it converts 1-element arrays to Python ints, which numpy
+# 2.4 refuses).
+COMPAT_TORCH ?= 2.11.0
+COMPAT_NUMPY ?= numpy<2.4
+COMPAT_VENV ?= .venv-torch$(COMPAT_TORCH)
+COMPAT_DIR ?= build-compat
+COMPAT_PY := $(abspath $(COMPAT_VENV))/bin/python
+
+$(COMPAT_VENV)/.deps-installed:
+	@test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
+	$(COMPAT_PY) -m pip install -q --upgrade pip setuptools wheel
+	$(COMPAT_PY) -m pip install -q torch==$(COMPAT_TORCH) "$(COMPAT_NUMPY)" ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow
+	touch $@
+
+compat-test: $(COMPAT_VENV)/.deps-installed
+	rm -rf $(COMPAT_DIR) && mkdir -p $(COMPAT_DIR)
+	git ls-files -z | tar --null -T - -cf - | tar -xf - -C $(COMPAT_DIR)
+	cd $(COMPAT_DIR) && TORCH_CUDA_ARCH_LIST="9.0" $(COMPAT_PY) -m pip install -q --no-build-isolation --no-deps -e .
+	cd $(COMPAT_DIR) && $(COMPAT_PY) -c "import torch, triton, personvlad.ops as o; print('compat: torch', torch.__version__, 'triton', triton.__version__, 'extension', o.extension_loaded())"
+	cd $(COMPAT_DIR) && $(COMPAT_PY) -m pytest -q -p no:cacheprovider tests
+
 clean:
-	rm -rf build build-cmake *.egg-info personvlad/_C*.so $(STAMP)
+	rm -rf build build-cmake build-compat *.egg-info personvlad/_C*.so $(STAMP)
