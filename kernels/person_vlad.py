@@ -43,7 +43,8 @@ forward
      partial buffer does not depend on the autotuned BLOCK_P).  Nothing of
      size N*B*K*P is ever written.
   2. ``_gemm_kc``  grid (N, K tiles, C tiles): ``V = A' F^T - s c`` looping
-     over P (deterministic, no atomics); writes fp32 V (or the raw output).
+     over P (deterministic, no atomics), ``s`` summed from the slots in a
+     fixed order; writes fp32 V (or the raw output).
   3. ``_fwd_normalize``  grid (N,): intra-normalise rows, L2-normalise, write
      output and the norms.
 backward
@@ -58,9 +59,14 @@ backward
   dz, dc = ``-sum_n s dV`` are small torch reductions.
 
 Everything is deterministic for a given autotuned configuration (no
-atomics).  fp32 dots use ``input_precision="ieee"`` (no TF32): with
-``alpha=1000`` the logits are ~1e3 and TF32's 10-bit mantissa would perturb
-the soft-assignment visibly.
+atomics).  Tiles are loaded as fp32 and every ``tl.dot`` takes a constexpr
+input precision (see :func:`dot_precisions`): ``"tf32x3"`` on sm_80+ (three
+TF32 tensor-core products, a ~fp32-accurate split) and ``"ieee"`` (fp32 FMA)
+on sm_7x and under the interpreter; the logit GEMM ``G = W F``
+(``LOGIT_PREC``) stays ``"ieee"`` for float32 features.  Plain TF32 is never
+used: its 10-bit mantissa perturbs the soft-assignment visibly when logits are
+~1e3 (alpha=1000).  A CPU emulation of these roundings stays within the CUDA
+tests' bounds (tests/test_triton.py::test_tf32x3_dot_precision_is_accurate_enough).
 """
 from __future__ import annotations
 
@@ -80,6 +86,9 @@ __all__ = [
     "MAX_CLUSTERS",
     "MAX_CHANNELS",
     "INTERPRET",
+    "DOT_PRECISIONS",
+    "dot_precision",
+    "dot_precisions",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -147,8 +156,14 @@ def check_supported(features, parts, assign_weight, assign_bias=None, centers=No
 # --------------------------------------------------------------------------
 # Autotune configurations
 # --------------------------------------------------------------------------
+# PERSONVLAD_TRITON_AUTOTUNE=0 (read at import) runs the first config of each
+# list without benchmarking the others: for test runs on a fresh GPU machine,
+# where autotuning every test shape would mean compiling hundreds of kernels.
+AUTOTUNE = os.environ.get("PERSONVLAD_TRITON_AUTOTUNE", "1") != "0"
+
+
 def _cfgs(entries, names):
-    if INTERPRET:  # the interpreter is slow: one small config, no benchmarking
+    if INTERPRET or not AUTOTUNE:  # the interpreter is slow: one small config
         entries = entries[:1]
     return [
         triton.Config(dict(zip(names, e[:-2])), num_warps=e[-2], num_stages=e[-1]) for e in entries
@@ -200,12 +215,12 @@ def _load_tile(ptr, rows, cols, ld, rmask, cmask):
     ).to(tl.float32)
 
 
-@triton.autotune(configs=_cfgs(_ASSIGN, ("BLOCK_P", "BLOCK_C")), key=["C", "K", "B", "P_BUCKET"])
+@triton.autotune(configs=_cfgs(_ASSIGN, ("BLOCK_P", "BLOCK_C")), key=["C", "K", "B", "P_BUCKET", "LOGIT_PREC"])
 @triton.jit
 def _fwd_assign_kernel(
     F_ptr, M_ptr, W_ptr, Z_ptr, AP_ptr, SPART_ptr,
     C, P, K, B, NSLOT, P_BUCKET,
-    HAS_PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_PARTS: tl.constexpr, LOGIT_PREC: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -223,7 +238,7 @@ def _fwd_assign_kernel(
         mc = offs_c < C
         w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
         f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
-        G += tl.dot(w, f, input_precision="ieee")
+        G += tl.dot(w, f, input_precision=LOGIT_PREC)
 
     z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
     Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
@@ -243,15 +258,16 @@ def _fwd_assign_kernel(
              mask=(slots[:, None] < NSLOT) & mk[None, :])
 
 
-@triton.autotune(configs=_cfgs(_GEMM, ("BLOCK_K", "BLOCK_C", "BLOCK_P")), key=["C", "K", "P_BUCKET", "NPG"])
+@triton.autotune(configs=_cfgs(_GEMM, ("BLOCK_K", "BLOCK_C", "BLOCK_P")), key=["C", "K", "P_BUCKET", "NPG", "DOT_PREC"])
 @triton.jit
 def _gemm_kc_kernel(
     X_ptr, F_ptr, S_ptr, CEN_ptr, OUT_ptr,
-    N, C, P, K, NPG, P_BUCKET,
-    SUB_SC: tl.constexpr,
+    N, C, P, K, NPG, NSLOT, P_BUCKET,
+    SUB_SC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """OUT[g, k, c] = sum_{n in group g} sum_p X[n, k, p] F[n, c, p]  (- s[g,k] cen[k,c])."""
+    """OUT[g, k, c] = sum_{n in group g} sum_p X[n, k, p] F[n, c, p]  (- s[g,k] cen[k,c]),
+    with s[g, k] = sum_j S[g, j, k] over the NSLOT partial slots (SUB_SC)."""
     g = tl.program_id(0)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     offs_c = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -269,10 +285,12 @@ def _gemm_kc_kernel(
             mp = (offs_p < P) & nv
             x = _load_tile(Xn, offs_k, offs_p, P, mk, mp)
             f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
-            acc += tl.dot(x, tl.trans(f), input_precision="ieee")
+            acc += tl.dot(x, tl.trans(f), input_precision=DOT_PREC)
     g64 = g.to(tl.int64)
     if SUB_SC:
-        s = tl.load(S_ptr + g64 * K + offs_k, mask=mk, other=0.0)
+        s = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for j in range(NSLOT):
+            s += tl.load(S_ptr + (g64 * NSLOT + j) * K + offs_k, mask=mk, other=0.0)
         cen = _load_tile(CEN_ptr, offs_k, offs_c, C, mk, mc)
         acc -= s[:, None] * cen
     out_ptrs = OUT_ptr + g64 * K * C + offs_k[:, None] * C + offs_c[None, :]
@@ -368,13 +386,13 @@ def _bwd_normalize_kernel(DY_ptr, Y_ptr, NORM_ptr, CEN_ptr, DV_ptr, DS_ptr, K, C
     tl.store(DS_ptr + n * K + offs_k, ds, mask=mk)
 
 
-@triton.autotune(configs=_cfgs(_BWD, ("BLOCK_P", "BLOCK_C")), key=["C", "K", "B", "P_BUCKET"])
+@triton.autotune(configs=_cfgs(_BWD, ("BLOCK_P", "BLOCK_C")), key=["C", "K", "B", "P_BUCKET", "LOGIT_PREC", "DOT_PREC"])
 @triton.jit
 def _bwd_main_kernel(
     F_ptr, M_ptr, W_ptr, Z_ptr, DV_ptr, DS_ptr,
     DF_ptr, DM_ptr, DG_ptr, DZPART_ptr, SPART_ptr,
     C, P, K, B, NSLOT, P_BUCKET,
-    HAS_PARTS: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_PARTS: tl.constexpr, LOGIT_PREC: tl.constexpr, DOT_PREC: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
@@ -395,8 +413,8 @@ def _bwd_main_kernel(
         f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
         w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
         dv = _load_tile(DVn, offs_k, offs_c, C, mk, mc)
-        G += tl.dot(w, f, input_precision="ieee")
-        dAp += tl.dot(dv, f, input_precision="ieee")
+        G += tl.dot(w, f, input_precision=LOGIT_PREC)
+        dAp += tl.dot(dv, f, input_precision=DOT_PREC)
 
     z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
     ds = tl.load(DS_ptr + n * K + offs_k, mask=mk, other=0.0)
@@ -434,8 +452,8 @@ def _bwd_main_kernel(
         mc = offs_c < C
         w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
         dv = _load_tile(DVn, offs_k, offs_c, C, mk, mc)
-        df = tl.dot(tl.trans(dv), Ap, input_precision="ieee")
-        df += tl.dot(tl.trans(w), dG, input_precision="ieee")
+        df = tl.dot(tl.trans(dv), Ap, input_precision=DOT_PREC)
+        df += tl.dot(tl.trans(w), dG, input_precision=DOT_PREC)
         tl.store(DFn + offs_c[:, None] * P + offs_p[None, :], df.to(DF_ptr.dtype.element_ty),
                  mask=mc[:, None] & mp[None, :])
 
@@ -443,6 +461,47 @@ def _bwd_main_kernel(
 # --------------------------------------------------------------------------
 # Host-side helpers (traceable: shapes only, torch ops and wrap_triton launches)
 # --------------------------------------------------------------------------
+DOT_PRECISIONS = ("tf32x3", "ieee")
+_DOT_ENV = "PERSONVLAD_TRITON_DOT"
+_DOT_CACHE = {}
+
+
+def dot_precision(device) -> str:
+    """``input_precision`` of the kernels' ``tl.dot`` s on ``device``.
+
+    ``"tf32x3"`` on CUDA devices of compute capability >= 8.0 (TF32 tensor
+    cores, ~fp32 accuracy), ``"ieee"`` on 7.x and under the interpreter.
+    ``PERSONVLAD_TRITON_DOT=ieee|tf32x3`` overrides it (read at each call, so
+    a benchmark can compare both in one process)."""
+    env = os.environ.get(_DOT_ENV, "")
+    if env:
+        if env not in DOT_PRECISIONS:
+            raise ValueError(f"{_DOT_ENV}: expected one of {DOT_PRECISIONS}, got {env!r}")
+        return env
+    if INTERPRET or device.type != "cuda":
+        return "ieee"
+    key = device.index
+    if key not in _DOT_CACHE:
+        if not torch.cuda.is_available():  # tracing on fake CUDA tensors without a device
+            return "tf32x3"
+        major, _ = torch.cuda.get_device_capability(device)
+        _DOT_CACHE[key] = "tf32x3" if major >= 8 else "ieee"
+    return _DOT_CACHE[key]
+
+
+def dot_precisions(device, dtype) -> Tuple[str, str]:
+    """``(logit, gemm)`` input precisions: ``gemm`` is :func:`dot_precision`
+    for every product but the logit GEMM ``G = W F``, which stays ``"ieee"``
+    for float32 features (at alpha=1000 its logits are ~1e3 and tf32x3 there
+    doubles the fp32 error of the raw descriptor) and follows ``gemm`` for
+    half inputs, whose output rounding dwarfs it.  ``PERSONVLAD_TRITON_DOT``
+    sets both."""
+    prec = dot_precision(device)
+    if dtype == torch.float32 and not os.environ.get(_DOT_ENV):
+        return "ieee", prec
+    return prec, prec
+
+
 def _pow2_at_least(n, lo=16, hi=None):
     """Smallest power of two >= n (at least lo, at most hi).  Written with
     comparisons only so that it also works (by guarding) on SymInts."""
@@ -485,15 +544,15 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     Ap = torch.empty((N, K, P), device=dev, dtype=torch.float32)
     spart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
     Mp = F if M is None else M
+    logit_prec, prec = dot_precisions(dev, F.dtype)
     wrap_triton(_fwd_assign_kernel)[lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))](
         F, Mp, W, z, Ap, spart, C, P, K, B, nslot, PB,
-        HAS_PARTS=M is not None, BLOCK_K=BK,
+        HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, BLOCK_K=BK,
     )
-    s = spart.sum(dim=1)  # (N, K)
     V = torch.empty((N, K, C), device=dev, dtype=torch.float32 if normalize else out_dtype)
     wrap_triton(_gemm_kc_kernel)[
         lambda meta: (N, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
-    ](Ap, F, s, c, V, N, C, P, K, 1, PB, SUB_SC=True)
+    ](Ap, F, spart, c, V, N, C, P, K, 1, nslot, PB, SUB_SC=True, DOT_PREC=prec)
     if not normalize:
         return V, torch.empty((N, 0), device=dev, dtype=torch.float32)
     out = torch.empty((N, K * C), device=dev, dtype=out_dtype)
@@ -523,10 +582,11 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
     dzpart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
     spart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
     Mp = F if M is None else M
+    logit_prec, prec = dot_precisions(dev, F.dtype)
     wrap_triton(_bwd_main_kernel)[lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))](
         F, Mp, W, z, dV, ds, dF, dM if M is not None else dF, dG, dzpart, spart,
         C, P, K, B, nslot, PB,
-        HAS_PARTS=M is not None, BLOCK_K=BK,
+        HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, DOT_PREC=prec, BLOCK_K=BK,
     )
     groups = min(N, 16)
     npg = triton.cdiv(N, groups)
@@ -534,7 +594,7 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
     dWpart = torch.empty((groups, K, C), device=dev, dtype=torch.float32)
     wrap_triton(_gemm_kc_kernel)[
         lambda meta: (groups, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
-    ](dG, F, ds, c, dWpart, N, C, P, K, npg, PB, SUB_SC=False)
+    ](dG, F, ds, c, dWpart, N, C, P, K, npg, 0, PB, SUB_SC=False, DOT_PREC=prec)
     dW = dWpart.sum(dim=0)
     dz = dzpart.sum(dim=(0, 1))
     s = spart.sum(dim=1)
@@ -670,7 +730,8 @@ def person_vlad_triton(
     validated by :func:`personvlad.ops.validate`.  Raises
     :class:`UnsupportedInput` (a ``ValueError``) outside :func:`supports`."""
     check_supported(features, parts, assign_weight, assign_bias, centers)
-    if features.is_cuda and not torch.compiler.is_compiling():
+    if (features.is_cuda and not torch.compiler.is_compiling()
+            and features.device.index != torch.cuda.current_device()):
         # Triton launches on the current device: make it the tensors' device.
         with torch.cuda.device(features.device):
             out, _ = torch.ops.personvlad.person_vlad_triton(
