@@ -58,7 +58,35 @@ def _variants(device):
         if b == "triton" and device == "cpu":
             continue  # the interpreter is not a benchmark
         out[f"fused-{b}"] = (lambda b: lambda *a: ops.person_vlad(*a, backend=b))(b)
+    if "fused-triton" in out and device == "cuda":
+        # the same kernels with every dot in plain fp32 (what sm_7x gets), to
+        # measure what the tf32x3 tensor-core products buy on this GPU
+        def ieee(*a):
+            old = os.environ.get(_DOT_ENV)
+            os.environ[_DOT_ENV] = "ieee"
+            try:
+                return ops.person_vlad(*a, backend="triton")
+            finally:
+                if old is None:
+                    del os.environ[_DOT_ENV]
+                else:
+                    os.environ[_DOT_ENV] = old
+        out["fused-triton-ieee"] = ieee
     return out
+
+
+_DOT_ENV = "PERSONVLAD_TRITON_DOT"
+
+
+def _accuracy(fn, args, dtype):
+    """Max abs error of ``fn`` vs the float64 reference, and the same for the
+    eager reference in ``dtype`` (the budget the tests allow 2x of)."""
+    ins = [a.detach() for a in args]
+    with torch.no_grad():
+        o64 = reference.person_vlad_ref(*[a.double() for a in ins])
+        err = (fn(*ins).double() - o64).abs().max().item()
+        ref_err = (reference.person_vlad_ref(*ins).double() - o64).abs().max().item()
+    return err, ref_err
 
 
 def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
@@ -86,6 +114,18 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
     step()  # warm-up (compilation, autotuning)
     peak = peak_bytes(step, device)
     P = math.prod(shape["S"])
+    if variant.startswith("fused-"):
+        # the timed configuration must also be right: the autotuned kernels at
+        # this shape against float64, within 2x the eager reference's own error
+        err, ref_err = _accuracy(fn, args, dtype)
+        benchmark.extra_info.update(max_abs_err=err, ref_max_abs_err=ref_err)
+        assert math.isfinite(err) and err <= 2 * ref_err + 1e-6, (
+            f"{variant}: max error {err:.3e} vs float64, reference's own {ref_err:.3e}")
+    if variant == "fused-triton":
+        from personvlad.kernels import person_vlad as tk
+        benchmark.extra_info.update(dot_precisions=list(tk.dot_precisions(args[0].device, dtype)))
+    elif variant == "fused-triton-ieee":
+        benchmark.extra_info.update(dot_precisions=["ieee", "ieee"])
     benchmark.extra_info.update(
         op_backend=variant, N=shape["N"], C=shape["C"], P=P, K=shape["K"], B=shape["B"],
         dtype=str(dtype).replace("torch.", ""), mode=mode, shape=shape_name,
@@ -97,7 +137,8 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
 
 
 CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"]
-GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton"]
+GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
+                "fused-triton-ieee"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
