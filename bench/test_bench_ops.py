@@ -8,7 +8,8 @@ N=32, C=512, grid 8x14x14 (P=1568), B=8, K=64, in bf16 and fp32.
 
 extra_info keys: op_backend, N, C, P, K, B, dtype, mode ("fwd"|"fwdbwd"),
 peak_bytes (GPU: max_memory_allocated above the inputs; CPU: peak RSS growth),
-output_bytes, baseline ("reference": the eager matmul form of the same run).
+output_bytes, baseline (the faster of "unfused-eager" and "unfused-compile":
+the matmul form eager and compiled, same run and group).
 `personvlad bench report` turns the JSON into ratios vs the baseline.
 """
 import math
@@ -59,23 +60,27 @@ def _variants(device):
             continue  # the interpreter is not a benchmark
         out[f"fused-{b}"] = (lambda b: lambda *a: ops.person_vlad(*a, backend=b))(b)
     if "fused-triton" in out and device == "cuda":
-        # the same kernels with every dot in plain fp32 (what sm_7x gets), to
-        # measure what the tf32x3 tensor-core products buy on this GPU
-        def ieee(*a):
-            old = os.environ.get(_DOT_ENV)
-            os.environ[_DOT_ENV] = "ieee"
-            try:
-                return ops.person_vlad(*a, backend="triton")
-            finally:
-                if old is None:
-                    del os.environ[_DOT_ENV]
-                else:
-                    os.environ[_DOT_ENV] = old
-        out["fused-triton-ieee"] = ieee
+        # Two ablations of the Triton backend: every dot in plain fp32 (what
+        # sm_7x gets), to measure what the tf32x3 tensor-core products buy;
+        # and the three-kernel tiled forward where the one-program forward
+        # would run (P <= 128).
+        out["fused-triton-ieee"] = _with_env("PERSONVLAD_TRITON_DOT", "ieee")
+        out["fused-triton-tiled"] = _with_env("PERSONVLAD_TRITON_FWD", "tiled")
     return out
 
 
-_DOT_ENV = "PERSONVLAD_TRITON_DOT"
+def _with_env(name, value):
+    def fn(*a):
+        old = os.environ.get(name)
+        os.environ[name] = value
+        try:
+            return ops.person_vlad(*a, backend="triton")
+        finally:
+            if old is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = old
+    return fn
 
 
 def _accuracy(fn, args, dtype):
@@ -96,6 +101,12 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
     fn = variants[variant]
     if variant == "unfused-naive" and shape_name == "large":
         pytest.skip("naive broadcast at the large shape needs > 10 GiB")
+    # the ablations in bf16 only (each costs a round of kernel compilation and
+    # autotuning); the tiled forward only where the one-program one applies
+    if variant in ("fused-triton-ieee", "fused-triton-tiled") and dtype != torch.bfloat16:
+        pytest.skip(f"{variant}: an ablation, measured in bf16 only")
+    if variant == "fused-triton-tiled" and math.prod(shape["S"]) > 128:
+        pytest.skip("the tiled forward is already the default at this P")
     args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
 
@@ -121,16 +132,16 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
         benchmark.extra_info.update(max_abs_err=err, ref_max_abs_err=ref_err)
         assert math.isfinite(err) and err <= 2 * ref_err + 1e-6, (
             f"{variant}: max error {err:.3e} vs float64, reference's own {ref_err:.3e}")
-    if variant == "fused-triton":
+    if variant.startswith("fused-triton"):
         from personvlad.kernels import person_vlad as tk
-        benchmark.extra_info.update(dot_precisions=list(tk.dot_precisions(args[0].device, dtype)))
-    elif variant == "fused-triton-ieee":
-        benchmark.extra_info.update(dot_precisions=["ieee", "ieee"])
+        precs = ["ieee", "ieee"] if variant == "fused-triton-ieee" else list(tk.dot_precisions(args[0].device, dtype))
+        path = "tiled" if variant == "fused-triton-tiled" else tk.forward_path(P, shape["K"], precs[1])
+        benchmark.extra_info.update(dot_precisions=precs, forward_path=path)
     benchmark.extra_info.update(
         op_backend=variant, N=shape["N"], C=shape["C"], P=P, K=shape["K"], B=shape["B"],
         dtype=str(dtype).replace("torch.", ""), mode=mode, shape=shape_name,
         peak_bytes=int(peak), output_bytes=shape["N"] * shape["K"] * shape["C"] * torch.tensor([], dtype=dtype).element_size(),
-        baseline="unfused-eager", device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        baseline=["unfused-eager", "unfused-compile"], device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
     )
     rounds = 5 if device == "cpu" else 50
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
@@ -138,7 +149,7 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
 
 CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
-                "fused-triton-ieee"]
+                "fused-triton-ieee", "fused-triton-tiled"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

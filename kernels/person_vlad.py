@@ -34,7 +34,11 @@ to ``torch.compile`` but behaves identically otherwise.
 
 Kernel design (per sample n; F is (C, P), M is (B, P), all accumulation fp32)
 -------------------------------------------------------------------------
-forward
+forward, P <= SINGLE_MAX_P (the paper's 2x11x5 grid): one launch
+  ``_fwd_single``  grid (N,): one program per sample does all of the below
+     on chip (G, soft-assignments, A', s), then V in C chunks twice -- row
+     norms first, then the scaled output -- rather than writing V to memory.
+forward, larger P (tiled; ``PERSONVLAD_TRITON_FWD=tiled`` forces it)
   1. ``_fwd_assign``  grid (N, cdiv(P, BLOCK_P)).  G = W F for a P tile
      (tl.dot over C chunks), then for each part b the max-subtracted softmax
      over k of ``M[b,p] G[k,p] + z[k]``; accumulates ``A'[k,p] = sum_b a M``
@@ -89,6 +93,9 @@ __all__ = [
     "DOT_PRECISIONS",
     "dot_precision",
     "dot_precisions",
+    "forward_path",
+    "SINGLE_MAX_P",
+    "SINGLE_MAX_TILE",
 ]
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -171,16 +178,23 @@ def _cfgs(entries, names):
 
 
 if INTERPRET:
+    _SMALL = [(16, 1, 1)]
     _ASSIGN = [(16, 16, 1, 1)]
     _BWD = [(16, 16, 1, 1)]
     _GEMM = [(16, 16, 16, 1, 1)]
 else:
+    #           BLOCK_C, warps, stages
+    # Chosen so that no config spills registers at BLOCK_K=64 on sm_90 or
+    # sm_75 in bf16 or fp32 (bench/kernel_resources.py compiles them all and
+    # reads the cubins; tests/test_triton.py checks it).  The first entry of
+    # each list is the one PERSONVLAD_TRITON_AUTOTUNE=0 runs.
+    _SMALL = [(16, 8, 1), (16, 8, 2)]
     #            BLOCK_P, BLOCK_C, warps, stages
-    _ASSIGN = [(64, 32, 4, 3), (32, 32, 4, 3), (64, 64, 8, 3), (128, 32, 8, 3), (32, 64, 4, 2)]
-    _BWD = [(32, 32, 4, 2), (32, 32, 8, 2), (64, 32, 8, 2), (16, 32, 4, 2)]
+    _ASSIGN = [(64, 32, 4, 3), (32, 32, 4, 3), (128, 16, 8, 2), (64, 16, 4, 2), (32, 16, 4, 2)]
+    _BWD = [(32, 16, 8, 2), (64, 16, 8, 2), (16, 32, 4, 2), (32, 16, 4, 2)]
     #          BLOCK_K, BLOCK_C, BLOCK_P, warps, stages
-    _GEMM = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (32, 64, 64, 4, 3), (128, 64, 32, 8, 3),
-             (64, 64, 64, 4, 2)]
+    _GEMM = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3),
+             (64, 32, 32, 4, 3)]
 
 
 def _p_bucket(P):
@@ -295,6 +309,72 @@ def _gemm_kc_kernel(
         acc -= s[:, None] * cen
     out_ptrs = OUT_ptr + g64 * K * C + offs_k[:, None] * C + offs_c[None, :]
     tl.store(out_ptrs, acc.to(OUT_ptr.dtype.element_ty), mask=mk[:, None] & mc[None, :])
+
+
+@triton.jit
+def _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp,
+             DOT_PREC: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Columns [c0, c0+BLOCK_C) of V = A' F^T - s c for one sample (fp32)."""
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    mc = offs_c < C
+    f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
+    cen = _load_tile(CEN_ptr, offs_k, offs_c, C, mk, mc)
+    return tl.dot(Ap, tl.trans(f), input_precision=DOT_PREC) - s[:, None] * cen, offs_c, mc
+
+
+@triton.autotune(configs=_cfgs(_SMALL, ("BLOCK_C",)), key=["C", "K", "B", "P_BUCKET", "LOGIT_PREC", "DOT_PREC"])
+@triton.jit
+def _fwd_single_kernel(
+    F_ptr, M_ptr, W_ptr, Z_ptr, CEN_ptr, OUT_ptr, NORM_ptr,
+    C, P, K, B, P_BUCKET,
+    HAS_PARTS: tl.constexpr, NORMALIZE: tl.constexpr, LOGIT_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The whole forward of one sample in one program, for P <= BLOCK_P
+    (<= SINGLE_MAX_P): G, the part soft-assignments, A' and s stay on chip;
+    V is computed twice per C chunk (row norms, then the scaled output)
+    instead of going through memory.  Writes the output and the K+1 norms."""
+    n = tl.program_id(0).to(tl.int64)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_P)
+    mk = offs_k < K
+    mp = offs_p < P
+    Fn = F_ptr + n * C * P
+
+    G = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
+        f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
+        G += tl.dot(w, f, input_precision=LOGIT_PREC)
+
+    z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+    Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    s = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for b in range(B):
+        m, a = _part_assign(G, z, M_ptr, n, b, B, P, offs_p, mk, mp, HAS_PARTS, BLOCK_P)
+        Ap += a * m[None, :]
+        s += tl.sum(a, axis=1)
+
+    On = OUT_ptr + n * K * C
+    if NORMALIZE:
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
+            ss += tl.sum(v * v, axis=1)
+        r = tl.sqrt(ss)
+        inv_r = 1.0 / tl.maximum(r, 1e-12)
+        gg = tl.sqrt(tl.sum(ss * inv_r * inv_r, axis=0))
+        scale = inv_r * (1.0 / tl.maximum(gg, 1e-12))
+        tl.store(NORM_ptr + n * (K + 1) + offs_k, r, mask=mk)
+        tl.store(NORM_ptr + n * (K + 1) + K, gg)
+    else:
+        scale = tl.full((BLOCK_K,), 1.0, tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
+        tl.store(On + offs_k[:, None] * C + offs_c[None, :], (v * scale[:, None]).to(OUT_ptr.dtype.element_ty),
+                 mask=mk[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -466,18 +546,21 @@ _DOT_ENV = "PERSONVLAD_TRITON_DOT"
 _DOT_CACHE = {}
 
 
-def dot_precision(device) -> str:
+def dot_precision(device, capability: Optional[Tuple[int, int]] = None) -> str:
     """``input_precision`` of the kernels' ``tl.dot`` s on ``device``.
 
     ``"tf32x3"`` on CUDA devices of compute capability >= 8.0 (TF32 tensor
     cores, ~fp32 accuracy), ``"ieee"`` on 7.x and under the interpreter.
     ``PERSONVLAD_TRITON_DOT=ieee|tf32x3`` overrides it (read at each call, so
-    a benchmark can compare both in one process)."""
+    a benchmark can compare both in one process).  ``capability`` (major,
+    minor) stands in for the device's, for compiling ahead of time."""
     env = os.environ.get(_DOT_ENV, "")
     if env:
         if env not in DOT_PRECISIONS:
             raise ValueError(f"{_DOT_ENV}: expected one of {DOT_PRECISIONS}, got {env!r}")
         return env
+    if capability is not None:
+        return "tf32x3" if capability[0] >= 8 else "ieee"
     if INTERPRET or device.type != "cuda":
         return "ieee"
     key = device.index
@@ -489,14 +572,14 @@ def dot_precision(device) -> str:
     return _DOT_CACHE[key]
 
 
-def dot_precisions(device, dtype) -> Tuple[str, str]:
+def dot_precisions(device, dtype, capability: Optional[Tuple[int, int]] = None) -> Tuple[str, str]:
     """``(logit, gemm)`` input precisions: ``gemm`` is :func:`dot_precision`
     for every product but the logit GEMM ``G = W F``, which stays ``"ieee"``
     for float32 features (at alpha=1000 its logits are ~1e3 and tf32x3 there
     doubles the fp32 error of the raw descriptor) and follows ``gemm`` for
     half inputs, whose output rounding dwarfs it.  ``PERSONVLAD_TRITON_DOT``
     sets both."""
-    prec = dot_precision(device)
+    prec = dot_precision(device, capability)
     if dtype == torch.float32 and not os.environ.get(_DOT_ENV):
         return "ieee", prec
     return prec, prec
@@ -535,15 +618,48 @@ def _prod(xs):
     return out
 
 
+SINGLE_MAX_P = 128
+# Largest BLOCK_K * BLOCK_P the one-program forward takes before its
+# registers spill (bench/kernel_resources.py): the tensor-core (tf32x3) build
+# holds a 64 x 128 tile, the FMA (ieee, sm_7x) build a 64 x 64 one.
+SINGLE_MAX_TILE = {"tf32x3": 64 * 128, "ieee": 64 * 64}
+FORWARD_PATHS = ("auto", "single", "tiled")
+_FWD_ENV = "PERSONVLAD_TRITON_FWD"
+
+
+def forward_path(P, K=64, dot_prec="tf32x3") -> str:
+    """``"single"`` (one program per sample, :func:`_fwd_single_kernel`) when
+    the whole grid fits one tile (P <= SINGLE_MAX_P, and BLOCK_K * BLOCK_P
+    <= SINGLE_MAX_TILE[dot_prec]), else ``"tiled"`` (three kernels).
+    ``PERSONVLAD_TRITON_FWD=tiled`` forces the tiled path (``single`` is
+    honoured only where the tile fits)."""
+    env = os.environ.get(_FWD_ENV, "") or "auto"
+    if env not in FORWARD_PATHS:
+        raise ValueError(f"{_FWD_ENV}: expected one of {FORWARD_PATHS}, got {env!r}")
+    if env == "tiled" or P > SINGLE_MAX_P or _block_k(K) * _pow2_at_least(P) > SINGLE_MAX_TILE[dot_prec]:
+        return "tiled"
+    return "single"
+
+
 def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     dev = F.device
     B = 1 if M is None else M.shape[1]
     BK = _block_k(K)
     PB = _p_bucket(P)
+    Mp = F if M is None else M
+    logit_prec, prec = dot_precisions(dev, F.dtype)
+    if forward_path(P, K, prec) == "single":
+        out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
+        norms = torch.empty((N, K + 1 if normalize else 0), device=dev, dtype=torch.float32)
+        wrap_triton(_fwd_single_kernel)[(N,)](
+            F, Mp, W, z, c, out, norms, C, P, K, B, PB,
+            HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
+            BLOCK_K=BK, BLOCK_P=_pow2_at_least(P),
+        )
+        return out, norms
     nslot = triton.cdiv(P, _SLOT)
     Ap = torch.empty((N, K, P), device=dev, dtype=torch.float32)
     spart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
-    Mp = F if M is None else M
     logit_prec, prec = dot_precisions(dev, F.dtype)
     wrap_triton(_fwd_assign_kernel)[lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))](
         F, Mp, W, z, Ap, spart, C, P, K, B, nslot, PB,

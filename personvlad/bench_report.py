@@ -13,9 +13,12 @@
 
 Baselines: ``extra_info["baseline"]`` names another benchmark of the same group
 by its ``label``, ``variant`` or ``op_backend`` extra_info, its ``param`` or
-its test name; benchmarks without a group match among the ungrouped ones.
+its test name; benchmarks without a group match among the ungrouped ones.  A
+list names several, and the fastest of those present is the baseline (the op
+benchmarks: the best of eager and ``torch.compile``'d unfused PyTorch).
 No baseline in the group: no speed-up.  Speed-up = baseline median / this
-median.
+median.  With ``extra_info["output_bytes"]`` a ``peak/output`` column gives
+the peak memory as a multiple of the output's size.
 """
 from __future__ import annotations
 
@@ -76,13 +79,29 @@ def _labels(b: Dict[str, Any]) -> List[str]:
 
 
 def _find_baseline(b: Dict[str, Any], benches: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """The benchmark of ``b``'s group that ``extra_info["baseline"]`` names;
+    a list of names means the fastest (smallest median) of those present."""
     base = (b.get("extra_info") or {}).get("baseline")
     if base is None:
         return None
-    base = str(base)
+    names = [str(x) for x in base] if isinstance(base, (list, tuple)) else [str(base)]
     group = b.get("group")
-    same = [x for x in benches if x.get("group") == group and base in _labels(x)]
-    return same[0] if same else None
+    found = []
+    for name in names:
+        same = [x for x in benches if x.get("group") == group and name in _labels(x)]
+        if same:
+            found.append(same[0])
+    if not found:
+        return None
+    return min(found, key=lambda x: x["stats"]["median"])
+
+
+def _baseline_label(b: Dict[str, Any], base: Optional[Dict[str, Any]]) -> Optional[str]:
+    ei = b.get("extra_info") or {}
+    if base is None:
+        return None if ei.get("baseline") is None else str(ei["baseline"])
+    names = ei["baseline"] if isinstance(ei["baseline"], (list, tuple)) else [ei["baseline"]]
+    return next(str(n) for n in names if str(n) in _labels(base))
 
 
 def _rate(b: Dict[str, Any], key: str, per_round_key: str) -> Optional[float]:
@@ -121,7 +140,10 @@ def summarize(data: Dict[str, Any]) -> List[Dict[str, Any]]:
             ops=float(st.get("ops") or (1.0 / st["mean"] if st["mean"] > 0 else float("nan"))),
             rounds=st.get("rounds"),
             clips_per_s=_rate(b, "clips_per_s", "clips"), frames_per_s=_rate(b, "frames_per_s", "frames"),
-            peak_bytes=_peak(b), baseline=ei.get("baseline"), speedup=speedup,
+            peak_bytes=_peak(b), baseline=_baseline_label(b, base), speedup=speedup,
+            peak_per_output=(_peak(b) / ei["output_bytes"]
+                             if _peak(b) is not None and isinstance(ei.get("output_bytes"), (int, float))
+                             and ei["output_bytes"] > 0 else None),
             device=ei.get("device"),
         ))
     return rows
@@ -170,8 +192,10 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
         meta.append(f"pytest-benchmark {data['version']}")
     if meta:
         lines += ["; ".join(meta) + ".", ""]
-    lines += ["Speed-up = median time of the row's baseline / its median time (>1: faster).", ""]
+    lines += ["Speed-up = median time of the row's baseline / its median time (>1: faster); where "
+              "several baselines are named, the fastest of them.", ""]
     has_clips = any(r["clips_per_s"] is not None for r in rows)
+    has_ratio = any(r["peak_per_output"] is not None for r in rows)
     has_frames = any(r["frames_per_s"] is not None for r in rows)
     by_group: Dict[str, List[Dict[str, Any]]] = OrderedDict()
     for r in rows:
@@ -180,7 +204,7 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
         lines += [f"## {group}", ""]
         head = ["name", "mean", "median", "min", "ops/s"]
         head += (["clips/s"] if has_clips else []) + (["frames/s"] if has_frames else [])
-        head += ["peak mem", "baseline", "speed-up"]
+        head += ["peak mem"] + (["peak/output"] if has_ratio else []) + ["baseline", "speed-up"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         for r in rs:
@@ -189,7 +213,10 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
                 cells.append(_fmt_num(r["clips_per_s"]))
             if has_frames:
                 cells.append(_fmt_num(r["frames_per_s"]))
-            cells += [_fmt_bytes(r["peak_bytes"]), str(r["baseline"]) if r["baseline"] is not None else "-",
+            cells.append(_fmt_bytes(r["peak_bytes"]))
+            if has_ratio:
+                cells.append(f"{r['peak_per_output']:.2f}" if r["peak_per_output"] is not None else "-")
+            cells += [str(r["baseline"]) if r["baseline"] is not None else "-",
                       f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")

@@ -124,6 +124,44 @@ def test_report_exact_numbers(results, tmp_path):
     assert rows[("op-256-fwd", "fused-cuda")]["speedup"] is None  # no unfused-eager in that group
 
 
+def test_report_best_of_several_baselines(results, tmp_path):
+    """A list baseline resolves to the fastest named benchmark of the group,
+    and output_bytes adds a peak/output column."""
+    data = json.loads(results.read_text())
+    group = "op-512-fwdbwd"
+    eager = next(b for b in data["benchmarks"] if b.get("group") == group
+                 and b["extra_info"]["op_backend"] == "unfused-eager")
+    compiled = copy.deepcopy(eager)
+    compiled["name"] = compiled["fullname"] = "test_op[compiled]"
+    compiled["param"] = "compiled"
+    compiled["extra_info"]["op_backend"] = "unfused-compile"
+    data["benchmarks"].append(compiled)
+    meds = {"unfused-eager": 0.004, "unfused-compile": 0.002, "fused-triton": 0.0005, "fused-cuda": 0.001}
+    for b in data["benchmarks"]:
+        ei = b["extra_info"]
+        if b.get("group") == group:
+            t = meds[ei["op_backend"]]
+            b["stats"].update(mean=t, median=t, min=t)
+            ei["baseline"] = ["unfused-eager", "unfused-compile"]
+            ei["output_bytes"] = 2 ** 20
+            ei["peak_bytes"] = 3 * 2 ** 20
+    rows = {r["label"]: r for r in bench_report.summarize(data) if r["group"] == group}
+    assert rows["fused-triton"]["baseline"] == "unfused-compile"
+    assert rows["fused-triton"]["speedup"] == pytest.approx(0.002 / 0.0005)
+    assert rows["unfused-eager"]["speedup"] == pytest.approx(0.5)
+    assert rows["fused-cuda"]["peak_per_output"] == pytest.approx(3.0)
+    md = bench_report.markdown_report(data)
+    tri = next(b["name"] for b in data["benchmarks"] if b.get("group") == group
+               and b["extra_info"]["op_backend"] == "fused-triton")
+    line = next(l for l in md.splitlines() if l.startswith(f"| {tri} |"))
+    assert "peak/output" in md and "| 3.00 | unfused-compile | 4.00x |" in line
+    # when the compiled run is missing, the eager one is the baseline
+    data["benchmarks"].remove(compiled)
+    rows = {r["label"]: r for r in bench_report.summarize(data) if r["group"] == group}
+    assert rows["fused-triton"]["baseline"] == "unfused-eager"
+    assert rows["fused-triton"]["speedup"] == pytest.approx(8.0)
+
+
 def _designed(results, tmp_path):
     """The real JSON with every op benchmark's times set to its designed sleep."""
     meds = {}

@@ -64,8 +64,17 @@ FWD_CASES = [
 ]
 
 
+@pytest.fixture(params=["single", "tiled"])
+def fwd_path(request, monkeypatch):
+    """Both forward paths: one program per sample (the default for P <= 128)
+    and the three tiled kernels (forced)."""
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("grid,B,normalize,dtype,alpha", FWD_CASES)
-def test_forward_matches_float64_oracle(grid, B, normalize, dtype, alpha):
+def test_forward_matches_float64_oracle(grid, B, normalize, dtype, alpha, fwd_path):
+    assert tk.forward_path(torch.Size(grid).numel(), 5, tk.dot_precision(torch.device(DEV))) == fwd_path
     ins = make_inputs(N=2, C=12, S=grid, B=B, K=5, dtype=dtype, alpha=alpha, device=DEV)
     out = _triton(*ins, normalize=normalize)
     K, C = 5, 12
@@ -75,7 +84,36 @@ def test_forward_matches_float64_oracle(grid, B, normalize, dtype, alpha):
     torch.testing.assert_close(out.double(), _oracle(ins, normalize), atol=atol, rtol=rtol)
 
 
-def test_forward_op_returns_norms():
+def test_forward_path_choice(monkeypatch):
+    monkeypatch.delenv("PERSONVLAD_TRITON_FWD", raising=False)
+    assert tk.forward_path(tk.SINGLE_MAX_P) == "single"
+    assert tk.forward_path(tk.SINGLE_MAX_P + 1) == "tiled"
+    assert tk.forward_path(60, K=128) == "single"  # BLOCK_K * BLOCK_P = 128 * 64
+    assert tk.forward_path(100, K=128) == "tiled"  # 128 * 128 would spill
+    assert tk.forward_path(100, K=64, dot_prec="ieee") == "tiled"  # 64 * 128 spills without tensor cores
+    assert tk.forward_path(60, K=64, dot_prec="ieee") == "single"
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "single")  # honoured only where P fits
+    assert tk.forward_path(tk.SINGLE_MAX_P + 1) == "tiled"
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "tiled")
+    assert tk.forward_path(8) == "tiled"
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "fast")
+    with pytest.raises(ValueError, match="PERSONVLAD_TRITON_FWD"):
+        tk.forward_path(8)
+
+
+def test_forward_large_grid_takes_tiled_path(monkeypatch):
+    """P = 147 > SINGLE_MAX_P: the default path is the tiled one, and it is
+    exact against float64 (both normalisations)."""
+    monkeypatch.delenv("PERSONVLAD_TRITON_FWD", raising=False)
+    ins = make_inputs(N=2, C=6, S=(3, 7, 7), B=2, K=3, device=DEV, seed=4)
+    assert tk.forward_path(147) == "tiled"
+    atol, rtol = tolerance(torch.float32)
+    for normalize in (True, False):
+        torch.testing.assert_close(_triton(*ins, normalize=normalize).double(), _oracle(ins, normalize),
+                                   atol=atol, rtol=rtol)
+
+
+def test_forward_op_returns_norms(fwd_path):
     """The raw op returns (out, norms): row norms of V then the global norm."""
     ins = make_inputs(N=2, C=8, S=(3, 4), B=2, K=4, device=DEV)
     out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
@@ -127,7 +165,7 @@ GRAD_CASES = [
 
 
 @pytest.mark.parametrize("grid,B,normalize,alpha", GRAD_CASES)
-def test_gradients_float32(grid, B, normalize, alpha):
+def test_gradients_float32(grid, B, normalize, alpha, fwd_path):
     """All five gradients within ~2x of the reference's own float32 error
     against the float64 oracle (plus a floor of 1e-6 of the gradient scale)."""
     ins = make_inputs(N=2, C=12, S=grid, B=B, K=5, alpha=alpha, device=DEV, seed=7)
@@ -309,13 +347,18 @@ from personvlad.kernels import person_vlad as tk
 
 assert not tk.INTERPRET
 # 1. registered as triton_op: torch knows the kernels behind both ops
-assert len(get_triton_kernels_for_op("personvlad::person_vlad_triton")) == 3
+assert len(get_triton_kernels_for_op("personvlad::person_vlad_triton")) == 4
 assert len(get_triton_kernels_for_op("personvlad::person_vlad_triton_backward")) == 3
 
 # 2. the op body traces on fake CUDA tensors into visible Triton kernel calls
 with FakeTensorMode():
     ins = [torch.empty(s, device="cuda") for s in [(2, 8, 3, 5), (2, 2, 3, 5), (4, 8), (4,), (4, 8)]]
+    gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)  # P=15: the single-program path
+    hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    assert len(hops) == 1, gm.code
+    os.environ["PERSONVLAD_TRITON_FWD"] = "tiled"
     gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)
+    del os.environ["PERSONVLAD_TRITON_FWD"]
     hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(hops) == 3, gm.code
     out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
@@ -345,6 +388,8 @@ comp(tk._fwd_assign_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32
      dict(HAS_PARTS=True, BLOCK_K=64, BLOCK_P=64, BLOCK_C=32), 4, 3)
 comp(tk._gemm_kc_kernel.fn, dict(ints, X_ptr=f32, F_ptr=f, S_ptr=f32, CEN_ptr=f32, OUT_ptr=f),
      dict(SUB_SC=True, BLOCK_K=64, BLOCK_C=64, BLOCK_P=32), 4, 3)
+comp(tk._fwd_single_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f, NORM_ptr=f32),
+     dict(HAS_PARTS=True, NORMALIZE=True, BLOCK_K=64, BLOCK_P=128, BLOCK_C=32), 8, 2)
 comp(tk._fwd_normalize_kernel, dict(ints, V_ptr=f32, OUT_ptr=f, NORM_ptr=f32), dict(BLOCK_K=64, BLOCK_C=64), 4, 1)
 comp(tk._bwd_normalize_kernel, dict(ints, DY_ptr=f, Y_ptr=f, NORM_ptr=f32, CEN_ptr=f32, DV_ptr=f32, DS_ptr=f32),
      dict(NORMALIZE=True, BLOCK_K=64, BLOCK_C=64), 4, 1)
@@ -368,6 +413,27 @@ except ValueError as e:
     assert "PERSONVLAD_TRITON_DOT" in str(e)
 print("GPU-PATH-OK")
 """
+
+
+@pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch (Triton's NVIDIA backend)")
+def test_autotune_configs_do_not_spill_registers():
+    """Every autotune config of every kernel, compiled ahead of time for sm_90
+    (tf32x3) and sm_75 (ieee) in bf16 and fp32 at BLOCK_K=64, keeps its
+    registers off the stack (<= 128 bytes of spill): a spilling config is
+    several times slower, and autotuning would only hide it at the shapes it
+    was tuned on.  Reads the cubins with bench/kernel_resources.py."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PERSONVLAD_QUIET_EXT"] = "1"
+    script = os.path.join(os.path.dirname(__file__), "..", "bench", "kernel_resources.py")
+    r = subprocess.run([sys.executable, script, "--targets", "90", "75", "--dtypes", "bf16", "fp32",
+                        "--block-k", "64", "--max-stack", "128"], env=env, capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
+    assert " 0 spilling" in r.stdout
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="the cuda-marked tests run the real GPU path")
