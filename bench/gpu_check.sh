@@ -3,14 +3,18 @@
 # for sm_90 only, run the CUDA tests, compute-sanitizer memcheck on the CUDA
 # backend, then the GPU benchmarks (op, model, training step, data, end to
 # end).  Results go to $OUT (the device tool's output folder) or, when unset,
-# bench/results/gpu-<date>/ — commit them under bench/results/.
+# bench/results/gpu-<date>/ -- commit them under bench/results/.
 #
-#   bash bench/gpu_check.sh            # on a machine with torch + triton + nvcc
+#   bash bench/gpu_check.sh                       # every step, in priority order
+#   GPU_CHECK_STEPS="ops ablation" bash bench/gpu_check.sh   # a second call: just these
+#   GPU_CHECK_BUDGET=300 bash bench/gpu_check.sh  # seconds for the steps after the build
 #
-# The GPU machine already has torch and triton: nothing is pip-installed but
-# this package (--no-deps).  Each step has its own time limit so one slow step
-# cannot eat the others; the script goes on after a failing step and exits
-# non-zero at the end if any failed.
+# Steps (in this order): tests ops memcheck ops_compile e2e ablation model
+# e2e_compile cmake.  The GPU machine already has torch and triton: nothing
+# is pip-installed but this package (--no-deps).  Each step has its own time
+# limit, capped by what is left of the budget, so one slow step cannot eat
+# the others; the script goes on after a failing step and exits non-zero at
+# the end if any failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 # Everything is written under RES; where the device tool's $OUT exists (it
@@ -22,10 +26,13 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python3}"
 export CUDA_HOME="${CUDA_HOME:-$($PY setup.py --print-cuda-home)}"
+STEPS=" ${GPU_CHECK_STEPS:-tests ops memcheck ops_compile e2e ablation model e2e_compile cmake} "
+BUDGET="${GPU_CHECK_BUDGET:-460}"
 failed=()
 step() {  # step NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
+  if [ "$limit" -lt 20 ]; then echo "== $name: skipped, ${limit}s left"; return; fi
   echo "== $name (limit ${limit}s)"
   if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
     echo "   ok in $(( $(date +%s) - t0 ))s"
@@ -33,6 +40,7 @@ step() {  # step NAME LIMIT_S CMD...
     echo "   FAILED (rc=$?) in $(( $(date +%s) - t0 ))s; tail:"; tail -n 15 "$OUT/$name.log"; failed+=("$name")
   fi
 }
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 
 step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
 $PY - > "$OUT/env.json" <<'EOF'
@@ -54,28 +62,37 @@ EOF
 cat "$OUT/env.json"
 
 T0=$(date +%s)
-left() { echo $(( 460 - ($(date +%s) - T0) )); }   # keep the whole run under ~8 min
+left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 cap() { local l; l=$(left); echo $(( l > $1 ? $1 : l )); }  # min(limit, time left)
+BENCH=($PY -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-disable-gc --benchmark-min-time=0.05)
+
 # 1. Correctness first.  -v so a killed step still shows which tests ran; no
 #    -x so one failure does not hide the others.  Autotuning off for the tests
 #    (first config of each list): every test shape would otherwise compile and
-#    time 4-5 configs per kernel; the benchmarks below autotune and check
+#    time 2-5 configs per kernel; the benchmarks below autotune and check
 #    their own output against float64.
-step gpu_tests 150 env PERSONVLAD_TRITON_AUTOTUNE=0 $PY -m pytest -v -m cuda -p no:cacheprovider --durations=15 tests/
-BENCH_OPTS=(-q -p no:cacheprovider --benchmark-only --benchmark-disable-gc --benchmark-min-time=0.05)
-# 2. The op: fused backends (Triton with tf32x3 and with ieee dots, CUDA) and
-#    unfused eager; then the torch.compile'd unfused baseline on its own (its
-#    8 compilations are the slow part), merged into one file for the report.
-step bench_ops "$(cap 120)" $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_ops.py -k "gpu and not compile" --benchmark-json="$OUT/bench_ops_fused.json"
+want tests && step gpu_tests "$(cap 150)" env PERSONVLAD_TRITON_AUTOTUNE=0 \
+  $PY -m pytest -v -m cuda -p no:cacheprovider --durations=15 tests/
+# 2. The op (issues 4/5): fused backends and unfused eager, then compute-
+#    sanitizer on the CUDA kernels, then the torch.compile'd unfused baseline
+#    (8 compilations), then the Triton ablations (ieee dots; tiled forward).
+#    All op files are merged into bench_ops.json for the report.
+want ops && step bench_ops "$(cap 120)" "${BENCH[@]}" bench/test_bench_ops.py \
+  -k "gpu and not compile and not ieee and not tiled" --benchmark-json="$OUT/bench_ops_fused.json"
 [ -s "$OUT/bench_ops_fused.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops_fused.json" --out "$OUT/backend_table.json"
-if [ -f bench/gpu_cuda_memcheck.sh ]; then
-  step memcheck "$(cap 60)" env TOOLS=memcheck bash bench/gpu_cuda_memcheck.sh
-fi
-step bench_ops_compile "$(cap 100)" $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_ops.py -k "gpu and compile" --benchmark-json="$OUT/bench_ops_compile.json"
+want memcheck && step memcheck "$(cap 60)" env TOOLS=memcheck bash bench/gpu_cuda_memcheck.sh
+want ops_compile && step bench_ops_compile "$(cap 100)" "${BENCH[@]}" bench/test_bench_ops.py \
+  -k "gpu and compile" --benchmark-json="$OUT/bench_ops_compile.json"
+# 3. End to end (issue 10): without the torch.compile variants first.
+want e2e && step bench_e2e "$(cap 150)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and not compile" \
+  --benchmark-json="$OUT/bench_e2e.json"
+want e2e && $PY -c "import json; from personvlad.perf import check_cudnn_3d; print(json.dumps(check_cudnn_3d(warn=False), indent=1, default=str))" > "$OUT/cudnn_check.json"
+want ablation && step bench_ops_ablation "$(cap 90)" "${BENCH[@]}" bench/test_bench_ops.py \
+  -k "gpu and (ieee or tiled)" --benchmark-json="$OUT/bench_ops_ablation.json"
 $PY - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]
-parts = [os.path.join(out, f) for f in ("bench_ops_fused.json", "bench_ops_compile.json")]
+parts = [os.path.join(out, f"bench_ops_{s}.json") for s in ("fused", "compile", "ablation")]
 parts = [p for p in parts if os.path.exists(p) and os.path.getsize(p) > 0]
 if parts:
     merged = json.load(open(parts[0]))
@@ -83,24 +100,18 @@ if parts:
         merged["benchmarks"] += json.load(open(p))["benchmarks"]
     json.dump(merged, open(os.path.join(out, "bench_ops.json"), "w"), indent=1)
 EOF
-# 3. End to end (issue 10): without the torch.compile variants first.
-step bench_e2e "$(cap 150)" $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_e2e.py -k "gpu and not compile" --benchmark-json="$OUT/bench_e2e.json"
-$PY -c "import json; from personvlad.perf import check_cudnn_3d; print(json.dumps(check_cudnn_3d(warn=False), indent=1, default=str))" > "$OUT/cudnn_check.json"; cat "$OUT/cudnn_check.json"
 models=()
 for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do
   [ -f "$f" ] && models+=("$f")
 done
-if [ "$(left)" -gt 40 ]; then
-  step bench_model "$(cap 90)" $PY -m pytest "${BENCH_OPTS[@]}" "${models[@]}" -k "gpu or cuda" --benchmark-json="$OUT/bench_model.json"
-fi
-if [ "$(left)" -gt 60 ]; then
-  step bench_e2e_compile "$(left)" $PY -m pytest "${BENCH_OPTS[@]}" bench/test_bench_e2e.py -k "gpu and compile" --benchmark-json="$OUT/bench_e2e_compile.json"
-fi
+want model && step bench_model "$(cap 90)" "${BENCH[@]}" "${models[@]}" -k "gpu or cuda" \
+  --benchmark-json="$OUT/bench_model.json"
+want e2e_compile && step bench_e2e_compile "$(left)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and compile" \
+  --benchmark-json="$OUT/bench_e2e_compile.json"
 # 4. The libtorch C++ test with its CUDA case (dispatcher level, no Python):
 #    last, as CI runs its CPU case on every commit.
-if [ "$(left)" -gt 45 ]; then
-  step cmake_cuda_test "$(left)" bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
-fi
+want cmake && step cmake_cuda_test "$(left)" bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
+
 for j in bench_ops bench_e2e bench_e2e_compile bench_model; do
   [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.md" 2>&1 && cat "$OUT/$j.md"
 done
