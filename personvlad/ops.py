@@ -169,9 +169,21 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+_CAPABILITY: Dict[int, Tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> Tuple[int, int]:
+    """The device's compute capability, looked up once per device (this runs
+    on every call of the op)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _CAPABILITY:
+        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
+    return _CAPABILITY[idx]
+
+
 def _triton_usable(device: torch.device) -> Tuple[bool, str]:
     if device.type == "cuda":
-        major, _ = torch.cuda.get_device_capability(device)
+        major, _ = _capability(device)
         if major < 7:
             return False, f"Triton needs compute capability >= 7.0, {device} has {major}.x"
     elif not (device.type == "cpu" and _triton_interpret()):

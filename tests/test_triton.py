@@ -602,9 +602,14 @@ def test_cuda_forward_realistic_shapes(shape, dtype, alpha):
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_forward_at_support_limits(dtype):
-    """K=128, C=1024, B=16 (the largest accepted), P not a multiple of any block."""
-    ins = make_inputs(N=3, C=tk.MAX_CHANNELS, S=(3, 7, 5), B=tk.MAX_PARTS, K=tk.MAX_CLUSTERS,
+@pytest.mark.parametrize("grid,path", [((3, 7, 5), "tiled"), ((3, 4, 5), "single")], ids=["P105", "P60"])
+def test_cuda_forward_at_support_limits(dtype, grid, path):
+    """K=128, C=1024, B=16 (the largest accepted), P not a multiple of any
+    block: P=105 takes the tiled forward (a 128x128 tile would spill), P=60
+    the one-program forward at its largest tile (128x64)."""
+    P = torch.Size(grid).numel()
+    assert tk.forward_path(P, tk.MAX_CLUSTERS, tk.dot_precision(torch.device("cuda"))) == path
+    ins = make_inputs(N=3, C=tk.MAX_CHANNELS, S=grid, B=tk.MAX_PARTS, K=tk.MAX_CLUSTERS,
                       dtype=dtype, device="cuda", seed=12)
     for normalize in (True, False):
         _assert_forward_accurate(tk.person_vlad_triton(*ins, normalize), ins, normalize)
