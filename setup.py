@@ -66,7 +66,13 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtensio
 here = os.path.dirname(os.path.abspath(__file__))
 rel = lambda paths: sorted(os.path.relpath(p, here) for p in paths)  # noqa: E731
 sources = rel(glob.glob(os.path.join(here, "csrc", "*.cpp")) + glob.glob(os.path.join(here, "csrc", "cpu", "*.cpp")))
-cxx_flags = ["-O3"]  # the C++ standard comes from torch (C++17 up to 2.12, C++20 after)
+# The C++ standard comes from torch (C++17 up to 2.12, C++20 after).
+# -ffp-contract=off: every multiply and add is rounded on its own, so the CPU
+# kernels' results do not depend on which code path GCC's vectoriser takes.
+# With contraction (GCC's default) the AVX-512 clone gave last-bit differences
+# in 1 call in 15-20 run from a fresh thread (autograd's backward), which broke
+# bitwise kill-and-resume of training (see csrc/cpu/person_vlad_cpu.cpp).
+cxx_flags = ["-O3", "-ffp-contract=off"]
 define_macros = []
 if WITH_CUDA:
     sources += rel(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(here, "csrc", "cuda", "*.cpp")))

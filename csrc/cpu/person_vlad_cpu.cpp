@@ -84,6 +84,12 @@ namespace {
 
 // GCC on x86-64 Linux: build AVX-512 / AVX2 clones of the hot loops and pick
 // one at load time (ifunc), so the extension needs no -march flag.
+// Build with -ffp-contract=off (setup.py, CMakeLists.txt): with GCC's default
+// FMA contraction the AVX-512 clone's results differed in the last bits in
+// about 1 call in 15-20 made from a fresh thread (as autograd's backward is),
+// so training was not bitwise resumable; without contraction every path
+// rounds each multiply and add the same way, and the speed is unchanged
+// (backward ~15% slower at the paper-like shape).
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 #define PV_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
