@@ -11,6 +11,15 @@ Public entry points
     explanation when they do not (``""`` when they do).
 ``check_supported(...)``
     Raises :class:`UnsupportedInput` (a ``ValueError``) with that reason.
+``dot_precision(device)`` / ``dot_precisions(device, dtype)``
+    The ``tl.dot`` input precision(s) the kernels use there (see below).
+``forward_path(P, K, dot_prec)``
+    ``"single"`` (one program per sample) or ``"tiled"`` (three kernels).
+
+Environment: ``PERSONVLAD_TRITON_DOT=ieee|tf32x3`` forces one dot precision;
+``PERSONVLAD_TRITON_FWD=tiled`` forces the tiled forward;
+``PERSONVLAD_TRITON_AUTOTUNE=0`` (read at import) runs each kernel's first
+config without autotuning.
 
 Registered ops
 --------------
