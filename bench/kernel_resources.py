@@ -92,7 +92,7 @@ def cases(dtype: str, cap: int, block_k: int):
     gemm_cfgs = cfgs(tk._gemm_kc_kernel)  # its BLOCK_K is a tile of its own, independent of K
     for sub in (True, False):
         out.append((f"gemm_kc(SUB_SC={sub})", tk._gemm_kc_kernel.fn,
-                    dict(ints, X_ptr=f32, F_ptr=f, S_ptr=f32, CEN_ptr=f32, OUT_ptr=f32 if sub else f32),
+                    dict(ints, X_ptr=f32, F_ptr=f, S_ptr=f32, CEN_ptr=f32, OUT_ptr=f32),
                     dict(SUB_SC=sub, DOT_PREC=gemm), gemm_cfgs))
     out.append(("bwd_main", tk._bwd_main_kernel.fn,
                 dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, DV_ptr=f32, DS_ptr=f32, DF_ptr=f, DM_ptr=f,

@@ -60,27 +60,20 @@ def _variants(device):
             continue  # the interpreter is not a benchmark
         out[f"fused-{b}"] = (lambda b: lambda *a: ops.person_vlad(*a, backend=b))(b)
     if "fused-triton" in out and device == "cuda":
-        # Two ablations of the Triton backend: every dot in plain fp32 (what
-        # sm_7x gets), to measure what the tf32x3 tensor-core products buy;
-        # and the three-kernel tiled forward where the one-program forward
-        # would run (P <= 128).
-        out["fused-triton-ieee"] = _with_env("PERSONVLAD_TRITON_DOT", "ieee")
-        out["fused-triton-tiled"] = _with_env("PERSONVLAD_TRITON_FWD", "tiled")
+        for name in _ABLATION_ENV:  # same call; the test sets the environment for the whole case
+            out[name] = out["fused-triton"]
     return out
 
 
-def _with_env(name, value):
-    def fn(*a):
-        old = os.environ.get(name)
-        os.environ[name] = value
-        try:
-            return ops.person_vlad(*a, backend="triton")
-        finally:
-            if old is None:
-                del os.environ[name]
-            else:
-                os.environ[name] = old
-    return fn
+# Two ablations of the Triton backend, each the same op under one switch, set
+# for the whole benchmark case (not per call, so the timed call is unchanged):
+# every dot in plain fp32 (what sm_7x gets), to measure what the tf32x3
+# tensor-core products buy; and the three-kernel tiled forward where the
+# one-program forward would run (P <= 128).
+_ABLATION_ENV = {
+    "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
+    "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
+}
 
 
 def _accuracy(fn, args, dtype):
@@ -103,7 +96,7 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
         pytest.skip("naive broadcast at the large shape needs > 10 GiB")
     # the ablations in bf16 only (each costs a round of kernel compilation and
     # autotuning); the tiled forward only where the one-program one applies
-    if variant in ("fused-triton-ieee", "fused-triton-tiled") and dtype != torch.bfloat16:
+    if variant in _ABLATION_ENV and dtype != torch.bfloat16:
         pytest.skip(f"{variant}: an ablation, measured in bf16 only")
     if variant == "fused-triton-tiled" and math.prod(shape["S"]) > 128:
         pytest.skip("the tiled forward is already the default at this P")
@@ -134,9 +127,8 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
             f"{variant}: max error {err:.3e} vs float64, reference's own {ref_err:.3e}")
     if variant.startswith("fused-triton"):
         from personvlad.kernels import person_vlad as tk
-        precs = ["ieee", "ieee"] if variant == "fused-triton-ieee" else list(tk.dot_precisions(args[0].device, dtype))
-        path = "tiled" if variant == "fused-triton-tiled" else tk.forward_path(P, shape["K"], precs[1])
-        benchmark.extra_info.update(dot_precisions=precs, forward_path=path)
+        precs = list(tk.dot_precisions(args[0].device, dtype))  # the ablation's switches are set
+        benchmark.extra_info.update(dot_precisions=precs, forward_path=tk.forward_path(P, shape["K"], precs[1]))
     benchmark.extra_info.update(
         op_backend=variant, N=shape["N"], C=shape["C"], P=P, K=shape["K"], B=shape["B"],
         dtype=str(dtype).replace("torch.", ""), mode=mode, shape=shape_name,
@@ -164,6 +156,8 @@ def test_op_cpu(benchmark, variant, mode):
 @pytest.mark.parametrize("shape_name", list(GPU_SHAPES))
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("variant", GPU_VARIANTS)
-def test_op_gpu(benchmark, variant, mode, shape_name, dtype):
+def test_op_gpu(benchmark, monkeypatch, variant, mode, shape_name, dtype):
+    for name, value in _ABLATION_ENV.get(variant, {}).items():
+        monkeypatch.setenv(name, value)
     benchmark.group = f"op-gpu-{shape_name}-{str(dtype).replace('torch.', '')}-{mode}"
     _run_case(benchmark, "cuda", shape_name, GPU_SHAPES[shape_name], dtype, variant, mode)

@@ -90,6 +90,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ..ops import _capability  # the compute capability, looked up once per device
+
 __all__ = [
     "person_vlad_triton",
     "supports",
@@ -238,6 +240,42 @@ def _load_tile(ptr, rows, cols, ld, rmask, cmask):
     ).to(tl.float32)
 
 
+@triton.jit
+def _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
+                 HAS_PARTS: tl.constexpr, LOGIT_PREC: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """For one sample's P tile: G = W F (tl.dot over C chunks), then
+    ``A'[k,p] = sum_b a M`` and the tile's ``s[k] = sum_{b,p} a``."""
+    G = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + tl.arange(0, BLOCK_C)
+        mc = offs_c < C
+        w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
+        f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
+        G += tl.dot(w, f, input_precision=LOGIT_PREC)
+    z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
+    Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
+    s = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for b in range(B):
+        m, a = _part_assign(G, z, M_ptr, n, b, B, P, offs_p, mk, mp, HAS_PARTS, BLOCK_P)
+        Ap += a * m[None, :]
+        s += tl.sum(a, axis=1)
+    return Ap, s
+
+
+@triton.jit
+def _norms_and_scale(ss, NORM_ptr, n, K, offs_k, mk):
+    """From the row sums of squares ``ss`` of V: store the K row norms and
+    the norm of the intra-normalised vector into NORM[n], and return the
+    per-row factor that applies both normalisations."""
+    r = tl.sqrt(ss)
+    inv_r = 1.0 / tl.maximum(r, 1e-12)
+    gg = tl.sqrt(tl.sum(ss * inv_r * inv_r, axis=0))
+    tl.store(NORM_ptr + n * (K + 1) + offs_k, r, mask=mk)
+    tl.store(NORM_ptr + n * (K + 1) + K, gg)
+    return inv_r * (1.0 / tl.maximum(gg, 1e-12))
+
+
 @triton.autotune(configs=_cfgs(_ASSIGN, ("BLOCK_P", "BLOCK_C")), key=["C", "K", "B", "P_BUCKET", "LOGIT_PREC"])
 @triton.jit
 def _fwd_assign_kernel(
@@ -252,25 +290,8 @@ def _fwd_assign_kernel(
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     mk = offs_k < K
     mp = offs_p < P
-    Fn = F_ptr + n * C * P
-
-    # G = W F for this P tile
-    G = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mc = offs_c < C
-        w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
-        f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
-        G += tl.dot(w, f, input_precision=LOGIT_PREC)
-
-    z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-    Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
-    s_acc = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for b in range(B):
-        m, a = _part_assign(G, z, M_ptr, n, b, B, P, offs_p, mk, mp, HAS_PARTS, BLOCK_P)
-        Ap += a * m[None, :]
-        s_acc += tl.sum(a, axis=1)
-
+    Ap, s_acc = _assign_tile(F_ptr + n * C * P, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
+                             HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
     tl.store(AP_ptr + n * K * P + offs_k[:, None] * P + offs_p[None, :], Ap,
              mask=mk[:, None] & mp[None, :])
     # partial s into 16-column slots: this tile's sum in its first slot, zeros in the rest
@@ -349,22 +370,8 @@ def _fwd_single_kernel(
     mk = offs_k < K
     mp = offs_p < P
     Fn = F_ptr + n * C * P
-
-    G = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mc = offs_c < C
-        w = _load_tile(W_ptr, offs_k, offs_c, C, mk, mc)
-        f = _load_tile(Fn, offs_c, offs_p, P, mc, mp)
-        G += tl.dot(w, f, input_precision=LOGIT_PREC)
-
-    z = tl.load(Z_ptr + offs_k, mask=mk, other=0.0).to(tl.float32)
-    Ap = tl.zeros((BLOCK_K, BLOCK_P), dtype=tl.float32)
-    s = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for b in range(B):
-        m, a = _part_assign(G, z, M_ptr, n, b, B, P, offs_p, mk, mp, HAS_PARTS, BLOCK_P)
-        Ap += a * m[None, :]
-        s += tl.sum(a, axis=1)
+    Ap, s = _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
+                         HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
 
     On = OUT_ptr + n * K * C
     if NORMALIZE:
@@ -372,12 +379,7 @@ def _fwd_single_kernel(
         for c0 in range(0, C, BLOCK_C):
             v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
             ss += tl.sum(v * v, axis=1)
-        r = tl.sqrt(ss)
-        inv_r = 1.0 / tl.maximum(r, 1e-12)
-        gg = tl.sqrt(tl.sum(ss * inv_r * inv_r, axis=0))
-        scale = inv_r * (1.0 / tl.maximum(gg, 1e-12))
-        tl.store(NORM_ptr + n * (K + 1) + offs_k, r, mask=mk)
-        tl.store(NORM_ptr + n * (K + 1) + K, gg)
+        scale = _norms_and_scale(ss, NORM_ptr, n, K, offs_k, mk)
     else:
         scale = tl.full((BLOCK_K,), 1.0, tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -398,11 +400,7 @@ def _fwd_normalize_kernel(V_ptr, OUT_ptr, NORM_ptr, K, C,
         offs_c = c0 + tl.arange(0, BLOCK_C)
         v = _load_tile(Vn, offs_k, offs_c, C, mk, offs_c < C)
         ss += tl.sum(v * v, axis=1)
-    r = tl.sqrt(ss)
-    inv_r = 1.0 / tl.maximum(r, 1e-12)
-    gg = tl.sqrt(tl.sum(ss * inv_r * inv_r, axis=0))
-    inv_g = 1.0 / tl.maximum(gg, 1e-12)
-    scale = inv_r * inv_g
+    scale = _norms_and_scale(ss, NORM_ptr, n, K, offs_k, mk)
     On = OUT_ptr + n * K * C
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -410,8 +408,6 @@ def _fwd_normalize_kernel(V_ptr, OUT_ptr, NORM_ptr, K, C,
         v = _load_tile(Vn, offs_k, offs_c, C, mk, mc)
         tl.store(On + offs_k[:, None] * C + offs_c[None, :],
                  (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=mk[:, None] & mc[None, :])
-    tl.store(NORM_ptr + n * (K + 1) + offs_k, r, mask=mk)
-    tl.store(NORM_ptr + n * (K + 1) + K, gg)
 
 
 @triton.jit
@@ -552,7 +548,6 @@ def _bwd_main_kernel(
 # --------------------------------------------------------------------------
 DOT_PRECISIONS = ("tf32x3", "ieee")
 _DOT_ENV = "PERSONVLAD_TRITON_DOT"
-_DOT_CACHE = {}
 
 
 def dot_precision(device, capability: Optional[Tuple[int, int]] = None) -> str:
@@ -572,13 +567,9 @@ def dot_precision(device, capability: Optional[Tuple[int, int]] = None) -> str:
         return "tf32x3" if capability[0] >= 8 else "ieee"
     if INTERPRET or device.type != "cuda":
         return "ieee"
-    key = device.index
-    if key not in _DOT_CACHE:
-        if not torch.cuda.is_available():  # tracing on fake CUDA tensors without a device
-            return "tf32x3"
-        major, _ = torch.cuda.get_device_capability(device)
-        _DOT_CACHE[key] = "tf32x3" if major >= 8 else "ieee"
-    return _DOT_CACHE[key]
+    if not torch.cuda.is_available():  # tracing on fake CUDA tensors without a device
+        return "tf32x3"
+    return "tf32x3" if _capability(device)[0] >= 8 else "ieee"
 
 
 def dot_precisions(device, dtype, capability: Optional[Tuple[int, int]] = None) -> Tuple[str, str]:
@@ -669,7 +660,6 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     nslot = triton.cdiv(P, _SLOT)
     Ap = torch.empty((N, K, P), device=dev, dtype=torch.float32)
     spart = torch.empty((N, nslot, K), device=dev, dtype=torch.float32)
-    logit_prec, prec = dot_precisions(dev, F.dtype)
     wrap_triton(_fwd_assign_kernel)[lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))](
         F, Mp, W, z, Ap, spart, C, P, K, B, nslot, PB,
         HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, BLOCK_K=BK,
