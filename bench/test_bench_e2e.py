@@ -23,7 +23,9 @@ CPU (tiny model, 8x64x32 clips, few rounds): inference ``eager-fp32``
 
 extra_info: label, baseline, clips (per round; conftest turns it into
 clips_per_s), batch, model, dtype, peak_bytes (one call, above what was
-allocated before), plus the device/version keys of bench/conftest.py.
+allocated before), flops (per round) / flops_per_clip and on a GPU with known
+peaks roofline_s / bound_by (:func:`personvlad.roofline.model_work_info`),
+plus the device/version keys of bench/conftest.py.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import pytest
 import torch
 
 from personvlad._memory import peak_bytes
+from personvlad.roofline import model_work_info
 
 HAS_CUDA = torch.cuda.is_available()
 GPU_INFER_BATCH = 64
@@ -125,6 +128,8 @@ def _run(benchmark, fn, *, label, baseline, clips, batch, preset, dtype, device,
     peak = peak_bytes(fn, device)
     benchmark.extra_info.update(label=label, baseline=baseline, clips=clips, batch=batch, model=preset,
                                 dtype=dtype, peak_bytes=int(peak))
+    benchmark.extra_info.update(model_work_info(preset, "fwdbwd" if label.startswith("train") else "fwd", clips,
+                                                dtype, device))
     benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
 
 

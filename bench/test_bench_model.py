@@ -11,8 +11,9 @@ cross-entropy on the descriptors + backward + SGD step (so it measures the
 model, not a particular re-id loss).
 
 extra_info: label, preset, batch, clips (per round; bench/conftest.py turns it
-into clips_per_s), dtype, channels_last, peak_bytes and peak_method, plus the
-device name / torch version keys of bench/conftest.py.  peak_bytes is the
+into clips_per_s), dtype, channels_last, peak_bytes and peak_method, flops /
+flops_per_clip (and on a GPU with known peaks roofline_s / bound_by:
+:func:`personvlad.roofline.model_work_info`), plus the device name / torch version keys of bench/conftest.py.  peak_bytes is the
 memory one call adds: on CUDA ``torch.cuda.max_memory_allocated`` minus what
 was allocated before (peak_method "cuda_max_memory_allocated"); on CPU the
 growth of the process's peak resident set measured by
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from personvlad._memory import peak_bytes
+from personvlad.roofline import model_work_info
 from personvlad.models import build_model
 
 HAS_CUDA = torch.cuda.is_available()
@@ -95,6 +97,8 @@ def _run(benchmark, fn, *, label, preset, batch, device, dtype, channels_last, r
         device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
         torch_version=torch.__version__,
     )
+    benchmark.extra_info.update(model_work_info(preset, "fwdbwd" if label.endswith("train") else "fwd", batch,
+                                                dtype, device))
     out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     assert torch.isfinite(out).all()
 

@@ -9,7 +9,12 @@ N=32, C=512, grid 8x14x14 (P=1568), B=8, K=64, in bf16 and fp32.
 extra_info keys: op_backend, N, C, P, K, B, dtype, mode ("fwd"|"fwdbwd"),
 peak_bytes (GPU: max_memory_allocated above the inputs; CPU: peak RSS growth),
 output_bytes, baseline (the faster of "unfused-eager" and "unfused-compile":
-the matmul form eager and compiled, same run and group).
+the matmul form eager and compiled, same run and group); gemm_flops,
+vector_flops, bytes (the op's algorithmic work, :func:`personvlad.roofline.op_cost`,
+the same for every variant) and, on a GPU with known peaks, roofline_s /
+bound_by / peak_* (:func:`personvlad.roofline.roofline` for the products'
+precision: the variant's own for fused-triton, TF32 when PyTorch's matmuls
+allow it, else IEEE fp32).
 `personvlad bench report` turns the JSON into ratios vs the baseline.
 """
 import math
@@ -18,7 +23,7 @@ import os
 import pytest
 import torch
 
-from personvlad import ops, reference
+from personvlad import ops, reference, roofline
 from personvlad._memory import peak_bytes
 
 HAS_CUDA = torch.cuda.is_available()
@@ -125,10 +130,24 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
         benchmark.extra_info.update(max_abs_err=err, ref_max_abs_err=ref_err)
         assert math.isfinite(err) and err <= 2 * ref_err + 1e-6, (
             f"{variant}: max error {err:.3e} vs float64, reference's own {ref_err:.3e}")
+    # fp32 products: what this variant computes them with (half dtypes: tensor cores)
+    precision = "tf32" if (device == "cuda" and torch.backends.cuda.matmul.allow_tf32) else "ieee"
     if variant.startswith("fused-triton"):
         from personvlad.kernels import person_vlad as tk
         precs = list(tk.dot_precisions(args[0].device, dtype))  # the ablation's switches are set
         benchmark.extra_info.update(dot_precisions=precs, forward_path=tk.forward_path(P, shape["K"], precs[1]))
+        # the logit GEMM W F is 1 of the forward's 2 products, 1 of fwd+bwd's 6
+        logit_share = 0.5 if mode == "fwd" else 1 / 6
+        precision = precs[0] if precs[0] == precs[1] else {precs[0]: logit_share, precs[1]: 1 - logit_share}
+    cost = roofline.op_cost(shape["N"], shape["C"], P, shape["K"], shape["B"], dtype=dtype,
+                            param_dtype=args[2].dtype, mode=mode)
+    benchmark.extra_info.update(cost)
+    peaks = roofline.device_peaks(args[0].device) if device == "cuda" else None
+    if peaks is not None:
+        rl = roofline.roofline(cost["gemm_flops"], cost["bytes"], peaks, dtype, precision, cost["vector_flops"])
+        benchmark.extra_info.update(roofline_s=rl["bound_s"], bound_by=rl["bound_by"],
+                                    peak_matmul_tflops=rl["peak_matmul_tflops"], peak_gbps=rl["peak_gbps"],
+                                    peaks_name=rl["peaks_name"], peaks_source=rl["peaks_source"])
     benchmark.extra_info.update(
         op_backend=variant, N=shape["N"], C=shape["C"], P=P, K=shape["K"], B=shape["B"],
         dtype=str(dtype).replace("torch.", ""), mode=mode, shape=shape_name,

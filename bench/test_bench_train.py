@@ -12,7 +12,9 @@ is not measured; see bench/test_bench_data.py for that).
   (the paper's step 1), ``train-paper-gpu-step2`` trains everything.
 
 extra_info: label, preset, batch, clips (-> clips_per_s in bench/conftest.py),
-dtype, step, peak_bytes / peak_method, device_name, torch_version.
+dtype, step, peak_bytes / peak_method, device_name, torch_version, flops / flops_per_clip
+(fwd+bwd, :func:`personvlad.roofline.model_work_info`) and on a GPU with known
+peaks roofline_s / bound_by.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 import torch
 
 from personvlad._memory import peak_bytes
+from personvlad.roofline import model_work_info
 from personvlad.engine.config import TrainConfig
 from personvlad.engine.trainer import _TrainModule, _step_params, build_optimizer
 from personvlad.losses import OIMLoss
@@ -70,6 +73,7 @@ def _run(benchmark, fn, n, *, label, preset, device, dtype, step, rounds, warmup
         peak_method="cuda_max_memory_allocated" if device == "cuda" else "vmhwm_delta",
         device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu", torch_version=torch.__version__,
     )
+    benchmark.extra_info.update(model_work_info(preset, "fwdbwd", n, dtype, device))
     out = benchmark.pedantic(fn, rounds=rounds, iterations=1, warmup_rounds=0)
     assert torch.isfinite(out).all()
 

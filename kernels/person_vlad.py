@@ -810,6 +810,10 @@ else:
     _fwd_op = torch.library.triton_op(_FWD_NAME, _forward_impl, mutates_args=(), schema=_FWD_SCHEMA)
     _bwd_op = torch.library.triton_op(_BWD_NAME, _backward_impl, mutates_args=(), schema=_BWD_SCHEMA)
 
+from ..ops import register_flop_formulas  # noqa: E402  (FlopCounterMode counts the op's products)
+
+register_flop_formulas(torch.ops.personvlad.person_vlad_triton, torch.ops.personvlad.person_vlad_triton_backward)
+
 
 def _setup_context(ctx, inputs, output):
     features, parts, W, z, c, normalize = inputs

@@ -19,6 +19,13 @@ benchmarks: the best of eager and ``torch.compile``'d unfused PyTorch).
 No baseline in the group: no speed-up.  Speed-up = baseline median / this
 median.  With ``extra_info["output_bytes"]`` a ``peak/output`` column gives
 the peak memory as a multiple of the output's size.
+
+Work and ceilings (:mod:`personvlad.roofline`): with ``extra_info["flops"]``
+(or ``gemm_flops`` + ``vector_flops``) and/or ``bytes`` per round, the table
+adds the achieved ``TFLOP/s`` and ``GB/s`` (algorithmic work / median time);
+with ``roofline_s`` (the device's bound for that work) a ``% roofline`` column
+gives ``roofline_s / median`` and what bounds it (``matmul``, ``vector`` or
+``memory``).
 """
 from __future__ import annotations
 
@@ -122,9 +129,23 @@ def _peak(b: Dict[str, Any]) -> Optional[int]:
     return None
 
 
+def _num(ei: Dict[str, Any], key: str) -> Optional[float]:
+    v = ei.get(key)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _work(ei: Dict[str, Any]) -> Tuple[Optional[float], Optional[float]]:
+    """(flops, bytes) per round from extra_info, or None each."""
+    flops = _num(ei, "flops")
+    if flops is None and _num(ei, "gemm_flops") is not None:
+        flops = _num(ei, "gemm_flops") + (_num(ei, "vector_flops") or 0.0)
+    return flops, _num(ei, "bytes")
+
+
 def summarize(data: Dict[str, Any]) -> List[Dict[str, Any]]:
     """One row per benchmark: name, group, label, mean/median/min (s), ops,
-    clips_per_s, frames_per_s, peak_bytes, baseline, speedup (or None)."""
+    clips_per_s, frames_per_s, peak_bytes, baseline, speedup, tflops, gbps,
+    roofline_frac, bound_by (or None)."""
     benches = data["benchmarks"]
     rows = []
     for b in benches:
@@ -146,6 +167,15 @@ def summarize(data: Dict[str, Any]) -> List[Dict[str, Any]]:
                              and ei["output_bytes"] > 0 else None),
             device=ei.get("device"),
         ))
+        flops, nbytes = _work(ei)
+        med = float(st["median"])
+        bound = _num(ei, "roofline_s")
+        rows[-1].update(
+            tflops=flops / med / 1e12 if flops is not None and med > 0 else None,
+            gbps=nbytes / med / 1e9 if nbytes is not None and med > 0 else None,
+            roofline_frac=bound / med if bound is not None and med > 0 else None,
+            bound_by=ei.get("bound_by") if bound is not None else None,
+        )
     return rows
 
 
@@ -197,6 +227,12 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
     has_clips = any(r["clips_per_s"] is not None for r in rows)
     has_ratio = any(r["peak_per_output"] is not None for r in rows)
     has_frames = any(r["frames_per_s"] is not None for r in rows)
+    has_tflops = any(r["tflops"] is not None for r in rows)
+    has_gbps = any(r["gbps"] is not None for r in rows)
+    has_roof = any(r["roofline_frac"] is not None for r in rows)
+    if has_roof:
+        lines += ["% roofline = the device's bound for the row's algorithmic work (datasheet peaks, "
+                  "personvlad.roofline) / its median time, and the resource that bounds it.", ""]
     by_group: Dict[str, List[Dict[str, Any]]] = OrderedDict()
     for r in rows:
         by_group.setdefault(r["group"], []).append(r)
@@ -204,6 +240,8 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
         lines += [f"## {group}", ""]
         head = ["name", "mean", "median", "min", "ops/s"]
         head += (["clips/s"] if has_clips else []) + (["frames/s"] if has_frames else [])
+        head += (["TFLOP/s"] if has_tflops else []) + (["GB/s"] if has_gbps else [])
+        head += (["% roofline"] if has_roof else [])
         head += ["peak mem"] + (["peak/output"] if has_ratio else []) + ["baseline", "speed-up"]
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
@@ -213,6 +251,13 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
                 cells.append(_fmt_num(r["clips_per_s"]))
             if has_frames:
                 cells.append(_fmt_num(r["frames_per_s"]))
+            if has_tflops:
+                cells.append(f"{r['tflops']:.3g}" if r["tflops"] is not None else "-")
+            if has_gbps:
+                cells.append(f"{r['gbps']:.3g}" if r["gbps"] is not None else "-")
+            if has_roof:
+                cells.append(f"{100 * r['roofline_frac']:.3g}% {r['bound_by']}" if r["roofline_frac"] is not None
+                             else "-")
             cells.append(_fmt_bytes(r["peak_bytes"]))
             if has_ratio:
                 cells.append(f"{r['peak_per_output']:.2f}" if r["peak_per_output"] is not None else "-")

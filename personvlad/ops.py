@@ -21,6 +21,7 @@ keep working.  Those fallbacks are *not* reported by :func:`available_backends`.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Callable, Dict, Optional, Tuple
@@ -144,6 +145,40 @@ def _backward(ctx, grad):
 
 
 torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+
+
+# FLOP formulas, so that torch.utils.flop_counter.FlopCounterMode (and tools on
+# it) count the op like the matmuls it replaces: 4·N·K·C·P for the forward's
+# two products (W F, A' Fᵀ), 8·N·K·C·P for the backward's four (dA', dF twice,
+# dW), as personvlad.roofline.op_cost.  Recomputation inside a kernel is not
+# counted.  Arguments arrive as shapes.
+def _op_products(features_shape, assign_weight_shape) -> int:
+    N, C = features_shape[0], features_shape[1]
+    return N * int(assign_weight_shape[0]) * C * math.prod(features_shape[2:])
+
+
+def _flops_forward(features, parts, assign_weight, *args, out_shape=None, **kwargs) -> int:
+    return 4 * _op_products(features, assign_weight)
+
+
+def _flops_backward(grad_output, features, parts, assign_weight, *args, out_shape=None, **kwargs) -> int:
+    return 8 * _op_products(features, assign_weight)
+
+
+def register_flop_formulas(forward_op, backward_op) -> None:
+    """Register :func:`_flops_forward` / :func:`_flops_backward` for an op pair
+    whose arguments start like ``person_vlad`` / ``person_vlad_backward``
+    (the Triton ops call this too).  A no-op where torch lacks the API."""
+    try:
+        from torch.utils.flop_counter import flop_registry, register_flop_formula
+    except ImportError:  # pragma: no cover - very old torch
+        return
+    for op, f in ((forward_op, _flops_forward), (backward_op, _flops_backward)):
+        if op not in flop_registry:
+            register_flop_formula(op)(f)
+
+
+register_flop_formulas(torch.ops.personvlad.person_vlad, torch.ops.personvlad.person_vlad_backward)
 
 
 # --------------------------------------------------------------------------
