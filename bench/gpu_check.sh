@@ -9,8 +9,8 @@
 #   GPU_CHECK_STEPS="ops ablation" bash bench/gpu_check.sh   # a second call: just these
 #   GPU_CHECK_BUDGET=300 bash bench/gpu_check.sh  # seconds for the steps after the build
 #
-# Steps (in this order): tests ops memcheck ops_compile e2e ablation model
-# e2e_compile cmake.  The GPU machine already has torch and triton: nothing
+# Steps (in this order): tests ops memcheck ops_compile e2e schedule ablation
+# model e2e_compile cmake.  The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
 # limit, capped by what is left of the budget, so one slow step cannot eat
 # the others; the script goes on after a failing step and exits non-zero at
@@ -26,7 +26,7 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python3}"
 export CUDA_HOME="${CUDA_HOME:-$($PY setup.py --print-cuda-home)}"
-STEPS=" ${GPU_CHECK_STEPS:-tests ops memcheck ops_compile e2e ablation model e2e_compile cmake} "
+STEPS=" ${GPU_CHECK_STEPS:-tests ops memcheck ops_compile e2e schedule ablation model e2e_compile cmake} "
 BUDGET="${GPU_CHECK_BUDGET:-460}"
 failed=()
 step() {  # step NAME LIMIT_S CMD...
@@ -87,6 +87,10 @@ want ops_compile && step bench_ops_compile "$(cap 100)" "${BENCH[@]}" bench/test
 want e2e && step bench_e2e "$(cap 150)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and not compile" \
   --benchmark-json="$OUT/bench_e2e.json"
 want e2e && $PY -c "import json; from personvlad.perf import check_cudnn_3d; print(json.dumps(check_cudnn_3d(warn=False), indent=1, default=str))" > "$OUT/cudnn_check.json"
+# The paper's whole schedule (issue 10: < 30 min), projected from a 200-
+# iteration probe of the real trainer (data loader, k-means, checkpoints).
+want schedule && step bench_schedule "$(cap 120)" "${BENCH[@]}" bench/test_bench_train.py -k "schedule and gpu" -s \
+  --benchmark-json="$OUT/bench_schedule.json"
 want ablation && step bench_ops_ablation "$(cap 90)" "${BENCH[@]}" bench/test_bench_ops.py \
   -k "gpu and (ieee or tiled)" --benchmark-json="$OUT/bench_ops_ablation.json"
 $PY - "$OUT" <<'EOF'
@@ -104,7 +108,7 @@ models=()
 for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do
   [ -f "$f" ] && models+=("$f")
 done
-want model && step bench_model "$(cap 90)" "${BENCH[@]}" "${models[@]}" -k "gpu or cuda" \
+want model && step bench_model "$(cap 90)" "${BENCH[@]}" "${models[@]}" -k "(gpu or cuda) and not schedule" \
   --benchmark-json="$OUT/bench_model.json"
 want e2e_compile && step bench_e2e_compile "$(left)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and compile" \
   --benchmark-json="$OUT/bench_e2e_compile.json"
@@ -112,7 +116,7 @@ want e2e_compile && step bench_e2e_compile "$(left)" "${BENCH[@]}" bench/test_be
 #    last, as CI runs its CPU case on every commit.
 want cmake && step cmake_cuda_test "$(left)" bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
 
-for j in bench_ops bench_e2e bench_e2e_compile bench_model; do
+for j in bench_ops bench_e2e bench_schedule bench_e2e_compile bench_model; do
   [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.md" 2>&1 && cat "$OUT/$j.md"
 done
 echo "results in $OUT"

@@ -93,3 +93,71 @@ def test_train_step_paper_gpu(benchmark, step):
     fn, n = _step_fn("paper", 5, 3, "cuda", step=step)
     _run(benchmark, fn, n, label=f"train-paper-gpu-step{step}", preset="paper", device="cuda", dtype="bfloat16",
          step=step, rounds=20, warmup=5)
+
+
+# --------------------------------------------------------------------------
+# The whole schedule: a probe of the real trainer, projected (issue 10: the
+# paper's schedule, 50K + 10K iterations of 15 clips, in under 30 minutes)
+# --------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def synth_tiny(tmp_path_factory):
+    from personvlad.data.synth import generate
+
+    root = tmp_path_factory.mktemp("synth") / "tiny"
+    generate(str(root), preset="tiny", seed=0)
+    return str(root)
+
+
+def _schedule_case(benchmark, cfg, iters, label, device, target_s=None):
+    from personvlad.engine.estimate import estimate, format_projection
+
+    result = {}
+
+    def probe():
+        result.update(estimate(cfg, iters))
+
+    benchmark.pedantic(probe, rounds=1, iterations=1, warmup_rounds=0)
+    p = result["projection"]
+    print("\n" + format_projection(result, label))
+    benchmark.extra_info.update(
+        label=label, preset=cfg.model["preset"], batch=p["batch"], dtype="bfloat16" if device == "cuda" else "float32",
+        probe_iterations=result["probe"]["iterations"], probe_timings=result["probe"]["timings"],
+        schedule_projection_s=p["total_s"], schedule_projection_min=p["total_min"],
+        schedule_components_s=p["components"], schedule_iterations=p["iterations"],
+        schedule_clips_per_s=p["clips_per_s"], schedule_notes=p["notes"], schedule_target_s=target_s,
+        device_name=torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    )
+    assert p["total_s"] > 0 and all(v > 0 for v in p["clips_per_s"].values())
+
+
+@pytest.mark.benchmark(group="schedule-cpu")
+def test_schedule_projection_tiny_cpu(benchmark, synth_tiny):
+    """configs/synthetic-tiny.yaml on CPU (its own 200 + 40 iterations),
+    probed with 40 iterations."""
+    import os
+
+    from personvlad.engine.config import TrainConfig
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = TrainConfig.from_yaml(os.path.join(repo, "configs", "synthetic-tiny.yaml")).apply_overrides(
+        [f"data.root={synth_tiny}", "device=cpu", "log.progress=false", "log.tensorboard=false"])
+    _schedule_case(benchmark, cfg, 40, "schedule-synthetic-tiny-cpu", "cpu")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.benchmark(group="schedule-gpu")
+def test_schedule_projection_paper_gpu(benchmark, synth_tiny):
+    """The paper's schedule (TrainConfig defaults: paper model, 16x180x90
+    clips, batch 5 ids x 3, 50K + 10K iterations, k-means on 100K
+    descriptors, a checkpoint every 1000), probed with 200 iterations of the
+    real trainer on synthetic data decoded by the CPU loader (8 workers)."""
+    import os
+
+    from personvlad.engine.config import TrainConfig
+
+    workers = min(8, os.cpu_count() or 1)
+    cfg = TrainConfig().apply_overrides(
+        ["data.dataset=synthetic", f"data.root={synth_tiny}", f"data.workers={workers}", "device=cuda",
+         "log.progress=false", "log.tensorboard=false"])
+    _schedule_case(benchmark, cfg, 200, "schedule-paper-gpu", "cuda", target_s=1800.0)

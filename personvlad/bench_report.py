@@ -25,7 +25,9 @@ Work and ceilings (:mod:`personvlad.roofline`): with ``extra_info["flops"]``
 adds the achieved ``TFLOP/s`` and ``GB/s`` (algorithmic work / median time);
 with ``roofline_s`` (the device's bound for that work) a ``% roofline`` column
 gives ``roofline_s / median`` and what bounds it (``matmul``, ``vector`` or
-``memory``).
+``memory``).  A ``schedule_projection_s`` (bench/test_bench_train.py's probe of
+the trainer, :mod:`personvlad.engine.estimate`) is printed under its group's
+table with its components and ``schedule_target_s``.
 """
 from __future__ import annotations
 
@@ -175,6 +177,8 @@ def summarize(data: Dict[str, Any]) -> List[Dict[str, Any]]:
             gbps=nbytes / med / 1e9 if nbytes is not None and med > 0 else None,
             roofline_frac=bound / med if bound is not None and med > 0 else None,
             bound_by=ei.get("bound_by") if bound is not None else None,
+            schedule_s=_num(ei, "schedule_projection_s"), schedule_target_s=_num(ei, "schedule_target_s"),
+            schedule_components=ei.get("schedule_components_s"), schedule_iterations=ei.get("schedule_iterations"),
         )
     return rows
 
@@ -265,6 +269,17 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
                       f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"]
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
+        for r in rs:
+            if r["schedule_s"] is None:
+                continue
+            it = r["schedule_iterations"] or {}
+            comps = r["schedule_components"] or {}
+            parts = ", ".join(f"{k} {v:.0f} s" for k, v in comps.items() if isinstance(v, (int, float)))
+            target = r["schedule_target_s"]
+            verdict = "" if target is None else (f"; target {target / 60:.0f} min: "
+                                                 + ("met" if r["schedule_s"] <= target else "not met"))
+            lines += [f"Schedule projection ({r['label']}, {it.get('1', '?')} + {it.get('2', '?')} iterations, "
+                      f"from the probe above): **{r['schedule_s'] / 60:.1f} min** ({parts}){verdict}.", ""]
     if chart:
         lines += [f"![speed-ups]({chart})", ""]
     return "\n".join(lines)

@@ -232,3 +232,22 @@ def test_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "t.json").exists()  # nothing written over an existing table either
     args = p.parse_args(["bench"])
     assert args.func(args) == 2
+
+
+def test_report_prints_the_schedule_projection():
+    """A schedule_projection_s (bench/test_bench_train.py's probe) is printed
+    under its group with its components and the verdict against its target."""
+    st = dict(mean=5.0, median=5.0, min=5.0, ops=0.2)
+    comps = {"setup": 3.0, "kmeans": 6.0, "iterations": 1200.0, "warmup_excess": 20.0, "checkpoints": 6.0,
+             "evaluations": None}
+    ei = dict(label="schedule-paper-gpu", schedule_projection_s=1235.0, schedule_target_s=1800.0,
+              schedule_components_s=comps, schedule_iterations={"1": 50000, "2": 10000})
+    data = {"benchmarks": [dict(name="test_schedule", group="schedule-gpu", stats=st, extra_info=ei)]}
+    md = bench_report.markdown_report(data)
+    assert ("Schedule projection (schedule-paper-gpu, 50000 + 10000 iterations, from the probe above): "
+            "**20.6 min** (setup 3 s, kmeans 6 s, iterations 1200 s, warmup_excess 20 s, checkpoints 6 s); "
+            "target 30 min: met.") in md
+    ei.update(schedule_projection_s=2400.0)
+    assert "**40.0 min**" in bench_report.markdown_report(data) and "not met" in bench_report.markdown_report(data)
+    del ei["schedule_target_s"]
+    assert "target" not in bench_report.markdown_report(data).split("Schedule projection")[1]

@@ -397,3 +397,98 @@ def test_ddp_two_processes_gloo(synth_root, tmp_path):
     assert st["world_size"] == 2 and len(st["rng_ranks"]) == 2
     # rank 0 alone wrote: one log header
     assert open(os.path.join(out, "train_log.csv")).read().count("iteration") == 1
+
+
+# ----------------------------------------------------------------- timings and schedule projection
+def test_run_timings_account_for_every_iteration_and_save(short_run):
+    """The summary's timings: every iteration once (warm-up or steady, per
+    step), one checkpoint time per latest.pt save, one evaluation time per
+    evaluation, all positive and within the run's total."""
+    cfg, _, summary, _ = short_run
+    t = summary["timings"]
+    s1, s2 = cfg.schedule.step1_iters, cfg.schedule.step2_iters
+    for step, n in (("1", s1), ("2", s2)):
+        w, st = t["warmup"][step], t["steady"][step]
+        assert w["iterations"] == t["warmup_iterations"] == 10 and w["iterations"] + st["iterations"] == n
+        assert w["seconds"] > 0 and st["seconds"] > 0
+    assert len(t["checkpoint_s"]) == 2  # ckpt_every=0: end of step 1, end of run
+    assert len(t["eval_s"]) == 2 and all(x > 0 for x in t["eval_s"])
+    assert t["kmeans_s"] > 0 and t["setup_s"] > 0
+    parts = (t["kmeans_s"] + t["setup_s"] + sum(t["checkpoint_s"]) + sum(t["eval_s"])
+             + sum(t[k][s]["seconds"] for k in ("warmup", "steady") for s in ("1", "2")))
+    assert parts <= t["total_s"]
+
+
+def test_projection_of_a_run_onto_its_own_schedule_is_its_measured_time(short_run):
+    """Projected onto the schedule it ran, a run's timings give back exactly
+    what it measured: the steady rate x iterations + the warm-up excess is
+    the measured iteration time; checkpoints and evaluations likewise."""
+    from personvlad.engine.estimate import project_schedule
+
+    cfg, _, summary, _ = short_run
+    t = summary["timings"]
+    p = project_schedule(t, cfg)
+    it_s = sum(t[k][s]["seconds"] for k in ("warmup", "steady") for s in ("1", "2"))
+    c = p["components"]
+    assert c["iterations"] + c["warmup_excess"] == pytest.approx(it_s, rel=1e-9)
+    assert c["checkpoints"] == pytest.approx(sum(t["checkpoint_s"]))
+    assert c["evaluations"] == pytest.approx(sum(t["eval_s"])) and p["evaluations_included"]
+    assert (c["kmeans"], c["setup"]) == (t["kmeans_s"], t["setup_s"])
+    assert p["total_s"] == pytest.approx(sum(c.values())) and p["notes"] == []
+    assert p["clips"] == 240 * 16 and p["checkpoints"] == 2 == p["evaluations"]
+
+
+def test_projection_arithmetic_for_the_paper_schedule():
+    """Hand-made timings onto the paper schedule (50K + 10K iterations of 15
+    clips, checkpoints every 1000): exact components."""
+    from personvlad.engine.estimate import format_projection, project_schedule
+
+    cfg = TrainConfig()
+    t = dict(warmup_iterations=10, kmeans_s=4.0, setup_s=2.0,
+             warmup={"1": {"iterations": 10, "seconds": 3.0}, "2": {"iterations": 10, "seconds": 0.5}},
+             steady={"1": {"iterations": 90, "seconds": 1.8}, "2": {"iterations": 30, "seconds": 0.75}},
+             checkpoint_s=[0.1, 0.3], eval_s=[], total_s=20.0)
+    p = project_schedule(t, cfg)
+    assert p["s_per_iteration"] == {"1": pytest.approx(0.02), "2": pytest.approx(0.025)}
+    assert p["clips_per_s"]["1"] == pytest.approx(15 / 0.02)
+    c = p["components"]
+    assert c["iterations"] == pytest.approx(50_000 * 0.02 + 10_000 * 0.025)
+    assert c["warmup_excess"] == pytest.approx((3.0 - 10 * 0.02) + (0.5 - 10 * 0.025))
+    assert p["checkpoints"] == 60 and c["checkpoints"] == pytest.approx(60 * 0.2)
+    assert c["evaluations"] is None and not p["evaluations_included"] and p["evaluations"] == 2
+    assert p["total_s"] == pytest.approx(2 + 4 + 1250 + 2.8 + 0.25 + 12)
+    text = format_projection({"projection": p}, "paper")
+    assert "50000 + 10000 iterations x 15 clips = 900,000 clips" in text and "= 21.2 min" in text
+    # one step not measured: the other's rate, said in a note
+    t2 = dict(t, steady={"1": {"iterations": 90, "seconds": 1.8}, "2": {"iterations": 0, "seconds": 0.0}})
+    p2 = project_schedule(t2, cfg)
+    assert p2["s_per_iteration"]["2"] == pytest.approx(0.02) and any("step 2" in n for n in p2["notes"])
+    with pytest.raises(ValueError, match="no steady-state iteration"):
+        project_schedule(dict(t, steady={"1": {"iterations": 0, "seconds": 0}, "2": {"iterations": 0, "seconds": 0}}),
+                         cfg)
+    with pytest.raises(ValueError, match="^timings"):
+        project_schedule({}, cfg)
+    with pytest.raises(ValueError, match="^config"):
+        project_schedule(t, {})
+
+
+def test_estimate_cli_projects_without_evaluating(synth_root, tmp_path, capsys):
+    """``personvlad train --estimate N``: a probe in --out (kept), no
+    evaluation, no best.pt, the projection printed; bad N is refused."""
+    from personvlad.engine.cli import main
+
+    cfg = small_cfg(synth_root)
+    path = tmp_path / "cfg.yaml"
+    cfg.save_yaml(str(path))
+    out = tmp_path / "probe"
+    rc = main(["train", "--config", str(path), "--out", str(out), "--estimate", "30", "--no-progress"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert "schedule test: 8 + 4 iterations x 8 clips = 96 clips" in text and "projected total:" in text
+    proj = json.loads(text[text.index("{"):])
+    assert proj["iterations"] == {"1": 8, "2": 4} and not proj["evaluations_included"]
+    assert (out / "latest.pt").exists() and not (out / "best.pt").exists()
+    st = ck.load_checkpoint(str(out / "latest.pt"))
+    assert st["iteration"] == 32  # the probe: 30 split 8:4 -> 20 + 10, at least 12 per step
+    rc = main(["train", "--config", str(path), "--out", str(tmp_path / "bad"), "--estimate", "5"])
+    assert rc == 2 and "iters: expected an int >= 24" in capsys.readouterr().err

@@ -17,6 +17,8 @@ TRAIN_EPILOG = """examples:
   personvlad train --config configs/synthetic-tiny.yaml --out runs/tiny
   personvlad train --config configs/mars.yaml --override data.root=/data/MARS --out runs/mars
   personvlad train --out runs/mars --resume          # continue from runs/mars/latest.pt
+  personvlad train --config configs/mars.yaml --override data.root=/data/MARS --estimate 200
+                                                     # time a 200-iteration probe, project the schedule
   torchrun --nproc_per_node=4 -m personvlad.cli train --config configs/mars.yaml \\
       --override data.root=/data/MARS --out runs/mars-ddp
 """
@@ -53,6 +55,10 @@ def register(subparsers) -> None:
     p.add_argument("--out", help="output folder (checkpoints, logs); default runs/<config name>")
     p.add_argument("--stop-after", type=int, default=None, help="stop after this many iterations in total")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--estimate", type=int, default=None, metavar="ITERS",
+                   help="do not train: run a probe of ITERS iterations (>= 24) of this config in a temporary "
+                        "folder (--out keeps it) and project the full schedule's wall time from it")
+    p.add_argument("--estimate-eval", action="store_true", help="with --estimate: also time the evaluation")
     p.set_defaults(func=train_main)
 
     e = subparsers.add_parser(
@@ -99,6 +105,21 @@ def train_main(args) -> int:
         print("error: --config is required (or --resume with --out)", file=sys.stderr)
         return 2
     cfg = cfg.apply_overrides(args.override)
+    if args.estimate is not None:
+        from .estimate import estimate, format_projection
+
+        if args.resume:
+            print("error: --estimate runs a fresh probe; it does not take --resume", file=sys.stderr)
+            return 2
+        try:
+            result = estimate(cfg, args.estimate, evaluate=args.estimate_eval, out_dir=args.out,
+                              progress=not args.no_progress)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print(format_projection(result, cfg.name))
+        print(json.dumps(result["projection"], indent=1))
+        return 0
     out = args.out or os.path.join("runs", cfg.name)
     summary = train(cfg, out, resume=args.resume, progress=False if args.no_progress else None,
                     stop_after=args.stop_after)

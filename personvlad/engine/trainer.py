@@ -295,8 +295,43 @@ def _init_centers(model, train_set, cfg: TrainConfig, model_cfg, device: torch.d
     init_centers_from(model, batches(), num_descriptors=cfg.schedule.kmeans_descriptors, seed=cfg.seed)
 
 
+class _Timings:
+    """Wall times of a run's parts, for :func:`personvlad.engine.estimate.project_schedule`.
+
+    Iterations are timed from asking the loader for a batch to the loss read
+    back on the host (the trainer syncs there anyway), so a data path that
+    cannot keep up shows in them.  The first ``warmup`` iterations of each
+    step's segment (cuDNN algorithm search, Triton autotuning, lazy
+    initialisation, the loader's first batches) are kept apart from the
+    steady state.  Checkpoints and evaluations are timed on their own."""
+
+    def __init__(self, warmup: int = 10):
+        self.warmup = warmup
+        self.t0 = time.perf_counter()
+        self.kmeans_s: Optional[float] = None
+        self.setup_s: Optional[float] = None
+        self.segment: Dict[int, int] = {}      # step -> iterations seen in this run's segment of it
+        self.warm = {1: [0, 0.0], 2: [0, 0.0]}  # step -> [iterations, seconds]
+        self.steady = {1: [0, 0.0], 2: [0, 0.0]}
+        self.ckpt_s: List[float] = []
+        self.eval_s: List[float] = []
+
+    def iteration(self, step: int, seconds: float) -> None:
+        n = self.segment.get(step, 0)
+        self.segment[step] = n + 1
+        slot = self.warm if n < self.warmup else self.steady
+        slot[step][0] += 1
+        slot[step][1] += seconds
+
+    def as_dict(self) -> Dict[str, Any]:
+        st = lambda d: {str(k): {"iterations": v[0], "seconds": v[1]} for k, v in d.items()}  # noqa: E731
+        return dict(warmup_iterations=self.warmup, kmeans_s=self.kmeans_s, setup_s=self.setup_s,
+                    warmup=st(self.warm), steady=st(self.steady), checkpoint_s=list(self.ckpt_s),
+                    eval_s=list(self.eval_s), total_s=time.perf_counter() - self.t0)
+
+
 def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: Optional[bool] = None,
-          stop_after: Optional[int] = None) -> Dict[str, Any]:
+          stop_after: Optional[int] = None, evaluate: bool = True) -> Dict[str, Any]:
     """Train per ``config`` into ``out_dir``; returns a summary dict
     (iterations, first/last logged loss, last and best metrics, paths).
 
@@ -304,7 +339,11 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: 
     (starting fresh when there is none); without it an ``out_dir`` that
     already holds a checkpoint is refused.  ``stop_after`` ends the run after
     that many iterations in total (the schedule is unchanged; a checkpoint is
-    written), e.g. to split a run in pieces.
+    written), e.g. to split a run in pieces.  ``evaluate=False`` skips the
+    evaluations (no ``best.pt``; for timing probes, see
+    :mod:`personvlad.engine.estimate`).  The summary's ``timings`` holds the
+    wall times of k-means, iterations (warm-up and steady, per step),
+    checkpoints and evaluations.
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
@@ -313,7 +352,7 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: 
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic)
     try:
-        return _train(cfg, out_dir, resume, dinfo, progress, stop_after)
+        return _train(cfg, out_dir, resume, dinfo, progress, stop_after, evaluate)
     finally:
         # leave the process-wide switches as they were
         torch.use_deterministic_algorithms(saved[0])
@@ -321,9 +360,11 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: 
         dist_mod.cleanup(dinfo)
 
 
-def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_after) -> Dict[str, Any]:
+def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_after,
+           evaluate: bool = True) -> Dict[str, Any]:
     from ..models import PersonVLADNet
 
+    timings = _Timings()
     device, rank, world, main = dinfo.device, dinfo.rank, dinfo.world_size, dinfo.is_main
     _set_deterministic(cfg.deterministic, device)
     _seed_all(cfg.seed)
@@ -374,9 +415,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         metrics = dict(state.get("metrics", {}))
     elif cfg.schedule.kmeans_init and s1 > 0 and model_cfg.head == "vlad":
         if main:
-            t0 = time.time()
+            t0 = time.perf_counter()
             _init_centers(model, dataset.train, cfg, model_cfg, device)
-            log.info("k-means initialised the VLAD centers (%.1fs)", time.time() - t0)
+            timings.kmeans_s = time.perf_counter() - t0
+            log.info("k-means initialised the VLAD centers (%.1fs)", timings.kmeans_s)
         if world > 1:
             for p in model.center_parameters():
                 torch.distributed.broadcast(p.data, 0)
@@ -436,7 +478,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
             "metrics": metrics, "world_size": world,
         }
         target = os.path.join(out_dir, path_name)
+        t0 = time.perf_counter()
         ckpt_mod.save_checkpoint(st, target)
+        if path_name == ckpt_mod.LATEST:  # best.pt saves count with their evaluation
+            timings.ckpt_s.append(time.perf_counter() - t0)
         if path_name == ckpt_mod.LATEST and cfg.log.keep_checkpoints > 0:
             ckpt_mod.keep_snapshot(target, it, cfg.log.keep_checkpoints)
 
@@ -444,14 +489,14 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         nonlocal metrics
         improved = False
         if main:
-            t0 = time.time()
+            t0 = time.perf_counter()
             metrics = evaluate_model(model, dataset, stride=cfg.data.test_stride, batch_size=cfg.data.test_batch_size,
                                      workers=min(cfg.data.workers, 4), amp=cfg.amp)
             model.train()
             logs.eval_row(it, step, metrics)
             m = metrics["standard"]
             log.info("eval @%d: standard mAP %.4f rank-1 %.4f | mars mAP %.4f rank-1 %.4f (%.1fs)", it, m["mAP"],
-                     m["rank1"], metrics["mars"]["mAP"], metrics["mars"]["rank1"], time.time() - t0)
+                     m["rank1"], metrics["mars"]["mAP"], metrics["mars"]["rank1"], time.perf_counter() - t0)
             if m["mAP"] > best["value"]:
                 best.update(value=m["mAP"], iteration=it, metrics=metrics)
                 improved = True
@@ -473,6 +518,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
     loader, stats = _train_loader(dataset.train, cfg, model_cfg, rank, world, start_it,
                                   pin=device.type == "cuda")
     data_iter = iter(loader) if start_it < end else None
+    timings.setup_s = time.perf_counter() - timings.t0 - (timings.kmeans_s or 0.0)
     window: List[float] = []
     history: List[Dict[str, float]] = []
     t_last = time.time()
@@ -484,6 +530,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
             step = s
             opt, sched, net = setup_step(step, 0)
             log.info("step 2: joint fine-tuning of all parameters at lr %g", cfg.schedule.step2_lr)
+        t_it = time.perf_counter()
         clips, pids, _ = next(data_iter)
         clips = clips.to(device, non_blocking=True).float().div_(255.0)
         if device.type == "cuda" and cfg.channels_last:
@@ -498,7 +545,8 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         opt.step()
         sched.step()
         it += 1
-        lv = float(loss.detach())
+        lv = float(loss.detach())  # waits for the GPU
+        timings.iteration(step, time.perf_counter() - t_it)
         if not math.isfinite(lv):
             raise FloatingPointError(f"loss became {lv} at iteration {it}; lower the lr or enable optim.grad_clip")
         window.append(lv)
@@ -516,8 +564,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", clips_s=f"{cps:.1f}", step=step)
             window, t_last, it_last = [], now, it
         step_end = it == s1 or it == total
-        if step_end or (cfg.log.eval_every and it % cfg.log.eval_every == 0):
-            run_eval(it, step)
+        if evaluate and (step_end or (cfg.log.eval_every and it % cfg.log.eval_every == 0)):
+            t0 = time.perf_counter()
+            run_eval(it, step)  # with the best.pt save it may make
+            timings.eval_s.append(time.perf_counter() - t0)
         if step_end or it == end or (cfg.log.ckpt_every and it % cfg.log.ckpt_every == 0):
             save(it, step)
     if bar is not None:
@@ -533,4 +583,5 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         "world_size": world,
         "loss_checksum": [float(t.double().sum()) for t in crit.state_dict().values()],
         "model_checksum": float(sum(p.detach().double().sum() for p in model.parameters())),
+        "timings": timings.as_dict(),
     }
