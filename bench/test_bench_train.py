@@ -147,17 +147,27 @@ def test_schedule_projection_tiny_cpu(benchmark, synth_tiny):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.benchmark(group="schedule-gpu")
-def test_schedule_projection_paper_gpu(benchmark, synth_tiny):
+@pytest.mark.parametrize("loader", ["shards", "jpeg"])
+def test_schedule_projection_paper_gpu(benchmark, synth_tiny, tmp_path_factory, loader):
     """The paper's schedule (TrainConfig defaults: paper model, 16x180x90
     clips, batch 5 ids x 3, 50K + 10K iterations, k-means on 100K
     descriptors, a checkpoint every 1000), probed with 200 iterations of the
-    real trainer on synthetic data decoded by the CPU loader (8 workers)."""
+    real trainer on synthetic data: ``shards`` reads clips from a
+    `personvlad pack` store at 180x90 (the fast path), ``jpeg`` decodes JPEGs
+    in 8 loader processes."""
     import os
 
     from personvlad.engine.config import TrainConfig
 
     workers = min(8, os.cpu_count() or 1)
-    cfg = TrainConfig().apply_overrides(
-        ["data.dataset=synthetic", f"data.root={synth_tiny}", f"data.workers={workers}", "device=cuda",
-         "log.progress=false", "log.tensorboard=false"])
-    _schedule_case(benchmark, cfg, 200, "schedule-paper-gpu", "cuda", target_s=1800.0)
+    over = ["data.dataset=synthetic", f"data.root={synth_tiny}", f"data.workers={workers}", "device=cuda",
+            "log.progress=false", "log.tensorboard=false"]
+    if loader == "shards":
+        from personvlad.data import MARS
+        from personvlad.data.shards import pack_dataset
+
+        store = tmp_path_factory.mktemp("shards") / "paper"
+        pack_dataset(MARS(synth_tiny), str(store), size=(180, 90), workers=workers)
+        over.append(f"data.shards={store}")
+    cfg = TrainConfig().apply_overrides(over)
+    _schedule_case(benchmark, cfg, 200, f"schedule-paper-gpu-{loader}", "cuda", target_s=1800.0)

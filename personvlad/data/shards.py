@@ -280,11 +280,14 @@ class ShardTrainLoader:
     ``(clips uint8 (P*K, 3, T, H, W), pids (P*K,), camids (P*K,))`` on ``device``
     (CPU when None); same sampling as :func:`build_train_loader`: a random run of
     ``clip_len`` frames (short tracklets loop), horizontal flip with
-    probability ``flip_p``, P ids x K tracklets per batch, DDP-aware."""
+    probability ``flip_p``, P ids x K tracklets per batch, DDP-aware.
+    ``start_batch`` skips that many batches of the first iteration (their
+    random draws included, no frame is read), so a resumed run sees exactly
+    the batches an uninterrupted one would."""
 
     def __init__(self, shard_dir, clip_len: int, num_ids: int = 8, num_per_id: int = 4, seed: int = 0,
                  rank: int = 0, world_size: int = 1, flip_p: float = 0.5, device=None, threads: int = 4,
-                 prefetch: int = 4, infinite: bool = False):
+                 prefetch: int = 4, infinite: bool = False, start_batch: int = 0):
         self.store = shard_dir if isinstance(shard_dir, ShardStore) else ShardStore(shard_dir)
         if not isinstance(clip_len, int) or clip_len < 1:
             raise ValueError(f"clip_len: expected a positive integer; got {clip_len!r}")
@@ -296,6 +299,9 @@ class ShardTrainLoader:
         self.clip_len, self.flip_p, self.seed, self.rank = clip_len, float(flip_p), int(seed), rank
         self.device, self.threads, self.prefetch = device, threads, prefetch
         self.stats = FrameStats(shared=False)  # frames were validated when packing; kept for API symmetry
+        if not isinstance(start_batch, int) or isinstance(start_batch, bool) or start_batch < 0:
+            raise ValueError(f"start_batch: expected an int >= 0; got {start_batch!r}")
+        self.skip = start_batch
         self.epoch = 0
         self._ring: dict = {}
 
@@ -309,13 +315,15 @@ class ShardTrainLoader:
     def _specs(self):
         rng = np.random.default_rng([self.seed, self.epoch, self.rank, 17])
         L = self.split["lengths"]
-        for batch in self.sampler:
+        skip, self.skip = self.skip, 0
+        for i, batch in enumerate(self.sampler):
             b = np.asarray(batch, dtype=np.int64)
             lens = L[b]
             hi = np.maximum(lens - self.clip_len + 1, 1)
             starts = (rng.random(len(b)) * hi).astype(np.int64)
             flips = rng.random(len(b)) < self.flip_p
-            yield b, starts, flips
+            if i >= skip:
+                yield b, starts, flips
 
     def _on_device(self) -> bool:
         return self.device is not None and torch.device(self.device).type != "cpu"

@@ -46,7 +46,8 @@ class DataConfig:
     num_ids: int = 5          # P identities per batch
     num_per_id: int = 3       # K tracklets per identity -> batch P*K = 15 clips
     flip_p: float = 0.5       # horizontal flip probability
-    workers: int = 4
+    workers: int = 4          # loader processes (JPEG) or gather threads (shards)
+    shards: str = ""          # a `personvlad pack` store at the model's HxW: training clips read from it
     test_stride: int = 8      # stride between test clips of a tracklet
     test_batch_size: int = 32
 

@@ -167,6 +167,41 @@ def _train_loader(train_set, cfg: TrainConfig, model_cfg, rank: int, world: int,
     return loader, ds.stats
 
 
+def _open_shards(dataset, cfg: TrainConfig, model_cfg):
+    """The pre-packed uint8 store ``cfg.data.shards`` (:mod:`personvlad.data.shards`),
+    checked: this data set's training split at the model's input size."""
+    from ..data.shards import ShardStore
+
+    d = cfg.data
+    try:
+        store = ShardStore(d.shards)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"data.shards: {e}") from None
+    want = (model_cfg.height, model_cfg.width)
+    if tuple(store.size) != want:
+        raise ValueError(f"data.shards: {d.shards} holds {store.size[0]}x{store.size[1]} frames, the model takes "
+                         f"{want[0]}x{want[1]}; pack it with `personvlad pack --size {want[0]}x{want[1]}`")
+    n_store, n_ds = len(store.split("train")["lengths"]), sum(1 for t in dataset.train if len(t[0]) > 0)
+    if store.num_train_pids != dataset.num_train_pids or n_store != n_ds:
+        raise ValueError(f"data.shards: {d.shards} was packed from another data set ({n_store} training tracklets "
+                         f"of {store.num_train_pids} ids; data.root has {n_ds} of {dataset.num_train_pids})")
+    return store
+
+
+def _shard_loader(store, cfg: TrainConfig, model_cfg, rank: int, world: int, start_batch: int,
+                  device: torch.device):
+    """Training clips from a shard store: no JPEG decoding, one host-to-device
+    copy per batch, permute and flips on the device; batch ``i`` is the same
+    whether the run was resumed or not."""
+    from ..data.shards import ShardTrainLoader
+
+    d = cfg.data
+    loader = ShardTrainLoader(store, model_cfg.clip_len, d.num_ids, d.num_per_id, seed=cfg.seed, rank=rank,
+                              world_size=world, flip_p=d.flip_p, device=device, threads=max(1, d.workers),
+                              infinite=True, start_batch=start_batch)
+    return loader, loader.stats
+
+
 # --------------------------------------------------------------------------- helpers
 def _seed_all(seed: int) -> None:
     random.seed(seed)
@@ -385,6 +420,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
 
     dataset = load_dataset(cfg, main)
     model_cfg = cfg.model_config()
+    shards = _open_shards(dataset, cfg, model_cfg) if cfg.data.shards else None
     model = PersonVLADNet(model_cfg)
     crit, tri = _criterion(cfg, model.output_dim, dataset.num_train_pids)
     if cfg.init_from and state is None:
@@ -515,8 +551,11 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
 
     model.train()
     batch_clips = cfg.data.num_ids * cfg.data.num_per_id
-    loader, stats = _train_loader(dataset.train, cfg, model_cfg, rank, world, start_it,
-                                  pin=device.type == "cuda")
+    if shards is not None:
+        loader, stats = _shard_loader(shards, cfg, model_cfg, rank, world, start_it, device)
+    else:
+        loader, stats = _train_loader(dataset.train, cfg, model_cfg, rank, world, start_it,
+                                      pin=device.type == "cuda")
     data_iter = iter(loader) if start_it < end else None
     timings.setup_s = time.perf_counter() - timings.t0 - (timings.kmeans_s or 0.0)
     window: List[float] = []
