@@ -11,7 +11,8 @@ GPU (``bench/gpu_check.sh``; skipped without CUDA), the paper model
 - training step, batch 32 (8 ids x 4 clips, OIM loss, Adam):
   ``train-fp32`` (baseline), ``train-bf16-cl`` (bf16 autocast,
   channels_last_3d, fused Adam), ``train-bf16-cl-epilogue`` (+ fused conv
-  epilogues).
+  epilogues), ``train-bf16-cl-compile`` (the model torch.compile'd, as the
+  trainer's ``compile="default"``).
 
 - the conv epilogue alone at the conv1a / conv2a output shapes (batch 64,
   bf16, channels_last_3d), fwd and fwd+bwd: ``eager`` (baseline:
@@ -101,6 +102,8 @@ def _train_fn(variant: str, model, clips, num_ids: int, per_id: int):
     cl = "-cl" in variant
     if variant.endswith("epilogue"):
         fuse_conv_relu_pool(model)
+    if variant.endswith("compile"):
+        model.compile()  # what TrainConfig.compile="default" does
     if cl:
         model.to(memory_format=torch.channels_last_3d)
         clips = clips.contiguous(memory_format=torch.channels_last_3d)
@@ -161,7 +164,7 @@ def test_e2e_train_cpu(benchmark, variant):
 # GPU: paper model
 # --------------------------------------------------------------------------
 INFER_GPU = ["eager-fp32", "eager-bf16", "bf16-cl", "compile-bf16-cl", "ofi-nograph", "ofi"]
-TRAIN_GPU = ["train-fp32", "train-bf16-cl", "train-bf16-cl-epilogue"]
+TRAIN_GPU = ["train-fp32", "train-bf16-cl", "train-bf16-cl-epilogue", "train-bf16-cl-compile"]
 
 
 @pytest.mark.cuda

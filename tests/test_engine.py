@@ -1,6 +1,7 @@
 """Engine: config, checkpoints (atomic, weights-only, RNG), training, resume, DDP, extraction."""
 import glob
 import json
+import math
 import os
 import random
 import signal
@@ -525,3 +526,20 @@ def test_shard_data_path_trains_and_resumes_bitwise(synth_root, tmp_path):
         train(bad, str(tmp_path / "bad"), evaluate=False)
     with pytest.raises(ValueError, match="data.shards: .*index.npz: expected the shard index"):
         train(small_cfg(synth_root, data={"shards": str(tmp_path / "nowhere")}), str(tmp_path / "bad2"))
+
+
+def test_compiled_model_trains_and_checkpoints_load_uncompiled(synth_root, tmp_path):
+    """compile=default: the model (not the loss) is torch.compile'd in place;
+    training runs, and the checkpoint loads into a plain model.  CUDA-graph
+    modes are refused."""
+    from personvlad.engine.trainer import train
+    from personvlad.models import PersonVLADNet
+
+    cfg = small_cfg(synth_root, compile="default", schedule={"step1_iters": 4, "step2_iters": 2})
+    s = train(cfg, str(tmp_path / "c"), evaluate=False)
+    assert s["iterations"] == 6 and all(math.isfinite(h["loss"]) for h in s["history"])
+    st = ck.load_checkpoint(str(tmp_path / "c" / "latest.pt"))
+    assert not any("_orig_mod" in k for k in st["model"])
+    PersonVLADNet(cfg.model_config()).load_state_dict(st["model"])
+    with pytest.raises(ValueError, match="compile"):
+        small_cfg(synth_root, compile="reduce-overhead")

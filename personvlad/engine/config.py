@@ -31,6 +31,8 @@ __all__ = [
 DATASETS = ("mars", "ilidsvid", "prid", "synthetic")
 LOSSES = ("oim", "softmax", "triplet")
 AMP_MODES = ("auto", "bf16", "fp32")
+# no CUDA-graph modes: the OIM buffers and the optimizer change between steps outside the graph
+COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -107,6 +109,7 @@ class TrainConfig:
     device: str = "auto"      # auto | cpu | cuda | cuda:N
     amp: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # channels_last_3d on CUDA
+    compile: str = "off"      # off | default | max-autotune-no-cudagraphs: torch.compile the model (not the loss)
     init_from: Optional[str] = None   # checkpoint to fine-tune from (model weights only)
     model: Dict[str, Any] = field(default_factory=lambda: {"preset": "paper"})
     data: DataConfig = field(default_factory=DataConfig)
@@ -124,6 +127,7 @@ class TrainConfig:
         _choice("data.dataset", d.dataset, DATASETS)
         _choice("loss.name", lo.name, LOSSES)
         _choice("amp", self.amp, AMP_MODES)
+        _choice("compile", self.compile, COMPILE_MODES)
         _choice("optim.name", op.name, ("adam",))
         _choice("optim.fused", op.fused, ("auto", "on", "off"))
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

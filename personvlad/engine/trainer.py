@@ -459,6 +459,12 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
             for p in model.center_parameters():
                 torch.distributed.broadcast(p.data, 0)
 
+    if cfg.compile != "off":
+        # in place (nn.Module.compile): parameters and state_dict keys are the
+        # model's own, so checkpoints load with or without compilation
+        model.compile(mode=cfg.compile)
+        log.info("model compiled (torch.compile mode %s); the first iterations include compilation", cfg.compile)
+
     logs = _Logs(out_dir, main, cfg.log.tensorboard)
     if main:
         cfg.save_yaml(os.path.join(out_dir, "config.yaml"))
