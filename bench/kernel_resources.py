@@ -86,9 +86,9 @@ def cases(dtype: str, cap: int, block_k: int):
                         dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f, NORM_ptr=f32),
                         dict(HAS_PARTS=True, NORMALIZE=True, LOGIT_PREC=logit, DOT_PREC=gemm,
                              BLOCK_K=block_k, BLOCK_P=bp), cfgs(tk._fwd_single_kernel)))
-    out.append(("fwd_assign", tk._fwd_assign_kernel.fn,
+    out.append(("fwd_assign", tk.assign_kernel(block_k).fn,
                 dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, AP_ptr=f32, SPART_ptr=f32),
-                dict(HAS_PARTS=True, LOGIT_PREC=logit, BLOCK_K=block_k), cfgs(tk._fwd_assign_kernel)))
+                dict(HAS_PARTS=True, LOGIT_PREC=logit, BLOCK_K=block_k), cfgs(tk.assign_kernel(block_k))))
     gemm_cfgs = cfgs(tk._gemm_kc_kernel)  # its BLOCK_K is a tile of its own, independent of K
     for sub in (True, False):
         out.append((f"gemm_kc(SUB_SC={sub})", tk._gemm_kc_kernel.fn,
@@ -97,7 +97,8 @@ def cases(dtype: str, cap: int, block_k: int):
     out.append(("bwd_main", tk._bwd_main_kernel.fn,
                 dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, DV_ptr=f32, DS_ptr=f32, DF_ptr=f, DM_ptr=f,
                      DG_ptr=f32, DZPART_ptr=f32, SPART_ptr=f32),
-                dict(HAS_PARTS=True, LOGIT_PREC=logit, DOT_PREC=gemm, BLOCK_K=block_k), cfgs(tk._bwd_main_kernel)))
+                dict(HAS_PARTS=True, LOGIT_PREC=logit, DOT_PREC=gemm, BLOCK_K=block_k),
+                cfgs(tk.bwd_main_kernel(block_k))))
     return (logit, gemm), out
 
 

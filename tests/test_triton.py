@@ -346,9 +346,12 @@ from torch._library.triton import get_triton_kernels_for_op
 from personvlad.kernels import person_vlad as tk
 
 assert not tk.INTERPRET
-# 1. registered as triton_op: torch knows the kernels behind both ops
-assert len(get_triton_kernels_for_op("personvlad::person_vlad_triton")) == 4
-assert len(get_triton_kernels_for_op("personvlad::person_vlad_triton_backward")) == 3
+# 1. registered as triton_op: torch knows the kernels behind both ops (the
+#    assignment and main backward kernels twice: K <= 64 and K = 128 lists)
+fwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton")
+bwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton_backward")
+assert len(fwd_k) == 5 and tk._fwd_assign_kernel_k128 in fwd_k, fwd_k
+assert len(bwd_k) == 4 and tk._bwd_main_kernel_k128 in bwd_k, bwd_k
 
 # 2. the op body traces on fake CUDA tensors into visible Triton kernel calls
 with FakeTensorMode():
@@ -418,10 +421,11 @@ print("GPU-PATH-OK")
 @pytest.mark.skipif(torch.version.cuda is None, reason="needs a CUDA build of torch (Triton's NVIDIA backend)")
 def test_autotune_configs_do_not_spill_registers():
     """Every autotune config of every kernel, compiled ahead of time for sm_90
-    (tf32x3) and sm_75 (ieee) in bf16 and fp32 at BLOCK_K=64, keeps its
-    registers off the stack (<= 128 bytes of spill): a spilling config is
-    several times slower, and autotuning would only hide it at the shapes it
-    was tuned on.  Reads the cubins with bench/kernel_resources.py."""
+    (tf32x3) and sm_75 (ieee) in bf16 and fp32 at BLOCK_K=64 and 128 (each
+    with its own lists), keeps its registers off the stack (<= 128 bytes of
+    spill): a spilling config is several times slower, and autotuning would
+    only hide it at the shapes it was tuned on.  Reads the cubins with
+    bench/kernel_resources.py."""
     import os
     import subprocess
     import sys
@@ -430,7 +434,7 @@ def test_autotune_configs_do_not_spill_registers():
     env["PERSONVLAD_QUIET_EXT"] = "1"
     script = os.path.join(os.path.dirname(__file__), "..", "bench", "kernel_resources.py")
     r = subprocess.run([sys.executable, script, "--targets", "90", "75", "--dtypes", "bf16", "fp32",
-                        "--block-k", "64", "--max-stack", "128"], env=env, capture_output=True, text=True,
+                        "--block-k", "64", "128", "--max-stack", "128"], env=env, capture_output=True, text=True,
                        timeout=900)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
     assert " 0 spilling" in r.stdout
@@ -676,3 +680,33 @@ def test_cuda_opcheck_and_compile():
     go = torch.randn_like(y0)
     for a, b in zip(torch.autograd.grad(y, ins, go), torch.autograd.grad(y0, ins, go)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_interpreter_k_above_64_runs_the_k128_kernels(monkeypatch):
+    """K in (64, 128] (BLOCK_K = 128) runs the assignment and backward
+    kernels with their own config lists; forward (tiled) and gradients match
+    the float64 reference within the fp32 budget."""
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "tiled")
+    calls = {"assign": 0, "bwd": 0}
+    for name, attr in (("assign", "_fwd_assign_kernel_k128"), ("bwd", "_bwd_main_kernel_k128")):
+        kern = getattr(tk, attr)
+        orig = kern.run
+
+        def counted(*a, _orig=orig, _name=name, **k):
+            calls[_name] += 1
+            return _orig(*a, **k)
+
+        monkeypatch.setattr(kern, "run", counted)
+    assert tk.assign_kernel(128) is tk._fwd_assign_kernel_k128 and tk.assign_kernel(64) is tk._fwd_assign_kernel
+    assert tk.bwd_main_kernel(128) is tk._bwd_main_kernel_k128 and tk.bwd_main_kernel(32) is tk._bwd_main_kernel
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=70, seed=3)
+    go = torch.randn(2, 70 * 8, dtype=torch.float64)
+    g_tri = _grads(_triton, ins, True, go)
+    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
+    assert calls == {"assign": 1, "bwd": 1}
+    atol, rtol = tolerance(torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(_triton(*ins).double(), _ref(*_f64(ins)), atol=atol, rtol=rtol)
+    for name, gt, g64 in zip(NAMES, g_tri, g_64):
+        torch.testing.assert_close(gt.double(), g64, atol=atol * max(1.0, g64.abs().max().item()), rtol=rtol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
