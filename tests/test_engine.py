@@ -543,3 +543,65 @@ def test_compiled_model_trains_and_checkpoints_load_uncompiled(synth_root, tmp_p
     PersonVLADNet(cfg.model_config()).load_state_dict(st["model"])
     with pytest.raises(ValueError, match="compile"):
         small_cfg(synth_root, compile="reduce-overhead")
+
+
+def test_non_finite_loss_is_caught_before_the_next_checkpoint(synth_root, tmp_path, monkeypatch):
+    """The loss is read back only at log / checkpoint / evaluation points (no
+    sync per iteration); a NaN from iteration 3 on is reported at the next
+    of them (iteration 4 here), and no checkpoint of the broken model is
+    written."""
+    from personvlad.engine import trainer as tr
+
+    orig = tr._TrainModule.forward
+    calls = {"n": 0}
+
+    def forward(self, clips, pids):
+        calls["n"] += 1
+        out = orig(self, clips, pids)
+        return out * float("nan") if calls["n"] >= 3 else out
+
+    monkeypatch.setattr(tr._TrainModule, "forward", forward)
+    cfg = small_cfg(synth_root, log={"log_every": 4, "ckpt_every": 2, "progress": False, "tensorboard": False},
+                    schedule={"kmeans_init": False})
+    with pytest.raises(FloatingPointError, match=r"loss became nan in iterations 1\.\.4; lower the lr"):
+        tr.train(cfg, str(tmp_path / "nan"), evaluate=False)
+    assert ck.load_checkpoint(str(tmp_path / "nan" / "latest.pt"))["iteration"] == 2
+
+
+@pytest.mark.cuda
+def test_training_step_makes_no_device_sync():
+    """One training step as the trainer runs it (bf16 autocast, channels_last,
+    OIM with host labels, fused Adam), after warm-up, under
+    torch.cuda.set_sync_debug_mode("error"): any device-to-host sync raises."""
+    from personvlad.engine.trainer import _step_params, _TrainModule, build_optimizer
+    from personvlad.losses import OIMLoss
+    from personvlad.models import build_model
+
+    dev = torch.device("cuda")
+    model = build_model("tiny").to(dev).to(memory_format=torch.channels_last_3d)
+    cfg = TrainConfig()
+    crit = OIMLoss(model.output_dim, 8, queue_size=16).to(dev)
+    opt = build_optimizer(_step_params(model, crit, 2, cfg), cfg, 1e-4, dev)
+    net = _TrainModule(model, crit, None, 0.0, torch.bfloat16)
+    c = model.config
+    clips = torch.rand(8, 3, c.clip_len, c.height, c.width, device=dev).contiguous(
+        memory_format=torch.channels_last_3d)
+    pids = torch.tensor([0, 0, 1, 1, 2, 2, 3, -1]).pin_memory()
+
+    def step():
+        loss = net(clips, pids)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(2):
+            last = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(last).item()

@@ -253,3 +253,42 @@ def test_oim_buffers_identical_across_gloo_ranks(tmp_path):
     # rank 0 uses ids {0, 2}, rank 1 ids {1, 3}: both ranks' rows were written on each rank
     written = (s0["lut"].norm(dim=1) > 0.5).nonzero().flatten().tolist()
     assert written == [0, 1, 2, 3]
+
+
+def test_oim_host_labels_give_the_same_result_as_device_labels():
+    """Labels on the host (what the trainer passes: no device sync) or on the
+    features' device: the same loss, gradient and buffer updates, bitwise."""
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(3)
+    x = torch.randn(7, 6, device=dev)
+    y = torch.tensor([1, -1, 1, 0, -1, 3, 1])
+    outs = []
+    for labels in (y, y.to(dev)):
+        loss = OIMLoss(6, 4, queue_size=3).to(dev)
+        _set_buffers(loss, _unit(torch.randn(4, 6, generator=torch.Generator().manual_seed(0))).to(dev))
+        xi = x.clone().requires_grad_(True)
+        for _ in range(2):  # the second call sees the updated LUT and queue
+            v = loss(xi, labels)
+            v.backward()
+        outs.append((v.detach(), xi.grad, loss.lut.clone(), loss.queue.clone(), int(loss.queue_ptr),
+                     int(loss.queue_filled)))
+    for a, b in zip(*outs):
+        assert torch.equal(torch.as_tensor(a), torch.as_tensor(b))
+    assert outs[0][4:] == (1, 3)  # 4 unlabeled written in a queue of 3: ptr (0 + 4) % 3, filled 3
+
+
+@pytest.mark.cuda
+def test_oim_forward_backward_update_make_no_device_sync():
+    loss = OIMLoss(16, 10, queue_size=8, num_sampled=4).cuda()
+    x = torch.randn(6, 16, device="cuda", requires_grad=True)
+    y = torch.tensor([0, 1, 1, -1, 2, -1]).pin_memory()
+    for _ in range(2):
+        loss(x, y).backward()  # warm-up: allocations, pinned blocks
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(3):
+            loss(x, y).backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert int(loss.queue_filled) == 8

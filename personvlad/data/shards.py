@@ -207,9 +207,10 @@ class ShardStore:
 
 def _to_clips(x: torch.Tensor, flips: Optional[torch.Tensor]) -> torch.Tensor:
     """(N, T, H, W, 3) -> (N, 3, T, H, W) contiguous, flipping samples where
-    ``flips`` (on the device of ``x``; the GPU path)."""
+    ``flips`` (on the device of ``x``; the GPU path; None when the host knows
+    that none is flipped, so no device value is read back)."""
     y = x.permute(0, 4, 1, 2, 3)
-    if flips is not None and bool(flips.any()):
+    if flips is not None:
         y = torch.where(flips.view(-1, 1, 1, 1, 1), y.flip(-1), y)
     return y.contiguous()
 
@@ -283,11 +284,12 @@ class ShardTrainLoader:
     probability ``flip_p``, P ids x K tracklets per batch, DDP-aware.
     ``start_batch`` skips that many batches of the first iteration (their
     random draws included, no frame is read), so a resumed run sees exactly
-    the batches an uninterrupted one would."""
+    the batches an uninterrupted one would.  ``labels_on_host`` yields pids
+    and camids on the CPU (the trainer's OIM loss takes them there)."""
 
     def __init__(self, shard_dir, clip_len: int, num_ids: int = 8, num_per_id: int = 4, seed: int = 0,
                  rank: int = 0, world_size: int = 1, flip_p: float = 0.5, device=None, threads: int = 4,
-                 prefetch: int = 4, infinite: bool = False, start_batch: int = 0):
+                 prefetch: int = 4, infinite: bool = False, start_batch: int = 0, labels_on_host: bool = False):
         self.store = shard_dir if isinstance(shard_dir, ShardStore) else ShardStore(shard_dir)
         if not isinstance(clip_len, int) or clip_len < 1:
             raise ValueError(f"clip_len: expected a positive integer; got {clip_len!r}")
@@ -302,6 +304,7 @@ class ShardTrainLoader:
         if not isinstance(start_batch, int) or isinstance(start_batch, bool) or start_batch < 0:
             raise ValueError(f"start_batch: expected an int >= 0; got {start_batch!r}")
         self.skip = start_batch
+        self.labels_on_host = bool(labels_on_host)
         self.epoch = 0
         self._ring: dict = {}
 
@@ -344,11 +347,13 @@ class ShardTrainLoader:
         pids_all = torch.from_numpy(self.split["pids"])
         cams_all = torch.from_numpy(self.split["camids"])
         try:
+            ldev = torch.device("cpu") if self.labels_on_host else dev
             for x, (b, _, flips) in pf:
                 bt = torch.from_numpy(b)
                 if on_dev:
-                    x = _to_clips(x, torch.from_numpy(flips).to(dev, non_blocking=True))
-                yield x, pids_all[bt].to(dev), cams_all[bt].to(dev)
+                    f = torch.from_numpy(flips).pin_memory().to(dev, non_blocking=True) if flips.any() else None
+                    x = _to_clips(x, f)
+                yield x, pids_all[bt].to(ldev), cams_all[bt].to(ldev)
         finally:
             self.set_epoch(self.epoch + 1)
 

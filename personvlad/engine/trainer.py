@@ -43,6 +43,7 @@ from .. import __version__
 from . import checkpoint as ckpt_mod
 from . import distributed as dist_mod
 from .config import TrainConfig
+from ..losses import OIMLoss
 from .extract import autocast_dtype, evaluate_model
 
 log = logging.getLogger("personvlad.engine")
@@ -198,7 +199,7 @@ def _shard_loader(store, cfg: TrainConfig, model_cfg, rank: int, world: int, sta
     d = cfg.data
     loader = ShardTrainLoader(store, model_cfg.clip_len, d.num_ids, d.num_per_id, seed=cfg.seed, rank=rank,
                               world_size=world, flip_p=d.flip_p, device=device, threads=max(1, d.workers),
-                              infinite=True, start_batch=start_batch)
+                              infinite=True, start_batch=start_batch, labels_on_host=True)
     return loader, loader.stats
 
 
@@ -289,9 +290,11 @@ class _TrainModule(nn.Module):
         with torch.autocast(device_type=dev, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
             feats = self.model(clips)
         feats = feats.float()
-        loss = self.criterion(feats, pids)
+        # OIM takes host labels (no device sync); the other losses want them on the device
+        dev_pids = pids.to(feats.device, non_blocking=True)
+        loss = self.criterion(feats, pids if isinstance(self.criterion, OIMLoss) else dev_pids)
         if self.triplet is not None and self.triplet_weight > 0:
-            loss = loss + self.triplet_weight * self.triplet(feats, pids)
+            loss = loss + self.triplet_weight * self.triplet(feats, dev_pids)
         return loss
 
 
@@ -564,7 +567,9 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
                                       pin=device.type == "cuda")
     data_iter = iter(loader) if start_it < end else None
     timings.setup_s = time.perf_counter() - timings.t0 - (timings.kmeans_s or 0.0)
-    window: List[float] = []
+    lsum: Optional[torch.Tensor] = None  # the loss summed on the device since the last log row
+    nsum = 0
+    lv = 0.0
     history: List[Dict[str, float]] = []
     t_last = time.time()
     it_last = start_it
@@ -580,8 +585,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         clips = clips.to(device, non_blocking=True).float().div_(255.0)
         if device.type == "cuda" and cfg.channels_last:
             clips = clips.contiguous(memory_format=torch.channels_last_3d)
-        pids = pids.to(device, non_blocking=True)
-        loss = net(clips, pids)
+        loss = net(clips, pids)  # pids stay on the host: the OIM loss decides on them without a sync
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.optim.grad_clip is not None:
@@ -590,25 +594,35 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         opt.step()
         sched.step()
         it += 1
-        lv = float(loss.detach())  # waits for the GPU
+        # The loss is summed on the device and read back only where the host
+        # has to wait anyway (log, checkpoint, evaluation, the end, the end of
+        # a step's warm-up for the timings): no sync per iteration, so the
+        # host queues the next iteration while the GPU runs this one.
+        lsum = loss.detach().double() if lsum is None else lsum + loss.detach().double()
+        nsum += 1
+        log_now = it % cfg.log.log_every == 0 or it == end
+        step_end = it == s1 or it == total
+        if (log_now or step_end or (cfg.log.ckpt_every and it % cfg.log.ckpt_every == 0)
+                or (evaluate and cfg.log.eval_every and it % cfg.log.eval_every == 0)
+                or timings.segment.get(step, 0) + 1 == timings.warmup):
+            lv = float(lsum)  # waits for the GPU
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"loss became {lv / nsum} in iterations {it - nsum + 1}..{it}; "
+                                         f"lower the lr or enable optim.grad_clip")
         timings.iteration(step, time.perf_counter() - t_it)
-        if not math.isfinite(lv):
-            raise FloatingPointError(f"loss became {lv} at iteration {it}; lower the lr or enable optim.grad_clip")
-        window.append(lv)
         if bar is not None:
             bar.update(1)
-        if it % cfg.log.log_every == 0 or it == end:
+        if log_now:
             now = time.time()
             cps = (it - it_last) * batch_clips * world / max(now - t_last, 1e-9)
-            mean_loss = dist_mod.all_reduce_mean(sum(window) / len(window), device)
+            mean_loss = dist_mod.all_reduce_mean(lv / nsum, device)
             row = {"iteration": it, "step": step, "loss": round(mean_loss, 6), "lr": lr_now,
                    "clips_per_s": round(cps, 2), "time": round(now, 3)}
             history.append({"iteration": it, "loss": mean_loss})
             logs.train_row(row)
             if bar is not None:
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr_now:.2e}", clips_s=f"{cps:.1f}", step=step)
-            window, t_last, it_last = [], now, it
-        step_end = it == s1 or it == total
+            lsum, nsum, t_last, it_last = None, 0, now, it
         if evaluate and (step_end or (cfg.log.eval_every and it % cfg.log.eval_every == 0)):
             t0 = time.perf_counter()
             run_eval(it, step)  # with the best.pt save it may make

@@ -55,6 +55,14 @@ def _dist_world() -> int:
     return 1
 
 
+def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on ``device`` without a device sync: through pinned
+    memory, non-blocking (the pinned block is kept until the copy is done)."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def _all_gather(t: torch.Tensor) -> torch.Tensor:
     world = torch.distributed.get_world_size()
     out = [torch.empty_like(t) for _ in range(world)]
@@ -118,7 +126,9 @@ class OIMLoss(nn.Module):
                 f"momentum={self.momentum}, num_sampled={self.num_sampled}")
 
     # ------------------------------------------------------------------ checks
-    def _validate(self, features, labels) -> None:
+    def _validate(self, features, labels) -> torch.Tensor:
+        """Checks the arguments; returns the labels on the host (a copy, one
+        device sync, when they were given on a GPU)."""
         if not isinstance(features, torch.Tensor):
             raise ValueError(f"features: expected a Tensor (N, {self.num_features}), got {type(features).__name__}")
         if features.dim() != 2 or features.shape[1] != self.num_features:
@@ -131,51 +141,76 @@ class OIMLoss(nn.Module):
             raise ValueError(f"labels: expected shape ({features.shape[0]},), got {tuple(labels.shape)}")
         if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
             raise ValueError(f"labels: expected an integer dtype, got {labels.dtype}")
-        if labels.device != features.device:
-            raise ValueError(f"labels: expected device {features.device} (as features), got {labels.device}")
+        if labels.device != features.device and labels.device.type != "cpu":
+            raise ValueError(f"labels: expected device {features.device} (as features) or the CPU, "
+                             f"got {labels.device}")
         if features.device != self.lut.device:
             raise ValueError(f"features: expected device {self.lut.device} (the loss buffers'), got {features.device}")
-        if labels.numel():
-            lo, hi = int(labels.min()), int(labels.max())
+        host = labels.detach().to("cpu").long()
+        if host.numel():
+            lo, hi = int(host.min()), int(host.max())
             if lo < -1 or hi >= self.num_labeled:
                 raise ValueError(
                     f"labels: expected values in [0, {self.num_labeled}) or -1 (unlabeled), "
                     f"got values in [{lo}, {hi}]")
+        return host
 
     # ------------------------------------------------------------------ forward
     def table(self) -> torch.Tensor:
-        """The (L + filled, D) matrix the logits are taken against (a copy:
-        autograd keeps it while the buffers are updated in place)."""
+        """The (L + filled, D) matrix the logits are taken against (a copy).
+        Reads ``queue_filled`` on the host; the loss itself does not."""
         filled = int(self.queue_filled)
         if filled == 0:
             return self.lut.clone()
         return torch.cat([self.lut, self.queue[:filled]], 0)
 
     def forward(self, features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self._validate(features, labels)
-        labels = labels.long()
+        """Labels on the CPU (the trainer passes them so) keep the whole
+        forward and update free of device-to-host syncs: every data-dependent
+        decision (which samples are labeled, duplicate ids, queue writes) is
+        taken on the host copy; the queue counters stay on the device."""
+        host = self._validate(features, labels)
         with torch.autocast(device_type=features.device.type, enabled=False):
             x = F.normalize(features.float(), dim=1)
-            loss = self._loss(x, labels)
+            loss = self._loss(x, host)
         if self.training:
-            self._update(x.detach(), labels)
+            self._update(x.detach(), host)
         return loss
 
-    def _loss(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        lab = labels >= 0
-        if not bool(lab.any()):
+    def _logits(self, xl: torch.Tensor) -> torch.Tensor:
+        """(n, L + Q) logits against [LUT; queue], never-written queue slots
+        at -inf (they add exactly 0 to the partition function)."""
+        L, Q = self.num_labeled, self.queue_size
+        if Q == 0:
+            return xl @ self.lut.t() / self.temperature
+        table = torch.cat([self.lut, self.queue], 0)  # a copy: the buffers change in place after
+        logits = xl @ table.t() / self.temperature
+        unfilled = torch.arange(Q, device=xl.device) >= self.queue_filled
+        return torch.cat([logits[:, :L], logits[:, L:].masked_fill(unfilled, float("-inf"))], 1)
+
+    def _loss(self, x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
+        rows = torch.nonzero(host >= 0).squeeze(1)
+        if rows.numel() == 0:
             # No labeled sample: a zero that keeps the graph connected.
             return x.sum() * 0.0
-        xl, yl = x[lab], labels[lab]
-        table = self.table()
-        logits = xl @ table.t() / self.temperature  # (n, C)
-        C = table.shape[0]
+        if rows.numel() == host.numel():
+            xl, yl_host = x, host
+        else:
+            xl, yl_host = x.index_select(0, _to(rows, x.device)), host[rows]
+        yl = _to(yl_host, x.device)
+        logits = self._logits(xl)  # (n, L + Q)
+        C = self.num_labeled + self.queue_size
         if self.num_sampled is None or self.num_sampled >= C - 1:
             return F.cross_entropy(logits, yl)
-        # Target + S negatives drawn uniformly without replacement, per sample.
+        # Target + S negatives drawn uniformly without replacement, per sample,
+        # among the written entries; unwritten queue slots (logit -inf, i.e.
+        # left out) come after every written one, the target never.
         n, S = xl.shape[0], self.num_sampled
         scores = torch.rand(n, C, device=x.device)
-        scores.scatter_(1, yl[:, None], -1.0)  # the target is never a negative
+        if self.queue_size:
+            unfilled = torch.arange(self.queue_size, device=x.device) >= self.queue_filled
+            scores[:, self.num_labeled:].masked_fill_(unfilled, -2.0)
+        scores.scatter_(1, yl[:, None], -3.0)
         neg = scores.topk(S, dim=1).indices  # (n, S)
         cols = torch.cat([yl[:, None], neg], 1)  # target first
         sub = logits.gather(1, cols)
@@ -183,47 +218,49 @@ class OIMLoss(nn.Module):
 
     # ------------------------------------------------------------------ update
     @torch.no_grad()
-    def _update(self, x: torch.Tensor, labels: torch.Tensor) -> None:
+    def _update(self, x: torch.Tensor, host: torch.Tensor) -> None:
         if _dist_world() > 1:
             x = _all_gather(x.contiguous())
-            labels = _all_gather(labels.contiguous())
+            host = _all_gather(_to(host, x.device)).cpu()  # one sync, beside the collective
         x = x.to(self.lut.dtype)
-        self._update_lut(x, labels)
-        self._update_queue(x[labels < 0])
+        self._update_lut(x, host)
+        unl = torch.nonzero(host < 0).squeeze(1)
+        if self.queue_size and unl.numel():
+            self._update_queue(x.index_select(0, _to(unl, x.device)))
 
-    def _update_lut(self, x: torch.Tensor, labels: torch.Tensor) -> None:
-        lab = labels >= 0
-        if not bool(lab.any()):
+    def _update_lut(self, x: torch.Tensor, host: torch.Tensor) -> None:
+        rows = torch.nonzero(host >= 0).squeeze(1)
+        if rows.numel() == 0:
             return
-        x, y = x[lab], labels[lab]
-        # occurrence rank of each sample among the samples with its label
+        y = host[rows]
+        # occurrence rank of each sample among the samples with its label (on the host)
         n = y.shape[0]
         order = torch.argsort(y, stable=True)
         ys = y[order]
-        start = torch.ones(n, dtype=torch.bool, device=y.device)
+        start = torch.ones(n, dtype=torch.bool)
         start[1:] = ys[1:] != ys[:-1]
-        pos = torch.arange(n, device=y.device)
+        pos = torch.arange(n)
         group_start = torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), 0).values
         occ = torch.empty_like(pos)
         occ[order] = pos - group_start
         m = self.momentum
         for r in range(int(occ.max()) + 1):
             sel = occ == r  # unique labels within a round, in batch order
-            yr = y[sel]
-            self.lut[yr] = F.normalize(m * self.lut[yr] + (1.0 - m) * x[sel], dim=1)
+            xr = x.index_select(0, _to(rows[sel], x.device))
+            yr = _to(y[sel], x.device)
+            self.lut[yr] = F.normalize(m * self.lut[yr] + (1.0 - m) * xr, dim=1)
 
     def _update_queue(self, u: torch.Tensor) -> None:
+        """Sequential write of ``u`` at ``queue_ptr`` (wrapping); the counters
+        are updated on the device."""
         Q = self.queue_size
         k = u.shape[0]
-        if Q == 0 or k == 0:
-            return
-        ptr = int(self.queue_ptr)
         keep = min(k, Q)
         first = k - keep  # samples [first, k) survive a sequential write
-        idx = (ptr + torch.arange(first, k, device=u.device)) % Q
+        idx = (self.queue_ptr + torch.arange(first, k, device=u.device)) % Q
         self.queue[idx] = u[first:]
-        self.queue_ptr.fill_((ptr + k) % Q)
-        self.queue_filled.fill_(min(Q, int(self.queue_filled) + k))
+        self.queue_ptr.copy_((self.queue_ptr + k) % Q)
+        self.queue_filled.copy_(torch.clamp(self.queue_filled + k, max=Q))
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         for name, shape in (("lut", tuple(self.lut.shape)), ("queue", tuple(self.queue.shape))):
