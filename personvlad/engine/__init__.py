@@ -2,7 +2,9 @@
 
 - :class:`TrainConfig` (YAML, dotted overrides), :func:`train`;
 - :func:`extract_features` / :func:`extract_split` / :func:`describe_frames` / :func:`evaluate_model`;
-- checkpoints: :func:`save_checkpoint` (atomic), :func:`load_checkpoint` (weights_only), :func:`find_latest`.
+- checkpoints: :func:`save_checkpoint` (atomic), :func:`load_checkpoint` (weights_only), :func:`find_latest`;
+- how long a schedule takes: :mod:`personvlad.engine.estimate` (``estimate``: a probe run;
+  ``project_schedule``: from a run's timings).
 CLI: ``personvlad train`` / ``personvlad extract`` (module :mod:`personvlad.engine.cli`).
 """
 from .checkpoint import find_latest, load_checkpoint, save_checkpoint
