@@ -220,6 +220,10 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
         meta.append(f"date {data['datetime']}")
     if devices:
         meta.append("device " + ", ".join(devices))
+    peaks = sorted({f"{(b.get('extra_info') or {}).get('peaks_name')} ({(b.get('extra_info') or {}).get('peaks_source')})"
+                    for b in data["benchmarks"] if (b.get("extra_info") or {}).get("peaks_name")})
+    if peaks:
+        meta.append("roofline peaks " + ", ".join(peaks))
     if machine.get("cpu", {}).get("brand_raw"):
         meta.append(f"CPU {machine['cpu']['brand_raw']}")
     if data.get("version"):

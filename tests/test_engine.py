@@ -605,3 +605,15 @@ def test_training_step_makes_no_device_sync():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(last).item()
+
+
+@pytest.mark.parametrize("loss", [{"name": "softmax", "triplet_weight": 0.5}, {"name": "triplet"},
+                                  {"name": "oim", "triplet_weight": 0.3}])
+def test_other_losses_train(synth_root, tmp_path, loss):
+    """The comparison losses (labels moved to the device for them) and OIM
+    with an added triplet term train through the same loop."""
+    from personvlad.engine.trainer import train
+
+    cfg = small_cfg(synth_root, loss=loss, schedule={"kmeans_init": False, "step1_iters": 3, "step2_iters": 2})
+    s = train(cfg, str(tmp_path / "run"), evaluate=False)
+    assert s["iterations"] == 5 and all(math.isfinite(h["loss"]) for h in s["history"])

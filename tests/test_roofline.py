@@ -172,7 +172,8 @@ def test_report_shows_achieved_throughput_and_roofline_fraction():
     med = 1e-4
     bench = dict(name="test_op_gpu[fused-triton]", group="op", stats=dict(mean=med, median=med, min=med, ops=1e4),
                  extra_info=dict(op_backend="fused-triton", device="NVIDIA H100 80GB HBM3", **cost,
-                                 roofline_s=rl["bound_s"], bound_by=rl["bound_by"]))
+                                 roofline_s=rl["bound_s"], bound_by=rl["bound_by"], peaks_name=rl["peaks_name"],
+                                 peaks_source=rl["peaks_source"]))
     model = dict(name="test_e2e[ofi]", group="e2e", stats=dict(mean=0.01, median=0.01, min=0.01, ops=100),
                  extra_info=dict(label="ofi", flops=64 * 81e9, clips=64))
     data = {"benchmarks": [bench, model]}
@@ -183,7 +184,7 @@ def test_report_shows_achieved_throughput_and_roofline_fraction():
     assert r["roofline_frac"] == pytest.approx(rl["bound_s"] / med) and r["bound_by"] == "memory"
     assert rows["ofi"]["tflops"] == pytest.approx(64 * 81e9 / 0.01 / 1e12) and rows["ofi"]["gbps"] is None
     md = bench_report.markdown_report(data)
-    assert "| TFLOP/s | GB/s | % roofline |" in md
+    assert "| TFLOP/s | GB/s | % roofline |" in md and "roofline peaks H100 SXM (datasheet)" in md
     line = next(l for l in md.splitlines() if l.startswith("| test_op_gpu[fused-triton] |"))
     assert f"| {100 * rl['bound_s'] / med:.3g}% memory |" in line
     assert "| 518 |" in next(l for l in md.splitlines() if l.startswith("| test_e2e[ofi] |"))  # 64*81e9/0.01

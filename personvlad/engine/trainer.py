@@ -291,9 +291,11 @@ class _TrainModule(nn.Module):
             feats = self.model(clips)
         feats = feats.float()
         # OIM takes host labels (no device sync); the other losses want them on the device
-        dev_pids = pids.to(feats.device, non_blocking=True)
-        loss = self.criterion(feats, pids if isinstance(self.criterion, OIMLoss) else dev_pids)
-        if self.triplet is not None and self.triplet_weight > 0:
+        oim = isinstance(self.criterion, OIMLoss)
+        tri = self.triplet is not None and self.triplet_weight > 0
+        dev_pids = pids.to(feats.device, non_blocking=True) if (tri or not oim) else None
+        loss = self.criterion(feats, pids if oim else dev_pids)
+        if tri:
             loss = loss + self.triplet_weight * self.triplet(feats, dev_pids)
         return loss
 
