@@ -617,3 +617,26 @@ def test_other_losses_train(synth_root, tmp_path, loss):
     cfg = small_cfg(synth_root, loss=loss, schedule={"kmeans_init": False, "step1_iters": 3, "step2_iters": 2})
     s = train(cfg, str(tmp_path / "run"), evaluate=False)
     assert s["iterations"] == 5 and all(math.isfinite(h["loss"]) for h in s["history"])
+
+
+def test_fused_epilogues_train_with_the_same_parameters(synth_root, tmp_path, caplog):
+    """fuse_epilogues=true: the backbone's conv + bias + ReLU (+ pool) run as
+    FusedConv3d (Triton kernel on a GPU, its eager composition here); the
+    parameters and checkpoint keys are the plain model's, and the first
+    loss equals the unfused run's (same initialisation, same batch)."""
+    from personvlad.engine.trainer import train
+    from personvlad.models import PersonVLADNet
+
+    base = dict(schedule={"kmeans_init": False, "step1_iters": 3, "step2_iters": 1})
+    plain = train(small_cfg(synth_root, **base), str(tmp_path / "plain"), evaluate=False)
+    cfg = small_cfg(synth_root, fuse_epilogues=True, **base)
+    with caplog.at_level("INFO", logger="personvlad"):
+        fused = train(cfg, str(tmp_path / "fused"), evaluate=False)
+    import re
+
+    n = [int(m.group(1)) for m in re.finditer(r"epilogues of (\d+) convolutions", caplog.text)]
+    assert n and n[0] >= 5, caplog.text  # the tiny backbone's convolutions
+    assert fused["iterations"] == 4
+    assert fused["history"][0]["loss"] == pytest.approx(plain["history"][0]["loss"], rel=1e-5)
+    st = ck.load_checkpoint(str(tmp_path / "fused" / "latest.pt"))
+    PersonVLADNet(cfg.model_config()).load_state_dict(st["model"])

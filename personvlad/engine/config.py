@@ -110,6 +110,7 @@ class TrainConfig:
     amp: str = "auto"         # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
     channels_last: bool = True  # channels_last_3d on CUDA
     compile: str = "off"      # off | default | max-autotune-no-cudagraphs: torch.compile the model (not the loss)
+    fuse_epilogues: bool = False  # conv bias + ReLU (+ MaxPool3d) as one kernel with backward (personvlad.perf)
     init_from: Optional[str] = None   # checkpoint to fine-tune from (model weights only)
     model: Dict[str, Any] = field(default_factory=lambda: {"preset": "paper"})
     data: DataConfig = field(default_factory=DataConfig)

@@ -441,6 +441,12 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         tri.to(device)
     if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last_3d)
+    if cfg.fuse_epilogues:
+        from ..perf import count_fused, fuse_conv_relu_pool
+
+        # in place, same parameters and state_dict keys: checkpoints load either way
+        fuse_conv_relu_pool(model)
+        log.info("fused the bias + ReLU (+ max pool) epilogues of %d convolutions", count_fused(model))
     amp_dtype = autocast_dtype(device, cfg.amp)
 
     s1, s2 = cfg.schedule.step1_iters, cfg.schedule.step2_iters
