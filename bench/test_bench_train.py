@@ -147,14 +147,15 @@ def test_schedule_projection_tiny_cpu(benchmark, synth_tiny):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.benchmark(group="schedule-gpu")
-@pytest.mark.parametrize("loader", ["shards", "jpeg"])
+@pytest.mark.parametrize("loader", ["shards", "shards-compile", "jpeg"])
 def test_schedule_projection_paper_gpu(benchmark, synth_tiny, tmp_path_factory, loader):
     """The paper's schedule (TrainConfig defaults: paper model, 16x180x90
     clips, batch 5 ids x 3, 50K + 10K iterations, k-means on 100K
     descriptors, a checkpoint every 1000), probed with 200 iterations of the
     real trainer on synthetic data: ``shards`` reads clips from a
-    `personvlad pack` store at 180x90 (the fast path), ``jpeg`` decodes JPEGs
-    in 8 loader processes."""
+    `personvlad pack` store at 180x90 (the fast path), ``shards-compile``
+    also compiles the model (``compile=default``; compilation is part of the
+    warm-up), ``jpeg`` decodes JPEGs in 8 loader processes."""
     import os
 
     from personvlad.engine.config import TrainConfig
@@ -162,12 +163,14 @@ def test_schedule_projection_paper_gpu(benchmark, synth_tiny, tmp_path_factory, 
     workers = min(8, os.cpu_count() or 1)
     over = ["data.dataset=synthetic", f"data.root={synth_tiny}", f"data.workers={workers}", "device=cuda",
             "log.progress=false", "log.tensorboard=false"]
-    if loader == "shards":
+    if loader.startswith("shards"):
         from personvlad.data import MARS
         from personvlad.data.shards import pack_dataset
 
         store = tmp_path_factory.mktemp("shards") / "paper"
         pack_dataset(MARS(synth_tiny), str(store), size=(180, 90), workers=workers)
         over.append(f"data.shards={store}")
+    if loader.endswith("compile"):
+        over.append("compile=default")
     cfg = TrainConfig().apply_overrides(over)
     _schedule_case(benchmark, cfg, 200, f"schedule-paper-gpu-{loader}", "cuda", target_s=1800.0)
