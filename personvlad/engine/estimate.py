@@ -11,8 +11,10 @@ the config's full schedule from the measured parts
             + warm-up excess of each step + checkpoints x mean checkpoint time
             [+ evaluations x mean evaluation time, when the probe measured one]
 
-Iterations are timed from the loader's batch to the loss on the host, so a
-data path that cannot keep up shows.  Evaluation is skipped in the probe by
+Iterations are timed on the host, from asking the loader for a batch to the
+end of the optimizer step; the trainer waits for the GPU at its log and
+checkpoint points, so the times add up to the GPU's between them, and a data
+path that cannot keep up shows.  Evaluation is skipped in the probe by
 default (on MARS it costs minutes and does not depend on the schedule's
 length); ``evaluate=True`` measures it too.
 """

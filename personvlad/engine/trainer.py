@@ -338,9 +338,12 @@ def _init_centers(model, train_set, cfg: TrainConfig, model_cfg, device: torch.d
 class _Timings:
     """Wall times of a run's parts, for :func:`personvlad.engine.estimate.project_schedule`.
 
-    Iterations are timed from asking the loader for a batch to the loss read
-    back on the host (the trainer syncs there anyway), so a data path that
-    cannot keep up shows in them.  The first ``warmup`` iterations of each
+    Iterations are timed on the host from asking the loader for a batch to
+    the end of the optimizer step.  The host waits for the GPU only at log,
+    checkpoint and evaluation points and at the end of each step's warm-up,
+    so between those points the times add up to what the GPU took (the host
+    runs ahead by at most its launch queue); a data path that cannot keep up
+    shows in them too.  The first ``warmup`` iterations of each
     step's segment (cuDNN algorithm search, Triton autotuning, lazy
     initialisation, the loader's first batches) are kept apart from the
     steady state.  Checkpoints and evaluations are timed on their own."""
