@@ -177,16 +177,19 @@ class OIMLoss(nn.Module):
             self._update(x.detach(), host)
         return loss
 
-    def _logits(self, xl: torch.Tensor) -> torch.Tensor:
+    def _logits(self, xl: torch.Tensor, queue_written: bool) -> torch.Tensor:
         """(n, L + Q) logits against [LUT; queue], never-written queue slots
-        at -inf (they add exactly 0 to the partition function)."""
+        at -inf (they add exactly 0 to the partition function).  The LUT is
+        copied (it is updated in place before the backward); the queue only
+        when this step writes to it (``queue_written``, known on the host)."""
         L, Q = self.num_labeled, self.queue_size
+        lg = xl @ self.lut.clone().t() / self.temperature
         if Q == 0:
-            return xl @ self.lut.t() / self.temperature
-        table = torch.cat([self.lut, self.queue], 0)  # a copy: the buffers change in place after
-        logits = xl @ table.t() / self.temperature
+            return lg
+        queue = self.queue.clone() if queue_written else self.queue
         unfilled = torch.arange(Q, device=xl.device) >= self.queue_filled
-        return torch.cat([logits[:, :L], logits[:, L:].masked_fill(unfilled, float("-inf"))], 1)
+        lq = (xl @ queue.t() / self.temperature).masked_fill(unfilled, float("-inf"))
+        return torch.cat([lg, lq], 1)
 
     def _loss(self, x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
         rows = torch.nonzero(host >= 0).squeeze(1)
@@ -198,7 +201,10 @@ class OIMLoss(nn.Module):
         else:
             xl, yl_host = x.index_select(0, _to(rows, x.device)), host[rows]
         yl = _to(yl_host, x.device)
-        logits = self._logits(xl)  # (n, L + Q)
+        # the update after this forward writes to the queue when a sample (of any
+        # rank: the update gathers them) is unlabeled
+        written = self.training and (_dist_world() > 1 or bool((host < 0).any()))
+        logits = self._logits(xl, written)  # (n, L + Q)
         C = self.num_labeled + self.queue_size
         if self.num_sampled is None or self.num_sampled >= C - 1:
             return F.cross_entropy(logits, yl)
