@@ -14,7 +14,8 @@ vector_flops, bytes (the op's algorithmic work, :func:`personvlad.roofline.op_co
 the same for every variant) and, on a GPU with known peaks, roofline_s /
 bound_by / peak_* (:func:`personvlad.roofline.roofline` for the products'
 precision: the variant's own for fused-triton, TF32 when PyTorch's matmuls
-allow it, else IEEE fp32).
+allow it, else IEEE fp32); target_speedup / target_peak_per_output for the
+fused GPU rows (the issues' targets; the report says met or not).
 `personvlad bench report` turns the JSON into ratios vs the baseline.
 """
 import math
@@ -154,6 +155,12 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
         peak_bytes=int(peak), output_bytes=shape["N"] * shape["K"] * shape["C"] * torch.tensor([], dtype=dtype).element_size(),
         baseline=["unfused-eager", "unfused-compile"], device=torch.cuda.get_device_name() if device == "cuda" else "cpu",
     )
+    if device == "cuda" and variant in ("fused-cuda", "fused-triton"):
+        # issues 4/5: fwd >= 10x, fwd+bwd >= 4x the best unfused PyTorch; at the
+        # large shape the forward's extra memory <= 2x the output (peak <= 3x)
+        benchmark.extra_info["target_speedup"] = 10.0 if mode == "fwd" else 4.0
+        if shape_name == "large" and mode == "fwd":
+            benchmark.extra_info["target_peak_per_output"] = 3.0
     rounds = 5 if device == "cpu" else 50
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
 

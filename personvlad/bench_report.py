@@ -25,7 +25,9 @@ Work and ceilings (:mod:`personvlad.roofline`): with ``extra_info["flops"]``
 adds the achieved ``TFLOP/s`` and ``GB/s`` (algorithmic work / median time);
 with ``roofline_s`` (the device's bound for that work) a ``% roofline`` column
 gives ``roofline_s / median`` and what bounds it (``matmul``, ``vector`` or
-``memory``).  A ``schedule_projection_s`` (bench/test_bench_train.py's probe of
+``memory``).  Rows with targets in extra_info (``target_speedup``,
+``target_peak_per_output``, ``target_clips_per_s``) get a ``target`` column:
+"met" or what fell short.  A ``schedule_projection_s`` (bench/test_bench_train.py's probe of
 the trainer, :mod:`personvlad.engine.estimate`) is printed under its group's
 table with its components and ``schedule_target_s``.
 """
@@ -180,7 +182,31 @@ def summarize(data: Dict[str, Any]) -> List[Dict[str, Any]]:
             schedule_s=_num(ei, "schedule_projection_s"), schedule_target_s=_num(ei, "schedule_target_s"),
             schedule_components=ei.get("schedule_components_s"), schedule_iterations=ei.get("schedule_iterations"),
         )
+        rows[-1]["target"] = _verdict(ei, rows[-1])
     return rows
+
+
+def _verdict(ei: Dict[str, Any], row: Dict[str, Any]) -> Optional[str]:
+    """"met" / "not met: ..." against the row's targets in extra_info
+    (``target_speedup``: at least, vs the baseline; ``target_peak_per_output``:
+    at most; ``target_clips_per_s``: at least), None without targets."""
+    checks = []
+    for key, value, fmt, at_least in (
+            ("target_speedup", row["speedup"], "{:.3g}x", True),
+            ("target_peak_per_output", row["peak_per_output"], "{:.3g}x output", False),
+            ("target_clips_per_s", row["clips_per_s"], "{:,.0f} clips/s", True)):
+        want = _num(ei, key)
+        if want is None:
+            continue
+        if value is None:
+            checks.append(f"{fmt.format(want)} not measured")
+        elif (value >= want) if at_least else (value <= want):
+            continue
+        else:
+            checks.append(f"{fmt.format(value)} vs {'>=' if at_least else '<='} {fmt.format(want)}")
+    if not any(_num(ei, k) is not None for k in ("target_speedup", "target_peak_per_output", "target_clips_per_s")):
+        return None
+    return "met" if not checks else "not met: " + "; ".join(checks)
 
 
 # --------------------------------------------------------------------------
@@ -238,6 +264,7 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
     has_tflops = any(r["tflops"] is not None for r in rows)
     has_gbps = any(r["gbps"] is not None for r in rows)
     has_roof = any(r["roofline_frac"] is not None for r in rows)
+    has_target = any(r["target"] is not None for r in rows)
     if has_roof:
         lines += ["% roofline = the device's bound for the row's algorithmic work (datasheet peaks, "
                   "personvlad.roofline) / its median time, and the resource that bounds it.", ""]
@@ -251,6 +278,7 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
         head += (["TFLOP/s"] if has_tflops else []) + (["GB/s"] if has_gbps else [])
         head += (["% roofline"] if has_roof else [])
         head += ["peak mem"] + (["peak/output"] if has_ratio else []) + ["baseline", "speed-up"]
+        head += ["target"] if has_target else []
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|")
         for r in rs:
@@ -271,6 +299,8 @@ def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Op
                 cells.append(f"{r['peak_per_output']:.2f}" if r["peak_per_output"] is not None else "-")
             cells += [str(r["baseline"]) if r["baseline"] is not None else "-",
                       f"{r['speedup']:.2f}x" if r["speedup"] is not None else "-"]
+            if has_target:
+                cells.append(r["target"] or "-")
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
         lines.append("")
         for r in rs:

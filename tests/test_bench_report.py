@@ -251,3 +251,31 @@ def test_report_prints_the_schedule_projection():
     assert "**40.0 min**" in bench_report.markdown_report(data) and "not met" in bench_report.markdown_report(data)
     del ei["schedule_target_s"]
     assert "target" not in bench_report.markdown_report(data).split("Schedule projection")[1]
+
+
+def test_report_target_column():
+    """target_speedup (at least), target_peak_per_output (at most) and
+    target_clips_per_s (at least) give a 'target' column: met, or what fell
+    short; rows without targets show '-'."""
+    def b(name, label, med, **ei):
+        return dict(name=name, group="g", stats=dict(mean=med, median=med, min=med, ops=1 / med),
+                    extra_info=dict(label=label, **ei))
+
+    data = {"benchmarks": [
+        b("base", "eager", 0.010),
+        b("fast", "fused", 0.0008, baseline="eager", target_speedup=10.0, output_bytes=100, peak_bytes=250,
+          target_peak_per_output=3.0),
+        b("slow", "fused2", 0.002, baseline="eager", target_speedup=10.0, output_bytes=100, peak_bytes=400,
+          target_peak_per_output=3.0),
+        b("clips", "ofi", 0.01, clips=64, target_clips_per_s=6000.0),
+    ]}
+    rows = {r["name"]: r for r in bench_report.summarize(data)}
+    assert rows["base"]["target"] is None
+    assert rows["fast"]["target"] == "met"  # 12.5x, peak 2.5x output
+    assert rows["slow"]["target"] == "not met: 5x vs >= 10x; 4x output vs <= 3x output"
+    assert rows["clips"]["target"] == "met"  # 64 / 0.01 = 6,400 clips/s
+    md = bench_report.markdown_report(data)
+    assert "| speed-up | target |" in md
+    assert next(l for l in md.splitlines() if l.startswith("| base |")).endswith("| - |")
+    assert next(l for l in md.splitlines() if l.startswith("| slow |")).endswith(
+        "| not met: 5x vs >= 10x; 4x output vs <= 3x output |")
