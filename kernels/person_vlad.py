@@ -568,15 +568,20 @@ _bwd_main_kernel_k128 = triton.autotune(configs=_cfgs(_BWD_K128, ("BLOCK_P", "BL
                                         key=_BWD_KEY)(_bwd_main_kernel.fn)
 
 
+def _k128_lists(block_k) -> bool:
+    """Whether ``BLOCK_K`` takes the K > 64 autotune lists."""
+    return block_k > 64
+
+
 def assign_kernel(block_k: int):
     """The autotuned assignment kernel for ``BLOCK_K`` (what the host runs;
     the call sites name each kernel explicitly for triton_op's source scan)."""
-    return _fwd_assign_kernel_k128 if block_k > 64 else _fwd_assign_kernel
+    return _fwd_assign_kernel_k128 if _k128_lists(block_k) else _fwd_assign_kernel
 
 
 def bwd_main_kernel(block_k: int):
     """The autotuned main backward kernel for ``BLOCK_K``."""
-    return _bwd_main_kernel_k128 if block_k > 64 else _bwd_main_kernel
+    return _bwd_main_kernel_k128 if _k128_lists(block_k) else _bwd_main_kernel
 
 
 # --------------------------------------------------------------------------
@@ -700,7 +705,7 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     kw = dict(HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, BLOCK_K=BK)
     grid = lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
     # each kernel named at its own call, so triton_op's source scan finds both
-    if BK > 64:
+    if _k128_lists(BK):
         wrap_triton(_fwd_assign_kernel_k128)[grid](*args, **kw)
     else:
         wrap_triton(_fwd_assign_kernel)[grid](*args, **kw)
@@ -741,7 +746,7 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
     args = (F, Mp, W, z, dV, ds, dF, dM if M is not None else dF, dG, dzpart, spart, C, P, K, B, nslot, PB)
     kw = dict(HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, DOT_PREC=prec, BLOCK_K=BK)
     grid = lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
-    if BK > 64:
+    if _k128_lists(BK):
         wrap_triton(_bwd_main_kernel_k128)[grid](*args, **kw)
     else:
         wrap_triton(_bwd_main_kernel)[grid](*args, **kw)

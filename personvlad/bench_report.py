@@ -190,22 +190,21 @@ def _verdict(ei: Dict[str, Any], row: Dict[str, Any]) -> Optional[str]:
     """"met" / "not met: ..." against the row's targets in extra_info
     (``target_speedup``: at least, vs the baseline; ``target_peak_per_output``:
     at most; ``target_clips_per_s``: at least), None without targets."""
+    wanted = {k: _num(ei, k) for k in ("target_speedup", "target_peak_per_output", "target_clips_per_s")}
+    if all(v is None for v in wanted.values()):
+        return None
     checks = []
     for key, value, fmt, at_least in (
             ("target_speedup", row["speedup"], "{:.3g}x", True),
             ("target_peak_per_output", row["peak_per_output"], "{:.3g}x output", False),
             ("target_clips_per_s", row["clips_per_s"], "{:,.0f} clips/s", True)):
-        want = _num(ei, key)
+        want = wanted[key]
         if want is None:
             continue
         if value is None:
             checks.append(f"{fmt.format(want)} not measured")
-        elif (value >= want) if at_least else (value <= want):
-            continue
-        else:
+        elif not ((value >= want) if at_least else (value <= want)):
             checks.append(f"{fmt.format(value)} vs {'>=' if at_least else '<='} {fmt.format(want)}")
-    if not any(_num(ei, k) is not None for k in ("target_speedup", "target_peak_per_output", "target_clips_per_s")):
-        return None
     return "met" if not checks else "not met: " + "; ".join(checks)
 
 

@@ -177,17 +177,16 @@ class OIMLoss(nn.Module):
             self._update(x.detach(), host)
         return loss
 
-    def _logits(self, xl: torch.Tensor, queue_written: bool) -> torch.Tensor:
-        """(n, L + Q) logits against [LUT; queue], never-written queue slots
-        at -inf (they add exactly 0 to the partition function).  The LUT is
-        copied (it is updated in place before the backward); the queue only
-        when this step writes to it (``queue_written``, known on the host)."""
-        L, Q = self.num_labeled, self.queue_size
+    def _logits(self, xl: torch.Tensor, queue_written: bool, unfilled: Optional[torch.Tensor]) -> torch.Tensor:
+        """(n, L + Q) logits against [LUT; queue], the ``unfilled`` (never
+        written) queue slots at -inf (they add exactly 0 to the partition
+        function).  The LUT is copied (it is updated in place before the
+        backward); the queue only when this step writes to it
+        (``queue_written``, known on the host)."""
         lg = xl @ self.lut.clone().t() / self.temperature
-        if Q == 0:
+        if unfilled is None:
             return lg
         queue = self.queue.clone() if queue_written else self.queue
-        unfilled = torch.arange(Q, device=xl.device) >= self.queue_filled
         lq = (xl @ queue.t() / self.temperature).masked_fill(unfilled, float("-inf"))
         return torch.cat([lg, lq], 1)
 
@@ -204,7 +203,9 @@ class OIMLoss(nn.Module):
         # the update after this forward writes to the queue when a sample (of any
         # rank: the update gathers them) is unlabeled
         written = self.training and (_dist_world() > 1 or bool((host < 0).any()))
-        logits = self._logits(xl, written)  # (n, L + Q)
+        # queue slots never written (on the device: no sync); None without a queue
+        unfilled = (torch.arange(self.queue_size, device=x.device) >= self.queue_filled) if self.queue_size else None
+        logits = self._logits(xl, written, unfilled)  # (n, L + Q)
         C = self.num_labeled + self.queue_size
         if self.num_sampled is None or self.num_sampled >= C - 1:
             return F.cross_entropy(logits, yl)
@@ -213,8 +214,7 @@ class OIMLoss(nn.Module):
         # left out) come after every written one, the target never.
         n, S = xl.shape[0], self.num_sampled
         scores = torch.rand(n, C, device=x.device)
-        if self.queue_size:
-            unfilled = torch.arange(self.queue_size, device=x.device) >= self.queue_filled
+        if unfilled is not None:
             scores[:, self.num_labeled:].masked_fill_(unfilled, -2.0)
         scores.scatter_(1, yl[:, None], -3.0)
         neg = scores.topk(S, dim=1).indices  # (n, S)
