@@ -11,6 +11,7 @@ config spills more than ``--max-stack`` bytes.
 
     python bench/kernel_resources.py                       # sm_90 and sm_75, bf16 and fp32, K=64
     python bench/kernel_resources.py --targets 90 --block-k 64 128 --json out.json
+    python bench/kernel_resources.py --scan --block-k 128 --max-stack 0   # candidates for new lists
 
 Runs without ``TRITON_INTERPRET`` (the interpreter's config lists are cut to
 one small config).
@@ -102,13 +103,22 @@ def cases(dtype: str, cap: int, block_k: int):
     return (logit, gemm), out
 
 
-def run(targets: List[int], dtypes: List[str], block_ks: List[int]) -> List[Dict]:
+# --scan: every combination, for the two kernels whose tiles grow with BLOCK_K
+SCAN_KERNELS = ("fwd_assign", "bwd_main")
+SCAN_GRID = [(dict(BLOCK_P=bp, BLOCK_C=bc), w, st)
+             for bp in (16, 32, 64) for bc in (16, 32) for w in (4, 8) for st in (1, 2)]
+
+
+def run(targets: List[int], dtypes: List[str], block_ks: List[int], scan: bool = False) -> List[Dict]:
     tool = _cuobjdump()
     rows = []
     for cap in targets:
         for dtype in dtypes:
             for bk in block_ks:
                 precs, kernels = cases(dtype, cap, bk)
+                if scan:
+                    kernels = [(n, fn, sig, consts, SCAN_GRID) for n, fn, sig, consts, _ in kernels
+                               if n in SCAN_KERNELS]
                 for name, fn, sig, consts, configs in kernels:
                     for cfg, warps, stages in configs:
                         k = _compile(fn, sig, dict(consts, **cfg), warps, stages, cap)
@@ -129,8 +139,11 @@ def main(argv=None) -> int:
     p.add_argument("--block-k", type=int, nargs="+", default=[64], help="BLOCK_K values (K rounded up to a power of two)")
     p.add_argument("--max-stack", type=int, default=128, help="fail when a config spills more bytes than this")
     p.add_argument("--json", default=None, help="write the rows here")
+    p.add_argument("--scan", action="store_true",
+                   help=f"instead of the autotune lists, compile {len(SCAN_GRID)} configs (BLOCK_P 16/32/64 x "
+                        f"BLOCK_C 16/32 x 4/8 warps x 1/2 stages) of {', '.join(SCAN_KERNELS)}: to choose lists")
     a = p.parse_args(argv)
-    rows = run(a.targets, a.dtypes, a.block_k)
+    rows = run(a.targets, a.dtypes, a.block_k, a.scan)
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)

@@ -209,9 +209,10 @@ else:
 
 # K > 64 (BLOCK_K = 128) holds twice the (BLOCK_K, BLOCK_P) fp32 tiles: the
 # assignment and backward kernels get their own lists, scanned the same way.
-# Every fwd_assign config here spills nothing on sm_90 or sm_75; no bwd_main
-# config spills nothing on sm_90 at BLOCK_K=128 (the best of a 48-config scan
-# spill 64-112 bytes, these; the K <= 64 list's worst spilled 640).
+# Every fwd_assign config here spills nothing on sm_90 or sm_75.  No bwd_main
+# config spills nothing on sm_90 at BLOCK_K=128: in the 24-config scan of
+# `bench/kernel_resources.py --scan --block-k 128` the least is 64 bytes (bf16)
+# and 72 (fp32); these spill 64-112 (the K <= 64 list's worst spilled 640).
 if INTERPRET:
     _ASSIGN_K128, _BWD_K128 = _ASSIGN, _BWD
 else:
