@@ -5,8 +5,16 @@ specific to the C++ kernels: agreement with the float64 oracle for every grid
 rank / parts mode / normalize flag, the hand-written backward (against the
 autograd reference and torch.autograd.gradcheck), torch.library.opcheck,
 mixed input dtypes, empty batches, degenerate sizes, alpha=1000, non-contiguous
-inputs, both parallel code paths, determinism and the kernels' own checks.
+inputs, both parallel code paths, determinism, the position-tile kernels
+built for each instruction set the extension has a clone for, and the
+kernels' own checks.
 """
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -254,6 +262,23 @@ def test_parallel_paths_agree(two_threads):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_position_tiles_split_over_threads(two_threads, dtype):
+    """One sample with B*K > 1024 splits its position tiles (16 floats or 8
+    doubles, the last one partial here: P=45) over the threads; the result
+    has the same bits as one thread's run, and matches the oracle."""
+    ins = make_inputs(N=1, C=12, S=(5, 9), B=4, K=260, dtype=dtype, seed=6)
+    grad = torch.randn(1, 260 * 12, dtype=dtype, generator=torch.Generator().manual_seed(3))
+    out2, g2 = OP(*ins, True), BWD(grad, *ins, True)
+    torch.set_num_threads(1)
+    out1, g1 = OP(*ins, True), BWD(grad, *ins, True)
+    assert torch.equal(out1, out2)
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))
+    assert_close(out2, oracle(ins, True), dtype)
+    for got, want in zip(g2, oracle_grads(grad, ins, True)):
+        assert_close(got, want, dtype, scale=4.0)
+
+
 def test_backward_deterministic(two_threads):
     ins = make_inputs(N=7, C=8, S=(4, 5), B=3, K=6, dtype=torch.float32, seed=4)
     grad = torch.randn(7, 48)
@@ -290,6 +315,120 @@ def test_bitwise_same_on_a_fresh_thread():
         if not torch.equal(res["out"], ref_out) or not all(torch.equal(a, b) for a, b in zip(res["g"], ref_g)):
             bad.append(i)
     assert bad == [], f"{len(bad)} of 120 calls from fresh threads differed from the main thread's result"
+
+
+# --------------------------------------------------------------------------
+# the position-tile kernels (csrc/cpu/vlad_tiles.h) on every instruction set
+# --------------------------------------------------------------------------
+# The extension builds its float tile loops three times (GCC target_clones:
+# avx512f, avx2, x86-64 baseline) and runs the one the CPU supports, so a
+# test run of the extension covers one.  These tests compile the header alone
+# for each instruction set this CPU can run and check that all give the same
+# bits (same operations in the same order, whatever the vector width) and
+# match a float64 computation of the formulas.
+TILES_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
+_TILES_API = r"""
+#include "vlad_tiles.h"
+using namespace personvlad::cpu_tiles;
+extern "C" void tiles_fwd(const float* G, const float* M, const float* z, int64_t B, int64_t P,
+                          int64_t K, float* A, float* S) {
+  TileArgs<float> r;
+  r.G = G; r.M = M; r.z = z; r.B = B; r.P = P; r.K = K; r.A = A; r.S = S;
+  VecBuffer<float> buf(5 * K);
+  forward_tiles_impl(r, 0, num_tiles(P, lanes<float>()), buf.p);
+}
+extern "C" void tiles_bwd(const float* G, const float* M, const float* z, const float* dA,
+                          const float* ds, int64_t B, int64_t P, int64_t K, float* dG, float* DZ,
+                          float* dM) {
+  TileArgs<float> r;
+  r.G = G; r.M = M; r.z = z; r.B = B; r.P = P; r.K = K;
+  r.dA = dA; r.ds = ds; r.dG = dG; r.DZ = DZ; r.dM = dM;
+  VecBuffer<float> buf(5 * K);
+  backward_tiles_impl(r, 0, num_tiles(P, lanes<float>()), buf.p);
+}
+"""
+_ISA_FLAGS = {"avx512f": ["-mavx512f"], "avx2": ["-mavx2"], "baseline": []}
+
+
+def _cpu_flags():
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+@pytest.fixture(scope="module")
+def tile_libs(tmp_path_factory):
+    """{isa: ctypes library} for every instruction set this CPU runs."""
+    import platform
+
+    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
+    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("needs an x86-64 host C++ compiler")
+    flags = _cpu_flags()
+    d = tmp_path_factory.mktemp("tiles")
+    (d / "tiles.cpp").write_text(_TILES_API)
+    libs = {}
+    for isa, extra in _ISA_FLAGS.items():
+        if isa != "baseline" and isa not in flags:
+            continue
+        lib = d / f"libtiles_{isa}.so"
+        # the extension's own flags (setup.py): -O3 -ffp-contract=off
+        cmd = [cxx, "-std=c++17", "-O3", "-ffp-contract=off", *extra, "-shared", "-fPIC",
+               "-I", str(TILES_DIR), "-o", str(lib), str(d / "tiles.cpp")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, f"vlad_tiles.h does not compile for {isa}:\n" + r.stderr[-4000:]
+        libs[isa] = ctypes.CDLL(str(lib))
+    return libs
+
+
+def _ptr(t):
+    return ctypes.c_void_p(0 if t is None else t.data_ptr())
+
+
+def _run_tiles(lib, G, M, z, dA, ds):
+    K, P = G.shape
+    B = 1 if M is None else M.shape[0]
+    i64 = ctypes.c_int64
+    A, S, dG, DZ = (torch.full((K, P), float("nan")) for _ in range(4))
+    dM = None if M is None else torch.full((B, P), float("nan"))
+    lib.tiles_fwd(_ptr(G), _ptr(M), _ptr(z), i64(B), i64(P), i64(K), _ptr(A), _ptr(S))
+    lib.tiles_bwd(_ptr(G), _ptr(M), _ptr(z), _ptr(dA), _ptr(ds), i64(B), i64(P), i64(K),
+                  _ptr(dG), _ptr(DZ), _ptr(dM))
+    return [A, S, dG, DZ] + ([] if dM is None else [dM])
+
+
+def _tiles_f64(G, M, z, dA, ds):
+    """The tile kernels' outputs from their formulas, in float64."""
+    G, z, dA, ds = (t.double() for t in (G, z, dA, ds))
+    M = torch.ones(1, G.shape[1], dtype=torch.float64) if M is None else M.double()
+    a = torch.softmax(M[:, None, :] * G[None] + z[None, :, None], dim=1)  # (B, K, P)
+    A, S = (a * M[:, None]).sum(0), a.sum(0)
+    da = dA[None] * M[:, None] + ds[None, :, None]
+    dl = a * (da - (a * da).sum(1, keepdim=True))
+    dM = (a * dA[None]).sum(1) + (dl * G[None]).sum(1)
+    return [A, S, (dl * M[:, None]).sum(0), dl.sum(0), dM]
+
+
+@pytest.mark.parametrize("P, K, parts", [(45, 13, 3), (16, 64, 6), (7, 5, 0)])
+def test_tile_kernels_same_bits_on_every_instruction_set(tile_libs, P, K, parts):
+    g = torch.Generator().manual_seed(P * K + parts)
+    G = torch.randn(K, P, generator=g) * 8  # logits of a few units: a peaked softmax
+    M = torch.rand(parts, P, generator=g) if parts else None
+    z = torch.randn(K, generator=g)
+    dA, ds = torch.randn(K, P, generator=g), torch.randn(K, generator=g)
+    results = {isa: _run_tiles(lib, G, M, z, dA, ds) for isa, lib in tile_libs.items()}
+    first_isa, first = next(iter(results.items()))
+    want = _tiles_f64(G, M, z, dA, ds)[: len(first)]
+    for got, w, name in zip(first, want, ["A'", "sum_b a", "dG", "sum_b dl", "dM"]):
+        torch.testing.assert_close(got.double(), w, atol=2e-5, rtol=2e-4, msg=lambda m: f"{name}: {m}")
+    for isa, outs in results.items():
+        for a, b, name in zip(outs, first, ["A'", "sum_b a", "dG", "sum_b dl", "dM"]):
+            assert torch.equal(a, b), f"{name}: {isa} differs from {first_isa}"
+    assert "baseline" in results  # the x86-64 baseline always builds and runs
 
 
 # --------------------------------------------------------------------------

@@ -16,10 +16,12 @@
 //   normalize: r_k = ||V_k||, U_k = V_k / max(r_k, eps),
 //              u = flatten_k-major(U), R = ||u||, out = u / max(R, eps)
 //
-// Everything is kept in "s-major" layout (P x K row-major, i.e. G^T, A'^T)
-// so that the softmax over k and all per-(b,s) work run over contiguous
-// memory.  Only K-sized scratch exists per (b,s): nothing of size B*K*P,
-// B*C*P or B*K*C*P is ever allocated; the per-sample scratch is O(P*K + K*C).
+// The soft-assignment work runs on tiles of 16 (float) or 8 (double)
+// consecutive positions in the k-major layout of the GEMM outputs (G, A', dA',
+// dG are K x P), so the softmax over k and every other per-position reduction
+// over k are element-wise across the tile's lanes (see "position tiles").
+// Only K x 16 scratch exists per tile: nothing of size B*K*P, B*C*P or
+// B*K*C*P is ever allocated; the per-sample scratch is O(P*K + K*C).
 //
 // Backward (derivation).  Given g = dL/dout:
 //   Global L2 norm, out = u / max(R, eps):
@@ -48,14 +50,14 @@
 //     dF += W^T dG
 // The backward recomputes G, a, A', s and V from the inputs (no activations
 // are saved by the autograd formula).  The per-(b,s) soft-assignment is
-// recomputed twice (forward pass for A'/s/V, then in the backward row loop),
+// recomputed twice (forward pass for A'/s/V, then in the backward tile loop),
 // which costs 2x the exponentials but no B*K*P storage.
 //
 // Structure.  Phases over the whole batch: every GEMM is one batched ATen
 // call (bmm, threaded by ATen/BLAS) made outside our own parallel regions, so
 // BLAS threading never nests; the per-position loops (softmax, A', s, and
 // their backward) run in at::parallel_for over samples (N >= threads) or over
-// positions (N < threads) and call no ATen op.  Buffers of size N*P*K and
+// position tiles (N < threads) and call no ATen op.  Buffers of size N*K*P and
 // N*K*C only (never N*B*K*P).  Batch reductions (dW, dz, dc) are sums over
 // the batch dimension in a fixed order: deterministic.
 //
@@ -74,10 +76,12 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <tuple>
 #include <vector>
 
 #include "person_vlad_common.h"
+#include "vlad_tiles.h"
 
 namespace personvlad {
 namespace {
@@ -96,42 +100,6 @@ namespace {
 #define PV_MULTIVERSION
 #endif
 
-#if defined(__GNUC__)
-#define PV_INLINE inline __attribute__((always_inline))
-#else
-#define PV_INLINE inline
-#endif
-
-// ---- vectorisable exp ------------------------------------------------------
-// x <= 0 always (max-subtracted logits).  float: Cephes-style range reduction
-// + degree-6 polynomial, written branch-free so the compiler vectorises it;
-// about 2 ulp, exactly 0 below -87.33 (where expf leaves the normal range).
-PV_INLINE float exp_nonpos(float x) {
-  const float lo = -87.33654f;
-  const bool under = x < lo;
-  x = x < lo ? lo : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: round-to-nearest trick
-  float t = x * 1.44269504088896341f + magic;
-  float fx = t - magic;
-  int32_t ti;
-  std::memcpy(&ti, &t, sizeof(ti));
-  const int32_t n = ti - 0x4B400000;  // the integer fx
-  float r = x - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t bits = (n + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  const float y = p * scale;
-  return under ? 0.0f : y;
-}
-PV_INLINE double exp_nonpos(double x) { return std::exp(x); }
 
 // Reductions written with independent lanes so that they vectorise without
 // -ffast-math (the lane order is fixed: results are deterministic).
@@ -148,25 +116,6 @@ PV_INLINE T fold_sum(T* acc) {
     for (int64_t j = 0; j < w; ++j) acc[j] += acc[j + w];
   return acc[0];
 }
-template <typename T, int64_t L>
-PV_INLINE T fold_max(T* acc) {
-  for (int64_t w = L / 2; w >= 1; w /= 2)
-    for (int64_t j = 0; j < w; ++j) acc[j] = acc[j + w] > acc[j] ? acc[j + w] : acc[j];
-  return acc[0];
-}
-
-template <typename T>
-PV_INLINE T row_max(const T* x, int64_t K) {
-  constexpr int64_t L = Lanes<T>::L;
-  T acc[L];
-  for (int64_t j = 0; j < L; ++j) acc[j] = -std::numeric_limits<T>::infinity();
-  int64_t k = 0;
-  for (; k + L <= K; k += L)
-    for (int64_t j = 0; j < L; ++j) acc[j] = x[k + j] > acc[j] ? x[k + j] : acc[j];
-  T m = fold_max<T, L>(acc);
-  for (; k < K; ++k) m = x[k] > m ? x[k] : m;
-  return m;
-}
 
 template <typename T>
 PV_INLINE T row_dot(const T* x, const T* y, int64_t K) {
@@ -181,154 +130,64 @@ PV_INLINE T row_dot(const T* x, const T* y, int64_t K) {
   return fold_sum<T, L>(acc) + tail;
 }
 
-// e[k] = exp(e[k] - mx), returns sum_k e[k].
 template <typename T>
-PV_INLINE T row_exp_sum(T* e, T mx, int64_t K) {
+PV_INLINE T row_sum(const T* x, int64_t P) {
   constexpr int64_t L = Lanes<T>::L;
   T acc[L];
   for (int64_t j = 0; j < L; ++j) acc[j] = T(0);
-  int64_t k = 0;
-  for (; k + L <= K; k += L)
-    for (int64_t j = 0; j < L; ++j) {
-      const T v = exp_nonpos(e[k + j] - mx);
-      e[k + j] = v;
-      acc[j] += v;
-    }
+  int64_t s = 0;
+  for (; s + L <= P; s += L)
+    for (int64_t j = 0; j < L; ++j) acc[j] += x[s + j];
   T tail = T(0);
-  for (; k < K; ++k) {
-    const T v = exp_nonpos(e[k] - mx);
-    e[k] = v;
-    tail += v;
-  }
+  for (; s < P; ++s) tail += x[s];
   return fold_sum<T, L>(acc) + tail;
 }
 
-// a[k] = softmax_k(m * g[k] + z[k]).
-template <typename T>
-PV_INLINE void softmax_row(const T* g, T m, const T* z, int64_t K, T* a) {
-  for (int64_t k = 0; k < K; ++k) a[k] = m * g[k] + z[k];
-  const T mx = row_max(a, K);
-  const T sum = row_exp_sum(a, mx, K);
-  const T inv = T(1) / sum;
-  for (int64_t k = 0; k < K; ++k) a[k] *= inv;
+using namespace cpu_tiles;
+
+PV_MULTIVERSION void forward_tiles_f32(const TileArgs<float>& r, int64_t t0, int64_t t1,
+                                       V<float>* s) {
+  forward_tiles_impl(r, t0, t1, s);
+}
+PV_MULTIVERSION void backward_tiles_f32(const TileArgs<float>& r, int64_t t0, int64_t t1,
+                                        V<float>* s) {
+  backward_tiles_impl(r, t0, t1, s);
+}
+void forward_tiles(const TileArgs<float>& r, int64_t t0, int64_t t1, V<float>* s) {
+  forward_tiles_f32(r, t0, t1, s);
+}
+void backward_tiles(const TileArgs<float>& r, int64_t t0, int64_t t1, V<float>* s) {
+  backward_tiles_f32(r, t0, t1, s);
+}
+void forward_tiles(const TileArgs<double>& r, int64_t t0, int64_t t1, V<double>* s) {
+  forward_tiles_impl(r, t0, t1, s);
+}
+void backward_tiles(const TileArgs<double>& r, int64_t t0, int64_t t1, V<double>* s) {
+  backward_tiles_impl(r, t0, t1, s);
 }
 
-// ---- per-position loops ------------------------------------------------------
-// Arguments for one sample, rows [s0, s1) of the P x K (s-major) buffers.
-template <typename T>
-struct RowArgs {
-  const T* GT;   // (P, K)  G^T
-  const T* M;    // (B, P)  or nullptr (one part, all ones)
-  const T* z;    // (K)
-  int64_t B, P, K;
-  int64_t ldy = 0;  // row stride of AT and dGT
-  // forward outputs
-  T* AT = nullptr;  // (P, K)  A'^T, row stride ldy
-  T* ST = nullptr;  // (P, K)  sum_b a  (reduced over s afterwards)
-  // backward inputs / outputs
-  const T* dAT = nullptr;  // (P, K)  dA'^T
-  const T* ds = nullptr;   // (K)
-  T* dGT = nullptr;        // (P, K)  dG^T, row stride ldy
-  T* DZ = nullptr;         // (P, K)  sum_b dl (reduced over s afterwards)
-  T* dM = nullptr;         // (B, P)  or nullptr
-};
-
-template <typename T>
-PV_INLINE void forward_rows_impl(const RowArgs<T>& r, int64_t s0, int64_t s1, T* a) {
-  const int64_t K = r.K;
-  for (int64_t s = s0; s < s1; ++s) {
-    const T* g = r.GT + s * K;
-    T* at = r.AT + s * r.ldy;
-    T* st = r.ST + s * K;
-    for (int64_t k = 0; k < K; ++k) {
-      at[k] = T(0);
-      st[k] = T(0);
-    }
-    for (int64_t b = 0; b < r.B; ++b) {
-      const T m = r.M ? r.M[b * r.P + s] : T(1);
-      softmax_row(g, m, r.z, K, a);
-      for (int64_t k = 0; k < K; ++k) {
-        at[k] += a[k] * m;
-        st[k] += a[k];
-      }
-    }
-  }
-}
-
-template <typename T>
-PV_INLINE void backward_rows_impl(const RowArgs<T>& r, int64_t s0, int64_t s1, T* a) {
-  const int64_t K = r.K;
-  T* da = a + K;
-  for (int64_t s = s0; s < s1; ++s) {
-    const T* g = r.GT + s * K;
-    const T* dat = r.dAT + s * K;
-    T* dg = r.dGT + s * r.ldy;
-    T* dz = r.DZ + s * K;
-    for (int64_t k = 0; k < K; ++k) {
-      dg[k] = T(0);
-      dz[k] = T(0);
-    }
-    for (int64_t b = 0; b < r.B; ++b) {
-      const T m = r.M ? r.M[b * r.P + s] : T(1);
-      softmax_row(g, m, r.z, K, a);
-      for (int64_t k = 0; k < K; ++k) da[k] = dat[k] * m + r.ds[k];
-      const T dm_assign = row_dot(a, dat, K);  // through A' = sum_b a M
-      const T adot = row_dot(a, da, K);
-      for (int64_t k = 0; k < K; ++k) {
-        const T dl = a[k] * (da[k] - adot);
-        da[k] = dl;
-        dz[k] += dl;
-        dg[k] += dl * m;
-      }
-      if (r.dM) r.dM[b * r.P + s] = dm_assign + row_dot(da, g, K);
-    }
-  }
-}
-
-PV_MULTIVERSION void forward_rows_f32(const RowArgs<float>& r, int64_t s0, int64_t s1, float* a) {
-  forward_rows_impl(r, s0, s1, a);
-}
-PV_MULTIVERSION void backward_rows_f32(const RowArgs<float>& r, int64_t s0, int64_t s1, float* a) {
-  backward_rows_impl(r, s0, s1, a);
-}
-void forward_rows(const RowArgs<float>& r, int64_t s0, int64_t s1, float* a) {
-  forward_rows_f32(r, s0, s1, a);
-}
-void backward_rows(const RowArgs<float>& r, int64_t s0, int64_t s1, float* a) {
-  backward_rows_f32(r, s0, s1, a);
-}
-void forward_rows(const RowArgs<double>& r, int64_t s0, int64_t s1, double* a) {
-  forward_rows_impl(r, s0, s1, a);
-}
-void backward_rows(const RowArgs<double>& r, int64_t s0, int64_t s1, double* a) {
-  backward_rows_impl(r, s0, s1, a);
-}
-
-// Run fn(s0, s1, scratch) over [0, P): inline when `inner_parallel` is false
-// (we already run inside a batch-parallel loop), else split over P.
+// Run fn(t0, t1, scratch) over the position tiles of one sample: inline when
+// `inner_parallel` is false (we already run inside a batch-parallel loop),
+// else split over the tiles (whole tiles: the arithmetic stays the same).
 template <typename T, typename Fn>
-void over_positions(int64_t P, int64_t K, int64_t B, bool inner_parallel, const Fn& fn) {
-  auto run = [&](int64_t s0, int64_t s1) {
-    std::vector<T> scratch(2 * K);
-    fn(s0, s1, scratch.data());
+void over_tiles(int64_t P, int64_t K, int64_t B, bool inner_parallel, const Fn& fn) {
+  const int64_t tiles = num_tiles(P, lanes<T>());
+  auto run = [&](int64_t t0, int64_t t1) {
+    VecBuffer<T> scratch(5 * K);
+    fn(t0, t1, scratch.p);
   };
   if (!inner_parallel) {
-    run(0, P);
+    run(0, tiles);
     return;
   }
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(1, B * K));
-  at::parallel_for(0, P, grain, run);
+  const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, B * K));
+  at::parallel_for(0, tiles, grain, run);
 }
 
-// Column sums of a (P, K) row-major buffer into out (K).
+// Row sums of a (K, P) row-major buffer into out (K), in a fixed order.
 template <typename T>
-void column_sums(const T* X, int64_t P, int64_t K, T* out, bool accumulate) {
-  if (!accumulate)
-    for (int64_t k = 0; k < K; ++k) out[k] = T(0);
-  for (int64_t s = 0; s < P; ++s) {
-    const T* x = X + s * K;
-    for (int64_t k = 0; k < K; ++k) out[k] += x[k];
-  }
+void row_sums(const T* X, int64_t K, int64_t P, T* out) {
+  for (int64_t k = 0; k < K; ++k) out[k] = row_sum(X + k * P, P);
 }
 
 // The flattened, compute-dtype, contiguous inputs of one call.
@@ -357,30 +216,42 @@ Inputs prepare(const at::Tensor& features, const std::optional<at::Tensor>& part
   return in;
 }
 
-// In-place intra + global L2 normalisation of V (K, C) (contiguous).
+// One sample's epilogue, in place on V (K, C) = A' F^T: V -= s c, then with
+// `normalize` the intra + global L2 normalisation.
 template <typename T>
-void normalize_inplace(T* V, int64_t K, int64_t C) {
+PV_INLINE void epilogue_impl(T* V, const T* s, const T* c, int64_t K, int64_t C, bool normalize) {
   const T eps = T(kNormEps);
   T total = T(0);
   for (int64_t k = 0; k < K; ++k) {
     T* v = V + k * C;
+    const T* ck = c + k * C;
+    const T sk = s[k];
+    for (int64_t j = 0; j < C; ++j) v[j] -= sk * ck[j];
+    if (!normalize) continue;
     const T r = std::sqrt(row_dot(v, v, C));
     const T inv = T(1) / std::max(r, eps);
-    T sq = T(0);
-    for (int64_t j = 0; j < C; ++j) {
-      v[j] *= inv;
-      sq += v[j] * v[j];
-    }
-    total += sq;
+    for (int64_t j = 0; j < C; ++j) v[j] *= inv;
+    total += row_dot(v, v, C);
   }
+  if (!normalize) return;
   const T inv = T(1) / std::max(std::sqrt(total), eps);
   for (int64_t i = 0; i < K * C; ++i) V[i] *= inv;
+}
+PV_MULTIVERSION void epilogue_f32(float* V, const float* s, const float* c, int64_t K, int64_t C,
+                                  bool normalize) {
+  epilogue_impl(V, s, c, K, C, normalize);
+}
+void epilogue(float* V, const float* s, const float* c, int64_t K, int64_t C, bool normalize) {
+  epilogue_f32(V, s, c, K, C, normalize);
+}
+void epilogue(double* V, const double* s, const double* c, int64_t K, int64_t C, bool normalize) {
+  epilogue_impl(V, s, c, K, C, normalize);
 }
 
 // dV from g (both (K, C)) through the two normalisations; V is the raw VLAD.
 // Uses U (K, C) as scratch.  Writes dV in place of g.
 template <typename T>
-void normalize_backward_inplace(const T* V, T* g, T* U, int64_t K, int64_t C) {
+PV_INLINE void normalize_backward_impl(const T* V, T* g, T* U, int64_t K, int64_t C) {
   const T eps = T(kNormEps);
   std::vector<T> rk(K);
   T usq = T(0);
@@ -420,6 +291,16 @@ void normalize_backward_inplace(const T* V, T* g, T* U, int64_t K, int64_t C) {
   }
 }
 
+PV_MULTIVERSION void normalize_backward_f32(const float* V, float* g, float* U, int64_t K, int64_t C) {
+  normalize_backward_impl(V, g, U, K, C);
+}
+void normalize_backward_inplace(const float* V, float* g, float* U, int64_t K, int64_t C) {
+  normalize_backward_f32(V, g, U, K, C);
+}
+void normalize_backward_inplace(const double* V, double* g, double* U, int64_t K, int64_t C) {
+  normalize_backward_impl(V, g, U, K, C);
+}
+
 // Run per_sample(n, inner_parallel) for every sample: batch-parallel when
 // there are at least as many samples as threads (each sample then runs on one
 // thread), else samples in turn with the position loop split over threads.
@@ -437,63 +318,59 @@ void for_each_sample(int64_t N, const Fn& per_sample) {
   }
 }
 
-// W^T broadcast over the batch as a (N, C, K) view (no copy).
+// W broadcast over the batch as a (N, K, C) view and W^T as (N, C, K) (no copy).
+inline at::Tensor batched_W(const at::Tensor& W, int64_t N) {
+  return W.unsqueeze(0).expand({N, W.size(0), W.size(1)});
+}
 inline at::Tensor batched_Wt(const at::Tensor& W, int64_t N) {
   return W.t().unsqueeze(0).expand({N, W.size(1), W.size(0)});
 }
 
-// Forward up to the soft-assignment statistics for the whole batch:
-// The per-sample inputs shared by the forward and backward row kernels.
+// The per-sample inputs shared by the forward and backward tile kernels.
 template <typename T>
-RowArgs<T> sample_rows(const Inputs& in, const T* gt, int64_t n) {
+TileArgs<T> sample_tiles(const Inputs& in, const T* g, int64_t n) {
   const VladDims& d = in.d;
-  RowArgs<T> r;
-  r.GT = gt + n * d.P * d.K;
+  TileArgs<T> r;
+  r.G = g + n * d.K * d.P;
   r.M = d.has_parts ? in.M.data_ptr<T>() + n * d.B * d.P : nullptr;
   r.z = in.z.data_ptr<T>();
   r.B = d.B;
   r.P = d.P;
   r.K = d.K;
-  r.ldy = d.K;
   return r;
 }
 
-// GT = F^T W^T (N, P, K), AT = A'^T (N, P, K), s (N, K).
+// G = W F (N, K, P), A = A' (N, K, P), s (N, K).
 template <typename T>
-void assign_phase(const Inputs& in, const at::Tensor& FT, at::Tensor& GT, at::Tensor& AT,
-                  at::Tensor& s) {
+void assign_phase(const Inputs& in, at::Tensor& G, at::Tensor& A, at::Tensor& s) {
   const VladDims& d = in.d;
-  at::bmm_out(GT, FT, batched_Wt(in.W, d.N));
-  const T* gt = GT.data_ptr<T>();
-  T* atp = AT.data_ptr<T>();
+  at::bmm_out(G, batched_W(in.W, d.N), in.F);
+  const T* gp = G.data_ptr<T>();
+  T* ap = A.data_ptr<T>();
   T* sp = s.data_ptr<T>();
   for_each_sample(d.N, [&](int64_t n, bool inner) {
-    std::vector<T> ST(d.P * d.K);
-    RowArgs<T> r = sample_rows<T>(in, gt, n);
-    r.AT = atp + n * d.P * d.K;
-    r.ST = ST.data();
-    over_positions<T>(d.P, d.K, d.B, inner,
-                      [&](int64_t s0, int64_t s1, T* a) { forward_rows(r, s0, s1, a); });
-    column_sums(ST.data(), d.P, d.K, sp + n * d.K, false);
+    std::vector<T> S(d.K * d.P);
+    TileArgs<T> r = sample_tiles<T>(in, gp, n);
+    r.A = ap + n * d.K * d.P;
+    r.S = S.data();
+    over_tiles<T>(d.P, d.K, d.B, inner,
+                  [&](int64_t t0, int64_t t1, V<T>* scratch) { forward_tiles(r, t0, t1, scratch); });
+    row_sums(S.data(), d.K, d.P, sp + n * d.K);
   });
 }
 
-// V = A' F^T - s c for the whole batch, into V (N, K, C).
+// V = A' F^T - s c for the whole batch, into V (N, K, C), normalised with
+// `normalize`.
 template <typename T>
-void vlad_phase(const Inputs& in, const at::Tensor& FT, const at::Tensor& AT, const at::Tensor& s,
-                at::Tensor& V) {
+void vlad_phase(const Inputs& in, const at::Tensor& A, const at::Tensor& s, at::Tensor& V,
+                bool normalize) {
   const VladDims& d = in.d;
-  at::bmm_out(V, AT.transpose(1, 2), FT);
+  at::bmm_out(V, A, in.F.transpose(1, 2));
   T* v = V.data_ptr<T>();
   const T* sp = s.data_ptr<T>();
   const T* c = in.c.data_ptr<T>();
-  at::parallel_for(0, d.N * d.K, std::max<int64_t>(1, 8192 / d.C), [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const T sk = sp[i];
-      const T* ck = c + (i % d.K) * d.C;
-      T* row = v + i * d.C;
-      for (int64_t j = 0; j < d.C; ++j) row[j] -= sk * ck[j];
-    }
+  at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) epilogue(v + n * d.K * d.C, sp + n * d.K, c, d.K, d.C, normalize);
   });
 }
 
@@ -503,18 +380,11 @@ at::Tensor forward_impl(const Inputs& in, bool normalize) {
   const auto o = in.F.options();
   at::Tensor out = at::empty({d.N, d.K, d.C}, o);
   if (d.N == 0) return out;
-  const at::Tensor FT = in.F.transpose(1, 2);  // (N, P, C) view
-  at::Tensor GT = at::empty({d.N, d.P, d.K}, o);
-  at::Tensor AT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor G = at::empty({d.N, d.K, d.P}, o);
+  at::Tensor A = at::empty({d.N, d.K, d.P}, o);
   at::Tensor s = at::empty({d.N, d.K}, o);
-  assign_phase<T>(in, FT, GT, AT, s);
-  vlad_phase<T>(in, FT, AT, s, out);
-  if (normalize) {
-    T* v = out.data_ptr<T>();
-    at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) normalize_inplace(v + n * d.K * d.C, d.K, d.C);
-    });
-  }
+  assign_phase<T>(in, G, A, s);
+  vlad_phase<T>(in, A, s, out, normalize);
   return out;
 }
 
@@ -529,16 +399,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
             at::zeros({d.K, d.C}, o)};
   }
   const at::Tensor FT = in.F.transpose(1, 2);  // (N, P, C) view
-  at::Tensor GT = at::empty({d.N, d.P, d.K}, o);
-  at::Tensor AT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor G = at::empty({d.N, d.K, d.P}, o);
+  at::Tensor A = at::empty({d.N, d.K, d.P}, o);
   at::Tensor s = at::empty({d.N, d.K}, o);
-  assign_phase<T>(in, FT, GT, AT, s);
+  assign_phase<T>(in, G, A, s);
 
   // dV (N, K, C): grad through the normalisations (needs V), then ds.
   at::Tensor dV = grad.clone();
   if (normalize) {
     at::Tensor V = at::empty({d.N, d.K, d.C}, o);
-    vlad_phase<T>(in, FT, AT, s, V);
+    vlad_phase<T>(in, A, s, V, false);
     const T* vp = V.data_ptr<T>();
     T* dvp = dV.data_ptr<T>();
     at::parallel_for(0, d.N, 1, [&](int64_t n0, int64_t n1) {
@@ -555,36 +425,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t i = 0; i < d.N * d.K; ++i)
       dsp[i] = -row_dot(dvp + i * d.C, c + (i % d.K) * d.C, d.C);
   }
-  at::Tensor dAT = at::bmm(FT, dV.transpose(1, 2));  // dA'^T = F^T dV^T   (N, P, K)
-  at::Tensor dGT = at::empty({d.N, d.P, d.K}, o);
+  at::Tensor dA = at::bmm(dV, in.F);  // dA' = dV F   (N, K, P)
+  at::Tensor dG = at::empty({d.N, d.K, d.P}, o);
   at::Tensor dz_n = at::empty({d.N, d.K}, o);
   {
-    const T* gt = GT.data_ptr<T>();
-    const T* dat = dAT.data_ptr<T>();
+    const T* gp = G.data_ptr<T>();
+    const T* dap = dA.data_ptr<T>();
     const T* dsp = ds.data_ptr<T>();
-    T* dgt = dGT.data_ptr<T>();
+    T* dgp = dG.data_ptr<T>();
     T* dzp = dz_n.data_ptr<T>();
     T* dMp = d.has_parts ? dM.data_ptr<T>() : nullptr;
     for_each_sample(d.N, [&](int64_t n, bool inner) {
-      std::vector<T> DZ(d.P * d.K);
-      RowArgs<T> r = sample_rows<T>(in, gt, n);
-      r.dAT = dat + n * d.P * d.K;
+      std::vector<T> DZ(d.K * d.P);
+      TileArgs<T> r = sample_tiles<T>(in, gp, n);
+      r.dA = dap + n * d.K * d.P;
       r.ds = dsp + n * d.K;
-      r.dGT = dgt + n * d.P * d.K;
+      r.dG = dgp + n * d.K * d.P;
       r.DZ = DZ.data();
       r.dM = dMp ? dMp + n * d.B * d.P : nullptr;
-      over_positions<T>(d.P, d.K, d.B, inner,
-                        [&](int64_t s0, int64_t s1, T* a) { backward_rows(r, s0, s1, a); });
-      column_sums(DZ.data(), d.P, d.K, dzp + n * d.K, false);
+      over_tiles<T>(d.P, d.K, d.B, inner,
+                    [&](int64_t t0, int64_t t1, V<T>* scratch) { backward_tiles(r, t0, t1, scratch); });
+      row_sums(DZ.data(), d.K, d.P, dzp + n * d.K);
     });
   }
   // Batch reductions (fixed order: deterministic).
   at::Tensor dz = dz_n.sum(0);
   at::Tensor dc = (dV * s.unsqueeze(2)).sum(0).neg_();
-  at::Tensor dW = at::bmm(dGT.transpose(1, 2), FT).sum(0);  // sum_n dG F^T
+  at::Tensor dW = at::bmm(dG, FT).sum(0);  // sum_n dG F^T
   // dF = dV^T A' + W^T dG   (N, C, P)
-  at::Tensor dF = at::bmm(dV.transpose(1, 2), AT.transpose(1, 2));
-  dF.baddbmm_(batched_Wt(in.W, d.N), dGT.transpose(1, 2));
+  at::Tensor dF = at::bmm(dV.transpose(1, 2), A);
+  dF.baddbmm_(batched_Wt(in.W, d.N), dG);
   return {dF, dM, dW, dz, dc};
 }
 
