@@ -7,18 +7,24 @@
 #
 #   bash bench/gpu_check.sh                       # every step, in priority order
 #   GPU_CHECK_STEPS="ops ablation" bash bench/gpu_check.sh   # a second call: just these
-#   GPU_CHECK_BUDGET=300 bash bench/gpu_check.sh  # seconds for the steps after the build
+#   GPU_CHECK_BUDGET=400 bash bench/gpu_check.sh  # seconds for the whole script (default 470)
+#   GPU_CHECK_BUILD=0 ...                         # skip the build (a second call on a warm machine)
 #
 # Steps (in this order): tests ops memcheck ops_compile e2e schedule ablation
 # model e2e_compile cmake.  The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
-# limit, capped by what is left of the budget, so one slow step cannot eat
-# the others; the script goes on after a failing step and exits non-zero at
-# the end if any failed.
+# limit, capped by what is left of the budget (counted from the script's
+# start, the build included, less a reserve for the reports), so one slow
+# step cannot eat the others; the script goes on after a failing step and
+# exits non-zero at the end if any failed.  Call it with the device tool's
+# timeout_s at least GPU_CHECK_BUDGET + 40.
+#
+# Where the device tool's $OUT exists (it returns at most 8 files), the results
+# folder is packed into $OUT/gpu_results.tgz after every step, so a command
+# killed at its time limit still brings back everything finished before.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-# Everything is written under RES; where the device tool's $OUT exists (it
-# returns at most 8 files) RES is packed into $OUT/gpu_results.tgz at the end.
+T0=$(date +%s)
 RES="bench/results/gpu-$(date -u +%Y%m%d-%H%M)"
 DEVICE_OUT="${OUT:-}"
 OUT="$RES"
@@ -27,22 +33,36 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python3}"
 export CUDA_HOME="${CUDA_HOME:-$($PY setup.py --print-cuda-home)}"
 STEPS=" ${GPU_CHECK_STEPS:-tests ops memcheck ops_compile e2e schedule ablation model e2e_compile cmake} "
-BUDGET="${GPU_CHECK_BUDGET:-460}"
+BUDGET="${GPU_CHECK_BUDGET:-470}"
+RESERVE=30  # seconds kept for the merge, the reports and the last pack
 failed=()
+skipped=()
+pack() {  # the results so far into the device tool's $OUT (atomically: a kill mid-tar keeps the last pack)
+  [ -n "$DEVICE_OUT" ] || return 0
+  tar czf "$DEVICE_OUT/.gpu_results.tgz.part" "$OUT" 2>/dev/null \
+    && mv -f "$DEVICE_OUT/.gpu_results.tgz.part" "$DEVICE_OUT/gpu_results.tgz"
+}
+trap pack EXIT
+left() { echo $(( BUDGET - RESERVE - ($(date +%s) - T0) )); }
+cap() { local l; l=$(left); echo $(( l > $1 ? $1 : l )); }  # min(limit, time left)
 step() {  # step NAME LIMIT_S CMD...
   local name=$1 limit=$2; shift 2
   local t0=$(date +%s)
-  if [ "$limit" -lt 20 ]; then echo "== $name: skipped, ${limit}s left"; return; fi
+  if [ "$limit" -lt 20 ]; then
+    echo "== $name: skipped, ${limit}s left"; echo "skipped: ${limit}s left" > "$OUT/$name.log"
+    [ -n "${CUR:-}" ] && skipped+=("$CUR"); return
+  fi
   echo "== $name (limit ${limit}s)"
   if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
     echo "   ok in $(( $(date +%s) - t0 ))s"
   else
     echo "   FAILED (rc=$?) in $(( $(date +%s) - t0 ))s; tail:"; tail -n 15 "$OUT/$name.log"; failed+=("$name")
   fi
+  pack
 }
-want() { [[ "$STEPS" == *" $1 "* ]]; }
+want() { CUR=""; [[ "$STEPS" == *" $1 "* ]] && CUR=$1; }  # CUR: the step key, for the rerun hint
 
-step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
+[ "${GPU_CHECK_BUILD:-1}" = 0 ] || step build "$(cap 180)" $PY -m pip install --no-build-isolation --no-deps -e .
 $PY - > "$OUT/env.json" <<'EOF'
 import json, datetime, platform, torch
 try:
@@ -60,10 +80,7 @@ print(json.dumps({
 }, indent=1))
 EOF
 cat "$OUT/env.json"
-
-T0=$(date +%s)
-left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
-cap() { local l; l=$(left); echo $(( l > $1 ? $1 : l )); }  # min(limit, time left)
+pack
 BENCH=($PY -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-disable-gc --benchmark-min-time=0.05)
 
 # 1. Correctness first.  -v so a killed step still shows which tests ran; no
@@ -112,17 +129,20 @@ for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_da
 done
 want model && step bench_model "$(cap 90)" "${BENCH[@]}" "${models[@]}" -k "(gpu or cuda) and not schedule" \
   --benchmark-json="$OUT/bench_model.json"
-want e2e_compile && step bench_e2e_compile "$(left)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and compile" \
+want e2e_compile && step bench_e2e_compile "$(cap 600)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and compile" \
   --benchmark-json="$OUT/bench_e2e_compile.json"
 # 4. The libtorch C++ test with its CUDA case (dispatcher level, no Python):
 #    last, as CI runs its CPU case on every commit.
-want cmake && step cmake_cuda_test "$(left)" bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
+want cmake && step cmake_cuda_test "$(cap 600)" bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
 
 for j in bench_ops bench_e2e bench_schedule bench_e2e_compile bench_model; do
   [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.md" 2>&1 && cat "$OUT/$j.md"
 done
-echo "results in $OUT"
-if [ -n "$DEVICE_OUT" ]; then
-  tar czf "$DEVICE_OUT/gpu_results.tgz" "$OUT" && cat "$OUT"/*.md > "$DEVICE_OUT/summary.md" 2>/dev/null
+echo "results in $OUT ($(( $(date +%s) - T0 )) s)"
+pack
+[ -n "$DEVICE_OUT" ] && cat "$OUT"/*.md > "$DEVICE_OUT/summary.md" 2>/dev/null
+if [ ${#skipped[@]} -gt 0 ]; then
+  echo "out of time for: ${skipped[*]}; on the warm machine, at once:"
+  echo "  GPU_CHECK_BUILD=0 GPU_CHECK_BUDGET=200 GPU_CHECK_STEPS=\"${skipped[*]}\" bash bench/gpu_check.sh"
 fi
 if [ ${#failed[@]} -gt 0 ]; then echo "failed steps: ${failed[*]}"; exit 1; fi
