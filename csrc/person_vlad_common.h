@@ -7,12 +7,21 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 
 #include <cstdint>
 #include <optional>
 #include <tuple>
 
 namespace personvlad {
+
+// Held by every kernel entry point (CPU and CUDA).  The op has no Autocast
+// kernel, so a caller's autocast region is still active inside the kernels,
+// and the ATen GEMMs they call (bmm, matmul, mm) would come back in
+// bf16/fp16 where the kernels expect their fp32/fp64 compute dtype.
+struct NoAutocastGuard {
+  c10::impl::ExcludeDispatchKeyGuard guard{c10::autocast_dispatch_keyset};
+};
 
 // Clamp used by both L2 normalisations (SPEC §1).
 constexpr double kNormEps = 1e-12;

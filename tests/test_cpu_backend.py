@@ -317,6 +317,23 @@ def test_bitwise_same_on_a_fresh_thread():
     assert bad == [], f"{len(bad)} of 120 calls from fresh threads differed from the main thread's result"
 
 
+def test_autocast_region_does_not_reach_the_kernels():
+    """The op has no Autocast kernel; the C++ kernels exclude autocast
+    themselves, else the backward's ATen bmm calls return bf16 under
+    torch.autocast("cpu") and the kernel fails on data_ptr<float>.  Same bits
+    inside and outside the region, direct calls and through autograd."""
+    ins = make_inputs(N=3, C=8, S=(2, 3), B=2, K=5, dtype=torch.float32, seed=1)
+    grad = torch.randn(3, 40, generator=torch.Generator().manual_seed(2))
+    out, g = OP(*ins, True), BWD(grad, *ins, True)
+    leaves = [t.detach().requires_grad_(True) for t in ins]
+    ag = torch.autograd.grad(ops.person_vlad(*leaves, backend="cpu"), leaves, grad)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(OP(*ins, True), out)
+        assert all(torch.equal(a, b) for a, b in zip(BWD(grad, *ins, True), g))
+        ag_ac = torch.autograd.grad(ops.person_vlad(*leaves, backend="cpu"), leaves, grad)
+    assert all(torch.equal(a, b) for a, b in zip(ag_ac, ag))
+
+
 # --------------------------------------------------------------------------
 # the position-tile kernels (csrc/cpu/vlad_tiles.h) on every instruction set
 # --------------------------------------------------------------------------

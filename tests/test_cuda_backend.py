@@ -441,6 +441,48 @@ def test_alpha_1000_init():
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bfloat16", "float32"])
+def test_autocast_region_does_not_reach_the_kernels(dtype):
+    """The trainer and the inference path run the model under bf16 autocast.
+    The op has no Autocast kernel, so the CUDA kernels exclude autocast
+    themselves: otherwise their fp32 ATen GEMMs return bf16 and the kernels
+    fail on data_ptr<float>.  Same bits inside and outside the region,
+    forward and backward (run inside the region)."""
+    needs_native_cuda()
+    args = make_inputs(N=3, C=16, S=(2, 3, 2), B=3, K=8, dtype=dtype, device="cuda", seed=31,
+                       requires_grad=True)
+    gout = torch.randn(3, 8 * 16, device="cuda", dtype=dtype)
+    out = person_vlad(*args, backend="cuda")
+    grads = torch.autograd.grad(out, [t for t in args if t is not None], gout)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out_ac = person_vlad(*args, backend="cuda")
+        grads_ac = torch.autograd.grad(out_ac, [t for t in args if t is not None], gout)
+    assert out_ac.dtype == dtype and torch.equal(out_ac, out)
+    assert all(torch.equal(a, b) for a, b in zip(grads_ac, grads))
+
+
+@pytest.mark.cuda
+def test_logits_stay_ieee_fp32_when_tf32_is_allowed():
+    """With TF32 allowed for cuBLAS, the logit GEMM W F still runs in IEEE
+    fp32: at alpha=1000 TF32's rounding (~0.5 on logits of ~1e3) would move the
+    soft-assignments by up to e^0.5.  The forward then matches a float32
+    reference computed without TF32 to within what TF32 in the other GEMM
+    (A' F^T) costs, and the process-wide switch is restored."""
+    needs_native_cuda()
+    args = make_inputs(N=2, C=64, S=(2, 11, 5), B=6, K=16, dtype=torch.float32, alpha=1000.0,
+                       device="cuda", seed=33)
+    ref = _ref64(args, True)
+    saved = torch.backends.cuda.matmul.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        out = FWD(*args, True)
+        assert torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    torch.testing.assert_close(out.double(), ref, atol=3e-3, rtol=3e-2)
+
+
+@pytest.mark.cuda
 def test_deterministic():
     needs_native_cuda()
     args = make_inputs(N=4, C=16, S=(6, 7), B=3, K=8, device="cuda", seed=28)

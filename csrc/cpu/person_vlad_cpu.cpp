@@ -462,6 +462,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
 at::Tensor person_vlad_cpu(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                            const at::Tensor& assign_weight, const at::Tensor& assign_bias,
                            const at::Tensor& centers, bool normalize) {
+  const NoAutocastGuard no_autocast;
   const Inputs in =
       prepare(features, parts, assign_weight, assign_bias, centers, "person_vlad (CPU)");
   at::Tensor out = in.cd == at::kDouble ? forward_impl<double>(in, normalize)
@@ -475,6 +476,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
     const std::optional<at::Tensor>& parts, const at::Tensor& assign_weight,
     const at::Tensor& assign_bias, const at::Tensor& centers, bool normalize) {
   const char* what = "person_vlad_backward (CPU)";
+  const NoAutocastGuard no_autocast;
   const Inputs in = prepare(features, parts, assign_weight, assign_bias, centers, what);
   const VladDims& d = in.d;
   TORCH_CHECK(grad_output.defined() && grad_output.device().is_cpu(), what,

@@ -50,7 +50,9 @@
 // (the per-(b,s) softmax statistics are N*B*P).  All reductions are done in a
 // fixed order (in-thread loops, warp shuffles, at::sum), so results are
 // deterministic.  Only plain CUDA (no tensor-core intrinsics, no sm_70+-only
-// features, no bf16 arithmetic intrinsics) so it builds for any arch >= 3.5.
+// features, no bf16 arithmetic intrinsics), so a CUDA 12 toolkit builds it for
+// Pascal (TORCH_CUDA_ARCH_LIST=6.1); CUDA 13 itself starts at sm_75.  The GEMMs
+// are ATen's (cuBLAS); the logit GEMM W F is kept out of TF32 (NoTF32CuBLAS).
 // ---------------------------------------------------------------------------
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -58,6 +60,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -446,6 +449,19 @@ unsigned int sample_blocks(int64_t N) {
   return static_cast<unsigned int>(N);
 }
 
+// Scoped: cuBLAS float32 GEMMs in IEEE fp32, not TF32.
+struct NoTF32CuBLAS {
+  bool prev = at::globalContext().allowTF32CuBLAS();
+  NoTF32CuBLAS() {
+    if (prev) at::globalContext().setAllowTF32CuBLAS(false);
+  }
+  ~NoTF32CuBLAS() {
+    if (prev) at::globalContext().setAllowTF32CuBLAS(true);
+  }
+  NoTF32CuBLAS(const NoTF32CuBLAS&) = delete;
+  NoTF32CuBLAS& operator=(const NoTF32CuBLAS&) = delete;
+};
+
 // G, A', S and A' F^T for the flattened inputs (N >= 1).
 struct Core {
   at::Tensor G, Ap, S, Vraw;
@@ -454,7 +470,15 @@ struct Core {
 Core forward_core(const Flat& f) {
   const auto opts = f.F.options();
   Core r;
-  r.G = at::matmul(f.W, f.F).contiguous();  // (N, K, P)
+  {
+    // The logits W F stay IEEE fp32 even where the process lets cuBLAS use
+    // TF32 (allow_tf32 / set_float32_matmul_precision("high")): TF32 keeps 10
+    // mantissa bits, an error of ~0.5 on logits of ~1e3 (alpha = 1000), which
+    // would scale soft-assignments by up to e^0.5.  The switch is process-wide:
+    // set for this one GEMM and restored.
+    const NoTF32CuBLAS ieee;
+    r.G = at::bmm(f.W.expand({f.N, f.K, f.C}), f.F);  // (N, K, P)
+  }
   r.Ap = at::empty({f.N, f.K, f.P}, opts);
   at::Tensor Sc = at::empty({f.N, f.K, f.P}, opts);
   // An empty spatial grid (P = 0, rejected by ops.py but legal for the raw op)
@@ -496,6 +520,9 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
                             const at::Tensor& centers, bool normalize) {
   check_inputs(features, parts, assign_weight, assign_bias, centers);
   const at::cuda::OptionalCUDAGuard guard(at::device_of(features));
+  // No Autocast kernel for this op: keep a caller's autocast region away from
+  // the fp32/fp64 ATen GEMMs below (they would return bf16/fp16).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
@@ -527,6 +554,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
               "personvlad (CUDA): grad_output: expected device ", features.device(), ", got ",
               grad_output.device());
   const at::cuda::OptionalCUDAGuard guard(at::device_of(features));
+  // No Autocast kernel for this op: keep a caller's autocast region away from
+  // the fp32/fp64 ATen GEMMs below (they would return bf16/fp16).
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
   TORCH_CHECK(grad_output.numel() == N * K * C, "personvlad (CUDA): grad_output: expected ",
               N * K * C, " elements (N=", N, ", K=", K, ", C=", C, "), got shape ",
@@ -587,10 +617,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
   });
 
   // Through G = W F, and V's dependence on F.
-  const at::Tensor dF =
-      at::baddbmm(at::matmul(f.W.t(), dG), dV.transpose(1, 2), core.Ap);  // (N, C, P)
-  const at::Tensor dW = at::mm(dG.permute({1, 0, 2}).reshape({K, N * P}),
-                               f.F.permute({1, 0, 2}).reshape({C, N * P}).t());  // (K, C)
+  const at::Tensor dF = at::baddbmm(at::bmm(f.W.t().expand({N, C, K}), dG), dV.transpose(1, 2),
+                                    core.Ap);  // (N, C, P)
+  // sum_n dG F^T: N*K*C of scratch, not the permuted copies of F and dG.
+  const at::Tensor dW = at::bmm(dG, f.F.transpose(1, 2)).sum(0);  // (K, C)
   const at::Tensor dz = dZc.sum(at::IntArrayRef{0, 2});                          // (K,)
 
   return std::make_tuple(
