@@ -41,12 +41,18 @@ def load_table(path: str = TABLE_PATH) -> Dict[str, str]:
     return {str(k): str(v) for k, v in data.get("classes", {}).items()}
 
 
+# Read once, at import: backend="auto" runs inside torch.compile'd models, and
+# Dynamo cannot trace the file access (os.path.exists) of a first read, nor
+# the lru_cache wrapper of a later one; a module-level dict it reads as a constant.
+_CLASSES: Dict[str, str] = load_table()
+
+
 def pick_cuda_backend(features: torch.Tensor, parts: Optional[torch.Tensor], K: int,
                       candidates: Sequence[str]) -> str:
     N, C = features.shape[:2]
     P = math.prod(features.shape[2:])
     B = 1 if parts is None else parts.shape[1]
-    best = load_table().get(shape_class(C, P, K, B, features.dtype))
+    best = _CLASSES.get(shape_class(C, P, K, B, features.dtype))
     if best in candidates:
         return best
     for name in DEFAULT_ORDER:

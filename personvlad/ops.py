@@ -29,6 +29,7 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 
 from . import reference
+from ._backend_table import pick_cuda_backend
 
 __all__ = ["person_vlad", "available_backends", "BACKENDS", "extension_loaded"]
 
@@ -274,8 +275,6 @@ def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], W: torc
     if dev.type == "cpu":
         return "cpu" if _NATIVE_CPU else "reference"
     if dev.type == "cuda":
-        from ._backend_table import pick_cuda_backend
-
         candidates = [b for b in ("cuda", "triton") if _backend_usable(b, dev)[0]]
         if "triton" in candidates and not _triton_module().supports(features, parts, W)[0]:
             candidates.remove("triton")  # outside the kernels' limits (B<=16, K<=128, C<=1024)

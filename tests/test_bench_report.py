@@ -193,6 +193,25 @@ def test_table_picks_faster_backend_per_class(results, tmp_path, capsys):
     assert c1 in capsys.readouterr().out
 
 
+def test_auto_pick_traces_under_torch_compile_fullgraph(monkeypatch):
+    """backend="auto" runs inside compiled models: the pick is a lookup in the
+    table read at import (no file access while tracing, which Dynamo refuses),
+    and it honours the table and the candidates."""
+    F, M = torch.randn(2, 256, 2, 11, 5), torch.rand(2, 6, 2, 11, 5)
+    c1 = _backend_table.shape_class(256, 110, 64, 6, torch.float32)
+    monkeypatch.setattr(_backend_table, "_CLASSES", {c1: "cuda"})
+
+    def scaled(x, parts, candidates):
+        return x * (2.0 if _backend_table.pick_cuda_backend(x, parts, 64, candidates) == "cuda" else 3.0)
+
+    for candidates, factor in ((["cuda", "triton"], 2.0), (["triton"], 3.0)):
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda x, p: scaled(x, p, candidates), fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(F, M), F * factor)
+    # a class with no measurement: DEFAULT_ORDER
+    assert _backend_table.pick_cuda_backend(F, None, 64, ["cuda", "triton"]) == _backend_table.DEFAULT_ORDER[0]
+
+
 def test_table_modes_and_merge(results, tmp_path):
     out = tmp_path / "t.json"
     out.write_text(json.dumps({"classes": {"C8-P8-K8-B1-float32": "cuda"}, "sources": ["old.json"]}))

@@ -231,6 +231,23 @@ def test_layer_compiles_fullgraph():
     assert layer.assign_weight.grad is not None and layer.part_weight.grad is not None
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_layer_compiles_fullgraph_cuda_auto(dtype):
+    """On CUDA the layer's backend="auto" chooses cuda or triton while Dynamo
+    traces: no graph break (fullgraph), same values as eager."""
+    torch._dynamo.reset()
+    layer = PersonVLAD(16, num_clusters=8, num_parts=3).cuda()
+    x = torch.randn(2, 16, 2, 11, 5, device="cuda", dtype=dtype)
+    eager = layer(x)
+    compiled = torch.compile(layer, fullgraph=True)
+    out = compiled(x)
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(out.float(), eager.float(), atol=2 * atol, rtol=2 * rtol)
+    out.float().sum().backward()
+    assert layer.assign_weight.grad is not None and layer.part_weight.grad is not None
+
+
 # ---------------------------------------------------------------- validation
 def _good():
     return make_inputs(N=2, C=4, S=(3, 2), B=2, K=3, seed=13)
