@@ -53,7 +53,9 @@ step() {  # step NAME LIMIT_S CMD...
     [ -n "${CUR:-}" ] && skipped+=("$CUR"); return
   fi
   echo "== $name (limit ${limit}s)"
-  if timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; then
+  # SIGINT first: pytest stops as on Ctrl-C and still runs its session end, so
+  # pytest-benchmark writes the JSON of the cases that finished; KILL 15 s later.
+  if timeout -s INT -k 15 "$(( limit - 15 ))" "$@" > "$OUT/$name.log" 2>&1; then
     echo "   ok in $(( $(date +%s) - t0 ))s"
   else
     echo "   FAILED (rc=$?) in $(( $(date +%s) - t0 ))s; tail:"; tail -n 15 "$OUT/$name.log"; failed+=("$name")
@@ -97,7 +99,7 @@ want tests && step gpu_tests "$(cap 150)" env PERSONVLAD_TRITON_AUTOTUNE=0 \
 want ops && step bench_ops "$(cap 120)" "${BENCH[@]}" bench/test_bench_ops.py \
   -k "gpu and not compile and not ieee and not tiled" --benchmark-json="$OUT/bench_ops_fused.json"
 [ -s "$OUT/bench_ops_fused.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops_fused.json" --out "$OUT/backend_table.json"
-want memcheck && step memcheck "$(cap 60)" env TOOLS=memcheck bash bench/gpu_cuda_memcheck.sh
+want memcheck && step memcheck "$(cap 90)" env TOOLS=memcheck PYTHON="$PY" bash bench/gpu_cuda_memcheck.sh
 want ops_compile && step bench_ops_compile "$(cap 100)" "${BENCH[@]}" bench/test_bench_ops.py \
   -k "gpu and compile" --benchmark-json="$OUT/bench_ops_compile.json"
 # 3. End to end (issue 10): without the torch.compile variants first.

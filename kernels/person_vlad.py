@@ -288,7 +288,7 @@ def _norms_and_scale(ss, NORM_ptr, n, K, offs_k, mk):
     return inv_r * (1.0 / tl.maximum(gg, 1e-12))
 
 
-_ASSIGN_KEY = ["C", "K", "B", "P_BUCKET", "LOGIT_PREC"]
+_ASSIGN_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "LOGIT_PREC"]
 
 
 @triton.autotune(configs=_cfgs(_ASSIGN, ("BLOCK_P", "BLOCK_C")), key=_ASSIGN_KEY)
@@ -317,7 +317,7 @@ def _fwd_assign_kernel(
              mask=(slots[:, None] < NSLOT) & mk[None, :])
 
 
-@triton.autotune(configs=_cfgs(_GEMM, ("BLOCK_K", "BLOCK_C", "BLOCK_P")), key=["C", "K", "P_BUCKET", "NPG", "DOT_PREC"])
+@triton.autotune(configs=_cfgs(_GEMM, ("BLOCK_K", "BLOCK_C", "BLOCK_P")), key=["C", "K", "P_BUCKET", "NPG", "SUB_SC", "DOT_PREC"])
 @triton.jit
 def _gemm_kc_kernel(
     X_ptr, F_ptr, S_ptr, CEN_ptr, OUT_ptr,
@@ -367,7 +367,8 @@ def _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp,
     return tl.dot(Ap, tl.trans(f), input_precision=DOT_PREC) - s[:, None] * cen, offs_c, mc
 
 
-@triton.autotune(configs=_cfgs(_SMALL, ("BLOCK_C",)), key=["C", "K", "B", "P_BUCKET", "LOGIT_PREC", "DOT_PREC"])
+@triton.autotune(configs=_cfgs(_SMALL, ("BLOCK_C",)), key=["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE",
+                                                               "LOGIT_PREC", "DOT_PREC"])
 @triton.jit
 def _fwd_single_kernel(
     F_ptr, M_ptr, W_ptr, Z_ptr, CEN_ptr, OUT_ptr, NORM_ptr,
@@ -486,7 +487,7 @@ def _bwd_normalize_kernel(DY_ptr, Y_ptr, NORM_ptr, CEN_ptr, DV_ptr, DS_ptr, K, C
     tl.store(DS_ptr + n * K + offs_k, ds, mask=mk)
 
 
-_BWD_KEY = ["C", "K", "B", "P_BUCKET", "LOGIT_PREC", "DOT_PREC"]
+_BWD_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "LOGIT_PREC", "DOT_PREC"]
 
 
 @triton.autotune(configs=_cfgs(_BWD, ("BLOCK_P", "BLOCK_C")), key=_BWD_KEY)
