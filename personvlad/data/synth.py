@@ -235,7 +235,7 @@ def _window(y0, y1, x0, x1):
 def _render_person(img, a: dict, cx: float, top: float, ph: float, phase: float, mirror: bool, part_mask=None):
     """Draw identity ``a`` into ``img`` (float32 H x W x 3); person height ``ph``
     pixels from ``top``; centre column ``cx``; gait ``phase``."""
-    skin, hair = SKIN[a["skin"]], HAIR[a["hair"]]
+    skin = SKIN[a["skin"]]
     pw = ph * 0.25 * a["build"]
     swing = np.sin(phase)
     # legs: two sheared bars from the hip, swinging in opposition

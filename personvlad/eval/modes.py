@@ -302,7 +302,7 @@ def format_table(report: dict) -> str:
                  f"{c0['num_scored_standard']} queries (with a cross-camera match), mars all {c0['num_scored_mars']}"
                  + ("  [first split]" if len(counts) > 1 else ""))
     title = (f"metric={report['metric']}  files={len(report['features'])}"
-             + (f" (mean ± std over splits)" if multi else "")
+             + (" (mean ± std over splits)" if multi else "")
              + (f"  random modes: mean of {report['repeats']} draws" if any(m != "all/all" for m in report["modes"]) else ""))
     return "\n".join([title + sizes, sep, line(head), sep] + [line(r) for r in rows] + [sep])
 
