@@ -359,8 +359,18 @@ def _call_triton(features, parts, W, z, c, normalize):
     return _triton_module().person_vlad_triton(features, parts, W, z, c, normalize)
 
 
+def _call_reference(features, parts, W, z, c, normalize):
+    # The kernels compute in their fp32 (fp64) accumulation dtype whatever
+    # autocast region surrounds the op; so does the reference backend.
+    dev = features.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        with torch.autocast(dev, enabled=False):
+            return reference.person_vlad_ref(features, parts, W, z, c, normalize)
+    return reference.person_vlad_ref(features, parts, W, z, c, normalize)
+
+
 _DISPATCH: Dict[str, Callable] = {
-    "reference": reference.person_vlad_ref,
+    "reference": _call_reference,
     "cpu": _call_native,
     "cuda": _call_native,
     "triton": _call_triton,

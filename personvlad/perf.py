@@ -456,7 +456,7 @@ def _probe(device: torch.device) -> Dict[str, Any]:
                     w32.bfloat16().contiguous(memory_format=torch.channels_last_3d)),
     }
     for name, (x, w) in cases.items():
-        with torch.no_grad():
+        with torch.no_grad(), torch.cuda.device(device):  # the events record on the current device
             for _ in range(2):
                 F.conv3d(x, w, padding=1)
             torch.cuda.synchronize(device)
@@ -615,7 +615,9 @@ def optimize_for_inference(model: nn.Module, example_clips: torch.Tensor, dtype:
         return InferenceRunner(m, run, device, info=info)
 
     static_in = example_clips.to(device).clone()
-    with torch.no_grad():
+    # on the model's device, also where it is not the current one: warm-up,
+    # side stream and capture all use the current device's streams
+    with torch.no_grad(), torch.cuda.device(device):
         side = torch.cuda.Stream(device)
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):

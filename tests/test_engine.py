@@ -91,6 +91,21 @@ def test_config_defaults_are_the_paper_schedule():
     assert c.loss.name == "oim" and c.loss.temperature == 0.1 and c.loss.momentum == 0.5
 
 
+def test_deterministic_on_cuda_needs_the_fused_epilogues(tmp_path):
+    """torch.use_deterministic_algorithms has no deterministic CUDA MaxPool3d
+    backward: deterministic CUDA training is refused up front, with the fix,
+    unless the pools run as the fused epilogue (deterministic backward)."""
+    from personvlad.engine.trainer import _check_device_config
+
+    cfg = small_cfg(tmp_path)
+    assert cfg.deterministic and not cfg.fuse_epilogues
+    with pytest.raises(ValueError, match="fuse_epilogues: true"):
+        _check_device_config(cfg, torch.device("cuda"))
+    _check_device_config(cfg, torch.device("cpu"))
+    _check_device_config(small_cfg(tmp_path, fuse_epilogues=True), torch.device("cuda"))
+    _check_device_config(small_cfg(tmp_path, deterministic=False), torch.device("cuda"))
+
+
 def test_config_yaml_roundtrip_and_overrides(tmp_path):
     c = TrainConfig().apply_overrides(["data.root=/x", "optim.grad_clip=5", "model.num_parts=4",
                                        "schedule.step2_lr=1e-5", "loss.num_sampled=100", "deterministic=true"])

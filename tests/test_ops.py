@@ -231,6 +231,26 @@ def test_layer_compiles_fullgraph():
     assert layer.assign_weight.grad is not None and layer.part_weight.grad is not None
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_autocast_region_leaves_the_op_in_its_compute_dtype(backend):
+    """Every backend computes in fp32 (fp64) inside a torch.autocast region,
+    as outside it: same bits, forward and gradients (the backward called
+    after the region, as PyTorch recommends).  The reference's own matmuls
+    would otherwise run in bf16."""
+    if backend not in ops.available_backends("cpu"):
+        pytest.skip(f"{backend} not built")
+    ins = make_inputs(N=2, C=8, S=(2, 3), B=2, K=4, seed=21, requires_grad=True)
+    go = torch.randn(2, 32, generator=torch.Generator().manual_seed(22))
+    leaves = [t for t in ins if t is not None]
+    out = person_vlad(*ins, backend=backend)
+    grads = torch.autograd.grad(out, leaves, go)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac = person_vlad(*ins, backend=backend)
+    grads_ac = torch.autograd.grad(out_ac, leaves, go)
+    assert out_ac.dtype == out.dtype and torch.equal(out_ac, out)
+    assert all(torch.equal(a, b) for a, b in zip(grads_ac, grads))
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_layer_compiles_fullgraph_cuda_auto(dtype):

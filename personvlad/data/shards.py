@@ -263,7 +263,8 @@ class _Prefetcher:
                     dev = host.to(self.device, non_blocking=self.cuda)
                     if self.cuda:
                         ev = torch.cuda.Event()
-                        ev.record()
+                        # behind the copy, on its device's stream (not the current device's)
+                        ev.record(torch.cuda.current_stream(self.device))
                         self.events[slot] = ev
                     free.append(slot)
                     yield dev, spec

@@ -66,7 +66,12 @@ def setup(device_pref: str = "auto", timeout_minutes: int = 120) -> DistInfo:
             torch.cuda.set_device(device)
         return DistInfo(rank, world, local, dist.get_backend(), device, False)
     if not launched_by_torchrun():
-        return DistInfo(device=resolve_device(device_pref, 0))
+        device = resolve_device(device_pref, 0)
+        if device.type == "cuda":
+            # device: cuda:N in one process: streams, events and pinned copies
+            # then all belong to that device
+            torch.cuda.set_device(device)
+        return DistInfo(device=device)
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     local = int(os.environ.get("LOCAL_RANK", rank))

@@ -210,6 +210,15 @@ def _seed_all(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _check_device_config(cfg: TrainConfig, device: torch.device) -> None:
+    """Settings that cannot work on this device, refused before anything runs."""
+    if cfg.deterministic and device.type == "cuda" and not cfg.fuse_epilogues:
+        raise ValueError(
+            "deterministic: true on CUDA needs fuse_epilogues: true. PyTorch has no deterministic CUDA "
+            "MaxPool3d backward (torch.use_deterministic_algorithms stops the first backward); the fused "
+            "conv epilogue's pool backward is deterministic.")
+
+
 def _set_deterministic(on: bool, device: torch.device) -> None:
     if on:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -409,6 +418,7 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
 
     timings = _Timings()
     device, rank, world, main = dinfo.device, dinfo.rank, dinfo.world_size, dinfo.is_main
+    _check_device_config(cfg, device)
     _set_deterministic(cfg.deterministic, device)
     _seed_all(cfg.seed)
     os.makedirs(out_dir, exist_ok=True)
