@@ -72,7 +72,10 @@ sources = rel(glob.glob(os.path.join(here, "csrc", "*.cpp")) + glob.glob(os.path
 # With contraction (GCC's default) the AVX-512 clone gave last-bit differences
 # in 1 call in 15-20 run from a fresh thread (autograd's backward), which broke
 # bitwise kill-and-resume of training (see csrc/cpu/person_vlad_cpu.cpp).
-cxx_flags = ["-O3", "-ffp-contract=off"]
+# -Wno-psabi: the tile kernels' 512-bit vector helpers (csrc/cpu/vlad_tiles.h)
+# are always inlined, so GCC's note that such arguments changed ABI in GCC 4.6
+# does not apply (torch builds with the same flag; a pragma cannot silence it).
+cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-psabi"]
 define_macros = []
 if WITH_CUDA:
     sources += rel(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(here, "csrc", "cuda", "*.cpp")))

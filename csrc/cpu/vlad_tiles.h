@@ -34,11 +34,9 @@ namespace cpu_tiles {
 // whichever lane, tile, thread or alignment it has, so results do not depend
 // on the thread count.  A partial last tile is padded (g = 0, m = 0: finite
 // logits) and only its valid lanes are stored.
-#if defined(__GNUC__)
 // The vector helpers are always inlined: no vector crosses a call boundary,
-// so GCC's note that 512-bit arguments change the ABI does not apply.
-#pragma GCC diagnostic ignored "-Wpsabi"
-#endif
+// so GCC's note that 512-bit arguments change the ABI does not apply (the
+// builds pass -Wno-psabi; a pragma does not silence that note).
 template <typename T>
 struct Vec;
 template <>
