@@ -100,13 +100,11 @@ namespace {
 #define PV_MULTIVERSION
 #endif
 
+using namespace cpu_tiles;
 
-// Reductions written with independent lanes so that they vectorise without
-// -ffast-math (the lane order is fixed: results are deterministic).
-template <typename T>
-struct Lanes {
-  static constexpr int64_t L = 64 / sizeof(T);  // one 512-bit register
-};
+// Reductions written with independent lanes (one 512-bit vector's worth, as
+// the tiles) so that they vectorise without -ffast-math; the lane order is
+// fixed, so results are deterministic.
 
 // Pairwise (tree) folding of the lane accumulators: each level is a vector
 // operation, unlike a sequential scalar chain.
@@ -117,33 +115,29 @@ PV_INLINE T fold_sum(T* acc) {
   return acc[0];
 }
 
-template <typename T>
-PV_INLINE T row_dot(const T* x, const T* y, int64_t K) {
-  constexpr int64_t L = Lanes<T>::L;
+// sum_{i < n} term(i), lane by lane.
+template <typename T, typename Term>
+PV_INLINE T lane_sum(int64_t n, const Term& term) {
+  constexpr int64_t L = lanes<T>();
   T acc[L];
   for (int64_t j = 0; j < L; ++j) acc[j] = T(0);
-  int64_t k = 0;
-  for (; k + L <= K; k += L)
-    for (int64_t j = 0; j < L; ++j) acc[j] += x[k + j] * y[k + j];
+  int64_t i = 0;
+  for (; i + L <= n; i += L)
+    for (int64_t j = 0; j < L; ++j) acc[j] += term(i + j);
   T tail = T(0);
-  for (; k < K; ++k) tail += x[k] * y[k];
+  for (; i < n; ++i) tail += term(i);
   return fold_sum<T, L>(acc) + tail;
+}
+
+template <typename T>
+PV_INLINE T row_dot(const T* x, const T* y, int64_t K) {
+  return lane_sum<T>(K, [&](int64_t i) { return x[i] * y[i]; });
 }
 
 template <typename T>
 PV_INLINE T row_sum(const T* x, int64_t P) {
-  constexpr int64_t L = Lanes<T>::L;
-  T acc[L];
-  for (int64_t j = 0; j < L; ++j) acc[j] = T(0);
-  int64_t s = 0;
-  for (; s + L <= P; s += L)
-    for (int64_t j = 0; j < L; ++j) acc[j] += x[s + j];
-  T tail = T(0);
-  for (; s < P; ++s) tail += x[s];
-  return fold_sum<T, L>(acc) + tail;
+  return lane_sum<T>(P, [&](int64_t i) { return x[i]; });
 }
-
-using namespace cpu_tiles;
 
 PV_MULTIVERSION void forward_tiles_f32(const TileArgs<float>& r, int64_t t0, int64_t t1,
                                        V<float>* s) {

@@ -60,7 +60,6 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -70,6 +69,8 @@
 #include <tuple>
 #include <utility>
 #include <vector>
+
+#include "person_vlad_common.h"
 
 namespace personvlad {
 namespace cuda {
@@ -520,9 +521,7 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
                             const at::Tensor& centers, bool normalize) {
   check_inputs(features, parts, assign_weight, assign_bias, centers);
   const at::cuda::OptionalCUDAGuard guard(at::device_of(features));
-  // No Autocast kernel for this op: keep a caller's autocast region away from
-  // the fp32/fp64 ATen GEMMs below (they would return bf16/fp16).
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const NoAutocastGuard no_autocast;  // the ATen GEMMs below stay fp32/fp64
   const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
@@ -554,9 +553,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
               "personvlad (CUDA): grad_output: expected device ", features.device(), ", got ",
               grad_output.device());
   const at::cuda::OptionalCUDAGuard guard(at::device_of(features));
-  // No Autocast kernel for this op: keep a caller's autocast region away from
-  // the fp32/fp64 ATen GEMMs below (they would return bf16/fp16).
-  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  const NoAutocastGuard no_autocast;  // the ATen GEMMs below stay fp32/fp64
   const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
   TORCH_CHECK(grad_output.numel() == N * K * C, "personvlad (CUDA): grad_output: expected ",
               N * K * C, " elements (N=", N, ", K=", K, ", C=", C, "), got shape ",
