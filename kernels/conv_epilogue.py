@@ -40,6 +40,8 @@ import os
 import triton
 import triton.language as tl
 
+from ._device import on_tensor_device
+
 # Under TRITON_INTERPRET=1 interpreted kernels are plain Python that cannot run
 # on FakeTensors, so ``wrap_triton``/``triton_op`` cannot trace them: there the
 # same schemas are registered with ``custom_op`` plus explicit fake kernels
@@ -404,13 +406,8 @@ def bias_relu_pool3d(y: torch.Tensor, bias: torch.Tensor, kernel_size: Optional[
                              f"(padding {p[i]}); output would be empty")
     if bias.dtype != torch.float32 and bias.dtype != y.dtype:
         bias = bias.to(y.dtype)
-    if y.is_cuda and not torch.compiler.is_compiling() and y.device.index != torch.cuda.current_device():
-        # Triton launches on the current device: make it y's (autograd's
-        # backward thread for that device already has it current).
-        with torch.cuda.device(y.device):
-            out, _ = torch.ops.personvlad.bias_relu_pool3d(y, bias.contiguous(), k, s, p, bool(ceil_mode))
-        return out
-    out, _ = torch.ops.personvlad.bias_relu_pool3d(y, bias.contiguous(), k, s, p, bool(ceil_mode))
+    with on_tensor_device(y):
+        out, _ = torch.ops.personvlad.bias_relu_pool3d(y, bias.contiguous(), k, s, p, bool(ceil_mode))
     return out
 
 

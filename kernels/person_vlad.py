@@ -91,6 +91,7 @@ import triton
 import triton.language as tl
 
 from ..ops import _capability  # the compute capability, looked up once per device
+from ._device import on_tensor_device
 
 __all__ = [
     "person_vlad_triton",
@@ -898,15 +899,8 @@ def person_vlad_triton(
     validated by :func:`personvlad.ops.validate`.  Raises
     :class:`UnsupportedInput` (a ``ValueError``) outside :func:`supports`."""
     check_supported(features, parts, assign_weight, assign_bias, centers)
-    if (features.is_cuda and not torch.compiler.is_compiling()
-            and features.device.index != torch.cuda.current_device()):
-        # Triton launches on the current device: make it the tensors' device.
-        with torch.cuda.device(features.device):
-            out, _ = torch.ops.personvlad.person_vlad_triton(
-                features, parts, assign_weight, assign_bias, centers, normalize
-            )
-        return out
-    out, _ = torch.ops.personvlad.person_vlad_triton(
-        features, parts, assign_weight, assign_bias, centers, normalize
-    )
+    with on_tensor_device(features):
+        out, _ = torch.ops.personvlad.person_vlad_triton(
+            features, parts, assign_weight, assign_bias, centers, normalize
+        )
     return out
