@@ -140,8 +140,7 @@ want cmake && step cmake_cuda_test "$(cap 600)" bash -c 'cmake -S . -B /tmp/pv-c
 for j in bench_ops bench_e2e bench_schedule bench_e2e_compile bench_model; do
   [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.md" 2>&1 && cat "$OUT/$j.md"
 done
-echo "results in $OUT ($(( $(date +%s) - T0 )) s)"
-pack
+echo "results in $OUT ($(( $(date +%s) - T0 )) s)"  # packed by the EXIT trap
 [ -n "$DEVICE_OUT" ] && cat "$OUT"/*.md > "$DEVICE_OUT/summary.md" 2>/dev/null
 if [ ${#skipped[@]} -gt 0 ]; then
   echo "out of time for: ${skipped[*]}; on the warm machine, at once:"
