@@ -24,15 +24,23 @@ config without autotuning.
 Registered ops
 --------------
 ``personvlad::person_vlad_triton(Tensor features, Tensor? parts, Tensor assign_weight,
-Tensor assign_bias, Tensor centers, bool normalize) -> (Tensor, Tensor)``
-    returns ``(out, norms)``; ``norms`` is float32 ``(N, K+1)`` (the K row
-    norms of the raw ``V`` then the norm of the intra-normalised vector) when
-    ``normalize`` and ``(N, 0)`` otherwise.  It exists so autograd can save
-    them; it is marked non-differentiable.
+Tensor assign_bias, Tensor centers, bool normalize) -> (Tensor, Tensor, Tensor)``
+    returns ``(out, norms, out_f32)``; ``norms`` is float32 ``(N, K+1)`` (the
+    K row norms of the raw ``V`` then the norm of the intra-normalised vector)
+    when ``normalize`` and ``(N, 0)`` otherwise.  ``out_f32`` is the
+    normalised output before its rounding to ``features.dtype``, float32
+    ``(N, K*C)``, when ``normalize`` and the features are half precision, and
+    float32 ``(N, 0)`` otherwise.  Both exist so autograd can save them (they
+    are marked non-differentiable): the backward's ``t = y . dy`` and
+    ``q_k = y_k . (dy_k - y_k t)`` from a half-rounded ``y`` put errors of
+    ~1e-2 (relative) into ``assign_bias``'s gradient, a sum over positions
+    that cancels (seen on an H200; ``test_gradients_half_match_float32_reference``).
 ``personvlad::person_vlad_triton_backward(Tensor grad_out, Tensor features, Tensor? parts,
 Tensor assign_weight, Tensor assign_bias, Tensor centers, Tensor out, Tensor norms,
 bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)``
     ``(dF, dM or empty(0), dW, dz, dc)``, each in its input's dtype and shape.
+    ``out`` is the forward's ``out_f32`` where that is not empty, else its
+    ``out``.
 
 Both are ``torch.library.triton_op`` s (so ``torch.compile`` sees the Triton
 kernels).  Under ``TRITON_INTERPRET=1`` (CPU testing) ``wrap_triton`` cannot
@@ -782,13 +790,21 @@ def _forward_impl(
     F, M, N, C, P = _flatten(features, parts)
     K = assign_weight.shape[0]
     if N == 0:
-        shape = (0, K * C) if normalize else (0, K, C)
-        return (features.new_empty(shape),
-                features.new_empty((0, K + 1 if normalize else 0), dtype=torch.float32))
+        return _forward_fake(features, parts, assign_weight, assign_bias, centers, normalize)
     W = assign_weight.contiguous()
     z = assign_bias.contiguous()
     c = centers.contiguous()
-    return _run_forward(F, M, W, z, c, N, C, P, K, normalize, features.dtype)
+    if _keeps_f32_output(features.dtype, normalize):
+        y32, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, torch.float32)
+        return y32.to(features.dtype), norms, y32
+    out, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, features.dtype)
+    return out, norms, features.new_empty((N, 0), dtype=torch.float32)
+
+
+def _keeps_f32_output(dtype, normalize) -> bool:
+    """Whether the forward also returns its normalised output in float32 for
+    the backward (half-precision features; see the op's schema above)."""
+    return normalize and dtype != torch.float32
 
 
 def _backward_impl(
@@ -826,7 +842,7 @@ _FWD_NAME = "personvlad::person_vlad_triton"
 _BWD_NAME = "personvlad::person_vlad_triton_backward"
 _FWD_SCHEMA = (
     "(Tensor features, Tensor? parts, Tensor assign_weight, Tensor assign_bias, "
-    "Tensor centers, bool normalize) -> (Tensor, Tensor)"
+    "Tensor centers, bool normalize) -> (Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor features, Tensor? parts, Tensor assign_weight, "
@@ -839,8 +855,10 @@ def _forward_fake(features, parts, assign_weight, assign_bias, centers, normaliz
     N, C = features.shape[0], features.shape[1]
     K = assign_weight.shape[0]
     shape = (N, K * C) if normalize else (N, K, C)
+    keep = _keeps_f32_output(features.dtype, normalize)
     return (features.new_empty(shape),
-            features.new_empty((N, K + 1 if normalize else 0), dtype=torch.float32))
+            features.new_empty((N, K + 1 if normalize else 0), dtype=torch.float32),
+            features.new_empty((N, K * C if keep else 0), dtype=torch.float32))
 
 
 def _backward_fake(grad_out, features, parts, assign_weight, assign_bias, centers, out, norms, normalize):
@@ -867,17 +885,18 @@ register_flop_formulas(torch.ops.personvlad.person_vlad_triton, torch.ops.person
 
 def _setup_context(ctx, inputs, output):
     features, parts, W, z, c, normalize = inputs
-    out, norms = output
+    out, norms, out_f32 = output
     ctx.normalize = normalize
     ctx.has_parts = parts is not None
-    ctx.mark_non_differentiable(norms)
-    ctx.save_for_backward(features, parts, W, z, c, out, norms)
+    ctx.mark_non_differentiable(norms, out_f32)
+    y = out_f32 if _keeps_f32_output(features.dtype, normalize) else out
+    ctx.save_for_backward(features, parts, W, z, c, y, norms)
 
 
-def _backward(ctx, grad_out, grad_norms):
+def _backward(ctx, grad_out, grad_norms, grad_out_f32):
     features, parts, W, z, c, out, norms = ctx.saved_tensors
     if grad_out is None:
-        grad_out = torch.zeros_like(out)
+        grad_out = torch.zeros(out.shape, dtype=features.dtype, device=out.device)
     dF, dM, dW, dz, dc = torch.ops.personvlad.person_vlad_triton_backward(
         grad_out, features, parts if ctx.has_parts else None, W, z, c, out, norms, ctx.normalize
     )
@@ -900,7 +919,7 @@ def person_vlad_triton(
     :class:`UnsupportedInput` (a ``ValueError``) outside :func:`supports`."""
     check_supported(features, parts, assign_weight, assign_bias, centers)
     with on_tensor_device(features):
-        out, _ = torch.ops.personvlad.person_vlad_triton(
+        out, _, _ = torch.ops.personvlad.person_vlad_triton(
             features, parts, assign_weight, assign_bias, centers, normalize
         )
     return out

@@ -116,13 +116,14 @@ def test_forward_large_grid_takes_tiled_path(monkeypatch):
 def test_forward_op_returns_norms(fwd_path):
     """The raw op returns (out, norms): row norms of V then the global norm."""
     ins = make_inputs(N=2, C=8, S=(3, 4), B=2, K=4, device=DEV)
-    out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    out, norms, out_f32 = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    assert out_f32.shape == (2, 0) and out_f32.dtype == torch.float32  # float32 features: not kept
     V = _oracle(ins, False)
     r = V.norm(dim=2)
     g = (V / r[..., None]).flatten(1).norm(dim=1)
     assert norms.shape == (2, 5) and norms.dtype == torch.float32
     torch.testing.assert_close(norms.double(), torch.cat([r, g[:, None]], 1), atol=1e-5, rtol=1e-5)
-    raw, rnorms = torch.ops.personvlad.person_vlad_triton(*ins, False)
+    raw, rnorms, _ = torch.ops.personvlad.person_vlad_triton(*ins, False)
     assert rnorms.shape == (2, 0)
     torch.testing.assert_close(raw.double(), V, atol=2e-5, rtol=2e-4)
 
@@ -196,6 +197,36 @@ def test_gradients_half_features_float32_params():
     g_16 = _grads(_ref, ins, True, go)
     for name, t, gt, g64, g16 in zip(NAMES, ins, g_tri, g_64, g_16):
         assert gt.dtype == t.dtype and gt.shape == t.shape, name
+        scale = g64.abs().max().item()
+        ref_err = (g16.double() - g64).abs().max().item()
+        err = (gt.double() - g64).abs().max().item()
+        assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: err {err:.3e} vs reference fp16 err {ref_err:.3e}"
+
+
+def test_half_forward_keeps_float32_output_for_backward():
+    """Half features: the op's third output is the normalised descriptor
+    before rounding (float32), and ``out`` is exactly its rounding."""
+    ins = make_inputs(N=2, C=8, S=(3, 4), B=2, K=4, dtype=torch.float16, device=DEV, seed=2)
+    out, norms, out_f32 = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    assert out.dtype == torch.float16 and out_f32.dtype == torch.float32 and out_f32.shape == out.shape
+    assert torch.equal(out, out_f32.to(torch.float16))
+    torch.testing.assert_close(out_f32.double(), _oracle(ins, True), atol=1e-5, rtol=1e-4)
+    raw, _, none = torch.ops.personvlad.person_vlad_triton(*ins, False)
+    assert raw.dtype == torch.float16 and none.shape == (2, 0)
+
+
+def test_gradients_half_match_float32_reference():
+    """fp16 everywhere at a grid large enough (P=72, B=4) that the
+    ``assign_bias`` gradient, a sum over positions and parts that cancels,
+    shows the backward's inputs' rounding: with the half-rounded output
+    as ``y`` its error was 18x the reference's (seen on an H200 first)."""
+    ins = make_inputs(N=4, C=32, S=(4, 6, 3), B=4, K=16, dtype=torch.float16, device=DEV, seed=8)
+    go = torch.randn(4, 16 * 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEV)
+    g_tri = _grads(_triton, ins, True, go)
+    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
+    g_16 = _grads(_ref, ins, True, go)
+    for name, t, gt, g64, g16 in zip(NAMES, ins, g_tri, g_64, g_16):
+        assert gt.dtype == t.dtype, name
         scale = g64.abs().max().item()
         ref_err = (g16.double() - g64).abs().max().item()
         err = (gt.double() - g64).abs().max().item()
@@ -308,7 +339,7 @@ def test_opcheck_forward_no_parts():
 
 def test_opcheck_backward():
     ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV)
-    out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    out, norms, _ = torch.ops.personvlad.person_vlad_triton(*ins, True)
     go = torch.randn_like(out)
     args = (go, *ins, out, norms, True)
     # the backward op has no autograd formula of its own (no double backward)
@@ -369,7 +400,7 @@ with FakeTensorMode():
     del os.environ["PERSONVLAD_TRITON_FWD"]
     hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(hops) == 3, gm.code
-    out, norms = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    out, norms, _ = torch.ops.personvlad.person_vlad_triton(*ins, True)
     assert out.shape == (2, 32) and norms.shape == (2, 5)
     g = torch.empty(2, 32, device="cuda")
     gm = make_fx(lambda *a: tk._backward_impl(*a, True))(g, *ins, out, norms)
