@@ -33,45 +33,7 @@ if [[ -z "$SAN" ]]; then
   exit 2
 fi
 
-DRIVER="$(mktemp "${TMPDIR:-/tmp}/pv_memcheck_XXXXXX.py")"
-trap 'rm -f "$DRIVER"' EXIT
-cat >"$DRIVER" <<'EOF'
-import sys
-import torch
-sys.path.insert(0, "tests")
-from conftest import make_inputs  # noqa: E402
-from personvlad import ops  # noqa: E402
-
-if not torch.cuda.is_available():
-    sys.exit("gpu_cuda_memcheck: no CUDA device")
-if not ops._NATIVE_CUDA:
-    sys.exit("gpu_cuda_memcheck: personvlad._C has no CUDA kernels (build with nvcc)")
-FWD = torch.ops.personvlad.person_vlad.default
-BWD = torch.ops.personvlad.person_vlad_backward.default
-cases = [
-    dict(N=3, C=6, S=(7,), B=None, K=5),
-    dict(N=2, C=6, S=(3, 5), B=1, K=5),
-    dict(N=2, C=5, S=(2, 3, 4), B=6, K=4),
-    dict(N=3, C=40, S=(7, 13), B=3, K=9),     # N*P = 273: a partial second block
-    dict(N=2, C=1, S=(5,), B=2, K=4),
-    dict(N=2, C=3, S=(5,), B=2, K=1),
-    dict(N=1, C=3, S=(4, 4), B=2, K=130),     # K > 128, more rows than warps
-    dict(N=0, C=4, S=(3,), B=2, K=3),
-]
-n = 0
-for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-    for case in cases:
-        for normalize in (True, False):
-            args = make_inputs(**case, dtype=dtype, device="cuda", seed=n)
-            nc = make_inputs(**case, dtype=dtype, device="cuda", seed=n, noncontig=True) if case["N"] else args
-            for a in (args, nc):
-                out = FWD(*a, normalize)
-                grads = BWD(torch.ones_like(out), *a, normalize)
-                torch.cuda.synchronize()
-                assert all(torch.isfinite(t.float()).all() for t in (out, *grads)), (case, dtype, normalize)
-            n += 1
-print(f"gpu_cuda_memcheck driver: {n} configurations, forward + backward, contiguous + non-contiguous")
-EOF
+DRIVER=bench/memcheck_driver.py  # also runs on the CPU in tests/test_cuda_backend.py
 
 TOOLS="${TOOLS:-memcheck racecheck initcheck}"
 status=0

@@ -108,14 +108,18 @@ def make_inputs(N=2, C=8, S=(3, 5), B=3, K=5, dtype=torch.float32, device="cpu",
 
 
 def _noncontig(t):
-    """A non-contiguous view with the same values (transpose-copy-transpose,
-    or a strided slice for 1-D)."""
-    if t.dim() == 1:
-        big = torch.empty(t.shape[0] * 2, dtype=t.dtype, device=t.device)
-        big[::2] = t
-        v = big[::2]
-    else:
-        v = t.transpose(0, -1).contiguous().transpose(0, -1)
+    """A non-contiguous view with the same values: transpose-copy-transpose,
+    or, where that is still contiguous (1-D, or size-1 dims such as C=1 or
+    K=1), every other element of a buffer twice as long in the innermost dim
+    of size > 1."""
+    v = t.transpose(0, -1).contiguous().transpose(0, -1) if t.dim() > 1 else t
+    if v.is_contiguous() and t.numel() > 1:
+        d = max(i for i in range(t.dim()) if t.shape[i] > 1)
+        shape = list(t.shape)
+        shape[d] *= 2
+        big = torch.empty(shape, dtype=t.dtype, device=t.device)
+        v = big[(slice(None),) * d + (slice(None, None, 2),)]
+        v.copy_(t)
     assert torch.equal(v, t)
     if t.numel() > 1:
         assert not v.is_contiguous()

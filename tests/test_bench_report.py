@@ -9,6 +9,8 @@ import argparse
 import copy
 import json
 import os
+import pathlib
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -298,3 +300,35 @@ def test_report_target_column():
     assert next(l for l in md.splitlines() if l.startswith("| base |")).endswith("| - |")
     assert next(l for l in md.splitlines() if l.startswith("| slow |")).endswith(
         "| not met: 5x vs >= 10x; 4x output vs <= 3x output |")
+
+
+INTERRUPTED_SUITE = textwrap.dedent('''
+    import os
+    import signal
+
+    def test_finished(benchmark):
+        benchmark.pedantic(lambda: None, rounds=3, iterations=1)
+
+    def test_interrupted(benchmark):
+        # what gpu_check.sh does at a step's time limit (timeout -s INT), here
+        # inside the first round, before the case has any timing
+        benchmark.pedantic(lambda: os.kill(os.getpid(), signal.SIGINT), rounds=3, iterations=1)
+''')
+
+
+def test_benchmark_json_survives_sigint_mid_case(tmp_path):
+    """bench/conftest.py drops the interrupted case, so the JSON of the finished
+    ones is still written (pytest-benchmark alone writes none)."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    shutil.copy(repo / "bench" / "conftest.py", tmp_path / "conftest.py")
+    (tmp_path / "test_suite.py").write_text(INTERRUPTED_SUITE)
+    (tmp_path / "pytest.ini").write_text("[pytest]\n")
+    out = tmp_path / "results.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
+         "-c", str(tmp_path / "pytest.ini"), f"--benchmark-json={out}", str(tmp_path / "test_suite.py")],
+        cwd=str(tmp_path), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr  # pytest's "interrupted"
+    names = [b["name"] for b in json.loads(out.read_text())["benchmarks"]]
+    assert names == ["test_finished"], proc.stdout + proc.stderr

@@ -14,6 +14,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -55,6 +56,19 @@ def test_native_cuda_flag_matches_how_the_extension_was_built():
     if not ops.extension_loaded():
         pytest.skip("personvlad._C is not built")
     assert ops._NATIVE_CUDA == built_with_cuda()
+
+
+def test_memcheck_driver_runs_on_cpu():
+    """bench/memcheck_driver.py (what compute-sanitizer runs on the GPU) goes
+    through all its cases on the CPU kernels: a bug in the driver would
+    otherwise first show on a GPU machine (its non-contiguous inputs for C=1
+    failed there once)."""
+    if not ops.extension_loaded():
+        pytest.skip("personvlad._C is not built")
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memcheck_driver.py"), "--device", "cpu"],
+                          cwd=str(ROOT), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "64 configurations" in proc.stdout
 
 
 def test_cuda_kernels_registered_from_the_cu_file():

@@ -1,0 +1,75 @@
+"""The workload that ``bench/gpu_cuda_memcheck.sh`` runs under compute-sanitizer:
+the native op's forward and backward over its edge cases (1/2/3-D grids,
+parts None/1/6, normalize on/off, N*P not a multiple of the block size, K=1,
+C=1, K>128, N=0), in all four dtypes, with contiguous and non-contiguous
+inputs.
+
+    python bench/memcheck_driver.py [--device cuda|cpu]
+
+``--device cpu`` runs the same cases on the C++ CPU kernels: the test suite
+does that, so the driver itself is checked on machines without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+from conftest import make_inputs  # noqa: E402
+
+from personvlad import ops  # noqa: E402
+
+CASES = [
+    dict(N=3, C=6, S=(7,), B=None, K=5),
+    dict(N=2, C=6, S=(3, 5), B=1, K=5),
+    dict(N=2, C=5, S=(2, 3, 4), B=6, K=4),
+    dict(N=3, C=40, S=(7, 13), B=3, K=9),     # N*P = 273: a partial second block
+    dict(N=2, C=1, S=(5,), B=2, K=4),
+    dict(N=2, C=3, S=(5,), B=2, K=1),
+    dict(N=1, C=3, S=(4, 4), B=2, K=130),     # K > 128, more rows than warps
+    dict(N=0, C=4, S=(3,), B=2, K=3),
+]
+DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def run(device: str) -> int:
+    """Forward + backward of every case; returns the number of configurations."""
+    FWD = torch.ops.personvlad.person_vlad.default
+    BWD = torch.ops.personvlad.person_vlad_backward.default
+    n = 0
+    for dtype in DTYPES:
+        for case in CASES:
+            for normalize in (True, False):
+                args = make_inputs(**case, dtype=dtype, device=device, seed=n)
+                nc = make_inputs(**case, dtype=dtype, device=device, seed=n, noncontig=True) if case["N"] else args
+                for a in (args, nc):
+                    out = FWD(*a, normalize)
+                    grads = BWD(torch.ones_like(out), *a, normalize)
+                    if device == "cuda":
+                        torch.cuda.synchronize()
+                    bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t.float()).all()]
+                    if bad:
+                        raise AssertionError(f"non-finite outputs {bad}: {case}, {dtype}, normalize={normalize}")
+                n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    dev = p.parse_args(argv).device
+    if dev == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("gpu_cuda_memcheck: no CUDA device")
+        if not ops._NATIVE_CUDA:
+            sys.exit("gpu_cuda_memcheck: personvlad._C has no CUDA kernels (build with nvcc)")
+    n = run(dev)
+    print(f"memcheck driver ({dev}): {n} configurations, forward + backward, contiguous + non-contiguous")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
