@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# One GPU session in one script (< 8 minutes on an H100): build the extension
-# for sm_90 only, run the CUDA tests, compute-sanitizer memcheck on the CUDA
-# backend, then the GPU benchmarks (op, model, training step, data, end to
-# end).  Results go to $OUT (the device tool's output folder) or, when unset,
+# One GPU session in one script: build the extension for sm_90 only, run the
+# CUDA tests, then the GPU benchmarks (op, its per-kernel profile, model,
+# training step, data, end to end) and compute-sanitizer on the CUDA backend.
+# Results go to $OUT (the device tool's output folder) or, when unset,
 # bench/results/gpu-<date>/ -- commit them under bench/results/.
 #
 #   bash bench/gpu_check.sh                       # every step, in priority order
@@ -10,8 +10,14 @@
 #   GPU_CHECK_BUDGET=400 bash bench/gpu_check.sh  # seconds for the whole script (default 470)
 #   GPU_CHECK_BUILD=0 ...                         # skip the build (a second call on a warm machine)
 #
-# Steps (in this order): tests ops memcheck ops_compile e2e schedule ablation
-# model e2e_compile cmake.  The GPU machine already has torch and triton: nothing
+# Steps (in this order): tests ops ops_compile profile e2e schedule memcheck
+# model ablation epilogue e2e_compile cmake.  What the first H200 run took
+# (2026-11-28): build ~60 s, tests 132 s, ops 77 s, ops_compile 49 s,
+# ablation 64 s, model 31 s; e2e needed more than 150 s (it held the conv
+# epilogue cases then, now a step of their own) and schedule more than 33 s.
+# So one 470 s call gets through profile; the script then prints the second
+# call (the rest, on the still-warm machine) with the budget it needs.
+# The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
 # limit, capped by what is left of the budget (counted from the script's
 # start, the build included, less a reserve for the reports), so one slow
@@ -32,11 +38,12 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST="9.0" MAX_JOBS="${MAX_JOBS:-16}"
 PY="${PYTHON:-python3}"
 export CUDA_HOME="${CUDA_HOME:-$($PY setup.py --print-cuda-home)}"
-STEPS=" ${GPU_CHECK_STEPS:-tests ops memcheck ops_compile e2e schedule ablation model e2e_compile cmake} "
+STEPS=" ${GPU_CHECK_STEPS:-tests ops ops_compile profile e2e schedule memcheck model ablation epilogue e2e_compile cmake} "
 BUDGET="${GPU_CHECK_BUDGET:-470}"
 RESERVE=30  # seconds kept for the merge, the reports and the last pack
 failed=()
 skipped=()
+need=0  # seconds the skipped steps would have had
 pack() {  # the results so far into the device tool's $OUT (atomically: a kill mid-tar keeps the last pack)
   [ -n "$DEVICE_OUT" ] || return 0
   tar czf "$DEVICE_OUT/.gpu_results.tgz.part" "$OUT" 2>/dev/null \
@@ -45,17 +52,20 @@ pack() {  # the results so far into the device tool's $OUT (atomically: a kill m
 trap pack EXIT
 left() { echo $(( BUDGET - RESERVE - ($(date +%s) - T0) )); }
 cap() { local l; l=$(left); echo $(( l > $1 ? $1 : l )); }  # min(limit, time left)
-step() {  # step NAME LIMIT_S CMD...
-  local name=$1 limit=$2; shift 2
+step() {  # step NAME LIMIT_S CMD...: LIMIT_S capped by what is left of the budget
+  local name=$1 nominal=$2 limit; shift 2
+  limit=$(cap "$nominal")
   local t0=$(date +%s)
-  if [ "$limit" -lt 20 ]; then
+  if [ "$limit" -lt 40 ]; then
     echo "== $name: skipped, ${limit}s left"; echo "skipped: ${limit}s left" > "$OUT/$name.log"
-    [ -n "${CUR:-}" ] && skipped+=("$CUR"); return
+    [ -n "${CUR:-}" ] && skipped+=("$CUR") && need=$(( need + nominal )); return
   fi
   echo "== $name (limit ${limit}s)"
   # SIGINT first: pytest stops as on Ctrl-C and still runs its session end, so
-  # pytest-benchmark writes the JSON of the cases that finished; KILL 15 s later.
-  if timeout -s INT -k 15 "$(( limit - 15 ))" "$@" > "$OUT/$name.log" 2>&1; then
+  # pytest-benchmark writes the JSON of the cases that finished (bench/conftest.py
+  # drops the interrupted one); KILL 25 s later (15 s were too few once, with
+  # compile workers to stop).
+  if timeout -s INT -k 25 "$(( limit - 25 ))" "$@" > "$OUT/$name.log" 2>&1; then
     echo "   ok in $(( $(date +%s) - t0 ))s"
   else
     echo "   FAILED (rc=$?) in $(( $(date +%s) - t0 ))s; tail:"; tail -n 15 "$OUT/$name.log"; failed+=("$name")
@@ -64,7 +74,7 @@ step() {  # step NAME LIMIT_S CMD...
 }
 want() { CUR=""; [[ "$STEPS" == *" $1 "* ]] && CUR=$1; }  # CUR: the step key, for the rerun hint
 
-[ "${GPU_CHECK_BUILD:-1}" = 0 ] || step build "$(cap 180)" $PY -m pip install --no-build-isolation --no-deps -e .
+[ "${GPU_CHECK_BUILD:-1}" = 0 ] || step build 180 $PY -m pip install --no-build-isolation --no-deps -e .
 $PY - > "$OUT/env.json" <<'EOF'
 import json, datetime, platform, torch
 try:
@@ -73,7 +83,7 @@ except Exception as e:
     tv = f"unavailable: {e}"
 import personvlad.ops as ops
 print(json.dumps({
-    "date": datetime.datetime.utcnow().isoformat() + "Z",
+    "date": datetime.datetime.now(datetime.timezone.utc).isoformat(),
     "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
     "capability": list(torch.cuda.get_device_capability()) if torch.cuda.is_available() else None,
     "torch": torch.__version__, "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
@@ -90,29 +100,37 @@ BENCH=($PY -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-disable
 #    (first config of each list): every test shape would otherwise compile and
 #    time 2-5 configs per kernel; the benchmarks below autotune and check
 #    their own output against float64.
-want tests && step gpu_tests "$(cap 150)" env PERSONVLAD_TRITON_AUTOTUNE=0 \
+want tests && step gpu_tests 170 env PERSONVLAD_TRITON_AUTOTUNE=0 \
   $PY -m pytest -v -m cuda -p no:cacheprovider --durations=15 tests/
-# 2. The op (issues 4/5): fused backends and unfused eager, then compute-
-#    sanitizer on the CUDA kernels, then the torch.compile'd unfused baseline
-#    (8 compilations), then the Triton ablations (ieee dots; tiled forward).
-#    All op files are merged into bench_ops.json for the report.
-want ops && step bench_ops "$(cap 120)" "${BENCH[@]}" bench/test_bench_ops.py \
+# 2. The op (issues 4/5): fused backends and unfused eager, then the
+#    torch.compile'd unfused baseline (8 compilations), then where each
+#    variant's time goes (bench/profile_op.py: wall vs device-busy time and
+#    the kernels).  All op files are merged into bench_ops.json for the report.
+want ops && step bench_ops 110 "${BENCH[@]}" bench/test_bench_ops.py \
   -k "gpu and not compile and not ieee and not tiled" --benchmark-json="$OUT/bench_ops_fused.json"
 [ -s "$OUT/bench_ops_fused.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops_fused.json" --out "$OUT/backend_table.json"
-want memcheck && step memcheck "$(cap 90)" env TOOLS=memcheck PYTHON="$PY" bash bench/gpu_cuda_memcheck.sh
-want ops_compile && step bench_ops_compile "$(cap 100)" "${BENCH[@]}" bench/test_bench_ops.py \
+want ops_compile && step bench_ops_compile 80 "${BENCH[@]}" bench/test_bench_ops.py \
   -k "gpu and compile" --benchmark-json="$OUT/bench_ops_compile.json"
-# 3. End to end (issue 10): without the torch.compile variants first.
-want e2e && step bench_e2e "$(cap 150)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and not compile" \
+want profile && step profile_op 120 $PY bench/profile_op.py --out "$OUT"
+# 3. End to end (issue 10): inference and training variants without
+#    torch.compile (the conv epilogue micro-benchmarks are a later step).
+want e2e && step bench_e2e 130 "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and not compile and not epilogue" \
   --benchmark-json="$OUT/bench_e2e.json"
 want e2e && $PY -c "import json; from personvlad.perf import check_cudnn_3d; print(json.dumps(check_cudnn_3d(warn=False), indent=1, default=str))" > "$OUT/cudnn_check.json"
 # The paper's whole schedule (issue 10: < 30 min), projected from a 200-
 # iteration probe of the real trainer (data from a shard store, k-means,
 # checkpoints); the compiled-model and JPEG-loader variants are left for a
 # manual run.
-want schedule && step bench_schedule "$(cap 120)" "${BENCH[@]}" bench/test_bench_train.py -k "schedule and gpu and shards and not compile" -s \
+want schedule && step bench_schedule 120 "${BENCH[@]}" bench/test_bench_train.py -k "schedule and gpu and shards and not compile" -s \
   --benchmark-json="$OUT/bench_schedule.json"
-want ablation && step bench_ops_ablation "$(cap 90)" "${BENCH[@]}" bench/test_bench_ops.py \
+want memcheck && step memcheck 90 env TOOLS=memcheck PYTHON="$PY" bash bench/gpu_cuda_memcheck.sh
+models=()
+for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do
+  [ -f "$f" ] && models+=("$f")
+done
+want model && step bench_model 70 "${BENCH[@]}" "${models[@]}" -k "(gpu or cuda) and not schedule" \
+  --benchmark-json="$OUT/bench_model.json"
+want ablation && step bench_ops_ablation 90 "${BENCH[@]}" bench/test_bench_ops.py \
   -k "gpu and (ieee or tiled)" --benchmark-json="$OUT/bench_ops_ablation.json"
 $PY - "$OUT" <<'EOF'
 import json, os, sys
@@ -125,25 +143,23 @@ if parts:
         merged["benchmarks"] += json.load(open(p))["benchmarks"]
     json.dump(merged, open(os.path.join(out, "bench_ops.json"), "w"), indent=1)
 EOF
-models=()
-for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do
-  [ -f "$f" ] && models+=("$f")
-done
-want model && step bench_model "$(cap 90)" "${BENCH[@]}" "${models[@]}" -k "(gpu or cuda) and not schedule" \
-  --benchmark-json="$OUT/bench_model.json"
-want e2e_compile && step bench_e2e_compile "$(cap 600)" "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and compile" \
+want epilogue && step bench_epilogue 90 "${BENCH[@]}" bench/test_bench_e2e.py -k "epilogue_gpu and not compile" \
+  --benchmark-json="$OUT/bench_epilogue.json"
+want e2e_compile && step bench_e2e_compile 300 "${BENCH[@]}" bench/test_bench_e2e.py -k "gpu and compile" \
   --benchmark-json="$OUT/bench_e2e_compile.json"
 # 4. The libtorch C++ test with its CUDA case (dispatcher level, no Python):
 #    last, as CI runs its CPU case on every commit.
-want cmake && step cmake_cuda_test "$(cap 600)" bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
+want cmake && step cmake_cuda_test 300 bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
 
-for j in bench_ops bench_e2e bench_schedule bench_e2e_compile bench_model; do
+for j in bench_ops bench_e2e bench_schedule bench_epilogue bench_e2e_compile bench_model; do
   [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.md" 2>&1 && cat "$OUT/$j.md"
 done
 echo "results in $OUT ($(( $(date +%s) - T0 )) s)"  # packed by the EXIT trap
 [ -n "$DEVICE_OUT" ] && cat "$OUT"/*.md > "$DEVICE_OUT/summary.md" 2>/dev/null
 if [ ${#skipped[@]} -gt 0 ]; then
-  echo "out of time for: ${skipped[*]}; on the warm machine, at once:"
-  echo "  GPU_CHECK_BUILD=0 GPU_CHECK_BUDGET=200 GPU_CHECK_STEPS=\"${skipped[*]}\" bash bench/gpu_check.sh"
+  b=$(( need + RESERVE + 20 )); [ "$b" -gt 560 ] && b=560
+  echo "out of time for: ${skipped[*]} (${need}s of step limits); on the warm machine, at once"
+  echo "(device timeout_s $(( b + 40 )); steps that still do not fit are named again):"
+  echo "  GPU_CHECK_BUILD=0 GPU_CHECK_BUDGET=$b GPU_CHECK_STEPS=\"${skipped[*]}\" bash bench/gpu_check.sh"
 fi
 if [ ${#failed[@]} -gt 0 ]; then echo "failed steps: ${failed[*]}"; exit 1; fi

@@ -332,3 +332,25 @@ def test_benchmark_json_survives_sigint_mid_case(tmp_path):
     assert proc.returncode == 2, proc.stdout + proc.stderr  # pytest's "interrupted"
     names = [b["name"] for b in json.loads(out.read_text())["benchmarks"]]
     assert names == ["test_finished"], proc.stdout + proc.stderr
+
+
+def test_profile_op_runs_on_cpu(tmp_path):
+    """bench/profile_op.py (gpu_check.sh's `profile` step) on the CPU kernels:
+    one record per variant and pass, with the op among the profiled operators."""
+    from personvlad import ops
+
+    if not ops.extension_loaded():
+        pytest.skip("personvlad._C is not built")
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(repo / "bench" / "profile_op.py"), "--device", "cpu",
+                           "--shapes", "tiny", "--rounds", "4", "--out", str(tmp_path)],
+                          cwd=str(repo), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    data = json.loads((tmp_path / "profile_op.json").read_text())
+    recs = {(r["variant"], r["mode"]): r for r in data["results"]}
+    assert set(recs) == {(v, m) for v in ("fused-cpu", "unfused-eager") for m in ("fwd", "fwdbwd")}
+    for r in recs.values():
+        assert r["wall_us"] > 0 and r["pipelined_us"] > 0 and r["kernels"], r
+    assert any(k[0] == "personvlad::person_vlad" for k in recs[("fused-cpu", "fwd")]["kernels"])
+    assert not any(k[0].startswith("personvlad::") for k in recs[("unfused-eager", "fwd")]["kernels"])
+    assert "| tiny | fp32 | fwd | fused-cpu |" in (tmp_path / "profile_op.md").read_text()
