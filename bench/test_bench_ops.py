@@ -65,20 +65,26 @@ def _variants(device):
         if b == "triton" and device == "cpu":
             continue  # the interpreter is not a benchmark
         out[f"fused-{b}"] = (lambda b: lambda *a: ops.person_vlad(*a, backend=b))(b)
-    if "fused-triton" in out and device == "cuda":
+    if device == "cuda":
         for name in _ABLATION_ENV:  # same call; the test sets the environment for the whole case
-            out[name] = out["fused-triton"]
+            base = "fused-cuda" if name.startswith("fused-cuda") else "fused-triton"
+            if base in out:
+                out[name] = out[base]
     return out
 
 
-# Two ablations of the Triton backend, each the same op under one switch, set
-# for the whole benchmark case (not per call, so the timed call is unchanged):
-# every dot in plain fp32 (what sm_7x gets), to measure what the tf32x3
-# tensor-core products buy; and the three-kernel tiled forward where the
-# one-program forward would run (P <= 128).
+# Ablations, each the same op under one switch, set for the whole benchmark
+# case (not per call, so the timed call is unchanged).  Triton: every dot in
+# plain fp32 (what sm_7x gets), to measure what the tf32x3 tensor-core
+# products buy; and the three-kernel tiled forward where the one-program
+# forward would run (P <= 128).  CUDA: the GEMMs with the bf16 features on
+# bf16 tensor cores, the float32 operand split in three bf16 pieces, instead
+# of IEEE fp32 GEMMs over a float32 copy of F (a candidate default: it runs
+# with the main op step, not the ablation step).
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
     "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
+    "fused-cuda-split3": {"PERSONVLAD_CUDA_BF16_GEMM": "split3"},
 }
 
 
@@ -170,7 +176,7 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
 
 CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
-                "fused-triton-ieee", "fused-triton-tiled"]
+                "fused-cuda-split3", "fused-triton-ieee", "fused-triton-tiled"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

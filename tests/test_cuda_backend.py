@@ -175,9 +175,10 @@ class _Emu:
     kEpilogueThreads (256), fewer (a multiple of 32) keeps the emulation quick
     on small machines and gives each warp more rows."""
 
-    def __init__(self, lib, epi_threads=64):
+    def __init__(self, lib, epi_threads=64, split=False):
         self.lib = lib
         self.epi_threads = epi_threads
+        self.split = split  # PERSONVLAD_CUDA_BF16_GEMM=split3 (bfloat16 features only)
 
     def _call(self, name, acc, *args):
         conv = []
@@ -198,24 +199,28 @@ class _Emu:
     def _nan(shape, acc):
         return torch.full(shape, float("nan"), dtype=acc)
 
-    @staticmethod
-    def flatten(features, parts, W, z, c):
+    def flatten(self, features, parts, W, z, c):
         N, C = features.shape[:2]
         acc = torch.float64 if features.dtype == torch.float64 else torch.float32
-        F = features.reshape(N, C, -1).to(acc).contiguous()
+        self.on = self.split and features.dtype == torch.bfloat16
+        F = features.reshape(N, C, -1).to(torch.bfloat16 if self.on else acc).contiguous()
         M = None if parts is None else parts.reshape(N, parts.shape[1], -1).to(acc).contiguous()
         B = 1 if parts is None else parts.shape[1]
         return F, M, W.to(acc).contiguous(), z.to(acc).contiguous(), c.to(acc).contiguous(), B, acc
 
+    def gemm(self, a, b):
+        """gemm_with_F: a @ b, b = F or F^T (bf16 under the split path)."""
+        return _gemm_split3(a, b) if self.on else torch.matmul(a, b)
+
     def core(self, F, M, W, z, B, acc):
         N, C, P = F.shape
         K = W.shape[0]
-        G = torch.matmul(W, F).contiguous()
+        G = self.gemm(W, F).contiguous()
         Ap, Sc = self._nan((N, K, P), acc), self._nan((N, K, P), acc)
         mx, iv = self._nan((N, B, P), acc), self._nan((N, B, P), acc)
         self._call("stats_fwd", acc, G, M, z, mx, iv, N, B, K, P)
         self._call("acc_fwd", acc, G, M, z, mx, iv, Ap, Sc, N, B, K, P)
-        return G, Ap, Sc.sum(2), torch.bmm(Ap, F.transpose(1, 2)).contiguous()
+        return G, Ap, Sc.sum(2), self.gemm(Ap, F.transpose(1, 2)).contiguous()
 
     def forward(self, features, parts, W, z, c, normalize):
         F, M, Wc, zc, cc, B, acc = self.flatten(features, parts, W, z, c)
@@ -234,7 +239,7 @@ class _Emu:
         gO = grad.reshape(N, K, C).to(acc).contiguous()
         dV, dS, nrm = self._nan((N, K, C), acc), self._nan((N, K), acc), self._nan((N, K), acc)
         self._call("epi_bwd", acc, Vraw, S, cc, gO, dV, dS, nrm, N, K, C, normalize, self.epi_threads)
-        dAp = torch.bmm(dV, F).contiguous()
+        dAp = self.gemm(dV, F).contiguous()
         dc = -(dV * S.unsqueeze(2)).sum(0)
         dG, dZc = self._nan((N, K, P), acc), self._nan((N, K, P), acc)
         dM = None if M is None else self._nan((N, B, P), acc)
@@ -242,12 +247,28 @@ class _Emu:
         self._call("stats_bwd", acc, G, M, zc, dAp, dS, mx, iv, dot, dM, N, B, K, P)
         self._call("acc_bwd", acc, G, M, zc, dAp, dS, mx, iv, dot, dG, dZc, N, B, K, P)
         dF = torch.baddbmm(torch.matmul(Wc.t(), dG), dV.transpose(1, 2), Ap)
-        dW = dG.permute(1, 0, 2).reshape(K, N * P) @ F.permute(1, 0, 2).reshape(C, N * P).t()
+        dW = self.gemm(dG, F.transpose(1, 2)).sum(0)
         return (
             dF.to(features.dtype).reshape(features.shape),
             features.new_empty(0) if parts is None else dM.to(parts.dtype).reshape(parts.shape),
             dW.to(W.dtype), dZc.sum((0, 2)).to(z.dtype), dc.to(c.dtype),
         )
+
+
+def _split3(a):
+    """split3_rows of the .cu: float32 ``a`` as bf16 pieces hi, mid, lo (as float32)."""
+    hi = a.to(torch.bfloat16).float()
+    r = a - hi
+    mid = r.to(torch.bfloat16).float()
+    return hi, mid, (r - mid).to(torch.bfloat16).float()
+
+
+def _gemm_split3(a, b):
+    """bmm_split3 of the .cu: each piece times the bf16 ``b`` is exact in float32
+    (8-bit mantissas), accumulated in float32; then (hi + mid) + lo."""
+    hi, mid, lo = _split3(a)
+    bf = b.float()
+    return (torch.matmul(hi, bf) + torch.matmul(mid, bf)) + torch.matmul(lo, bf)
 
 
 _EMU_CASES = (
@@ -273,6 +294,38 @@ def test_kernel_source_emulated_on_cpu(emulated_kernels, case, dtype):
             gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
             gout = gout.to(dtype)
             _check_grads(emu.backward(gout, *args, normalize), _grads_ref64(gout, args, normalize), args, dtype)
+
+
+@pytest.mark.parametrize("alpha", [None, 1000.0], ids=["randinit", "alpha1000"])
+def test_split_bf16_gemms_emulated_match_float32_gemms(emulated_kernels, alpha):
+    """PERSONVLAD_CUDA_BF16_GEMM=split3 (bf16 tensor-core GEMMs with the float32
+    operand in three bf16 pieces): the emulated host pipeline is as accurate as
+    the float32-GEMM path against float64 (within 2x, for the logits, A', S,
+    raw V and the float32 parameter gradients), also at alpha=1000 where
+    logits are ~1e3, and the output and gradients pass the bf16 check."""
+    args = make_inputs(N=3, C=40, S=(7, 13), B=3, K=9, dtype=torch.bfloat16, alpha=alpha, seed=21)
+    assert args[0].dtype == torch.bfloat16 and args[2].dtype == torch.float32
+    split, plain = _Emu(emulated_kernels, split=True), _Emu(emulated_kernels, split=False)
+    cores = []
+    for emu, a in ((split, args), (plain, args), (plain, [t.double() for t in args])):
+        F, M, W, z, c, B, acc = emu.flatten(*a)
+        cores.append(emu.core(F, M, W, z, B, acc))
+    assert split.on and not plain.on
+    for name, a, b, e in zip(("G", "Ap", "S", "Vraw"), *cores):
+        err_split, err_plain = ((t.double() - e).abs().max().item() for t in (a, b))
+        assert err_split <= 2 * err_plain + 1e-7 * e.abs().max().item(), (name, err_split, err_plain)
+    for normalize in (True, False):
+        out = split.forward(*args, normalize)
+        atol, rtol = tolerance(torch.bfloat16)
+        torch.testing.assert_close(out.double(), _ref64(args, normalize), atol=atol, rtol=rtol)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(torch.bfloat16)
+        g_split = split.backward(gout, *args, normalize)
+        _check_grads(g_split, _grads_ref64(gout, args, normalize), args, torch.bfloat16)
+        g_plain = plain.backward(gout, *args, normalize)
+        g_64 = plain.backward(gout.double(), *[t.double() for t in args], normalize)
+        for name, a, b, e in list(zip(NAMES, g_split, g_plain, g_64))[2:]:  # W, z, c: float32 gradients
+            err_split, err_plain = ((t.double() - e).abs().max().item() for t in (a, b))
+            assert err_split <= 2 * err_plain + 1e-7 * e.abs().max().item(), (name, err_split, err_plain)
 
 
 def test_kernel_source_emulated_zero_vlad(emulated_kernels):
@@ -434,6 +487,31 @@ def test_mixed_precision_parameters(dtype):
     gout = torch.randn(out.shape, device="cuda", dtype=dtype)
     out.backward(gout)
     _check_grads([t.grad for t in args], _grads_ref64(gout, args, True), args, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("shape", [dict(N=3, C=40, S=(7, 13), B=3, K=9), dict(N=4, C=256, S=(8, 14, 14), B=8, K=64)],
+                         ids=["small", "large"])
+@pytest.mark.parametrize("alpha", [None, 1000.0], ids=["randinit", "alpha1000"])
+def test_split_bf16_gemms_as_accurate_as_float32_gemms(monkeypatch, shape, alpha):
+    """PERSONVLAD_CUDA_BF16_GEMM=split3 on the device: output and gradients
+    within 2x the float32-GEMM path's error against float64 (plus a bf16-sized
+    slack for the final rounding), and within the bf16 tolerance."""
+    needs_native_cuda()
+    args = make_inputs(**shape, dtype=torch.bfloat16, alpha=alpha, device="cuda", seed=23)
+    a64 = [t.double() for t in args]
+    gout = torch.randn((shape["N"], shape["K"] * shape["C"]), device="cuda", dtype=torch.bfloat16)
+    results = {}
+    for mode in ("split3", "fp32"):
+        monkeypatch.setenv("PERSONVLAD_CUDA_BF16_GEMM", mode)
+        results[mode] = [FWD(*args, True), *BWD(gout, *args, True)]
+    expect = [_ref64(args, True), *_grads_ref64(gout.double(), a64, True)]
+    for name, a, b, e in zip(("out",) + NAMES, results["split3"], results["fp32"], expect):
+        scale = e.abs().max().item()
+        err_split, err_plain = ((t.double() - e).abs().max().item() for t in (a, b))
+        assert err_split <= 2 * err_plain + 4e-3 * scale, (name, err_split, err_plain)
+    torch.testing.assert_close(results["split3"][0].double(), expect[0], atol=3e-2, rtol=1e-1)
+    _check_grads(results["split3"][1:], expect[1:], args, torch.bfloat16)
 
 
 @pytest.mark.cuda

@@ -64,6 +64,8 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -381,10 +383,53 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
 // Host side
 // ---------------------------------------------------------------------------
 struct Flat {
-  at::Tensor F, M, W, z, c;  // acc dtype, contiguous; M undefined when parts is None
+  // acc dtype, contiguous; M undefined when parts is None.  F is the
+  // bfloat16 features themselves when `split` (see bf16_split_gemms).
+  at::Tensor F, M, W, z, c;
   int64_t N, C, P, B, K;
   at::ScalarType acc;
+  bool split = false;
 };
+
+// Opt-in (PERSONVLAD_CUDA_BF16_GEMM=split3, read at each call): for bfloat16
+// features, every GEMM with F runs on bf16 tensor cores instead of as an IEEE
+// fp32 GEMM over a float32 copy of F.  The other operand (W, A', dV or dG,
+// float32) is split into three bf16 pieces, hi + mid + lo, which together
+// keep its 24 mantissa bits (bf16 has float32's exponent range); each piece
+// times F (exact in bf16) is exact in the fp32 accumulator, so the result
+// carries fp32-GEMM-sized rounding only.  Three bf16 products cost less than
+// one fp32 SIMT GEMM on sm_80+, and F is never copied to float32 (at the
+// large benchmark shape, 103 MB).  Off by default until a GPU benchmark of
+// both paths in one run decides (bench/test_bench_ops.py, fused-cuda-split3).
+bool bf16_split_gemms(const at::Tensor& features) {
+  if (features.scalar_type() != at::kBFloat16) return false;
+  const char* v = std::getenv("PERSONVLAD_CUDA_BF16_GEMM");
+  return v != nullptr && std::strcmp(v, "split3") == 0;
+}
+
+// The float32 matrices a (..., M, L) as their bf16 pieces stacked along dim
+// -2: (..., 3M, L) = [hi; mid; lo], hi + mid + lo == a to ~2^-24 relative.
+at::Tensor split3_rows(const at::Tensor& a) {
+  const at::Tensor hi = a.to(at::kBFloat16);
+  const at::Tensor r = a - hi.to(at::kFloat);
+  const at::Tensor mid = r.to(at::kBFloat16);
+  const at::Tensor lo = (r - mid.to(at::kFloat)).to(at::kBFloat16);
+  return at::cat({hi, mid, lo}, -2);
+}
+
+// a @ b for a float32 (N, M, L) and b bfloat16 (N, L, Q), float32 (N, M, Q):
+// one bf16 GEMM of the stacked pieces with float32 output, then
+// (hi + mid) + lo.  `a3` is split3_rows(a), possibly expanded over N.
+at::Tensor bmm_split3(const at::Tensor& a3, const at::Tensor& b) {
+  const int64_t M = a3.size(-2) / 3;
+  const at::Tensor r = at::bmm(a3, b, at::kFloat);  // (N, 3M, Q)
+  return (r.narrow(1, 0, M) + r.narrow(1, M, M)).add_(r.narrow(1, 2 * M, M));
+}
+
+// a @ b with b = F or F^T (its bf16 self when f.split), in the acc dtype.
+at::Tensor gemm_with_F(const Flat& f, const at::Tensor& a, const at::Tensor& b) {
+  return f.split ? bmm_split3(split3_rows(a), b) : at::bmm(a, b);
+}
 
 void check_inputs(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                   const at::Tensor& W, const at::Tensor& z, const at::Tensor& c) {
@@ -430,7 +475,8 @@ Flat flatten_inputs(const at::Tensor& features, const std::optional<at::Tensor>&
   f.K = W.size(0);
   f.B = parts.has_value() ? parts->size(1) : 1;
   f.acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  f.F = features.reshape({f.N, f.C, f.P}).to(f.acc).contiguous();
+  f.split = bf16_split_gemms(features);
+  f.F = features.reshape({f.N, f.C, f.P}).to(f.split ? at::kBFloat16 : f.acc).contiguous();
   if (parts.has_value()) f.M = parts->reshape({f.N, f.B, f.P}).to(f.acc).contiguous();
   f.W = W.to(f.acc).contiguous();
   f.z = z.to(f.acc).contiguous();
@@ -469,9 +515,11 @@ struct Core {
 };
 
 Core forward_core(const Flat& f) {
-  const auto opts = f.F.options();
+  const auto opts = f.W.options();
   Core r;
-  {
+  if (f.split) {
+    r.G = bmm_split3(split3_rows(f.W).expand({f.N, 3 * f.K, f.C}), f.F);  // (N, K, P)
+  } else {
     // The logits W F stay IEEE fp32 even where the process lets cuBLAS use
     // TF32 (allow_tf32 / set_float32_matmul_precision("high")): TF32 keeps 10
     // mantissa bits, an error of ~0.5 on logits of ~1e3 (alpha = 1000), which
@@ -500,8 +548,8 @@ Core forward_core(const Flat& f) {
             f.B, f.K, f.P);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  r.S = Sc.sum(2);                                     // (N, K)
-  r.Vraw = at::bmm(r.Ap, f.F.transpose(1, 2));         // (N, K, C)
+  r.S = Sc.sum(2);                                       // (N, K)
+  r.Vraw = gemm_with_F(f, r.Ap, f.F.transpose(1, 2));    // (N, K, C)
   return r;
 }
 
@@ -529,7 +577,7 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
 
   const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers);
   const Core core = forward_core(f);
-  at::Tensor rn = at::empty({N, K}, f.F.options());
+  at::Tensor rn = at::empty({N, K}, f.W.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_epilogue", [&] {
@@ -569,7 +617,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
 
   const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers);
   const int64_t B = f.B, P = f.P;
-  const auto opts = f.F.options();
+  const auto opts = f.W.options();
   const Core core = forward_core(f);  // recompute
   const at::Tensor gO = grad_output.reshape({N, K, C}).to(f.acc).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -587,7 +635,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
   });
 
   // Through V = A' F^T - S c.
-  const at::Tensor dAp = at::bmm(dV, f.F);                    // (N, K, P)
+  const at::Tensor dAp = gemm_with_F(f, dV, f.F);              // (N, K, P)
   const at::Tensor dc = (dV * core.S.unsqueeze(2)).sum(0).neg_();  // (K, C)
 
   // Through the part-reweighted softmax.
@@ -617,7 +665,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
   const at::Tensor dF = at::baddbmm(at::bmm(f.W.t().expand({N, C, K}), dG), dV.transpose(1, 2),
                                     core.Ap);  // (N, C, P)
   // sum_n dG F^T: N*K*C of scratch, not the permuted copies of F and dG.
-  const at::Tensor dW = at::bmm(dG, f.F.transpose(1, 2)).sum(0);  // (K, C)
+  const at::Tensor dW = gemm_with_F(f, dG, f.F.transpose(1, 2)).sum(0);  // (K, C)
   const at::Tensor dz = dZc.sum(at::IntArrayRef{0, 2});                          // (K,)
 
   return std::make_tuple(
