@@ -515,6 +515,15 @@ def test_split_bf16_gemms_as_accurate_as_float32_gemms(monkeypatch, shape, alpha
 
 
 @pytest.mark.cuda
+def test_split_bf16_gemms_switch_rejects_unknown_values(monkeypatch):
+    needs_native_cuda()
+    args = make_inputs(N=2, C=8, S=(3,), B=2, K=3, dtype=torch.bfloat16, device="cuda")
+    monkeypatch.setenv("PERSONVLAD_CUDA_BF16_GEMM", "split")
+    with pytest.raises(ValueError, match="PERSONVLAD_CUDA_BF16_GEMM: expected 'split3' or 'fp32'"):
+        FWD(*args, True)
+
+
+@pytest.mark.cuda
 def test_alpha_1000_init():
     """Huge logits (the paper's alpha=1000): finite, and float64 matches the reference."""
     needs_native_cuda()

@@ -402,9 +402,11 @@ struct Flat {
 // large benchmark shape, 103 MB).  Off by default until a GPU benchmark of
 // both paths in one run decides (bench/test_bench_ops.py, fused-cuda-split3).
 bool bf16_split_gemms(const at::Tensor& features) {
-  if (features.scalar_type() != at::kBFloat16) return false;
   const char* v = std::getenv("PERSONVLAD_CUDA_BF16_GEMM");
-  return v != nullptr && std::strcmp(v, "split3") == 0;
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "fp32") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "split3") == 0,
+                    "PERSONVLAD_CUDA_BF16_GEMM: expected 'split3' or 'fp32', got '", v, "'");
+  return features.scalar_type() == at::kBFloat16;
 }
 
 // The float32 matrices a (..., M, L) as their bf16 pieces stacked along dim
