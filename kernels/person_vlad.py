@@ -785,7 +785,7 @@ def _forward_impl(
     assign_bias: torch.Tensor,
     centers: torch.Tensor,
     normalize: bool,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # the schema torch 2.11 infers from these annotations
     check_supported(features, parts, assign_weight, assign_bias, centers)
     F, M, N, C, P = _flatten(features, parts)
     K = assign_weight.shape[0]

@@ -331,6 +331,15 @@ def test_opcheck_forward(normalize):
     assert all(v == "SUCCESS" for v in res.values()), res
 
 
+def test_op_bodies_annotations_match_the_schemas():
+    """torch 2.11's triton_op ignores ``schema=`` and infers the schema from the
+    op body's annotations; a return annotation left at two Tensors when the
+    forward gained its third output crashed the op there (segfault under
+    FakeTensorMode) while 2.14, which takes the explicit schema, passed."""
+    assert torch.library.infer_schema(tk._forward_impl, mutates_args=()) == tk._FWD_SCHEMA
+    assert torch.library.infer_schema(tk._backward_impl, mutates_args=()) == tk._BWD_SCHEMA
+
+
 def test_opcheck_forward_no_parts():
     F, _, W, z, c = make_inputs(N=2, C=8, S=(6,), B=None, K=4, device=DEV, requires_grad=True)
     res = torch.library.opcheck(torch.ops.personvlad.person_vlad_triton, (F, None, W, z, c, True))
