@@ -28,6 +28,10 @@ from personvlad import ops, reference, roofline
 from personvlad._memory import peak_bytes
 
 HAS_CUDA = torch.cuda.is_available()
+# One compiled unfused function serves every shape, dtype and pass of a run
+# (the GPU suite has 8, bench/profile_op.py as many): above Dynamo's default
+# recompile limit of 8 it would silently run eager under the compile label.
+torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
 CPU_SHAPES = {"paper-cpu": dict(N=8, C=256, S=(2, 11, 5), B=6, K=64)}
 GPU_SHAPES = {
