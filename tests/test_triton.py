@@ -165,6 +165,23 @@ GRAD_CASES = [
 ]
 
 
+def _assert_grads_within_2x_reference(ins, normalize, go, floor):
+    """The Triton op's gradients against the float64 oracle: each in its
+    input's dtype and shape, and within 2x the reference's own error in the
+    inputs' dtypes plus ``floor`` times the gradient's scale."""
+    g_tri = _grads(_triton, ins, normalize, go)
+    g_64 = _grads(_ref, ins, normalize, go, cast=torch.float64)
+    g_same = _grads(_ref, ins, normalize, go)
+    for name, t, gt, g64, gs in zip(NAMES, ins, g_tri, g_64, g_same):
+        if t is None:
+            continue
+        assert gt.dtype == t.dtype and gt.shape == t.shape, name
+        scale = g64.abs().max().item()
+        ref_err = (gs.double() - g64).abs().max().item()
+        err = (gt.double() - g64).abs().max().item()
+        assert err <= 2 * ref_err + floor * scale, f"{name}: err {err:.3e} vs the reference's own {ref_err:.3e}"
+
+
 @pytest.mark.parametrize("grid,B,normalize,alpha", GRAD_CASES)
 def test_gradients_float32(grid, B, normalize, alpha, fwd_path):
     """All five gradients within ~2x of the reference's own float32 error
@@ -172,17 +189,7 @@ def test_gradients_float32(grid, B, normalize, alpha, fwd_path):
     ins = make_inputs(N=2, C=12, S=grid, B=B, K=5, alpha=alpha, device=DEV, seed=7)
     shape = (2, 60) if normalize else (2, 5, 12)
     go = torch.randn(shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64).to(DEV)
-    g_tri = _grads(_triton, ins, normalize, go)
-    g_64 = _grads(_ref, ins, normalize, go, cast=torch.float64)
-    g_32 = _grads(_ref, ins, normalize, go)
-    for name, t, gt, g64, g32 in zip(NAMES, ins, g_tri, g_64, g_32):
-        if t is None:
-            continue
-        assert gt.dtype == t.dtype and gt.shape == t.shape, name
-        scale = g64.abs().max().item()
-        ref_err = (g32.double() - g64).abs().max().item()
-        err = (gt.double() - g64).abs().max().item()
-        assert err <= 2 * ref_err + 1e-6 * scale, f"{name}: err {err:.3e} vs reference fp32 err {ref_err:.3e}"
+    _assert_grads_within_2x_reference(ins, normalize, go, floor=1e-6)
 
 
 def test_gradients_half_features_float32_params():
@@ -192,15 +199,7 @@ def test_gradients_half_features_float32_params():
     ins = make_inputs(N=2, C=12, S=(3, 5), B=2, K=5, dtype=torch.float16, device=DEV, seed=11)
     assert ins[2].dtype == torch.float32
     go = torch.randn(2, 60, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(DEV)
-    g_tri = _grads(_triton, ins, True, go)
-    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
-    g_16 = _grads(_ref, ins, True, go)
-    for name, t, gt, g64, g16 in zip(NAMES, ins, g_tri, g_64, g_16):
-        assert gt.dtype == t.dtype and gt.shape == t.shape, name
-        scale = g64.abs().max().item()
-        ref_err = (g16.double() - g64).abs().max().item()
-        err = (gt.double() - g64).abs().max().item()
-        assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: err {err:.3e} vs reference fp16 err {ref_err:.3e}"
+    _assert_grads_within_2x_reference(ins, True, go, floor=1e-3)
 
 
 def test_half_forward_keeps_float32_output_for_backward():
@@ -222,15 +221,7 @@ def test_gradients_half_match_float32_reference():
     as ``y`` its error was 18x the reference's (seen on an H200 first)."""
     ins = make_inputs(N=4, C=32, S=(4, 6, 3), B=4, K=16, dtype=torch.float16, device=DEV, seed=8)
     go = torch.randn(4, 16 * 32, generator=torch.Generator().manual_seed(8), dtype=torch.float64).to(DEV)
-    g_tri = _grads(_triton, ins, True, go)
-    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
-    g_16 = _grads(_ref, ins, True, go)
-    for name, t, gt, g64, g16 in zip(NAMES, ins, g_tri, g_64, g_16):
-        assert gt.dtype == t.dtype, name
-        scale = g64.abs().max().item()
-        ref_err = (g16.double() - g64).abs().max().item()
-        err = (gt.double() - g64).abs().max().item()
-        assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: err {err:.3e} vs reference fp16 err {ref_err:.3e}"
+    _assert_grads_within_2x_reference(ins, True, go, floor=1e-3)
 
 
 def test_mixed_input_dtypes():
@@ -670,14 +661,7 @@ def test_cuda_gradients_realistic_shapes(shape):
     ins = make_inputs(device="cuda", seed=6, **shape)
     N, C, K = shape["N"], shape["C"], shape["K"]
     go = torch.randn(N, K * C, device="cuda", dtype=torch.float64)
-    g_tri = _grads(_triton, ins, True, go)
-    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
-    g_32 = _grads(_ref, ins, True, go)
-    for name, gt, g64, g32 in zip(NAMES, g_tri, g_64, g_32):
-        scale = g64.abs().max().item()
-        ref_err = (g32.double() - g64).abs().max().item()
-        err = (gt.double() - g64).abs().max().item()
-        assert err <= 2 * ref_err + 1e-6 * scale, f"{name}: err {err:.3e} vs reference fp32 err {ref_err:.3e}"
+    _assert_grads_within_2x_reference(ins, True, go, floor=1e-6)
 
 
 @pytest.mark.cuda
@@ -685,15 +669,7 @@ def test_cuda_gradients_realistic_shapes(shape):
 def test_cuda_gradients_half(dtype):
     ins = make_inputs(N=8, C=64, S=(4, 6, 3), B=4, K=16, dtype=dtype, device="cuda", seed=8)
     go = torch.randn(8, 16 * 64, device="cuda", dtype=torch.float64)
-    g_tri = _grads(_triton, ins, True, go)
-    g_64 = _grads(_ref, ins, True, go, cast=torch.float64)
-    g_h = _grads(_ref, ins, True, go)
-    for name, t, gt, g64, gh in zip(NAMES, ins, g_tri, g_64, g_h):
-        assert gt.dtype == t.dtype, name
-        scale = g64.abs().max().item()
-        ref_err = (gh.double() - g64).abs().max().item()
-        err = (gt.double() - g64).abs().max().item()
-        assert err <= 2 * ref_err + 1e-3 * scale, f"{name}: err {err:.3e} vs reference err {ref_err:.3e}"
+    _assert_grads_within_2x_reference(ins, True, go, floor=1e-3)
 
 
 @pytest.mark.cuda
