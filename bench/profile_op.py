@@ -5,7 +5,7 @@ kernels (``torch.profiler``), at the op benchmarks' shapes.
     python bench/profile_op.py --device cpu --shapes tiny --out DIR   # (what the test runs)
 
 For each shape, dtype, variant (``fused-cuda``, ``fused-triton``,
-``unfused-compile``, ``unfused-eager``; on CPU ``fused-cpu`` and
+``fused-cuda-split3`` (bf16), ``unfused-compile``, ``unfused-eager``; on CPU ``fused-cpu`` and
 ``unfused-eager``) and pass (``fwd``, ``fwdbwd``) it records
 
 - ``wall_us``: median over ``--rounds`` of one call + synchronize (what the
@@ -37,11 +37,11 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_bench_ops import GPU_SHAPES, _inputs, _variants  # noqa: E402
+from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _variants  # noqa: E402
 
 SHAPES = dict(GPU_SHAPES, tiny=dict(N=2, C=16, S=(2, 3, 2), B=2, K=4))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-GPU_VARIANTS = ("fused-cuda", "fused-triton", "unfused-compile", "unfused-eager")
+GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-cuda-split3", "unfused-compile", "unfused-eager")
 CPU_VARIANTS = ("fused-cpu", "unfused-eager")
 
 
@@ -127,14 +127,24 @@ def run(device, shapes, dtypes, variants, modes, rounds, top, save=None):
                 for v in variants:
                     if v not in table:
                         continue
+                    if v in _ABLATION_ENV and dtype != torch.bfloat16:
+                        continue  # the ablations are bf16 switches, as in the op benchmarks
                     torch.manual_seed(0)
                     args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))
                     rec = dict(shape=shape_name, dtype=dname, mode=mode, variant=v, N=shape["N"], C=shape["C"],
                                P=math.prod(shape["S"]), B=shape["B"], K=shape["K"])
+                    saved = {k: os.environ.get(k) for k in _ABLATION_ENV.get(v, {})}
+                    os.environ.update(_ABLATION_ENV.get(v, {}))  # the variant's switch, for this case only
                     try:
                         rec.update(profile_case(table[v], args, mode, device, rounds, top))
                     except Exception as e:  # one failing variant must not cost the others
                         rec["error"] = f"{type(e).__name__}: {e}"
+                    finally:
+                        for k, old in saved.items():
+                            if old is None:
+                                os.environ.pop(k, None)
+                            else:
+                                os.environ[k] = old
                     results.append(rec)
                     print(_line(rec), flush=True)
                     if save is not None:
