@@ -24,13 +24,16 @@ config without autotuning.
 Registered ops
 --------------
 ``personvlad::person_vlad_triton(Tensor features, Tensor? parts, Tensor assign_weight,
-Tensor assign_bias, Tensor centers, bool normalize) -> (Tensor, Tensor, Tensor)``
+Tensor assign_bias, Tensor centers, bool normalize, bool keep_f32=False) -> (Tensor, Tensor, Tensor)``
     returns ``(out, norms, out_f32)``; ``norms`` is float32 ``(N, K+1)`` (the
     K row norms of the raw ``V`` then the norm of the intra-normalised vector)
     when ``normalize`` and ``(N, 0)`` otherwise.  ``out_f32`` is the
     normalised output before its rounding to ``features.dtype``, float32
-    ``(N, K*C)``, when ``normalize`` and the features are half precision, and
-    float32 ``(N, 0)`` otherwise.  Both exist so autograd can save them (they
+    ``(N, K*C)``, when ``keep_f32`` and ``normalize`` and the features are
+    half precision, and float32 ``(N, 0)`` otherwise; :func:`person_vlad_triton`
+    asks for it only when a backward can follow (grad mode on and an input
+    that requires grad), so inference keeps one launch and no float32 copy.
+    Both exist so autograd can save them (they
     are marked non-differentiable): the backward's ``t = y . dy`` and
     ``q_k = y_k . (dy_k - y_k t)`` from a half-rounded ``y`` put errors of
     ~1e-2 (relative) into ``assign_bias``'s gradient, a sum over positions
@@ -40,7 +43,8 @@ Tensor assign_weight, Tensor assign_bias, Tensor centers, Tensor out, Tensor nor
 bool normalize) -> (Tensor, Tensor, Tensor, Tensor, Tensor)``
     ``(dF, dM or empty(0), dW, dz, dc)``, each in its input's dtype and shape.
     ``out`` is the forward's ``out_f32`` where that is not empty, else its
-    ``out``.
+    ``out`` (the raw op called with ``keep_f32=False`` and then differentiated
+    falls back to the rounded output).
 
 Both are ``torch.library.triton_op`` s (so ``torch.compile`` sees the Triton
 kernels).  Under ``TRITON_INTERPRET=1`` (CPU testing) ``wrap_triton`` cannot
@@ -785,26 +789,27 @@ def _forward_impl(
     assign_bias: torch.Tensor,
     centers: torch.Tensor,
     normalize: bool,
+    keep_f32: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # the schema torch 2.11 infers from these annotations
     check_supported(features, parts, assign_weight, assign_bias, centers)
     F, M, N, C, P = _flatten(features, parts)
     K = assign_weight.shape[0]
     if N == 0:
-        return _forward_fake(features, parts, assign_weight, assign_bias, centers, normalize)
+        return _forward_fake(features, parts, assign_weight, assign_bias, centers, normalize, keep_f32)
     W = assign_weight.contiguous()
     z = assign_bias.contiguous()
     c = centers.contiguous()
-    if _keeps_f32_output(features.dtype, normalize):
+    if _keeps_f32_output(features.dtype, normalize, keep_f32):
         y32, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, torch.float32)
         return y32.to(features.dtype), norms, y32
     out, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, features.dtype)
     return out, norms, features.new_empty((N, 0), dtype=torch.float32)
 
 
-def _keeps_f32_output(dtype, normalize) -> bool:
+def _keeps_f32_output(dtype, normalize, keep_f32) -> bool:
     """Whether the forward also returns its normalised output in float32 for
-    the backward (half-precision features; see the op's schema above)."""
-    return normalize and dtype != torch.float32
+    the backward (asked for, and half-precision features; see the op's schema above)."""
+    return keep_f32 and normalize and dtype != torch.float32
 
 
 def _backward_impl(
@@ -842,7 +847,7 @@ _FWD_NAME = "personvlad::person_vlad_triton"
 _BWD_NAME = "personvlad::person_vlad_triton_backward"
 _FWD_SCHEMA = (
     "(Tensor features, Tensor? parts, Tensor assign_weight, Tensor assign_bias, "
-    "Tensor centers, bool normalize) -> (Tensor, Tensor, Tensor)"
+    "Tensor centers, bool normalize, bool keep_f32=False) -> (Tensor, Tensor, Tensor)"
 )
 _BWD_SCHEMA = (
     "(Tensor grad_out, Tensor features, Tensor? parts, Tensor assign_weight, "
@@ -851,11 +856,11 @@ _BWD_SCHEMA = (
 )
 
 
-def _forward_fake(features, parts, assign_weight, assign_bias, centers, normalize):
+def _forward_fake(features, parts, assign_weight, assign_bias, centers, normalize, keep_f32=False):
     N, C = features.shape[0], features.shape[1]
     K = assign_weight.shape[0]
     shape = (N, K * C) if normalize else (N, K, C)
-    keep = _keeps_f32_output(features.dtype, normalize)
+    keep = _keeps_f32_output(features.dtype, normalize, keep_f32)
     return (features.new_empty(shape),
             features.new_empty((N, K + 1 if normalize else 0), dtype=torch.float32),
             features.new_empty((N, K * C if keep else 0), dtype=torch.float32))
@@ -884,12 +889,15 @@ register_flop_formulas(torch.ops.personvlad.person_vlad_triton, torch.ops.person
 
 
 def _setup_context(ctx, inputs, output):
-    features, parts, W, z, c, normalize = inputs
+    features, parts, W, z, c, normalize, keep_f32 = inputs
     out, norms, out_f32 = output
     ctx.normalize = normalize
     ctx.has_parts = parts is not None
     ctx.mark_non_differentiable(norms, out_f32)
-    y = out_f32 if _keeps_f32_output(features.dtype, normalize) else out
+    # no zero-filled gradients for the two non-differentiable outputs (out_f32
+    # is as large as the output in float32): unused ones arrive as None
+    ctx.set_materialize_grads(False)
+    y = out_f32 if _keeps_f32_output(features.dtype, normalize, keep_f32) else out
     ctx.save_for_backward(features, parts, W, z, c, y, norms)
 
 
@@ -900,7 +908,7 @@ def _backward(ctx, grad_out, grad_norms, grad_out_f32):
     dF, dM, dW, dz, dc = torch.ops.personvlad.person_vlad_triton_backward(
         grad_out, features, parts if ctx.has_parts else None, W, z, c, out, norms, ctx.normalize
     )
-    return dF, (dM if ctx.has_parts else None), dW, dz, dc, None
+    return dF, (dM if ctx.has_parts else None), dW, dz, dc, None, None
 
 
 torch.library.register_autograd(_FWD_NAME, _backward, setup_context=_setup_context)
@@ -918,8 +926,8 @@ def person_vlad_triton(
     validated by :func:`personvlad.ops.validate`.  Raises
     :class:`UnsupportedInput` (a ``ValueError``) outside :func:`supports`."""
     check_supported(features, parts, assign_weight, assign_bias, centers)
+    ins = (features, parts, assign_weight, assign_bias, centers)
+    keep_f32 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)
     with on_tensor_device(features):
-        out, _, _ = torch.ops.personvlad.person_vlad_triton(
-            features, parts, assign_weight, assign_bias, centers, normalize
-        )
+        out, _, _ = torch.ops.personvlad.person_vlad_triton(*ins, normalize, keep_f32)
     return out

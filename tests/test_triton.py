@@ -203,15 +203,49 @@ def test_gradients_half_features_float32_params():
 
 
 def test_half_forward_keeps_float32_output_for_backward():
-    """Half features: the op's third output is the normalised descriptor
-    before rounding (float32), and ``out`` is exactly its rounding."""
+    """Half features with keep_f32: the op's third output is the normalised
+    descriptor before rounding (float32), and ``out`` is exactly its rounding;
+    without keep_f32 (the default), or unnormalised, it is empty."""
     ins = make_inputs(N=2, C=8, S=(3, 4), B=2, K=4, dtype=torch.float16, device=DEV, seed=2)
-    out, norms, out_f32 = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    out, norms, out_f32 = torch.ops.personvlad.person_vlad_triton(*ins, True, True)
     assert out.dtype == torch.float16 and out_f32.dtype == torch.float32 and out_f32.shape == out.shape
     assert torch.equal(out, out_f32.to(torch.float16))
     torch.testing.assert_close(out_f32.double(), _oracle(ins, True), atol=1e-5, rtol=1e-4)
-    raw, _, none = torch.ops.personvlad.person_vlad_triton(*ins, False)
+    out2, _, none = torch.ops.personvlad.person_vlad_triton(*ins, True)
+    assert torch.equal(out2, out) and none.shape == (2, 0) and none.dtype == torch.float32
+    raw, _, none = torch.ops.personvlad.person_vlad_triton(*ins, False, True)
     assert raw.dtype == torch.float16 and none.shape == (2, 0)
+
+
+class _RecordOpCalls(TorchDispatchMode):
+    """keep_f32 and the third output's shape of each person_vlad_triton call."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket is torch.ops.personvlad.person_vlad_triton:
+            keep = args[6] if len(args) > 6 else (kwargs or {}).get("keep_f32", False)
+            self.calls.append((keep, tuple(out[2].shape)))
+        return out
+
+
+def test_float32_output_kept_only_when_a_backward_can_follow():
+    """The layer's path asks for the float32 output only with grad mode on and
+    an input that requires grad: inference keeps one output buffer."""
+    ins = make_inputs(N=2, C=8, S=(3, 4), B=2, K=4, dtype=torch.float16, device=DEV, seed=3)
+    cases = [(False, True, False), (True, False, False), (True, True, True)]  # grad mode, requires_grad, kept
+    for grad_mode, req, kept in cases:
+        leaves = [t.detach().requires_grad_(req) for t in ins]
+        rec = _RecordOpCalls()
+        with torch.set_grad_enabled(grad_mode), rec:
+            out = _triton(*leaves)
+        assert rec.calls == [(kept, (2, 32) if kept else (2, 0))], (grad_mode, req, rec.calls)
+        if kept:
+            out.float().sum().backward()
+            assert all(t.grad is not None for t in leaves)
 
 
 def test_gradients_half_match_float32_reference():
