@@ -44,7 +44,9 @@
 //
 // Everything is computed in the accumulation dtype acc_t (float64 for float64
 // features, else float32); half/bfloat16 features are converted to float32 up
-// front (so cuBLAS runs in fp32), and results are cast to each input's dtype.
+// front (so cuBLAS runs in fp32; bfloat16 features under the opt-in
+// PERSONVLAD_CUDA_BF16_GEMM=split3 stay bf16, see bf16_split_gemms), and
+// results are cast to each input's dtype.
 // The largest temporaries are of size N*K*P (G, A', per-(n,k,s) S partials, dA',
 // dG, per-(n,k,s) dz partials) and N*K*C; nothing of size N*B*K*P is allocated
 // (the per-(b,s) softmax statistics are N*B*P).  All reductions are done in a
@@ -396,17 +398,23 @@ struct Flat {
 // fp32 GEMM over a float32 copy of F.  The other operand (W, A', dV or dG,
 // float32) is split into three bf16 pieces, hi + mid + lo, which together
 // keep its 24 mantissa bits (bf16 has float32's exponent range); each piece
-// times F (exact in bf16) is exact in the fp32 accumulator, so the result
-// carries fp32-GEMM-sized rounding only.  Three bf16 products cost less than
-// one fp32 SIMT GEMM on sm_80+, and F is never copied to float32 (at the
-// large benchmark shape, 103 MB).  Off by default until a GPU benchmark of
+// times F (exact in bf16) is exact before accumulation; the tensor cores'
+// fp32 accumulation (reported to truncate rather than round on A100/H100)
+// adds an error of the order of an fp32 GEMM's, far below the bf16 output's.
+// Three bf16 products cost less than one fp32 SIMT GEMM on sm_80+, and F is
+// never copied to float32 (at the large benchmark shape, 103 MB).  Off by default until a GPU benchmark of
 // both paths in one run decides (bench/test_bench_ops.py, fused-cuda-split3).
+// sm_80 and newer only (bf16 tensor cores); elsewhere the fp32 path runs.
 bool bf16_split_gemms(const at::Tensor& features) {
   const char* v = std::getenv("PERSONVLAD_CUDA_BF16_GEMM");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "fp32") == 0) return false;
   TORCH_CHECK_VALUE(std::strcmp(v, "split3") == 0,
                     "PERSONVLAD_CUDA_BF16_GEMM: expected 'split3' or 'fp32', got '", v, "'");
-  return features.scalar_type() == at::kBFloat16;
+  if (features.scalar_type() != at::kBFloat16) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
+                                        features.device().index()));
+  return major >= 8;
 }
 
 // The float32 matrices a (..., M, L) as their bf16 pieces stacked along dim
@@ -575,6 +583,7 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
+  bf16_split_gemms(features);  // a bad PERSONVLAD_CUDA_BF16_GEMM fails at N == 0 too
   if (N == 0) return out;
 
   const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers);
@@ -609,6 +618,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
               N * K * C, " elements (N=", N, ", K=", K, ", C=", C, "), got shape ",
               grad_output.sizes());
 
+  bf16_split_gemms(features);  // a bad PERSONVLAD_CUDA_BF16_GEMM fails at N == 0 too
   if (N == 0) {
     return std::make_tuple(at::empty_like(features),
                            parts.has_value() ? at::empty_like(*parts)
