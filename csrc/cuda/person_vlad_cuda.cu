@@ -402,9 +402,11 @@ struct Flat {
 // fp32 accumulation (reported to truncate rather than round on A100/H100)
 // adds an error of the order of an fp32 GEMM's, far below the bf16 output's.
 // Three bf16 products cost less than one fp32 SIMT GEMM on sm_80+, and F is
-// never copied to float32 (at the large benchmark shape, 103 MB).  Off by default until a GPU benchmark of
-// both paths in one run decides (bench/test_bench_ops.py, fused-cuda-split3).
-// sm_80 and newer only (bf16 tensor cores); elsewhere the fp32 path runs.
+// never copied to float32 (at the large benchmark shape, 103 MB).  Off by
+// default until a GPU benchmark of both paths in one run decides
+// (bench/test_bench_ops.py, fused-cuda-split3).  sm_80 and newer only (bf16
+// tensor cores); elsewhere the fp32 path runs.  Each entry point calls this
+// once, before its N == 0 return, so a bad value fails for every batch.
 bool bf16_split_gemms(const at::Tensor& features) {
   const char* v = std::getenv("PERSONVLAD_CUDA_BF16_GEMM");
   if (v == nullptr || *v == '\0' || std::strcmp(v, "fp32") == 0) return false;
@@ -476,7 +478,7 @@ void check_inputs(const at::Tensor& features, const std::optional<at::Tensor>& p
 }
 
 Flat flatten_inputs(const at::Tensor& features, const std::optional<at::Tensor>& parts,
-                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c) {
+                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool split) {
   Flat f;
   f.N = features.size(0);
   f.C = features.size(1);
@@ -485,7 +487,7 @@ Flat flatten_inputs(const at::Tensor& features, const std::optional<at::Tensor>&
   f.K = W.size(0);
   f.B = parts.has_value() ? parts->size(1) : 1;
   f.acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  f.split = bf16_split_gemms(features);
+  f.split = split;
   f.F = features.reshape({f.N, f.C, f.P}).to(f.split ? at::kBFloat16 : f.acc).contiguous();
   if (parts.has_value()) f.M = parts->reshape({f.N, f.B, f.P}).to(f.acc).contiguous();
   f.W = W.to(f.acc).contiguous();
@@ -583,10 +585,10 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
-  bf16_split_gemms(features);  // a bad PERSONVLAD_CUDA_BF16_GEMM fails at N == 0 too
+  const bool split = bf16_split_gemms(features);
   if (N == 0) return out;
 
-  const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers);
+  const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers, split);
   const Core core = forward_core(f);
   at::Tensor rn = at::empty({N, K}, f.W.options());
   const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -618,7 +620,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
               N * K * C, " elements (N=", N, ", K=", K, ", C=", C, "), got shape ",
               grad_output.sizes());
 
-  bf16_split_gemms(features);  // a bad PERSONVLAD_CUDA_BF16_GEMM fails at N == 0 too
+  const bool split = bf16_split_gemms(features);
   if (N == 0) {
     return std::make_tuple(at::empty_like(features),
                            parts.has_value() ? at::empty_like(*parts)
@@ -627,7 +629,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
                            at::zeros_like(centers));
   }
 
-  const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers);
+  const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers, split);
   const int64_t B = f.B, P = f.P;
   const auto opts = f.W.options();
   const Core core = forward_core(f);  // recompute
