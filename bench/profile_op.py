@@ -37,25 +37,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _variants  # noqa: E402
+from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _op_step, _variants  # noqa: E402
 
 SHAPES = dict(GPU_SHAPES, tiny=dict(N=2, C=16, S=(2, 3, 2), B=2, K=4))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-cuda-split3", "unfused-compile", "unfused-eager")
 CPU_VARIANTS = ("fused-cpu", "unfused-eager")
-
-
-def _step(fn, args, mode):
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(*args)
-    else:
-        def step():
-            for t in args:
-                t.grad = None
-            fn(*args).float().sum().backward()
-    return step
 
 
 def _device_us(evt) -> float:
@@ -68,7 +55,7 @@ def _device_us(evt) -> float:
 def profile_case(fn, args, mode, device, rounds, top):
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
-    step = _step(fn, args, mode)
+    step = _op_step(fn, args, mode)  # unsynchronised: the pipelined timing needs that
     for _ in range(3):  # compilation, autotuning, cuDNN/cuBLAS heuristics
         step()
     sync()

@@ -92,6 +92,24 @@ _ABLATION_ENV = {
 }
 
 
+def _op_step(fn, args, mode, sync=None):
+    """One timed call of an op variant (also bench/profile_op.py's): the forward
+    under no_grad, or the forward and the backward of sum(out) with the
+    inputs' gradients reset first; then ``sync()`` when given."""
+    def step():
+        if mode == "fwd":
+            with torch.no_grad():
+                fn(*args)
+        else:
+            for t in args:
+                t.grad = None
+            fn(*args).float().sum().backward()
+        if sync is not None:
+            sync()
+
+    return step
+
+
 def _accuracy(fn, args, dtype):
     """Max abs error of ``fn`` vs the float64 reference, and the same for the
     eager reference in ``dtype`` (the budget the tests allow 2x of)."""
@@ -117,20 +135,7 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
     if variant == "fused-triton-tiled" and math.prod(shape["S"]) > 128:
         pytest.skip("the tiled forward is already the default at this P")
     args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
-    if mode == "fwd":
-        def step():
-            with torch.no_grad():
-                fn(*args)
-            sync()
-    else:
-        def step():
-            for t in args:
-                t.grad = None
-            fn(*args).float().sum().backward()
-            sync()
-
+    step = _op_step(fn, args, mode, torch.cuda.synchronize if device == "cuda" else None)
     step()  # warm-up (compilation, autotuning)
     peak = peak_bytes(step, device)
     P = math.prod(shape["S"])

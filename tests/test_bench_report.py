@@ -56,17 +56,23 @@ SUITE = textwrap.dedent('''
 ''')
 
 
-@pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    d = tmp_path_factory.mktemp("bench")
-    (d / "test_suite.py").write_text(SUITE)
+def _run_suite(d, suite):
+    """Run the benchmark suite text in folder ``d`` (its own rootdir) in a
+    subprocess; returns (the finished process, the --benchmark-json path)."""
+    (d / "test_suite.py").write_text(suite)
     (d / "pytest.ini").write_text("[pytest]\n")
     out = d / "results.json"
-    env = dict(os.environ, PYTHONDONTWRITEBYTECODE="1")
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(d),
          "-c", str(d / "pytest.ini"), f"--benchmark-json={out}", str(d / "test_suite.py")],
-        cwd=str(d), env=env, capture_output=True, text=True, timeout=120)
+        cwd=str(d), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True,
+        timeout=120)
+    return proc, out
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    proc, out = _run_suite(tmp_path_factory.mktemp("bench"), SUITE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return out
 
@@ -321,14 +327,7 @@ def test_benchmark_json_survives_sigint_mid_case(tmp_path):
     ones is still written (pytest-benchmark alone writes none)."""
     repo = pathlib.Path(__file__).resolve().parents[1]
     shutil.copy(repo / "bench" / "conftest.py", tmp_path / "conftest.py")
-    (tmp_path / "test_suite.py").write_text(INTERRUPTED_SUITE)
-    (tmp_path / "pytest.ini").write_text("[pytest]\n")
-    out = tmp_path / "results.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(tmp_path),
-         "-c", str(tmp_path / "pytest.ini"), f"--benchmark-json={out}", str(tmp_path / "test_suite.py")],
-        cwd=str(tmp_path), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"),
-        capture_output=True, text=True, timeout=120)
+    proc, out = _run_suite(tmp_path, INTERRUPTED_SUITE)
     assert proc.returncode == 2, proc.stdout + proc.stderr  # pytest's "interrupted"
     names = [b["name"] for b in json.loads(out.read_text())["benchmarks"]]
     assert names == ["test_finished"], proc.stdout + proc.stderr
