@@ -51,7 +51,10 @@ def _step_fn(preset: str, num_ids: int, per_id: int, device: str, step: int):
         # the trainer's loaders hand over pinned batches: a pageable 11.7 MB
         # copy would time the host's memcpy, not the step
         clips_u8 = clips_u8.pin_memory()
-    pids = (torch.arange(n) // per_id).to(dev)
+    # host labels, as the trainer's loaders give them: OIMLoss decides on them
+    # without a device sync (device labels would cost one sync per step, in
+    # the middle of it, before the backward is queued)
+    pids = torch.arange(n) // per_id
 
     def fn():
         x = clips_u8.to(dev, non_blocking=True).float().div_(255.0)
