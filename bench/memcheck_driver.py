@@ -2,7 +2,8 @@
 the native op's forward and backward over its edge cases (1/2/3-D grids,
 parts None/1/6, normalize on/off, N*P not a multiple of the block size, K=1,
 C=1, K>128, N=0), in all four dtypes, with contiguous and non-contiguous
-inputs.
+inputs; on CUDA through both forward paths (PERSONVLAD_CUDA_FWD=gemm and
+fused: the one-kernel forward's dynamic shared memory too).
 
     python bench/memcheck_driver.py [--device cuda|cpu]
 
@@ -35,25 +36,43 @@ CASES = [
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
+# The CUDA forward's two paths (PERSONVLAD_CUDA_FWD): the default GEMM path
+# and the one-kernel forward, which takes every case here but K=130.
+CUDA_FWD_PATHS = ("gemm", "fused")
+
+
 def run(device: str) -> int:
-    """Forward + backward of every case; returns the number of configurations."""
+    """Forward + backward of every case (on CUDA through both forward paths);
+    returns the number of configurations."""
     FWD = torch.ops.personvlad.person_vlad.default
     BWD = torch.ops.personvlad.person_vlad_backward.default
+    paths = CUDA_FWD_PATHS if device == "cuda" else (None,)
+    saved = os.environ.get("PERSONVLAD_CUDA_FWD")
     n = 0
-    for dtype in DTYPES:
-        for case in CASES:
-            for normalize in (True, False):
-                args = make_inputs(**case, dtype=dtype, device=device, seed=n)
-                nc = make_inputs(**case, dtype=dtype, device=device, seed=n, noncontig=True) if case["N"] else args
-                for a in (args, nc):
-                    out = FWD(*a, normalize)
-                    grads = BWD(torch.ones_like(out), *a, normalize)
-                    if device == "cuda":
-                        torch.cuda.synchronize()
-                    bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t.float()).all()]
-                    if bad:
-                        raise AssertionError(f"non-finite outputs {bad}: {case}, {dtype}, normalize={normalize}")
-                n += 1
+    try:
+        for dtype in DTYPES:
+            for case in CASES:
+                for normalize in (True, False):
+                    args = make_inputs(**case, dtype=dtype, device=device, seed=n)
+                    nc = make_inputs(**case, dtype=dtype, device=device, seed=n, noncontig=True) if case["N"] else args
+                    for path in paths:
+                        if path is not None:
+                            os.environ["PERSONVLAD_CUDA_FWD"] = path
+                        for a in (args, nc):
+                            out = FWD(*a, normalize)
+                            grads = BWD(torch.ones_like(out), *a, normalize)
+                            if device == "cuda":
+                                torch.cuda.synchronize()
+                            bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t.float()).all()]
+                            if bad:
+                                raise AssertionError(f"non-finite outputs {bad}: {case}, {dtype}, "
+                                                     f"normalize={normalize}, forward path {path}")
+                    n += 1
+    finally:
+        if saved is None:
+            os.environ.pop("PERSONVLAD_CUDA_FWD", None)
+        else:
+            os.environ["PERSONVLAD_CUDA_FWD"] = saved
     return n
 
 
@@ -67,7 +86,8 @@ def main(argv=None) -> int:
         if not ops._NATIVE_CUDA:
             sys.exit("gpu_cuda_memcheck: personvlad._C has no CUDA kernels (build with nvcc)")
     n = run(dev)
-    print(f"memcheck driver ({dev}): {n} configurations, forward + backward, contiguous + non-contiguous")
+    paths = " (forward paths: " + ", ".join(CUDA_FWD_PATHS) + ")" if dev == "cuda" else ""
+    print(f"memcheck driver ({dev}): {n} configurations, forward + backward, contiguous + non-contiguous{paths}")
     return 0
 
 

@@ -5,7 +5,7 @@ kernels (``torch.profiler``), at the op benchmarks' shapes.
     python bench/profile_op.py --device cpu --shapes tiny --out DIR   # (what the test runs)
 
 For each shape, dtype, variant (``fused-cuda``, ``fused-triton``,
-``fused-cuda-split3`` (bf16), ``unfused-compile``, ``unfused-eager``; on CPU ``fused-cpu`` and
+``fused-cuda-split3`` (bf16), ``fused-cuda-1k`` (the paper shape), ``unfused-compile``, ``unfused-eager``; on CPU ``fused-cpu`` and
 ``unfused-eager``) and pass (``fwd``, ``fwdbwd``) it records
 
 - ``wall_us``: median over ``--rounds`` of one call + synchronize (what the
@@ -37,11 +37,12 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _op_step, _variants  # noqa: E402
+from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _op_step, _skip_reason, _variants  # noqa: E402
 
 SHAPES = dict(GPU_SHAPES, tiny=dict(N=2, C=16, S=(2, 3, 2), B=2, K=4))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-cuda-split3", "unfused-compile", "unfused-eager")
+GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-cuda-split3", "fused-cuda-1k", "unfused-compile",
+                "unfused-eager")
 CPU_VARIANTS = ("fused-cpu", "unfused-eager")
 
 
@@ -114,8 +115,8 @@ def run(device, shapes, dtypes, variants, modes, rounds, top, save=None):
                 for v in variants:
                     if v not in table:
                         continue
-                    if v in _ABLATION_ENV and dtype != torch.bfloat16:
-                        continue  # the ablations are bf16 switches, as in the op benchmarks
+                    if _skip_reason(v, shape_name, shape, dtype):
+                        continue  # as in the op benchmarks
                     torch.manual_seed(0)
                     args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))
                     rec = dict(shape=shape_name, dtype=dname, mode=mode, variant=v, N=shape["N"], C=shape["C"],

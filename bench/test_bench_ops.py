@@ -84,12 +84,18 @@ def _variants(device):
 # forward would run (P <= 128).  CUDA: the GEMMs with the bf16 features on
 # bf16 tensor cores, the float32 operand split in three bf16 pieces, instead
 # of IEEE fp32 GEMMs over a float32 copy of F (a candidate default: it runs
-# with the main op step, not the ablation step).
+# with the main op step, not the ablation step); and the one-kernel forward
+# (fused_forward_kernel: one launch, no intermediate in memory; a candidate
+# default at shapes whose A' fits a block's shared memory, so not the large
+# shape, P = 1568, where it would fall back to the same code as fused-cuda).
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
     "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
     "fused-cuda-split3": {"PERSONVLAD_CUDA_BF16_GEMM": "split3"},
+    "fused-cuda-1k": {"PERSONVLAD_CUDA_FWD": "fused"},
 }
+# Candidate defaults, measured in every dtype with the main op step.
+_CANDIDATES = ("fused-cuda-1k",)
 
 
 def _op_step(fn, args, mode, sync=None):
@@ -121,19 +127,30 @@ def _accuracy(fn, args, dtype):
     return err, ref_err
 
 
+def _skip_reason(variant, shape_name, shape, dtype):
+    """Why a variant is not measured at this shape and dtype (None: it is);
+    bench/profile_op.py follows the same rules."""
+    if variant == "unfused-naive" and shape_name == "large":
+        return "naive broadcast at the large shape needs > 10 GiB"
+    # the ablations in bf16 only (each costs a round of kernel compilation and
+    # autotuning); the tiled forward only where the one-program one applies
+    if variant in _ABLATION_ENV and variant not in _CANDIDATES and dtype != torch.bfloat16:
+        return f"{variant}: an ablation, measured in bf16 only"
+    if variant == "fused-triton-tiled" and math.prod(shape["S"]) > 128:
+        return "the tiled forward is already the default at this P"
+    if variant == "fused-cuda-1k" and math.prod(shape["S"]) > 128:
+        return "the one-kernel forward does not take this P: A' is over a block's shared memory"
+    return None
+
+
 def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
     variants = _variants(device)
     if variant not in variants:
         pytest.skip(f"{variant} not available on {device}")
     fn = variants[variant]
-    if variant == "unfused-naive" and shape_name == "large":
-        pytest.skip("naive broadcast at the large shape needs > 10 GiB")
-    # the ablations in bf16 only (each costs a round of kernel compilation and
-    # autotuning); the tiled forward only where the one-program one applies
-    if variant in _ABLATION_ENV and dtype != torch.bfloat16:
-        pytest.skip(f"{variant}: an ablation, measured in bf16 only")
-    if variant == "fused-triton-tiled" and math.prod(shape["S"]) > 128:
-        pytest.skip("the tiled forward is already the default at this P")
+    why = _skip_reason(variant, shape_name, shape, dtype)
+    if why:
+        pytest.skip(why)
     args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))
     step = _op_step(fn, args, mode, torch.cuda.synchronize if device == "cuda" else None)
     step()  # warm-up (compilation, autotuning)
@@ -185,7 +202,7 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
 
 CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
-                "fused-cuda-split3", "fused-triton-ieee", "fused-triton-tiled"]
+                "fused-cuda-split3", "fused-cuda-1k", "fused-triton-ieee", "fused-triton-tiled"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

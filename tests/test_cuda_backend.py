@@ -3,13 +3,15 @@
 Without a CUDA device two kinds of tests run: the build/registration checks,
 and ``test_kernel_source_emulated_*``, which compile the .cu's device code for
 the CPU (csrc/cuda/cpu_emulation.h) and check the kernels' arithmetic and
-indexing against the reference.  Everything marked ``@pytest.mark.cuda`` is
+indexing against the reference (the one-kernel forward of
+PERSONVLAD_CUDA_FWD=fused too, at its real block size).  Everything marked ``@pytest.mark.cuda`` is
 skipped here (tests/conftest.py) and runs on a GPU machine, where every CUDA
 result is compared with the pure-PyTorch reference evaluated in float64 on the
 same (dtype-rounded) inputs.  bench/gpu_cuda_memcheck.sh runs the kernels
 under compute-sanitizer.
 """
 import ctypes
+import math
 import os
 import pathlib
 import shutil
@@ -143,6 +145,17 @@ _EMU_API = r"""
   }
 PV_EXPORTS(float, f32)
 PV_EXPORTS(double, f64)
+#define PV_FUSED_EXPORT(T, SFX)                                                                 \
+  extern "C" int fused_fwd_##SFX(const T* F, const T* M, const T* W, const T* z, const T* c,   \
+                                 T* out, int64_t N, int64_t C, int64_t P, int64_t B, int64_t K, \
+                                 int normalize) {                                               \
+    const size_t smem = static_cast<size_t>(fused_smem_elems(K, P, B)) * sizeof(T);             \
+    return launch_threads(N, kFusedThreads, [=] {                                               \
+      fused_forward_kernel<T, T, T>(F, M, W, z, c, out, C, P, B, K, normalize != 0);            \
+    }, smem) ? 0 : 1;                                                                           \
+  }
+PV_FUSED_EXPORT(float, f32)
+PV_FUSED_EXPORT(double, f64)
 extern "C" int epilogue_threads() { return kEpilogueThreads; }
 """
 
@@ -192,7 +205,7 @@ class _Emu:
         fn = getattr(self.lib, f"{name}_{'f64' if acc == torch.float64 else 'f32'}")
         fn.restype = ctypes.c_int
         rc = fn(*conv)
-        if name.startswith("epi"):
+        if name.startswith(("epi", "fused")):
             assert rc == 0, f"{name}: a __syncthreads/__shfl_xor_sync was not reached by all threads"
 
     @staticmethod
@@ -229,6 +242,17 @@ class _Emu:
         _, _, S, Vraw = self.core(F, M, Wc, zc, B, acc)
         out, rn = self._nan((N, K, C), acc), self._nan((N, K), acc)
         self._call("epi_fwd", acc, Vraw, S, cc, out, rn, N, K, C, normalize, self.epi_threads)
+        return (out.reshape(N, K * C) if normalize else out).to(features.dtype)
+
+    def fused_forward(self, features, parts, W, z, c, normalize):
+        """fused_forward of the .cu (PERSONVLAD_CUDA_FWD=fused): one launch
+        of fused_forward_kernel, N blocks of kFusedThreads; F in its own dtype
+        (here the accumulation dtype: the emulation has no half types)."""
+        F, M, Wc, zc, cc, B, acc = self.flatten(features, parts, W, z, c)
+        N, C, P = F.shape
+        K = Wc.shape[0]
+        out = self._nan((N, K, C), acc)
+        self._call("fused_fwd", acc, F, M, Wc, zc, cc, out, N, C, P, B, K, normalize)
         return (out.reshape(N, K * C) if normalize else out).to(features.dtype)
 
     def backward(self, grad, features, parts, W, z, c, normalize):
@@ -326,6 +350,49 @@ def test_split_bf16_gemms_emulated_match_float32_gemms(emulated_kernels, alpha):
         for name, a, b, e in list(zip(NAMES, g_split, g_plain, g_64))[2:]:  # W, z, c: float32 gradients
             err_split, err_plain = ((t.double() - e).abs().max().item() for t in (a, b))
             assert err_split <= 2 * err_plain + 1e-7 * e.abs().max().item(), (name, err_split, err_plain)
+
+
+# The one-kernel forward: one tile of 32 positions and one V chunk (the
+# paper-like path, V kept in registers); several position tiles and staged F
+# chunks (P = 91); two row chunks (K = 70 > 64) and two column chunks
+# (C = 300 > 256), where V is computed twice; every grid rank; K = 1 and C = 1.
+_FUSED_CASES = (
+    [dict(S=S, B=B, K=5, C=6) for S in GRIDS for B in PARTS]
+    + [dict(S=(7, 13), B=2, K=3, C=5), dict(S=(3, 5), B=6, K=19, C=40), dict(S=(3, 5), B=3, K=70, C=20),
+       dict(S=(2, 9), B=None, K=3, C=300), dict(S=(5,), B=2, K=1, C=4), dict(S=(5,), B=2, K=4, C=1),
+       dict(S=(2, 3, 6), B=16, K=6, C=9)]
+)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", _FUSED_CASES,
+                         ids=lambda c: f"S{'x'.join(map(str, c['S']))}-B{c['B']}-K{c['K']}-C{c['C']}")
+def test_fused_forward_emulated_on_cpu(emulated_kernels, case, dtype):
+    """fused_forward_kernel (PERSONVLAD_CUDA_FWD=fused) with its real block
+    size, against the float64 reference and the emulated default path;
+    dynamic shared memory starts as NaN, so a read of a slot the kernel never
+    wrote shows in the output."""
+    emu = _Emu(emulated_kernels)
+    alphas = (None, 30.0) if case["B"] in (6, 16) else (None,)
+    for normalize in (True, False):
+        for alpha in alphas:
+            args = make_inputs(N=3, dtype=dtype, alpha=alpha, seed=case["K"] + case["C"] + 1, **case)
+            out = emu.fused_forward(*args, normalize)
+            atol, rtol = tolerance(dtype)
+            torch.testing.assert_close(out.double(), _ref64(args, normalize), atol=atol, rtol=rtol)
+            torch.testing.assert_close(out, emu.forward(*args, normalize), atol=atol, rtol=rtol)
+
+
+def test_fused_forward_emulated_zero_vlad(emulated_kernels):
+    """V == 0 for one sample: the fused kernel clamps its norms to eps too."""
+    emu = _Emu(emulated_kernels)
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3, dtype=torch.float64, seed=5)
+    F = F.clone()
+    F[0] = 0
+    args = [F, M, W, z, torch.zeros_like(c)]
+    for normalize in (True, False):
+        torch.testing.assert_close(emu.fused_forward(*args, normalize), _ref64(args, normalize),
+                                   atol=1e-12, rtol=1e-9)
 
 
 def test_kernel_source_emulated_zero_vlad(emulated_kernels):
@@ -521,6 +588,86 @@ def test_split_bf16_gemms_switch_rejects_unknown_values(monkeypatch):
     monkeypatch.setenv("PERSONVLAD_CUDA_BF16_GEMM", "split")
     with pytest.raises(ValueError, match="PERSONVLAD_CUDA_BF16_GEMM: expected 'split3' or 'fp32'"):
         FWD(*args, True)
+
+
+# ---------------------------------------------------------------- one-kernel forward
+def _kernel_names(fn):
+    """Names of the CUDA kernels one call of ``fn`` launches (torch.profiler)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
+@pytest.mark.parametrize("B", PARTS, ids=lambda b: f"B{b}")
+@pytest.mark.parametrize("S", GRIDS, ids=lambda s: "x".join(map(str, s)))
+def test_fused_forward_matches_reference(monkeypatch, S, B, normalize, dtype):
+    """PERSONVLAD_CUDA_FWD=fused: the one-kernel forward over the shared
+    matrix, non-contiguous inputs included, and the gradient through it."""
+    needs_native_cuda()
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    atol, rtol = tolerance(dtype)
+    for noncontig in (False, True):
+        args = make_inputs(N=3, C=6, S=S, B=B, K=5, dtype=dtype, device="cuda", seed=41, noncontig=noncontig,
+                           requires_grad=True)
+        out = person_vlad(*args, normalize=normalize, backend="cuda")
+        assert out.dtype == dtype and out.is_contiguous()
+        torch.testing.assert_close(out.double(), _ref64(args, normalize), atol=atol, rtol=rtol)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(3)).to("cuda", dtype)
+        out.backward(gout)
+        _check_grads([t.grad if t is not None else torch.empty(0) for t in args],
+                     _grads_ref64(gout, args, normalize), args, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
+                         ids=["float32", "bfloat16", "float64"])
+def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
+    """At the paper shape (N=64, C=256, P=110, B=6, K=64) the switch runs
+    fused_forward_kernel and nothing else (float64 needs more than 48 KB of
+    shared memory: the opt-in path), within the dtype's tolerance of float64
+    and of the default path."""
+    needs_native_cuda()
+    args = make_inputs(N=64, C=256, S=(2, 11, 5), B=6, K=64, dtype=dtype, device="cuda", alpha=10.0, seed=42)
+    default = FWD(*args, True)
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    names = _kernel_names(lambda: FWD(*args, True))
+    assert len(names) == 1 and "fused_forward_kernel" in names[0], names
+    out = FWD(*args, True)
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(out.double(), _ref64(args, True), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out, default, atol=atol, rtol=rtol)
+    assert torch.equal(out, FWD(*args, True))  # deterministic
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K,C,S,B", [(130, 3, (5, 3), 2), (4, 8, (3, 5), 17), (64, 512, (8, 14, 14), 8),
+                                     (70, 300, (4, 9), 3)], ids=["K130", "B17", "P1568", "twochunks"])
+def test_fused_forward_falls_back_where_it_does_not_fit(monkeypatch, K, C, S, B):
+    """K > 128, B > 16 or A' larger than a block's shared memory: the switch
+    falls back to the gemm path (no fused kernel launched), same result;
+    K = 70, C = 300 does fit (four V chunks, computed twice)."""
+    needs_native_cuda()
+    args = make_inputs(N=2, C=C, S=S, B=B, K=K, device="cuda", seed=43)
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    names = _kernel_names(lambda: FWD(*args, True))
+    fits = K <= 128 and B <= 16 and math.prod(S) < 1000
+    assert any("fused_forward_kernel" in n for n in names) == fits, names
+    atol, rtol = tolerance(torch.float32)
+    torch.testing.assert_close(FWD(*args, True).double(), _ref64(args, True), atol=atol, rtol=rtol)
+
+
+@pytest.mark.cuda
+def test_fused_forward_switch_rejects_unknown_values(monkeypatch):
+    needs_native_cuda()
+    for N in (2, 0):
+        args = make_inputs(N=N, C=8, S=(3,), B=2, K=3, device="cuda")
+        monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "one")
+        with pytest.raises(ValueError, match="PERSONVLAD_CUDA_FWD: expected 'fused' or 'gemm'"):
+            FWD(*args, True)
 
 
 @pytest.mark.cuda

@@ -12,7 +12,9 @@
 //   warp-wide barriers, so a shuffle that is not reached by all 32 lanes of a
 //   warp times out and the launch reports failure instead of silently working.
 // - __shared__ variables become function-local statics: shared by the
-//   threads of a block, and blocks run one after another.
+//   threads of a block, and blocks run one after another.  Dynamic shared
+//   memory (PV_DYNAMIC_SMEM) is one buffer of launch_threads' smem_bytes,
+//   filled with 0xff bytes (NaN) so a read of a slot never written shows.
 #pragma once
 
 #include <algorithm>
@@ -31,10 +33,14 @@ struct pv_emu_uint3 {
 inline thread_local pv_emu_uint3 threadIdx, blockIdx, blockDim;
 
 #define __global__
+#define __host__
 #define __device__
 #define __forceinline__ inline
 #define __launch_bounds__(x)
 #define __shared__ static
+// Dynamic shared memory: one buffer, sized by launch_threads' smem_bytes and
+// shared by the threads of a block (blocks run one after another).
+#define PV_DYNAMIC_SMEM(name) unsigned char* name = pv_emu::dynamic_smem.data()
 
 template <typename T>
 inline T max(T a, T b) {
@@ -78,6 +84,7 @@ struct Barrier {
 inline std::unique_ptr<Barrier> block_barrier;
 inline std::vector<std::unique_ptr<Barrier>> warp_barriers;
 inline double exchange[kMaxWarps][32];
+inline std::vector<unsigned char> dynamic_smem;
 
 // True when a barrier of the last launch_threads timed out.
 inline bool last_launch_broken() {
@@ -111,10 +118,12 @@ void launch_serial(int64_t blocks, unsigned threads, F kernel) {
 }
 
 template <typename F>
-bool launch_threads(int64_t blocks, unsigned threads, F kernel) {  // false: a barrier broke
+bool launch_threads(int64_t blocks, unsigned threads, F kernel, size_t smem_bytes = 0) {  // false: a barrier broke
   // One std::thread per CUDA thread of a block, reused for every block; a
   // block-wide barrier after each block keeps the blocks apart (their
   // __shared__ statics are reused).
+  // Dynamic shared memory starts as NaN bytes (0xff), where a GPU has garbage.
+  pv_emu::dynamic_smem.assign(smem_bytes, static_cast<unsigned char>(0xff));
   pv_emu::block_barrier = std::make_unique<pv_emu::Barrier>(threads);
   pv_emu::warp_barriers.clear();
   for (unsigned w = 0; w < threads / 32; ++w)

@@ -55,6 +55,10 @@
 // features, no bf16 arithmetic intrinsics), so a CUDA 12 toolkit builds it for
 // Pascal (TORCH_CUDA_ARCH_LIST=6.1); CUDA 13 itself starts at sm_75.  The GEMMs
 // are ATen's (cuBLAS); the logit GEMM W F is kept out of TF32 (NoTF32CuBLAS).
+//
+// PERSONVLAD_CUDA_FWD=fused (opt-in) runs the forward instead as one kernel,
+// fused_forward_kernel (one block per sample, everything on chip, only the
+// output written), for the shapes fused_forward_smem accepts; see there.
 // ---------------------------------------------------------------------------
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -64,6 +68,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -79,6 +84,9 @@
 namespace personvlad {
 namespace cuda {
 namespace {
+
+// Dynamic shared memory of a kernel as bytes (the CPU emulation defines its own).
+#define PV_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 
 // BEGIN DEVICE CODE: from here to END DEVICE CODE the file is also compiled for
 // the CPU (csrc/cuda/cpu_emulation.h) and run by tests/test_cuda_backend.py, so
@@ -379,6 +387,251 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
   }
 }
 
+// ---------------------------------------------------------------------------
+// One-kernel forward (PERSONVLAD_CUDA_FWD=fused; see fused_forward_smem for
+// the shapes it takes): one block of kFusedThreads per sample computes G, the
+// part soft-assignments, A', s, V and both normalisations, and writes only
+// the output.  Plain fp32 (fp64) FMA arithmetic, like the IEEE cuBLAS GEMMs
+// of the default path; every sum in a fixed order, so deterministic.
+//
+// Phase A, per tile of kFusedTP = 32 positions (one per lane):
+//   G tile (K x 32) = W F, W and F staged through shared memory in chunks of
+//   kFusedTC channels; warp w accumulates rows k = w, w + 8, ... in registers.
+//   Then the softmax statistics per (part, position) and, per (k, position),
+//   A'[k,p] = sum_b a M (into shared memory, all of K x P) and the lane's
+//   partial of s[k] = sum_{b,p} a (registers; summed over the warp at the end).
+// Phase B, per chunk of 64 rows x 256 columns of V (warp w: rows
+//   8w..8w+7; lane l: columns l, l+32, ..., l+224): V = A' F^T - s c with F
+//   staged in kFusedPC positions at a time.  With normalize, the row sums of
+//   squares are taken first; when V is one chunk (K <= 64, C <= 256, the
+//   paper's shape) its values stay in registers for the write, otherwise each
+//   chunk is computed twice (norms, then the scaled output), as the Triton
+//   one-program forward does.
+// Shared memory (acc_t elements, fused_smem_elems): A' (K*P), s and the row
+// sums of squares (2K), the block-sum scratch, then a work area used by
+// phase A (W chunk / G tile, F chunk, statistics) and then by phase B (F
+// chunk).  F is read in its own dtype and converted on load: no float32 copy.
+// ---------------------------------------------------------------------------
+constexpr int kFusedThreads = 256;
+constexpr int kFusedWarps = kFusedThreads / kWarp;          // 8
+constexpr int kFusedTP = kWarp;                             // positions per phase-A tile
+constexpr int kFusedTC = 32;                                // channels per staged W/F chunk
+constexpr int kFusedMaxK = 128;
+constexpr int kFusedMaxB = 16;
+constexpr int kFusedRowsA = kFusedMaxK / kFusedWarps;       // G rows per warp (16)
+constexpr int kVRows = 8;                                   // V rows per warp in a chunk
+constexpr int kVCols = 8;                                   // V columns per lane in a chunk
+constexpr int kChunkRows = kVRows * kFusedWarps;            // 64
+constexpr int kChunkCols = kVCols * kWarp;                  // 256
+constexpr int kFusedPC = 16;                                // positions per staged F chunk (phase B)
+constexpr int kFbStride = kChunkCols + 1;                   // padded: fewer bank conflicts
+
+__host__ __device__ inline int64_t fused_smem_elems(int64_t K, int64_t P, int64_t B) {
+  const int64_t phase_a = K * kFusedTC + kFusedTC * kFusedTP + 3 * B * kFusedTP;
+  const int64_t phase_b = int64_t(kFusedPC) * kFbStride;
+  return K * P + 2 * K + kFusedWarps + (phase_a > phase_b ? phase_a : phase_b);
+}
+
+// V[r0.., c0..] chunk of one sample into v (rows k = r0 + 8*warp + i, columns
+// c = c0 + lane + 32*jj); zero outside K x C.
+template <typename in_t, typename acc_t>
+__device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const in_t* __restrict__ Fn,
+                                              const acc_t* __restrict__ cen, const acc_t* Ap,
+                                              const acc_t* s_sum, acc_t* Fb, int64_t r0, int64_t c0,
+                                              int64_t C, int64_t P, int64_t K) {
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+#pragma unroll
+  for (int i = 0; i < kVRows; ++i)
+#pragma unroll
+    for (int jj = 0; jj < kVCols; ++jj) v[i][jj] = acc_t(0);
+  for (int64_t q0 = 0; q0 < P; q0 += kFusedPC) {
+    __syncthreads();  // every thread is done with the work area's previous contents
+    for (int i = tid; i < kFusedPC * kChunkCols; i += kFusedThreads) {
+      const int cl = i / kFusedPC, ql = i % kFusedPC;
+      const int64_t c = c0 + cl, q = q0 + ql;
+      Fb[ql * kFbStride + cl] = (c < C && q < P) ? static_cast<acc_t>(Fn[c * P + q]) : acc_t(0);
+    }
+    __syncthreads();
+    const int qn = static_cast<int>(P - q0 < kFusedPC ? P - q0 : kFusedPC);
+    for (int ql = 0; ql < qn; ++ql) {
+      acc_t f[kVCols];
+#pragma unroll
+      for (int jj = 0; jj < kVCols; ++jj) f[jj] = Fb[ql * kFbStride + lane + kWarp * jj];
+#pragma unroll
+      for (int i = 0; i < kVRows; ++i) {
+        const int64_t k = r0 + warp * kVRows + i;
+        const acc_t a = k < K ? Ap[k * P + q0 + ql] : acc_t(0);
+#pragma unroll
+        for (int jj = 0; jj < kVCols; ++jj) v[i][jj] += a * f[jj];
+      }
+    }
+  }
+#pragma unroll
+  for (int i = 0; i < kVRows; ++i) {
+    const int64_t k = r0 + warp * kVRows + i;
+#pragma unroll
+    for (int jj = 0; jj < kVCols; ++jj) {
+      const int64_t c = c0 + lane + kWarp * jj;
+      if (k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
+    }
+  }
+}
+
+// F and the output in in_t, M in m_t (in_t or acc_t), W, z, c in acc_t.
+template <typename in_t, typename m_t, typename acc_t>
+__global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
+    const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
+    const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int64_t C,
+    int64_t P, int64_t B, int64_t K, bool normalize) {
+  PV_DYNAMIC_SMEM(smem_raw);
+  acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x P
+  acc_t* s_sum = Ap + K * P;                       // K
+  acc_t* rowss = s_sum + K;                        // K
+  acc_t* red = rowss + K;                          // kFusedWarps
+  acc_t* work = red + kFusedWarps;
+  acc_t* Ws = work;                                // K x kFusedTC: W chunk, then the G tile (K x kFusedTP)
+  acc_t* Fs = Ws + K * kFusedTC;                   // kFusedTC x kFusedTP
+  acc_t* st_max = Fs + kFusedTC * kFusedTP;        // B x kFusedTP
+  acc_t* st_inv = st_max + B * kFusedTP;
+  acc_t* st_m = st_inv + B * kFusedTP;
+  acc_t* Fb = work;                                // phase B: kFusedPC x kFbStride
+
+  const int64_t n = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const in_t* Fn = F + n * C * P;
+  const m_t* Mn = (M != nullptr) ? M + n * B * P : nullptr;
+  const acc_t eps = acc_t(kEps);
+
+  // ---- phase A
+  acc_t s_part[kFusedRowsA];
+#pragma unroll
+  for (int j = 0; j < kFusedRowsA; ++j) s_part[j] = acc_t(0);
+  for (int64_t p0 = 0; p0 < P; p0 += kFusedTP) {
+    const int64_t p = p0 + lane;
+    acc_t g[kFusedRowsA];
+#pragma unroll
+    for (int j = 0; j < kFusedRowsA; ++j) g[j] = acc_t(0);
+    for (int64_t c0 = 0; c0 < C; c0 += kFusedTC) {
+      __syncthreads();  // the previous chunk / G tile / statistics are no longer read
+      for (int64_t i = tid; i < K * kFusedTC; i += kFusedThreads) {
+        const int64_t k = i / kFusedTC, c = c0 + i % kFusedTC;
+        Ws[i] = c < C ? W[k * C + c] : acc_t(0);
+      }
+      for (int i = tid; i < kFusedTC * kFusedTP; i += kFusedThreads) {
+        const int64_t c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
+        Fs[i] = (c < C && q < P) ? static_cast<acc_t>(Fn[c * P + q]) : acc_t(0);
+      }
+      __syncthreads();
+      for (int cc = 0; cc < kFusedTC; ++cc) {  // zero-padded beyond C
+        const acc_t f = Fs[cc * kFusedTP + lane];
+#pragma unroll
+        for (int j = 0; j < kFusedRowsA; ++j) {
+          const int64_t k = warp + j * kFusedWarps;
+          if (k < K) g[j] += Ws[k * kFusedTC + cc] * f;
+        }
+      }
+    }
+    __syncthreads();  // the W chunk is no longer read: its space holds the G tile
+    acc_t* Gs = Ws;
+#pragma unroll
+    for (int j = 0; j < kFusedRowsA; ++j) {
+      const int64_t k = warp + j * kFusedWarps;
+      if (k < K) Gs[k * kFusedTP + lane] = g[j];
+    }
+    __syncthreads();
+    for (int64_t i = tid; i < B * kFusedTP; i += kFusedThreads) {  // (part, position)
+      const int64_t b = i / kFusedTP;
+      const int pl = static_cast<int>(i % kFusedTP);
+      acc_t vmax = 0, inv = 0, mb = 0;
+      if (p0 + pl < P) {
+        mb = (Mn != nullptr) ? static_cast<acc_t>(Mn[b * P + p0 + pl]) : acc_t(1);
+        vmax = logit_of(mb, Gs[pl], z[0]);
+        for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, Gs[k * kFusedTP + pl], z[k]));
+        acc_t sum = 0;
+        for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, Gs[k * kFusedTP + pl], z[k]) - vmax);
+        inv = acc_t(1) / sum;
+      }
+      st_max[i] = vmax;
+      st_inv[i] = inv;
+      st_m[i] = mb;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int j = 0; j < kFusedRowsA; ++j) {
+      const int64_t k = warp + j * kFusedWarps;
+      if (k < K && p < P) {
+        const acc_t gk = Gs[k * kFusedTP + lane], zk = z[k];
+        acc_t acc_a = 0, acc_s = 0;
+        for (int64_t b = 0; b < B; ++b) {
+          const int64_t t = b * kFusedTP + lane;
+          const acc_t mb = st_m[t];
+          const acc_t a = vexp(logit_of(mb, gk, zk) - st_max[t]) * st_inv[t];
+          acc_a += a * mb;
+          acc_s += a;
+        }
+        Ap[k * P + p] = acc_a;
+        s_part[j] += acc_s;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kFusedRowsA; ++j) {
+    const int64_t k = warp + j * kFusedWarps;  // the same for the whole warp
+    if (k < K) {
+      const acc_t t = warp_sum(s_part[j]);
+      if (lane == 0) s_sum[k] = t;
+    }
+  }
+  for (int64_t k = tid; k < K; k += kFusedThreads) rowss[k] = 0;
+  __syncthreads();
+
+  // ---- phase B
+  const int64_t row_chunks = (K + kChunkRows - 1) / kChunkRows;
+  const int64_t col_chunks = (C + kChunkCols - 1) / kChunkCols;
+  const bool in_registers = row_chunks * col_chunks == 1;
+  acc_t v[kVRows][kVCols];
+  acc_t gn = 1;
+  if (normalize) {
+    for (int64_t r0 = 0; r0 < K; r0 += kChunkRows)
+      for (int64_t c0 = 0; c0 < C; c0 += kChunkCols) {
+        fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K);
+#pragma unroll
+        for (int i = 0; i < kVRows; ++i) {
+          const int64_t k = r0 + warp * kVRows + i;  // the same for the whole warp
+          acc_t ss = 0;
+#pragma unroll
+          for (int jj = 0; jj < kVCols; ++jj) ss += v[i][jj] * v[i][jj];  // zero outside K x C
+          ss = warp_sum(ss);
+          if (lane == 0 && k < K) rowss[k] += ss;  // column chunks in order: deterministic
+        }
+      }
+    __syncthreads();
+    acc_t local = 0;  // sum over this warp's rows of |V_k / r_k|^2
+    for (int64_t k = warp; k < K; k += kFusedWarps) {
+      const acc_t ss = rowss[k];
+      const acc_t r = max(vsqrt(ss), eps);
+      local += ss / (r * r);
+    }
+    gn = max(vsqrt(block_sum_of_warps(local, red)), eps);  // __syncthreads inside
+  }
+  in_t* o = out + n * K * C;
+  for (int64_t r0 = 0; r0 < K; r0 += kChunkRows)
+    for (int64_t c0 = 0; c0 < C; c0 += kChunkCols) {
+      if (!(normalize && in_registers)) fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K);
+#pragma unroll
+      for (int i = 0; i < kVRows; ++i) {
+        const int64_t k = r0 + warp * kVRows + i;
+        if (k >= K) continue;
+        const acc_t r = normalize ? max(vsqrt(rowss[k]), eps) : acc_t(1);
+#pragma unroll
+        for (int jj = 0; jj < kVCols; ++jj) {
+          const int64_t c = c0 + lane + kWarp * jj;
+          if (c < C) o[k * C + c] = static_cast<in_t>(normalize ? (v[i][jj] / r) / gn : v[i][jj]);
+        }
+      }
+    }
+}
+
 // END DEVICE CODE
 
 // ---------------------------------------------------------------------------
@@ -521,6 +774,80 @@ struct NoTF32CuBLAS {
   NoTF32CuBLAS& operator=(const NoTF32CuBLAS&) = delete;
 };
 
+// PERSONVLAD_CUDA_FWD (read at each forward call): "gemm" (the default) runs
+// the cuBLAS GEMMs and small kernels of forward_core + the epilogue; "fused"
+// runs fused_forward_kernel, one launch, where it takes the shape
+// (fused_forward_smem), and the gemm path elsewhere.  Opt-in until a GPU
+// benchmark of both in one run decides (bench/test_bench_ops.py,
+// fused-cuda-1k).  The backward always recomputes through forward_core.
+bool fused_forward_requested() {
+  const char* v = std::getenv("PERSONVLAD_CUDA_FWD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "gemm") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "fused") == 0,
+                    "PERSONVLAD_CUDA_FWD: expected 'fused' or 'gemm', got '", v, "'");
+  return true;
+}
+
+// Bytes of dynamic shared memory fused_forward_kernel needs for these sizes on
+// the features' device, or -1 where it does not take them: K > 128, B > 16,
+// or A' (K x P in the accumulation dtype) and the work area over what one
+// block may have (float32, K = 64, B = 6: P <= 125 within the 48 KB every
+// device has, P <= ~840 on sm_90).
+int64_t fused_forward_smem(const at::Tensor& features, int64_t B, int64_t K, int64_t P) {
+  if (K > kFusedMaxK || B > kFusedMaxB || P < 1) return -1;
+  const int64_t elem = features.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
+  const int64_t bytes = fused_smem_elems(K, P, B) * elem;
+  int optin = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
+                                        features.device().index()));
+  return bytes <= std::max<int64_t>(optin, 48 * 1024) ? bytes : -1;
+}
+
+// The whole forward in fused_forward_kernel (N >= 1, smem from
+// fused_forward_smem): one launch where the inputs are contiguous, the parts
+// in the features' dtype (or None) and the parameters in the accumulation
+// dtype, as in the model; otherwise their copies come first.
+template <typename in_t, typename m_t>
+void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Tensor& W,
+                          const at::Tensor& z, const at::Tensor& c, bool normalize, int64_t smem,
+                          at::Tensor& out, int64_t P, int64_t B) {
+  using acc_t = at::opmath_type<in_t>;
+  const int64_t N = F.size(0), C = F.size(1), K = W.size(0);
+  const auto kernel = fused_forward_kernel<in_t, m_t, acc_t>;
+  if (smem > 48 * 1024)
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                        static_cast<int>(smem)));
+  kernel<<<sample_blocks(N), kFusedThreads, static_cast<size_t>(smem),
+           c10::cuda::getCurrentCUDAStream()>>>(
+      F.data_ptr<in_t>(), M.defined() ? M.data_ptr<m_t>() : nullptr, W.data_ptr<acc_t>(),
+      z.data_ptr<acc_t>(), c.data_ptr<acc_t>(), out.data_ptr<in_t>(), C, P, B, K, normalize);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& parts,
+                   const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize,
+                   int64_t smem, at::Tensor& out) {
+  const int64_t N = features.size(0), C = features.size(1);
+  const int64_t P = features.numel() / (N * C);
+  const int64_t B = parts.has_value() ? parts->size(1) : 1;
+  const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const at::Tensor F = features.reshape({N, C, P}).contiguous();  // its own dtype: no float32 copy
+  // parts in the features' dtype are read as they are, other dtypes in acc
+  const bool m_as_f = !parts.has_value() || parts->scalar_type() == features.scalar_type();
+  const at::Tensor M = !parts.has_value() ? at::Tensor()
+                       : m_as_f           ? parts->reshape({N, B, P}).contiguous()
+                                          : parts->reshape({N, B, P}).to(acc).contiguous();
+  const at::Tensor Wa = W.to(acc).contiguous(), za = z.to(acc).contiguous(), ca = c.to(acc).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "person_vlad_cuda_fused_forward", [&] {
+    if (m_as_f)
+      launch_fused_forward<scalar_t, scalar_t>(F, M, Wa, za, ca, normalize, smem, out, P, B);
+    else
+      launch_fused_forward<scalar_t, at::opmath_type<scalar_t>>(F, M, Wa, za, ca, normalize, smem,
+                                                                out, P, B);
+  });
+}
+
 // G, A', S and A' F^T for the flattened inputs (N >= 1).
 struct Core {
   at::Tensor G, Ap, S, Vraw;
@@ -586,7 +913,16 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
   const bool split = bf16_split_gemms(features);
+  const bool fused = fused_forward_requested();  // both switches checked at N == 0 too
   if (N == 0) return out;
+  if (fused) {
+    const int64_t smem = fused_forward_smem(features, parts.has_value() ? parts->size(1) : 1, K,
+                                            features.numel() / (N * C));
+    if (smem >= 0) {
+      fused_forward(features, parts, assign_weight, assign_bias, centers, normalize, smem, out);
+      return out;
+    }
+  }
 
   const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers, split);
   const Core core = forward_core(f);
