@@ -126,7 +126,11 @@ want e2e && $PY -c "import json; from personvlad.perf import check_cudnn_3d; pri
 # manual run.
 want schedule && step bench_schedule 120 "${BENCH[@]}" bench/test_bench_train.py -k "schedule and gpu and shards and not compile" -s \
   --benchmark-json="$OUT/bench_schedule.json"
+# memcheck over both forward paths and the backward; racecheck over the
+# one-kernel forward (its shared-memory phases), float32 + bf16 only.
 want memcheck && step memcheck 90 env TOOLS=memcheck PYTHON="$PY" bash bench/gpu_cuda_memcheck.sh
+want memcheck && step racecheck 60 env TOOLS=racecheck DRIVER_ARGS=--fused-forward PYTHON="$PY" \
+  bash bench/gpu_cuda_memcheck.sh
 models=()
 for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do
   [ -f "$f" ] && models+=("$f")

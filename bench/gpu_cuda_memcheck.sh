@@ -10,6 +10,7 @@
 #   bench/gpu_cuda_memcheck.sh                 # all three tools
 #   TOOLS=memcheck bench/gpu_cuda_memcheck.sh  # just one
 #   PYTHON=python3 COMPUTE_SANITIZER=/path/to/compute-sanitizer bench/gpu_cuda_memcheck.sh
+#   TOOLS=racecheck DRIVER_ARGS=--fused-forward bench/gpu_cuda_memcheck.sh  # the one-kernel forward only
 #
 # Needs a CUDA device and personvlad._C built with CUDA.  Exits non-zero when
 # a tool reports an error, the driver fails, or the prerequisites are missing.
@@ -47,7 +48,7 @@ for tool in $TOOLS; do
   # SAN_ARGS replaces it (e.g. SAN_ARGS="" for the tool's default).
   # shellcheck disable=SC2086
   if PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool "$tool" ${SAN_ARGS---report-api-errors no} \
-      --error-exitcode 99 "$PY" "$DRIVER"; then
+      --error-exitcode 99 "$PY" "$DRIVER" ${DRIVER_ARGS:-}; then
     echo "=== $tool: clean"
   else
     rc=$?

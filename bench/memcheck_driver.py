@@ -5,7 +5,7 @@ C=1, K>128, N=0), in all four dtypes, with contiguous and non-contiguous
 inputs; on CUDA through both forward paths (PERSONVLAD_CUDA_FWD=gemm and
 fused: the one-kernel forward's dynamic shared memory too).
 
-    python bench/memcheck_driver.py [--device cuda|cpu]
+    python bench/memcheck_driver.py [--device cuda|cpu] [--fused-forward]
 
 ``--device cpu`` runs the same cases on the C++ CPU kernels: the test suite
 does that, so the driver itself is checked on machines without a GPU.
@@ -41,16 +41,19 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 CUDA_FWD_PATHS = ("gemm", "fused")
 
 
-def run(device: str) -> int:
+def run(device: str, fused_forward: bool = False) -> int:
     """Forward + backward of every case (on CUDA through both forward paths);
-    returns the number of configurations."""
+    returns the number of configurations.  ``fused_forward``: the one-kernel
+    forward alone, float32 and bfloat16, no backward (the racecheck workload:
+    that kernel is the one with shared-memory phases)."""
     FWD = torch.ops.personvlad.person_vlad.default
     BWD = torch.ops.personvlad.person_vlad_backward.default
-    paths = CUDA_FWD_PATHS if device == "cuda" else (None,)
+    paths = ("fused",) if fused_forward else CUDA_FWD_PATHS if device == "cuda" else (None,)
+    dtypes = (torch.float32, torch.bfloat16) if fused_forward else DTYPES
     saved = os.environ.get("PERSONVLAD_CUDA_FWD")
     n = 0
     try:
-        for dtype in DTYPES:
+        for dtype in dtypes:
             for case in CASES:
                 for normalize in (True, False):
                     args = make_inputs(**case, dtype=dtype, device=device, seed=n)
@@ -60,7 +63,7 @@ def run(device: str) -> int:
                             os.environ["PERSONVLAD_CUDA_FWD"] = path
                         for a in (args, nc):
                             out = FWD(*a, normalize)
-                            grads = BWD(torch.ones_like(out), *a, normalize)
+                            grads = () if fused_forward else BWD(torch.ones_like(out), *a, normalize)
                             if device == "cuda":
                                 torch.cuda.synchronize()
                             bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t.float()).all()]
@@ -79,15 +82,23 @@ def run(device: str) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    dev = p.parse_args(argv).device
+    p.add_argument("--fused-forward", action="store_true",
+                   help="only the one-kernel CUDA forward, float32 and bfloat16, no backward (for racecheck)")
+    a = p.parse_args(argv)
+    dev = a.device
+    if a.fused_forward and dev != "cuda":
+        p.error("--fused-forward: the one-kernel forward is a CUDA kernel (use --device cuda)")
     if dev == "cuda":
         if not torch.cuda.is_available():
             sys.exit("gpu_cuda_memcheck: no CUDA device")
         if not ops._NATIVE_CUDA:
             sys.exit("gpu_cuda_memcheck: personvlad._C has no CUDA kernels (build with nvcc)")
-    n = run(dev)
-    paths = " (forward paths: " + ", ".join(CUDA_FWD_PATHS) + ")" if dev == "cuda" else ""
-    print(f"memcheck driver ({dev}): {n} configurations, forward + backward, contiguous + non-contiguous{paths}")
+    n = run(dev, a.fused_forward)
+    if a.fused_forward:
+        what = "the one-kernel forward, float32 + bfloat16"
+    else:
+        what = "forward + backward" + (" (forward paths: " + ", ".join(CUDA_FWD_PATHS) + ")" if dev == "cuda" else "")
+    print(f"memcheck driver ({dev}): {n} configurations, {what}, contiguous + non-contiguous")
     return 0
 
 

@@ -36,11 +36,16 @@ inline thread_local pv_emu_uint3 threadIdx, blockIdx, blockDim;
 #define __host__
 #define __device__
 #define __forceinline__ inline
-#define __launch_bounds__(x)
+#define __launch_bounds__(...)
 #define __shared__ static
 // Dynamic shared memory: one buffer, sized by launch_threads' smem_bytes and
 // shared by the threads of a block (blocks run one after another).
 #define PV_DYNAMIC_SMEM(name) unsigned char* name = pv_emu::dynamic_smem.data()
+
+// CUDA's vector types (vector_types.h), as far as the device code uses them.
+struct alignas(8) float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) double2 { double x, y; };
 
 template <typename T>
 inline T max(T a, T b) {

@@ -394,12 +394,15 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
 // the output.  Plain fp32 (fp64) FMA arithmetic, like the IEEE cuBLAS GEMMs
 // of the default path; every sum in a fixed order, so deterministic.
 //
-// Phase A, per tile of kFusedTP = 32 positions (one per lane):
-//   G tile (K x 32) = W F, W and F staged through shared memory in chunks of
-//   kFusedTC channels; warp w accumulates rows k = w, w + 8, ... in registers.
-//   Then the softmax statistics per (part, position) and, per (k, position),
-//   A'[k,p] = sum_b a M (into shared memory, all of K x P) and the lane's
-//   partial of s[k] = sum_{b,p} a (registers; summed over the warp at the end).
+// Phase A, per tile of kFusedTP = 32 positions:
+//   G tile (K x 32) = W F over chunks of kFusedTC channels staged in shared
+//   memory (W transposed, so that a thread's 4 rows are one 16-byte load);
+//   thread t holds rows 4*(t/16) + {0..3} (and 64 more when K > 64) at
+//   positions 2*(t%16) + {0, 1}: 2 loads per 8 (16) FMAs.  Then, one lane per
+//   position, the softmax statistics per (part, position) and, per (k,
+//   position), A'[k,p] = sum_b a M (into shared memory, all of K x P) and the
+//   lane's partial of s[k] = sum_{b,p} a (registers; summed over the warp at
+//   the end).
 // Phase B, per chunk of 64 rows x 256 columns of V (warp w: rows
 //   8w..8w+7; lane l: columns l, l+32, ..., l+224): V = A' F^T - s c with F
 //   staged in kFusedPC positions at a time.  With normalize, the row sums of
@@ -408,9 +411,11 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
 //   chunk is computed twice (norms, then the scaled output), as the Triton
 //   one-program forward does.
 // Shared memory (acc_t elements, fused_smem_elems): A' (K*P), s and the row
-// sums of squares (2K), the block-sum scratch, then a work area used by
-// phase A (W chunk / G tile, F chunk, statistics) and then by phase B (F
-// chunk).  F is read in its own dtype and converted on load: no float32 copy.
+// sums of squares (2K), the block-sum scratch, then (16-byte aligned) a work
+// area used by phase A (W chunk / G tile, F chunk, statistics) and then by
+// phase B (F chunk).  F is read in its own dtype and converted on load: no
+// float32 copy.  Indices within a sample are 32-bit (the host checks C*P,
+// K*C and B*P fit); sample offsets are 64-bit.
 // ---------------------------------------------------------------------------
 constexpr int kFusedThreads = 256;
 constexpr int kFusedWarps = kFusedThreads / kWarp;          // 8
@@ -418,7 +423,10 @@ constexpr int kFusedTP = kWarp;                             // positions per pha
 constexpr int kFusedTC = 32;                                // channels per staged W/F chunk
 constexpr int kFusedMaxK = 128;
 constexpr int kFusedMaxB = 16;
-constexpr int kFusedRowsA = kFusedMaxK / kFusedWarps;       // G rows per warp (16)
+constexpr int kFusedRowsA = kFusedMaxK / kFusedWarps;       // statistics rows per warp (16)
+constexpr int kGRows = 4;                                   // G rows per thread (per half)
+constexpr int kGPos = 2;                                    // G positions per thread
+constexpr int kGHalf = kGRows * (kFusedThreads / (kFusedTP / kGPos));  // rows per half: 64
 constexpr int kVRows = 8;                                   // V rows per warp in a chunk
 constexpr int kVCols = 8;                                   // V columns per lane in a chunk
 constexpr int kChunkRows = kVRows * kFusedWarps;            // 64
@@ -426,10 +434,39 @@ constexpr int kChunkCols = kVCols * kWarp;                  // 256
 constexpr int kFusedPC = 16;                                // positions per staged F chunk (phase B)
 constexpr int kFbStride = kChunkCols + 1;                   // padded: fewer bank conflicts
 
+// Row stride of the transposed W chunk: the rows one or two halves cover, plus
+// 4 (fewer bank conflicts when staging, 16-byte rows kept).
+__host__ __device__ inline int fused_ws_stride(int K) { return (K <= kGHalf ? kGHalf : 2 * kGHalf) + 4; }
+
+// Offset of the work area: after A', s, the row sums and the block-sum
+// scratch, rounded up to 4 elements (16 bytes for float, 32 for double).
+__host__ __device__ inline int64_t fused_work_offset(int64_t K, int64_t P) {
+  return (K * P + 2 * K + kFusedWarps + 3) / 4 * 4;
+}
+
 __host__ __device__ inline int64_t fused_smem_elems(int64_t K, int64_t P, int64_t B) {
-  const int64_t phase_a = K * kFusedTC + kFusedTC * kFusedTP + 3 * B * kFusedTP;
+  const int64_t phase_a = int64_t(kFusedTC) * fused_ws_stride(static_cast<int>(K)) + kFusedTC * kFusedTP +
+                          3 * B * kFusedTP;
   const int64_t phase_b = int64_t(kFusedPC) * kFbStride;
-  return K * P + 2 * K + kFusedWarps + (phase_a > phase_b ? phase_a : phase_b);
+  return fused_work_offset(K, P) + (phase_a > phase_b ? phase_a : phase_b);
+}
+
+// 4 (2) consecutive values from 16-byte (float: 8-byte) aligned shared memory.
+__device__ __forceinline__ void load4(const float* p, float (&o)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(p);
+  o[0] = v.x; o[1] = v.y; o[2] = v.z; o[3] = v.w;
+}
+__device__ __forceinline__ void load4(const double* p, double (&o)[4]) {
+  const double2 a = *reinterpret_cast<const double2*>(p), b = *reinterpret_cast<const double2*>(p + 2);
+  o[0] = a.x; o[1] = a.y; o[2] = b.x; o[3] = b.y;
+}
+__device__ __forceinline__ void load2(const float* p, float (&o)[2]) {
+  const float2 v = *reinterpret_cast<const float2*>(p);
+  o[0] = v.x; o[1] = v.y;
+}
+__device__ __forceinline__ void load2(const double* p, double (&o)[2]) {
+  const double2 v = *reinterpret_cast<const double2*>(p);
+  o[0] = v.x; o[1] = v.y;
 }
 
 // V[r0.., c0..] chunk of one sample into v (rows k = r0 + 8*warp + i, columns
@@ -437,29 +474,29 @@ __host__ __device__ inline int64_t fused_smem_elems(int64_t K, int64_t P, int64_
 template <typename in_t, typename acc_t>
 __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const in_t* __restrict__ Fn,
                                               const acc_t* __restrict__ cen, const acc_t* Ap,
-                                              const acc_t* s_sum, acc_t* Fb, int64_t r0, int64_t c0,
-                                              int64_t C, int64_t P, int64_t K) {
+                                              const acc_t* s_sum, acc_t* Fb, int r0, int c0, int C,
+                                              int P, int K) {
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
 #pragma unroll
   for (int i = 0; i < kVRows; ++i)
 #pragma unroll
     for (int jj = 0; jj < kVCols; ++jj) v[i][jj] = acc_t(0);
-  for (int64_t q0 = 0; q0 < P; q0 += kFusedPC) {
+  for (int q0 = 0; q0 < P; q0 += kFusedPC) {
     __syncthreads();  // every thread is done with the work area's previous contents
     for (int i = tid; i < kFusedPC * kChunkCols; i += kFusedThreads) {
       const int cl = i / kFusedPC, ql = i % kFusedPC;
-      const int64_t c = c0 + cl, q = q0 + ql;
+      const int c = c0 + cl, q = q0 + ql;
       Fb[ql * kFbStride + cl] = (c < C && q < P) ? static_cast<acc_t>(Fn[c * P + q]) : acc_t(0);
     }
     __syncthreads();
-    const int qn = static_cast<int>(P - q0 < kFusedPC ? P - q0 : kFusedPC);
+    const int qn = P - q0 < kFusedPC ? P - q0 : kFusedPC;
     for (int ql = 0; ql < qn; ++ql) {
       acc_t f[kVCols];
 #pragma unroll
       for (int jj = 0; jj < kVCols; ++jj) f[jj] = Fb[ql * kFbStride + lane + kWarp * jj];
 #pragma unroll
       for (int i = 0; i < kVRows; ++i) {
-        const int64_t k = r0 + warp * kVRows + i;
+        const int k = r0 + warp * kVRows + i;
         const acc_t a = k < K ? Ap[k * P + q0 + ql] : acc_t(0);
 #pragma unroll
         for (int jj = 0; jj < kVCols; ++jj) v[i][jj] += a * f[jj];
@@ -468,29 +505,35 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
   }
 #pragma unroll
   for (int i = 0; i < kVRows; ++i) {
-    const int64_t k = r0 + warp * kVRows + i;
+    const int k = r0 + warp * kVRows + i;
 #pragma unroll
     for (int jj = 0; jj < kVCols; ++jj) {
-      const int64_t c = c0 + lane + kWarp * jj;
+      const int c = c0 + lane + kWarp * jj;
       if (k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
     }
   }
 }
 
 // F and the output in in_t, M in m_t (in_t or acc_t), W, z, c in acc_t.
+// At least one block per SM: without it ptxas held the kernel to 128
+// registers and spilled (tests/test_cuda_backend.py reads ptxas' report);
+// with it, ~150 registers and no spills on sm_75 and sm_90 (a block then
+// takes more than half the register file: one block per SM; the paper
+// shape's 64 samples are one wave on any GPU with >= 64 SMs).
 template <typename in_t, typename m_t, typename acc_t>
-__global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
+__global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
     const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
-    const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int64_t C,
-    int64_t P, int64_t B, int64_t K, bool normalize) {
+    const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int C, int P,
+    int B, int K, bool normalize) {
   PV_DYNAMIC_SMEM(smem_raw);
   acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x P
   acc_t* s_sum = Ap + K * P;                       // K
   acc_t* rowss = s_sum + K;                        // K
   acc_t* red = rowss + K;                          // kFusedWarps
-  acc_t* work = red + kFusedWarps;
-  acc_t* Ws = work;                                // K x kFusedTC: W chunk, then the G tile (K x kFusedTP)
-  acc_t* Fs = Ws + K * kFusedTC;                   // kFusedTC x kFusedTP
+  acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_work_offset(K, P);
+  const int KS = fused_ws_stride(K);
+  acc_t* Ws = work;                                // kFusedTC x KS: W chunk transposed, then the G tile (K x kFusedTP)
+  acc_t* Fs = Ws + kFusedTC * KS;                  // kFusedTC x kFusedTP
   acc_t* st_max = Fs + kFusedTC * kFusedTP;        // B x kFusedTP
   acc_t* st_inv = st_max + B * kFusedTP;
   acc_t* st_m = st_inv + B * kFusedTP;
@@ -498,6 +541,8 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
 
   const int64_t n = blockIdx.x;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int gp = kGPos * (tid % (kFusedTP / kGPos)), gk = kGRows * (tid / (kFusedTP / kGPos));
+  const int halves = K <= kGHalf ? 1 : 2;
   const in_t* Fn = F + n * C * P;
   const m_t* Mn = (M != nullptr) ? M + n * B * P : nullptr;
   const acc_t eps = acc_t(kEps);
@@ -506,49 +551,65 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
   acc_t s_part[kFusedRowsA];
 #pragma unroll
   for (int j = 0; j < kFusedRowsA; ++j) s_part[j] = acc_t(0);
-  for (int64_t p0 = 0; p0 < P; p0 += kFusedTP) {
-    const int64_t p = p0 + lane;
-    acc_t g[kFusedRowsA];
+  for (int p0 = 0; p0 < P; p0 += kFusedTP) {
+    acc_t g[2][kGRows][kGPos];
 #pragma unroll
-    for (int j = 0; j < kFusedRowsA; ++j) g[j] = acc_t(0);
-    for (int64_t c0 = 0; c0 < C; c0 += kFusedTC) {
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < kGRows; ++i)
+#pragma unroll
+        for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] = acc_t(0);
+    for (int c0 = 0; c0 < C; c0 += kFusedTC) {
       __syncthreads();  // the previous chunk / G tile / statistics are no longer read
-      for (int64_t i = tid; i < K * kFusedTC; i += kFusedThreads) {
-        const int64_t k = i / kFusedTC, c = c0 + i % kFusedTC;
-        Ws[i] = c < C ? W[k * C + c] : acc_t(0);
+      for (int i = tid; i < K * kFusedTC; i += kFusedThreads) {  // coalesced along c
+        const int k = i / kFusedTC, cc = i % kFusedTC, c = c0 + cc;
+        Ws[cc * KS + k] = c < C ? W[k * C + c] : acc_t(0);
       }
       for (int i = tid; i < kFusedTC * kFusedTP; i += kFusedThreads) {
-        const int64_t c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
+        const int c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
         Fs[i] = (c < C && q < P) ? static_cast<acc_t>(Fn[c * P + q]) : acc_t(0);
       }
       __syncthreads();
+      // rows >= K of the chunk hold stale values: their sums are never used
+#pragma unroll 4
       for (int cc = 0; cc < kFusedTC; ++cc) {  // zero-padded beyond C
-        const acc_t f = Fs[cc * kFusedTP + lane];
+        acc_t f[kGPos];
+        load2(Fs + cc * kFusedTP + gp, f);
 #pragma unroll
-        for (int j = 0; j < kFusedRowsA; ++j) {
-          const int64_t k = warp + j * kFusedWarps;
-          if (k < K) g[j] += Ws[k * kFusedTC + cc] * f;
+        for (int h = 0; h < 2; ++h) {
+          if (h < halves) {
+            acc_t w[kGRows];
+            load4(Ws + cc * KS + h * kGHalf + gk, w);
+#pragma unroll
+            for (int i = 0; i < kGRows; ++i)
+#pragma unroll
+              for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] += w[i] * f[pj];
+          }
         }
       }
     }
     __syncthreads();  // the W chunk is no longer read: its space holds the G tile
     acc_t* Gs = Ws;
 #pragma unroll
-    for (int j = 0; j < kFusedRowsA; ++j) {
-      const int64_t k = warp + j * kFusedWarps;
-      if (k < K) Gs[k * kFusedTP + lane] = g[j];
-    }
+    for (int h = 0; h < 2; ++h)
+#pragma unroll
+      for (int i = 0; i < kGRows; ++i) {
+        const int k = h * kGHalf + gk + i;
+        if (k < K) {
+#pragma unroll
+          for (int pj = 0; pj < kGPos; ++pj) Gs[k * kFusedTP + gp + pj] = g[h][i][pj];
+        }
+      }
     __syncthreads();
-    for (int64_t i = tid; i < B * kFusedTP; i += kFusedThreads) {  // (part, position)
-      const int64_t b = i / kFusedTP;
-      const int pl = static_cast<int>(i % kFusedTP);
+    for (int i = tid; i < B * kFusedTP; i += kFusedThreads) {  // (part, position)
+      const int b = i / kFusedTP, pl = i % kFusedTP;
       acc_t vmax = 0, inv = 0, mb = 0;
       if (p0 + pl < P) {
         mb = (Mn != nullptr) ? static_cast<acc_t>(Mn[b * P + p0 + pl]) : acc_t(1);
         vmax = logit_of(mb, Gs[pl], z[0]);
-        for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, Gs[k * kFusedTP + pl], z[k]));
+        for (int k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, Gs[k * kFusedTP + pl], z[k]));
         acc_t sum = 0;
-        for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, Gs[k * kFusedTP + pl], z[k]) - vmax);
+        for (int k = 0; k < K; ++k) sum += vexp(logit_of(mb, Gs[k * kFusedTP + pl], z[k]) - vmax);
         inv = acc_t(1) / sum;
       }
       st_max[i] = vmax;
@@ -556,16 +617,17 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
       st_m[i] = mb;
     }
     __syncthreads();
+    const int p = p0 + lane;
 #pragma unroll
     for (int j = 0; j < kFusedRowsA; ++j) {
-      const int64_t k = warp + j * kFusedWarps;
+      const int k = warp + j * kFusedWarps;
       if (k < K && p < P) {
-        const acc_t gk = Gs[k * kFusedTP + lane], zk = z[k];
+        const acc_t gk_ = Gs[k * kFusedTP + lane], zk = z[k];
         acc_t acc_a = 0, acc_s = 0;
-        for (int64_t b = 0; b < B; ++b) {
-          const int64_t t = b * kFusedTP + lane;
+        for (int b = 0; b < B; ++b) {
+          const int t = b * kFusedTP + lane;
           const acc_t mb = st_m[t];
-          const acc_t a = vexp(logit_of(mb, gk, zk) - st_max[t]) * st_inv[t];
+          const acc_t a = vexp(logit_of(mb, gk_, zk) - st_max[t]) * st_inv[t];
           acc_a += a * mb;
           acc_s += a;
         }
@@ -576,28 +638,26 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
   }
 #pragma unroll
   for (int j = 0; j < kFusedRowsA; ++j) {
-    const int64_t k = warp + j * kFusedWarps;  // the same for the whole warp
+    const int k = warp + j * kFusedWarps;  // the same for the whole warp
     if (k < K) {
       const acc_t t = warp_sum(s_part[j]);
       if (lane == 0) s_sum[k] = t;
     }
   }
-  for (int64_t k = tid; k < K; k += kFusedThreads) rowss[k] = 0;
+  for (int k = tid; k < K; k += kFusedThreads) rowss[k] = 0;
   __syncthreads();
 
   // ---- phase B
-  const int64_t row_chunks = (K + kChunkRows - 1) / kChunkRows;
-  const int64_t col_chunks = (C + kChunkCols - 1) / kChunkCols;
-  const bool in_registers = row_chunks * col_chunks == 1;
+  const bool in_registers = K <= kChunkRows && C <= kChunkCols;  // V is one chunk
   acc_t v[kVRows][kVCols];
   acc_t gn = 1;
   if (normalize) {
-    for (int64_t r0 = 0; r0 < K; r0 += kChunkRows)
-      for (int64_t c0 = 0; c0 < C; c0 += kChunkCols) {
+    for (int r0 = 0; r0 < K; r0 += kChunkRows)
+      for (int c0 = 0; c0 < C; c0 += kChunkCols) {
         fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K);
 #pragma unroll
         for (int i = 0; i < kVRows; ++i) {
-          const int64_t k = r0 + warp * kVRows + i;  // the same for the whole warp
+          const int k = r0 + warp * kVRows + i;  // the same for the whole warp
           acc_t ss = 0;
 #pragma unroll
           for (int jj = 0; jj < kVCols; ++jj) ss += v[i][jj] * v[i][jj];  // zero outside K x C
@@ -607,7 +667,7 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
       }
     __syncthreads();
     acc_t local = 0;  // sum over this warp's rows of |V_k / r_k|^2
-    for (int64_t k = warp; k < K; k += kFusedWarps) {
+    for (int k = warp; k < K; k += kFusedWarps) {
       const acc_t ss = rowss[k];
       const acc_t r = max(vsqrt(ss), eps);
       local += ss / (r * r);
@@ -615,17 +675,17 @@ __global__ void __launch_bounds__(kFusedThreads) fused_forward_kernel(
     gn = max(vsqrt(block_sum_of_warps(local, red)), eps);  // __syncthreads inside
   }
   in_t* o = out + n * K * C;
-  for (int64_t r0 = 0; r0 < K; r0 += kChunkRows)
-    for (int64_t c0 = 0; c0 < C; c0 += kChunkCols) {
+  for (int r0 = 0; r0 < K; r0 += kChunkRows)
+    for (int c0 = 0; c0 < C; c0 += kChunkCols) {
       if (!(normalize && in_registers)) fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K);
 #pragma unroll
       for (int i = 0; i < kVRows; ++i) {
-        const int64_t k = r0 + warp * kVRows + i;
+        const int k = r0 + warp * kVRows + i;
         if (k >= K) continue;
         const acc_t r = normalize ? max(vsqrt(rowss[k]), eps) : acc_t(1);
 #pragma unroll
         for (int jj = 0; jj < kVCols; ++jj) {
-          const int64_t c = c0 + lane + kWarp * jj;
+          const int c = c0 + lane + kWarp * jj;
           if (c < C) o[k * C + c] = static_cast<in_t>(normalize ? (v[i][jj] / r) / gn : v[i][jj]);
         }
       }
@@ -795,6 +855,8 @@ bool fused_forward_requested() {
 // device has, P <= ~840 on sm_90).
 int64_t fused_forward_smem(const at::Tensor& features, int64_t B, int64_t K, int64_t P) {
   if (K > kFusedMaxK || B > kFusedMaxB || P < 1) return -1;
+  const int64_t C = features.size(1), imax = std::numeric_limits<int32_t>::max();
+  if (C * P > imax || K * C > imax || B * P > imax) return -1;  // 32-bit indices within a sample
   const int64_t elem = features.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
   const int64_t bytes = fused_smem_elems(K, P, B) * elem;
   int optin = 0;
@@ -820,7 +882,8 @@ void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Te
   kernel<<<sample_blocks(N), kFusedThreads, static_cast<size_t>(smem),
            c10::cuda::getCurrentCUDAStream()>>>(
       F.data_ptr<in_t>(), M.defined() ? M.data_ptr<m_t>() : nullptr, W.data_ptr<acc_t>(),
-      z.data_ptr<acc_t>(), c.data_ptr<acc_t>(), out.data_ptr<in_t>(), C, P, B, K, normalize);
+      z.data_ptr<acc_t>(), c.data_ptr<acc_t>(), out.data_ptr<in_t>(), static_cast<int>(C),
+      static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
