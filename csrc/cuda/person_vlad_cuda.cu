@@ -394,6 +394,9 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
 // the output.  Plain fp32 (fp64) FMA arithmetic, like the IEEE cuBLAS GEMMs
 // of the default path; every sum in a fixed order, so deterministic.
 //
+// Both phases stage their operands through shared memory chunk by chunk, with
+// the next chunk's global loads issued into registers before the current
+// chunk is computed (so their latency is hidden behind the products).
 // Phase A, per tile of kFusedTP = 32 positions:
 //   G tile (K x 32) = W F over chunks of kFusedTC channels staged in shared
 //   memory (W transposed, so that a thread's 4 rows are one 16-byte load);
@@ -433,6 +436,11 @@ constexpr int kChunkRows = kVRows * kFusedWarps;            // 64
 constexpr int kChunkCols = kVCols * kWarp;                  // 256
 constexpr int kFusedPC = 16;                                // positions per staged F chunk (phase B)
 constexpr int kFbStride = kChunkCols + 1;                   // padded: fewer bank conflicts
+// Per-thread shares of a staged chunk, loaded into registers one chunk ahead
+// (the loads of chunk i+1 are in flight while chunk i is computed).
+constexpr int kStageW = kFusedMaxK * kFusedTC / kFusedThreads;   // 16 (8 used at K <= 64)
+constexpr int kStageF = kFusedTC * kFusedTP / kFusedThreads;     // 4
+constexpr int kStageB = kFusedPC * kChunkCols / kFusedThreads;   // 16
 
 // Row stride of the transposed W chunk: the rows one or two halves cover, plus
 // 4 (fewer bank conflicts when staging, 16-byte rows kept).
@@ -469,6 +477,53 @@ __device__ __forceinline__ void load2(const double* p, double (&o)[2]) {
   o[0] = v.x; o[1] = v.y;
 }
 
+// Phase A staging, in two halves so that the global loads of the next chunk
+// overlap the current chunk's products: this thread's share of the W chunk
+// (rows < K, channels c0..c0+31, zero beyond C) and of the F chunk (channels
+// c0.., positions p0..p0+31, zero outside C x P; kept in in_t until stored).
+template <typename in_t, typename acc_t>
+__device__ __forceinline__ void fused_load_a(acc_t (&w)[kStageW], in_t (&f)[kStageF],
+                                             const acc_t* __restrict__ W, const in_t* __restrict__ Fn,
+                                             int c0, int p0, int C, int P, int K) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int t = 0; t < kStageW; ++t) {
+    const int i = tid + t * kFusedThreads, k = i / kFusedTC, c = c0 + i % kFusedTC;  // coalesced along c
+    w[t] = (k < K && c < C) ? W[k * C + c] : acc_t(0);
+  }
+#pragma unroll
+  for (int t = 0; t < kStageF; ++t) {
+    const int i = tid + t * kFusedThreads, c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
+    f[t] = (c < C && q < P) ? Fn[c * P + q] : in_t(0);
+  }
+}
+
+template <typename in_t, typename acc_t>
+__device__ __forceinline__ void fused_store_a(const acc_t (&w)[kStageW], const in_t (&f)[kStageF], acc_t* Ws,
+                                              acc_t* Fs, int KS, int K) {
+  const int tid = threadIdx.x;
+#pragma unroll
+  for (int t = 0; t < kStageW; ++t) {
+    const int i = tid + t * kFusedThreads, k = i / kFusedTC;
+    if (k < K) Ws[(i % kFusedTC) * KS + k] = w[t];  // transposed
+  }
+#pragma unroll
+  for (int t = 0; t < kStageF; ++t) Fs[tid + t * kFusedThreads] = static_cast<acc_t>(f[t]);
+}
+
+// Phase B staging: this thread's share of F (channels c0..c0+255, positions
+// q0..q0+15, zero outside C x P), loaded one chunk ahead like phase A's.
+template <typename in_t>
+__device__ __forceinline__ void fused_load_b(in_t (&fb)[kStageB], const in_t* __restrict__ Fn, int c0, int q0,
+                                             int C, int P) {
+#pragma unroll
+  for (int t = 0; t < kStageB; ++t) {
+    const int i = threadIdx.x + t * kFusedThreads, cl = i / kFusedPC, ql = i % kFusedPC;
+    const int c = c0 + cl, q = q0 + ql;
+    fb[t] = (c < C && q < P) ? Fn[c * P + q] : in_t(0);
+  }
+}
+
 // V[r0.., c0..] chunk of one sample into v (rows k = r0 + 8*warp + i, columns
 // c = c0 + lane + 32*jj); zero outside K x C.
 template <typename in_t, typename acc_t>
@@ -481,14 +536,17 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
   for (int i = 0; i < kVRows; ++i)
 #pragma unroll
     for (int jj = 0; jj < kVCols; ++jj) v[i][jj] = acc_t(0);
+  in_t fb[kStageB];
+  fused_load_b(fb, Fn, c0, 0, C, P);
   for (int q0 = 0; q0 < P; q0 += kFusedPC) {
     __syncthreads();  // every thread is done with the work area's previous contents
-    for (int i = tid; i < kFusedPC * kChunkCols; i += kFusedThreads) {
-      const int cl = i / kFusedPC, ql = i % kFusedPC;
-      const int c = c0 + cl, q = q0 + ql;
-      Fb[ql * kFbStride + cl] = (c < C && q < P) ? static_cast<acc_t>(Fn[c * P + q]) : acc_t(0);
+#pragma unroll
+    for (int t = 0; t < kStageB; ++t) {
+      const int i = tid + t * kFusedThreads;
+      Fb[(i % kFusedPC) * kFbStride + i / kFusedPC] = static_cast<acc_t>(fb[t]);
     }
     __syncthreads();
+    if (q0 + kFusedPC < P) fused_load_b(fb, Fn, c0, q0 + kFusedPC, C, P);  // the next chunk, in flight
     const int qn = P - q0 < kFusedPC ? P - q0 : kFusedPC;
     for (int ql = 0; ql < qn; ++ql) {
       acc_t f[kVCols];
@@ -517,9 +575,10 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
 // F and the output in in_t, M in m_t (in_t or acc_t), W, z, c in acc_t.
 // At least one block per SM: without it ptxas held the kernel to 128
 // registers and spilled (tests/test_cuda_backend.py reads ptxas' report);
-// with it, ~150 registers and no spills on sm_75 and sm_90 (a block then
-// takes more than half the register file: one block per SM; the paper
-// shape's 64 samples are one wave on any GPU with >= 64 SMs).
+// with it, ~200-215 registers (float, bf16) and no spills on sm_75 and sm_90
+// (float64 spills ~80 bytes).  A block then takes more than half the register
+// file: one block per SM; the paper shape's 64 samples are one wave on any
+// GPU with >= 64 SMs.
 template <typename in_t, typename m_t, typename acc_t>
 __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
     const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
@@ -559,17 +618,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
       for (int i = 0; i < kGRows; ++i)
 #pragma unroll
         for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] = acc_t(0);
+    acc_t w_next[kStageW];
+    in_t f_next[kStageF];
+    fused_load_a(w_next, f_next, W, Fn, 0, p0, C, P, K);
     for (int c0 = 0; c0 < C; c0 += kFusedTC) {
       __syncthreads();  // the previous chunk / G tile / statistics are no longer read
-      for (int i = tid; i < K * kFusedTC; i += kFusedThreads) {  // coalesced along c
-        const int k = i / kFusedTC, cc = i % kFusedTC, c = c0 + cc;
-        Ws[cc * KS + k] = c < C ? W[k * C + c] : acc_t(0);
-      }
-      for (int i = tid; i < kFusedTC * kFusedTP; i += kFusedThreads) {
-        const int c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
-        Fs[i] = (c < C && q < P) ? static_cast<acc_t>(Fn[c * P + q]) : acc_t(0);
-      }
+      fused_store_a(w_next, f_next, Ws, Fs, KS, K);
       __syncthreads();
+      if (c0 + kFusedTC < C) fused_load_a(w_next, f_next, W, Fn, c0 + kFusedTC, p0, C, P, K);  // in flight
       // rows >= K of the chunk hold stale values: their sums are never used
 #pragma unroll 4
       for (int cc = 0; cc < kFusedTC; ++cc) {  // zero-padded beyond C
