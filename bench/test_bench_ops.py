@@ -6,6 +6,10 @@ CPU (``make bench``): the paper-like shape N=8, C=256, grid 2x11x5, B=6, K=64.
 GPU (``bench/gpu_check.sh``): the paper shape N=64 and the large shape
 N=32, C=512, grid 8x14x14 (P=1568), B=8, K=64, in bf16 and fp32.
 
+``floor`` (no VLAD work: the inputs summed and broadcast to the output's
+shape) times the harness itself in the same run: the speed-up no variant can
+pass at that shape.
+
 extra_info keys: op_backend, N, C, P, K, B, dtype, mode ("fwd"|"fwdbwd"),
 peak_bytes (GPU: max_memory_allocated above the inputs; CPU: peak RSS growth),
 output_bytes, baseline (the faster of "unfused-eager" and "unfused-compile":
@@ -55,11 +59,26 @@ def _inputs(shape, dtype, device, requires_grad):
     return ts
 
 
+def _floor(F, M, W, z, c, normalize=True):
+    """No VLAD at all: the five inputs summed to one number, broadcast to the
+    output's shape (same dtype promotion as the op's parameters).  The same
+    timed step around it measures the harness's floor: Python, the launches
+    of a few tiny kernels, autograd with five leaf gradients, the sync.  No
+    variant's time can go below it, so it bounds the speed-up any op could
+    show at this shape."""
+    N, C = F.shape[0], F.shape[1]
+    t = F.sum() + W.sum() + z.sum() + c.sum()
+    if M is not None:
+        t = t + M.sum()
+    return t.to(F.dtype).expand(N, W.shape[0] * C)
+
+
 def _variants(device):
     """name -> callable(F, M, W, z, c) for this device."""
     out = {
         "unfused-eager": reference.person_vlad_ref,
         "unfused-naive": reference.person_vlad_naive,
+        "floor": _floor,
     }
     if device == "cuda" or os.environ.get("PERSONVLAD_BENCH_COMPILE_CPU") == "1":
         out["unfused-compile"] = torch.compile(reference.person_vlad_ref, dynamic=False)
@@ -200,9 +219,9 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
-CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"]
+CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu", "floor"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
-                "fused-cuda-split3", "fused-cuda-1k", "fused-triton-ieee", "fused-triton-tiled"]
+                "fused-cuda-split3", "fused-cuda-1k", "fused-triton-ieee", "fused-triton-tiled", "floor"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
