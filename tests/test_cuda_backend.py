@@ -434,20 +434,9 @@ def test_fused_forward_kernel_keeps_registers_off_the_stack(tmp_path, arch):
         assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in e, e[:1500]
 
 
-def test_fused_forward_emulated_zero_vlad(emulated_kernels):
-    """V == 0 for one sample: the fused kernel clamps its norms to eps too."""
-    emu = _Emu(emulated_kernels)
-    F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3, dtype=torch.float64, seed=5)
-    F = F.clone()
-    F[0] = 0
-    args = [F, M, W, z, torch.zeros_like(c)]
-    for normalize in (True, False):
-        torch.testing.assert_close(emu.fused_forward(*args, normalize), _ref64(args, normalize),
-                                   atol=1e-12, rtol=1e-9)
-
-
 def test_kernel_source_emulated_zero_vlad(emulated_kernels):
-    """V == 0 (features 0, centers 0): every norm is clamped to eps."""
+    """V == 0 (features 0, centers 0): every norm is clamped to eps, in both
+    forward paths (the default one and the one-kernel forward) and the backward."""
     emu = _Emu(emulated_kernels)
     F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3, dtype=torch.float64, seed=5)
     F = F.clone()
@@ -456,6 +445,8 @@ def test_kernel_source_emulated_zero_vlad(emulated_kernels):
     for normalize in (True, False):
         out = emu.forward(*args, normalize)
         torch.testing.assert_close(out, _ref64(args, normalize), atol=1e-12, rtol=1e-9)
+        torch.testing.assert_close(emu.fused_forward(*args, normalize), _ref64(args, normalize),
+                                   atol=1e-12, rtol=1e-9)
         gout = torch.randn(out.shape, dtype=torch.float64)
         _check_grads(emu.backward(gout, *args, normalize), _grads_ref64(gout, args, normalize), args,
                      torch.float64)
