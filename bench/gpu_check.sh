@@ -17,9 +17,9 @@
 # epilogue cases then, now a step of their own) and schedule more than 33 s.
 # So one 470 s call gets through profile; the script then prints the second
 # call (the rest, on the still-warm machine) with the budget it needs.
-# Since then the tests gained the one-kernel CUDA forward's matrix (~80 small
-# cases: limit 170 -> 200 s) and the op step its fused-cuda-1k rows (paper
-# shape, bf16 + fp32, fwd + fwdbwd).
+# Since then the tests gained the one-kernel CUDA passes' matrices (~160
+# small cases: limit 170 -> 240 s, so the first call may leave ops_compile to
+# the second) and the op step its fused-cuda-1k and floor rows.
 # The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
 # limit, capped by what is left of the budget (counted from the script's
@@ -103,7 +103,7 @@ BENCH=($PY -m pytest -q -p no:cacheprovider --benchmark-only --benchmark-disable
 #    (first config of each list): every test shape would otherwise compile and
 #    time 2-5 configs per kernel; the benchmarks below autotune and check
 #    their own output against float64.
-want tests && step gpu_tests 200 env PERSONVLAD_TRITON_AUTOTUNE=0 \
+want tests && step gpu_tests 240 env PERSONVLAD_TRITON_AUTOTUNE=0 \
   $PY -m pytest -v -m cuda -p no:cacheprovider --durations=15 tests/
 # 2. The op (issues 4/5): fused backends and unfused eager, then the
 #    torch.compile'd unfused baseline (8 compilations), then where each
@@ -126,10 +126,11 @@ want e2e && $PY -c "import json; from personvlad.perf import check_cudnn_3d; pri
 # manual run.
 want schedule && step bench_schedule 120 "${BENCH[@]}" bench/test_bench_train.py -k "schedule and gpu and shards and not compile" -s \
   --benchmark-json="$OUT/bench_schedule.json"
-# memcheck over both forward paths and the backward; racecheck over the
-# one-kernel forward (its shared-memory phases), float32 + bf16 only.
+# memcheck over both CUDA paths (gemm and the one-kernel passes), forward
+# and backward; racecheck over the one-kernel passes (their shared-memory
+# phases), float32 + bf16 only.
 want memcheck && step memcheck 90 env TOOLS=memcheck PYTHON="$PY" bash bench/gpu_cuda_memcheck.sh
-want memcheck && step racecheck 60 env TOOLS=racecheck DRIVER_ARGS=--fused-forward PYTHON="$PY" \
+want memcheck && step racecheck 60 env TOOLS=racecheck DRIVER_ARGS=--fused PYTHON="$PY" \
   bash bench/gpu_cuda_memcheck.sh
 models=()
 for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_data.py; do

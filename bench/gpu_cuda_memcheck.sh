@@ -10,7 +10,7 @@
 #   bench/gpu_cuda_memcheck.sh                 # all three tools
 #   TOOLS=memcheck bench/gpu_cuda_memcheck.sh  # just one
 #   PYTHON=python3 COMPUTE_SANITIZER=/path/to/compute-sanitizer bench/gpu_cuda_memcheck.sh
-#   TOOLS=racecheck DRIVER_ARGS=--fused-forward bench/gpu_cuda_memcheck.sh  # the one-kernel forward only
+#   TOOLS=racecheck DRIVER_ARGS=--fused bench/gpu_cuda_memcheck.sh  # the one-kernel passes only
 #
 # Needs a CUDA device and personvlad._C built with CUDA.  Exits non-zero when
 # a tool reports an error, the driver fails, or the prerequisites are missing.

@@ -2,10 +2,10 @@
 the native op's forward and backward over its edge cases (1/2/3-D grids,
 parts None/1/6, normalize on/off, N*P not a multiple of the block size, K=1,
 C=1, K>128, N=0), in all four dtypes, with contiguous and non-contiguous
-inputs; on CUDA through both forward paths (PERSONVLAD_CUDA_FWD=gemm and
-fused: the one-kernel forward's dynamic shared memory too).
+inputs; on CUDA through both paths (PERSONVLAD_CUDA_FWD/_BWD=gemm and
+fused: the one-kernel passes' dynamic shared memory too).
 
-    python bench/memcheck_driver.py [--device cuda|cpu] [--fused-forward]
+    python bench/memcheck_driver.py [--device cuda|cpu] [--fused]
 
 ``--device cpu`` runs the same cases on the C++ CPU kernels: the test suite
 does that, so the driver itself is checked on machines without a GPU.
@@ -36,21 +36,23 @@ CASES = [
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 
-# The CUDA forward's two paths (PERSONVLAD_CUDA_FWD): the default GEMM path
-# and the one-kernel forward, which takes every case here but K=130.
-CUDA_FWD_PATHS = ("gemm", "fused")
+# The CUDA op's two paths (PERSONVLAD_CUDA_FWD and _BWD together): the
+# default GEMM path and the one-kernel passes (the forward takes every case
+# here but K=130, the backward every case with K <= 64).
+CUDA_PATHS = ("gemm", "fused")
 
 
-def run(device: str, fused_forward: bool = False) -> int:
-    """Forward + backward of every case (on CUDA through both forward paths);
-    returns the number of configurations.  ``fused_forward``: the one-kernel
-    forward alone, float32 and bfloat16, no backward (the racecheck workload:
-    that kernel is the one with shared-memory phases)."""
+def run(device: str, fused_only: bool = False) -> int:
+    """Forward + backward of every case (on CUDA through both paths);
+    returns the number of configurations.  ``fused_only``: the one-kernel
+    passes alone, float32 and bfloat16 (the racecheck workload: those
+    kernels are the ones with shared-memory phases)."""
     FWD = torch.ops.personvlad.person_vlad.default
     BWD = torch.ops.personvlad.person_vlad_backward.default
-    paths = ("fused",) if fused_forward else CUDA_FWD_PATHS if device == "cuda" else (None,)
-    dtypes = (torch.float32, torch.bfloat16) if fused_forward else DTYPES
-    saved = os.environ.get("PERSONVLAD_CUDA_FWD")
+    paths = ("fused",) if fused_only else CUDA_PATHS if device == "cuda" else (None,)
+    dtypes = (torch.float32, torch.bfloat16) if fused_only else DTYPES
+    switches = ("PERSONVLAD_CUDA_FWD", "PERSONVLAD_CUDA_BWD")
+    saved = {k: os.environ.get(k) for k in switches}
     n = 0
     try:
         for dtype in dtypes:
@@ -61,9 +63,10 @@ def run(device: str, fused_forward: bool = False) -> int:
                     for path in paths:
                         if path is not None:
                             os.environ["PERSONVLAD_CUDA_FWD"] = path
+                            os.environ["PERSONVLAD_CUDA_BWD"] = path
                         for a in (args, nc):
                             out = FWD(*a, normalize)
-                            grads = () if fused_forward else BWD(torch.ones_like(out), *a, normalize)
+                            grads = BWD(torch.ones_like(out), *a, normalize)
                             if device == "cuda":
                                 torch.cuda.synchronize()
                             bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t.float()).all()]
@@ -72,32 +75,33 @@ def run(device: str, fused_forward: bool = False) -> int:
                                                      f"normalize={normalize}, forward path {path}")
                     n += 1
     finally:
-        if saved is None:
-            os.environ.pop("PERSONVLAD_CUDA_FWD", None)
-        else:
-            os.environ["PERSONVLAD_CUDA_FWD"] = saved
+        for k, old in saved.items():
+            if old is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = old
     return n
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--fused-forward", action="store_true",
-                   help="only the one-kernel CUDA forward, float32 and bfloat16, no backward (for racecheck)")
+    p.add_argument("--fused", action="store_true",
+                   help="only the one-kernel CUDA forward and backward, float32 and bfloat16 (for racecheck)")
     a = p.parse_args(argv)
     dev = a.device
-    if a.fused_forward and dev != "cuda":
-        p.error("--fused-forward: the one-kernel forward is a CUDA kernel (use --device cuda)")
+    if a.fused and dev != "cuda":
+        p.error("--fused: the one-kernel passes are CUDA kernels (use --device cuda)")
     if dev == "cuda":
         if not torch.cuda.is_available():
             sys.exit("gpu_cuda_memcheck: no CUDA device")
         if not ops._NATIVE_CUDA:
             sys.exit("gpu_cuda_memcheck: personvlad._C has no CUDA kernels (build with nvcc)")
-    n = run(dev, a.fused_forward)
-    if a.fused_forward:
-        what = "the one-kernel forward, float32 + bfloat16"
+    n = run(dev, a.fused)
+    if a.fused:
+        what = "the one-kernel forward and backward, float32 + bfloat16"
     else:
-        what = "forward + backward" + (" (forward paths: " + ", ".join(CUDA_FWD_PATHS) + ")" if dev == "cuda" else "")
+        what = "forward + backward" + (" (paths: " + ", ".join(CUDA_PATHS) + ")" if dev == "cuda" else "")
     print(f"memcheck driver ({dev}): {n} configurations, {what}, contiguous + non-contiguous")
     return 0
 

@@ -106,12 +106,14 @@ def _variants(device):
 # with the main op step, not the ablation step); and the one-kernel forward
 # (fused_forward_kernel: one launch, no intermediate in memory; a candidate
 # default at shapes whose A' fits a block's shared memory, so not the large
-# shape, P = 1568, where it would fall back to the same code as fused-cuda).
+# shape, P = 1568, where it would fall back to the same code as fused-cuda),
+# with the one-kernel backward (K <= 64, C <= 256; ~140 KB of shared memory
+# at the paper shape, so sm_80+).
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
     "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
     "fused-cuda-split3": {"PERSONVLAD_CUDA_BF16_GEMM": "split3"},
-    "fused-cuda-1k": {"PERSONVLAD_CUDA_FWD": "fused"},
+    "fused-cuda-1k": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused"},
 }
 # Candidate defaults, measured in every dtype with the main op step.
 _CANDIDATES = ("fused-cuda-1k",)

@@ -157,6 +157,19 @@ PV_EXPORTS(double, f64)
   }
 PV_FUSED_EXPORT(float, f32)
 PV_FUSED_EXPORT(double, f64)
+#define PV_FUSED_BWD_EXPORT(T, SFX)                                                             \
+  extern "C" int fused_bwd_##SFX(const T* gO, const T* F, const T* M, const T* W, const T* z,  \
+                                 const T* c, T* dF, T* dM, T* dWp, T* dcp, T* dzp, int64_t N,   \
+                                 int64_t C, int64_t P, int64_t B, int64_t K, int normalize) {   \
+    const size_t smem = static_cast<size_t>(fused_bwd_smem_elems(K, P, B, C)) * sizeof(T);      \
+    return launch_threads(N, kFusedThreads, [=] {                                               \
+      fused_backward_kernel<T, T, T>(gO, F, M, W, z, c, dF, dM, dWp, dcp, dzp,                  \
+                                     static_cast<int>(C), static_cast<int>(P),                  \
+                                     static_cast<int>(B), static_cast<int>(K), normalize != 0); \
+    }, smem) ? 0 : 1;                                                                           \
+  }
+PV_FUSED_BWD_EXPORT(float, f32)
+PV_FUSED_BWD_EXPORT(double, f64)
 extern "C" int epilogue_threads() { return kEpilogueThreads; }
 """
 
@@ -255,6 +268,23 @@ class _Emu:
         out = self._nan((N, K, C), acc)
         self._call("fused_fwd", acc, F, M, Wc, zc, cc, out, N, C, P, B, K, normalize)
         return (out.reshape(N, K * C) if normalize else out).to(features.dtype)
+
+    def fused_backward(self, grad, features, parts, W, z, c, normalize):
+        """fused_backward of the .cu (PERSONVLAD_CUDA_BWD=fused): one launch
+        of fused_backward_kernel, then the batch sums of the partials."""
+        F, M, Wc, zc, cc, B, acc = self.flatten(features, parts, W, z, c)
+        N, C, P = F.shape
+        K = Wc.shape[0]
+        gO = grad.reshape(N, K, C).to(acc).contiguous()
+        dF, dWp, dcp = self._nan((N, C, P), acc), self._nan((N, K, C), acc), self._nan((N, K, C), acc)
+        dzp = self._nan((N, K), acc)
+        dM = None if M is None else self._nan((N, B, P), acc)
+        self._call("fused_bwd", acc, gO, F, M, Wc, zc, cc, dF, dM, dWp, dcp, dzp, N, C, P, B, K, normalize)
+        return (
+            dF.to(features.dtype).reshape(features.shape),
+            features.new_empty(0) if parts is None else dM.to(parts.dtype).reshape(parts.shape),
+            dWp.sum(0).to(W.dtype), dzp.sum(0).to(z.dtype), dcp.sum(0).to(c.dtype),
+        )
 
     def backward(self, grad, features, parts, W, z, c, normalize):
         F, M, Wc, zc, cc, B, acc = self.flatten(features, parts, W, z, c)
@@ -384,6 +414,35 @@ def test_fused_forward_emulated_on_cpu(emulated_kernels, case, dtype):
             torch.testing.assert_close(out, emu.forward(*args, normalize), atol=atol, rtol=rtol)
 
 
+# The one-kernel backward takes K <= 64 and C <= 256 (V and dV one register chunk).
+_FUSED_BWD_CASES = [c for c in _FUSED_CASES if c["K"] <= 64 and c["C"] <= 256] + [
+    dict(S=(2, 5), B=6, K=64, C=256)]  # the paper's K and C on a small grid
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case", _FUSED_BWD_CASES,
+                         ids=lambda c: f"S{'x'.join(map(str, c['S']))}-B{c['B']}-K{c['K']}-C{c['C']}")
+def test_fused_backward_emulated_on_cpu(emulated_kernels, case, dtype):
+    """fused_backward_kernel (PERSONVLAD_CUDA_BWD=fused) with its real block
+    size: the five gradients against float64 and against the emulated default
+    (gemm) path; NaN-filled outputs and shared memory catch unwritten or
+    unread slots."""
+    emu = _Emu(emulated_kernels)
+    alphas = (None, 30.0) if case["B"] in (6, 16) else (None,)
+    for normalize in (True, False):
+        for alpha in alphas:
+            args = make_inputs(N=2, dtype=dtype, alpha=alpha, seed=case["K"] + case["C"] + 2, **case)
+            N, K, C = 2, case["K"], case["C"]
+            gout = torch.randn((N, K * C) if normalize else (N, K, C),
+                               generator=torch.Generator().manual_seed(6), dtype=torch.float64).to(dtype)
+            got = emu.fused_backward(gout, *args, normalize)
+            _check_grads(got, _grads_ref64(gout, args, normalize), args, dtype)
+            atol, rtol = tolerance(dtype)
+            for name, a, b in zip(NAMES, got, emu.backward(gout, *args, normalize)):
+                scale = max(b.abs().max().item(), 1.0) if b.numel() else 1.0
+                torch.testing.assert_close(a, b, atol=5 * atol * scale, rtol=5 * rtol, msg=lambda m: f"{name}: {m}")
+
+
 _PTXAS_SOURCE = r"""
 #include <cstdint>
 #include <cuda_bf16.h>
@@ -391,11 +450,11 @@ _PTXAS_SOURCE = r"""
 namespace pv {
 %s
 #define PV_FUSED(IN, M, ACC) template __global__ void fused_forward_kernel<IN, M, ACC>( \
-    const IN*, const M*, const ACC*, const ACC*, const ACC*, IN*, int, int, int, int, bool);
+    const IN*, const M*, const ACC*, const ACC*, const ACC*, IN*, int, int, int, int, bool); \
+  template __global__ void fused_backward_kernel<IN, M, ACC>(const IN*, const IN*, const M*, const ACC*, \
+    const ACC*, const ACC*, IN*, ACC*, ACC*, ACC*, ACC*, int, int, int, int, bool);
 PV_FUSED(float, float, float)
-PV_FUSED(double, double, double)
 PV_FUSED(__nv_bfloat16, __nv_bfloat16, float)
-PV_FUSED(__nv_bfloat16, float, float)
 }
 """
 
@@ -409,12 +468,12 @@ def _nvcc():
 
 @pytest.mark.parametrize("arch", ["90", "75"])
 def test_fused_forward_kernel_keeps_registers_off_the_stack(tmp_path, arch):
-    """ptxas on the .cu's device code, the one-kernel forward instantiated for
-    float and bfloat16 (cuda_bf16's type standing in for c10's; and double,
-    which compiles but may spill): no stack frame and no spills on sm_90 and
-    sm_75.  (Without the minimum of one block per SM in its
-    __launch_bounds__, ptxas held it to 128 registers and spilled 64-100
-    bytes.)"""
+    """ptxas on the .cu's device code, the one-kernel forward and backward
+    instantiated as the extension does (float and bfloat16; cuda_bf16's type
+    standing in for c10's): no stack frame and no spills on sm_90 and sm_75.
+    (Without the minimum of one block per SM in their __launch_bounds__,
+    ptxas held the forward to 128 registers and spilled 64-100 bytes; the
+    backward spilled 116 bytes while it held dO beside V in registers.)"""
     nvcc = _nvcc()
     if nvcc is None:
         pytest.skip("no nvcc")
@@ -426,12 +485,36 @@ def test_fused_forward_kernel_keeps_registers_off_the_stack(tmp_path, arch):
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-4000:]
     entries = r.stderr.split("Compiling entry function")[1:]
-    fused = [e for e in entries if "fused_forward_kernel" in e.split("\n")[0]]
+    fused = [e for e in entries if "fused_forward_kernel" in e.split("\n")[0]
+             or "fused_backward_kernel" in e.split("\n")[0]]
     assert len(fused) == 4, r.stderr[-4000:]
     for e in fused:
-        if "fused_forward_kernelIddd" in e.split("\n")[0]:
-            continue  # float64: a correctness path (2x the registers), allowed to spill
         assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in e, e[:1500]
+
+
+def test_kernel_source_emulated_empty_cluster(emulated_kernels):
+    """One cluster that no position picks (alpha=1000, its center far away):
+    its row of V is exactly 0, so its norm is clamped while the others' are
+    not; the default path and the one-kernel passes against float64.  (The
+    global normalisation's <out, dO> term does not reach the gradients even
+    here: the intra-normalisation's backward projects it out of unclamped
+    rows, and it multiplies V_k / eps = 0 in the clamped one; only a row with
+    0 < |V_k| < eps would feel it, far below any precision.)"""
+    emu = _Emu(emulated_kernels)
+    F, M, W, z, c = make_inputs(N=2, C=6, S=(3, 5), B=2, K=4, dtype=torch.float64, alpha=1000.0, seed=8)
+    c = c.clone()
+    c[3] = 3.0
+    W, z = 2 * 1000.0 * c, -1000.0 * (c * c).sum(1)
+    args = [F, M, W, z, c]
+    ref = _ref64(args, False)
+    assert torch.equal(ref[:, 3], torch.zeros_like(ref[:, 3])) and ref[:, :3].abs().min() > 0
+    for normalize in (True, False):
+        expect = _ref64(args, normalize)
+        gout = torch.randn(expect.shape, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
+        gexp = _grads_ref64(gout, args, normalize)
+        for fwd, bwd in ((emu.forward, emu.backward), (emu.fused_forward, emu.fused_backward)):
+            torch.testing.assert_close(fwd(*args, normalize), expect, atol=1e-12, rtol=1e-9)
+            _check_grads(bwd(gout, *args, normalize), gexp, args, torch.float64)
 
 
 def test_kernel_source_emulated_zero_vlad(emulated_kernels):
@@ -447,6 +530,9 @@ def test_kernel_source_emulated_zero_vlad(emulated_kernels):
         torch.testing.assert_close(out, _ref64(args, normalize), atol=1e-12, rtol=1e-9)
         torch.testing.assert_close(emu.fused_forward(*args, normalize), _ref64(args, normalize),
                                    atol=1e-12, rtol=1e-9)
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        _check_grads(emu.fused_backward(gout, *args, normalize), _grads_ref64(gout, args, normalize), args,
+                     torch.float64)
         gout = torch.randn(out.shape, dtype=torch.float64)
         _check_grads(emu.backward(gout, *args, normalize), _grads_ref64(gout, args, normalize), args,
                      torch.float64)
@@ -482,12 +568,19 @@ def _check_grads(got, expect, args, dtype):
         )
 
 
+def _shared_matrix(test):
+    """Parametrises ``test`` over the shared matrix: grids, parts, normalize, dtypes."""
+    for mark in (pytest.mark.parametrize("S", GRIDS, ids=lambda s: "x".join(map(str, s))),
+                 pytest.mark.parametrize("B", PARTS, ids=lambda b: f"B{b}"),
+                 pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"]),
+                 pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))):
+        test = mark(test)  # innermost first, as stacked decorators apply
+    return test
+
+
 # ---------------------------------------------------------------- forward parity
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("B", PARTS, ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("S", GRIDS, ids=lambda s: "x".join(map(str, s)))
+@_shared_matrix
 def test_forward_and_backward_match_reference(S, B, normalize, dtype):
     needs_native_cuda()
     args = make_inputs(N=3, C=6, S=S, B=B, K=5, dtype=dtype, device="cuda", seed=21)
@@ -642,13 +735,11 @@ def _kernel_names(fn):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("normalize", [True, False], ids=["norm", "raw"])
-@pytest.mark.parametrize("B", PARTS, ids=lambda b: f"B{b}")
-@pytest.mark.parametrize("S", GRIDS, ids=lambda s: "x".join(map(str, s)))
+@_shared_matrix
 def test_fused_forward_matches_reference(monkeypatch, S, B, normalize, dtype):
     """PERSONVLAD_CUDA_FWD=fused: the one-kernel forward over the shared
-    matrix, non-contiguous inputs included, and the gradient through it."""
+    matrix (float64 runs the gemm path), non-contiguous inputs included, and
+    the gradient through it."""
     needs_native_cuda()
     monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
     atol, rtol = tolerance(dtype)
@@ -665,13 +756,12 @@ def test_fused_forward_matches_reference(monkeypatch, S, B, normalize, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64],
-                         ids=["float32", "bfloat16", "float64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float32", "bfloat16", "float16"])
 def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
     """At the paper shape (N=64, C=256, P=110, B=6, K=64) the switch runs
-    fused_forward_kernel and nothing else (float64 needs more than 48 KB of
-    shared memory: the opt-in path), within the dtype's tolerance of float64
-    and of the default path."""
+    fused_forward_kernel and nothing else, within the dtype's tolerance of
+    float64 and of the default path."""
     needs_native_cuda()
     args = make_inputs(N=64, C=256, S=(2, 11, 5), B=6, K=64, dtype=dtype, device="cuda", alpha=10.0, seed=42)
     default = FWD(*args, True)
@@ -686,30 +776,116 @@ def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("K,C,S,B", [(130, 3, (5, 3), 2), (4, 8, (3, 5), 17), (64, 512, (8, 14, 14), 8),
-                                     (70, 300, (4, 9), 3)], ids=["K130", "B17", "P1568", "twochunks"])
-def test_fused_forward_falls_back_where_it_does_not_fit(monkeypatch, K, C, S, B):
-    """K > 128, B > 16 or A' larger than a block's shared memory: the switch
-    falls back to the gemm path (no fused kernel launched), same result;
-    K = 70, C = 300 does fit (four V chunks, computed twice)."""
+@pytest.mark.parametrize("K,C,S,B,dtype", [(130, 3, (5, 3), 2, "float32"), (4, 8, (3, 5), 17, "float32"),
+                                           (64, 512, (8, 14, 14), 8, "float32"), (70, 300, (4, 9), 3, "float32"),
+                                           (4, 8, (3, 5), 2, "float64"), (4, 8, (3, 5), 2, "mixed")],
+                         ids=["K130", "B17", "P1568", "twochunks", "float64", "mixed"])
+def test_fused_forward_falls_back_where_it_does_not_fit(monkeypatch, K, C, S, B, dtype):
+    """K > 128, B > 16, A' larger than a block's shared memory, float64
+    features, or parts in another dtype than the features: the switch falls
+    back to the gemm path (no fused kernel launched), same result; K = 70,
+    C = 300 does fit (four V chunks, computed twice)."""
     needs_native_cuda()
-    args = make_inputs(N=2, C=C, S=S, B=B, K=K, device="cuda", seed=43)
+    dt = {"float32": torch.float32, "float64": torch.float64, "mixed": torch.bfloat16}[dtype]
+    args = make_inputs(N=2, C=C, S=S, B=B, K=K, dtype=dt, device="cuda", seed=43)
+    if dtype == "mixed":
+        args[1] = args[1].float()
     monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
     names = _kernel_names(lambda: FWD(*args, True))
-    fits = K <= 128 and B <= 16 and math.prod(S) < 1000
+    fits = K <= 128 and B <= 16 and math.prod(S) < 1000 and dtype == "float32"
     assert any("fused_forward_kernel" in n for n in names) == fits, names
-    atol, rtol = tolerance(torch.float32)
+    atol, rtol = tolerance(dt)
     torch.testing.assert_close(FWD(*args, True).double(), _ref64(args, True), atol=atol, rtol=rtol)
 
 
 @pytest.mark.cuda
-def test_fused_forward_switch_rejects_unknown_values(monkeypatch):
+def test_fused_switches_reject_unknown_values(monkeypatch):
     needs_native_cuda()
     for N in (2, 0):
         args = make_inputs(N=N, C=8, S=(3,), B=2, K=3, device="cuda")
         monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "one")
         with pytest.raises(ValueError, match="PERSONVLAD_CUDA_FWD: expected 'fused' or 'gemm'"):
             FWD(*args, True)
+        monkeypatch.delenv("PERSONVLAD_CUDA_FWD")
+        monkeypatch.setenv("PERSONVLAD_CUDA_BWD", "one")
+        with pytest.raises(ValueError, match="PERSONVLAD_CUDA_BWD: expected 'fused' or 'gemm'"):
+            BWD(torch.zeros(N, 3 * 8, device="cuda"), *args, True)
+        monkeypatch.delenv("PERSONVLAD_CUDA_BWD")
+
+
+def _fused_backward_fits():
+    """The one-kernel backward's paper-shape shared memory (~140 KB in float32)
+    needs an sm_80+ opt-in; smaller shapes fit everywhere."""
+    return torch.cuda.get_device_properties(0).major >= 8
+
+
+@pytest.mark.cuda
+@_shared_matrix
+def test_fused_backward_matches_reference(monkeypatch, S, B, normalize, dtype):
+    """PERSONVLAD_CUDA_BWD=fused over the shared matrix (float64 runs the
+    gemm path), non-contiguous inputs included: the five gradients against
+    float64 and the gemm path's."""
+    needs_native_cuda()
+    for noncontig in (False, True):
+        args = make_inputs(N=3, C=6, S=S, B=B, K=5, dtype=dtype, device="cuda", seed=44, noncontig=noncontig)
+        gout = torch.randn((3, 30) if normalize else (3, 5, 6), generator=torch.Generator().manual_seed(4))
+        gout = gout.to("cuda", dtype)
+        monkeypatch.setenv("PERSONVLAD_CUDA_BWD", "gemm")
+        plain = BWD(gout, *args, normalize)
+        monkeypatch.setenv("PERSONVLAD_CUDA_BWD", "fused")
+        got = BWD(gout, *args, normalize)
+        _check_grads(got, _grads_ref64(gout, args, normalize), args, dtype)
+        atol, rtol = tolerance(dtype)
+        for name, a, b, t in zip(NAMES, got, plain, args):
+            assert a.shape == b.shape and a.dtype == b.dtype and a.stride() == b.stride(), name
+            if t is not None:
+                scale = max(b.abs().max().item(), 1.0)
+                torch.testing.assert_close(a, b, atol=5 * atol * scale, rtol=5 * rtol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_backward_paper_shape(monkeypatch, dtype):
+    """At the paper shape (sm_80+: ~140 KB of shared memory) the backward is
+    fused_backward_kernel plus the three batch sums, no GEMM; gradients
+    within tolerance of float64 and deterministic; gradcheck-style autograd
+    through person_vlad with both switches on."""
+    needs_native_cuda()
+    if not _fused_backward_fits():
+        pytest.skip("the paper shape's one-kernel backward needs sm_80+ shared memory")
+    args = make_inputs(N=64, C=256, S=(2, 11, 5), B=6, K=64, dtype=dtype, device="cuda", alpha=10.0, seed=45)
+    gout = torch.randn(64, 64 * 256, device="cuda").to(dtype)
+    monkeypatch.setenv("PERSONVLAD_CUDA_BWD", "fused")
+    names = _kernel_names(lambda: BWD(gout, *args, True))
+    assert any("fused_backward_kernel" in n for n in names), names
+    assert not any("gemm" in n.lower() or "fused_forward_kernel" in n for n in names), names
+    got = BWD(gout, *args, True)
+    _check_grads(got, _grads_ref64(gout, args, True), args, dtype)
+    assert all(torch.equal(a, b) for a, b in zip(got, BWD(gout, *args, True)))  # deterministic
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    leaves = [t.detach().requires_grad_(True) for t in args]
+    out = person_vlad(*leaves, backend="cuda")
+    out.backward(gout)
+    _check_grads([t.grad for t in leaves], _grads_ref64(gout, args, True), args, dtype)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("K,C,dtype", [(65, 8, "float32"), (8, 257, "float32"), (130, 3, "float32"),
+                                       (8, 8, "float64"), (8, 8, "mixed")],
+                         ids=["K65", "C257", "K130", "float64", "mixed"])
+def test_fused_backward_falls_back_where_it_does_not_fit(monkeypatch, K, C, dtype):
+    """K > 64, C > 256, float64 features or parts in another dtype: the switch
+    runs the gemm path (no fused kernel), same gradients."""
+    needs_native_cuda()
+    dt = {"float32": torch.float32, "float64": torch.float64, "mixed": torch.bfloat16}[dtype]
+    args = make_inputs(N=2, C=C, S=(3, 4), B=2, K=K, dtype=dt, device="cuda", seed=46)
+    if dtype == "mixed":
+        args[1] = args[1].float()
+    gout = torch.randn(2, K * C, device="cuda").to(dt)
+    monkeypatch.setenv("PERSONVLAD_CUDA_BWD", "fused")
+    names = _kernel_names(lambda: BWD(gout, *args, True))
+    assert not any("fused_backward_kernel" in n for n in names), names
+    _check_grads(BWD(gout, *args, True), _grads_ref64(gout, args, True), args, dt)
 
 
 @pytest.mark.cuda

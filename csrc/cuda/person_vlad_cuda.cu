@@ -58,7 +58,9 @@
 //
 // PERSONVLAD_CUDA_FWD=fused (opt-in) runs the forward instead as one kernel,
 // fused_forward_kernel (one block per sample, everything on chip, only the
-// output written), for the shapes fused_forward_smem accepts; see there.
+// output written), for the shapes fused_forward_smem accepts; and
+// PERSONVLAD_CUDA_BWD=fused the backward as fused_backward_kernel plus three
+// batch sums (fused_backward_smem).  See there.
 // ---------------------------------------------------------------------------
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -76,6 +78,7 @@
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -125,6 +128,19 @@ __device__ __forceinline__ acc_t logit_of(acc_t m, acc_t g, acc_t z) {
   return m * g + z;
 }
 
+// Softmax statistics over k of the logits m g[k * stride] + z[k]: their
+// maximum, and 1 / sum_k exp(logit - max) (the sum is >= 1: the max term is
+// exp(0)).  idx_t: 64-bit in the flat kernels, 32-bit in the one-kernel passes.
+template <typename acc_t, typename idx_t>
+__device__ __forceinline__ void softmax_stats(const acc_t* g, idx_t stride, const acc_t* __restrict__ z,
+                                              acc_t m, idx_t K, acc_t& vmax, acc_t& inv) {
+  vmax = logit_of(m, g[0], z[0]);
+  for (idx_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(m, g[k * stride], z[k]));
+  acc_t sum = 0;
+  for (idx_t k = 0; k < K; ++k) sum += vexp(logit_of(m, g[k * stride], z[k]) - vmax);
+  inv = acc_t(1) / sum;
+}
+
 // ---------------------------------------------------------------------------
 // Soft-assignment kernels.  Each is a flat 1-D launch over either the
 // (n, b, s) "part columns" (N*B*P threads: softmax statistics over k) or the
@@ -148,13 +164,7 @@ __global__ void __launch_bounds__(kFlatThreads) softmax_stats_forward_kernel(
   if (i >= N * B * P) return;
   const int64_t n = i / (B * P), s = i % P;
   const acc_t mb = (M != nullptr) ? M[i] : acc_t(1);
-  const acc_t* g = G + n * K * P + s;  // g[k * P] = G[n,k,s]
-  acc_t vmax = logit_of(mb, g[0], z[0]);
-  for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
-  acc_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
-  st_max[i] = vmax;
-  st_inv[i] = acc_t(1) / sum;  // sum >= 1 (the max term is exp(0))
+  softmax_stats(G + n * K * P + s, P, z, mb, K, st_max[i], st_inv[i]);  // G[n,k,s] at k * P
 }
 
 // Forward accumulation, one thread per (n, k, s):
@@ -198,11 +208,8 @@ __global__ void __launch_bounds__(kFlatThreads) softmax_stats_backward_kernel(
   const acc_t* g = G + n * K * P + s;
   const acc_t* dap = dAp + n * K * P + s;
   const acc_t* ds = dS + n * K;
-  acc_t vmax = logit_of(mb, g[0], z[0]);
-  for (int64_t k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, g[k * P], z[k]));
-  acc_t sum = 0;
-  for (int64_t k = 0; k < K; ++k) sum += vexp(logit_of(mb, g[k * P], z[k]) - vmax);
-  const acc_t inv = acc_t(1) / sum;
+  acc_t vmax, inv;
+  softmax_stats(g, P, z, mb, K, vmax, inv);
   acc_t dot = 0, dm = 0;
   for (int64_t k = 0; k < K; ++k) {
     const acc_t a = vexp(logit_of(mb, g[k * P], z[k]) - vmax) * inv;
@@ -478,9 +485,19 @@ __device__ __forceinline__ void load2(const double* p, double (&o)[2]) {
 }
 
 // Phase A staging, in two halves so that the global loads of the next chunk
-// overlap the current chunk's products: this thread's share of the W chunk
-// (rows < K, channels c0..c0+31, zero beyond C) and of the F chunk (channels
-// c0.., positions p0..p0+31, zero outside C x P; kept in in_t until stored).
+// overlap the current chunk's products: this thread's share of the F chunk
+// (channels c0..c0+31, positions p0..p0+31, zero outside C x P; kept in in_t
+// until stored) and of the W chunk (rows < K, the same channels).
+template <typename in_t>
+__device__ __forceinline__ void fused_load_f(in_t (&f)[kStageF], const in_t* __restrict__ Fn, int c0, int p0,
+                                             int C, int P) {
+#pragma unroll
+  for (int t = 0; t < kStageF; ++t) {
+    const int i = threadIdx.x + t * kFusedThreads, c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
+    f[t] = (c < C && q < P) ? Fn[c * P + q] : in_t(0);
+  }
+}
+
 template <typename in_t, typename acc_t>
 __device__ __forceinline__ void fused_load_a(acc_t (&w)[kStageW], in_t (&f)[kStageF],
                                              const acc_t* __restrict__ W, const in_t* __restrict__ Fn,
@@ -491,11 +508,7 @@ __device__ __forceinline__ void fused_load_a(acc_t (&w)[kStageW], in_t (&f)[kSta
     const int i = tid + t * kFusedThreads, k = i / kFusedTC, c = c0 + i % kFusedTC;  // coalesced along c
     w[t] = (k < K && c < C) ? W[k * C + c] : acc_t(0);
   }
-#pragma unroll
-  for (int t = 0; t < kStageF; ++t) {
-    const int i = tid + t * kFusedThreads, c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
-    f[t] = (c < C && q < P) ? Fn[c * P + q] : in_t(0);
-  }
+  fused_load_f(f, Fn, c0, p0, C, P);
 }
 
 template <typename in_t, typename acc_t>
@@ -525,7 +538,8 @@ __device__ __forceinline__ void fused_load_b(in_t (&fb)[kStageB], const in_t* __
 }
 
 // V[r0.., c0..] chunk of one sample into v (rows k = r0 + 8*warp + i, columns
-// c = c0 + lane + 32*jj); zero outside K x C.
+// c = c0 + lane + 32*jj); zero outside K x C.  With s_sum == nullptr, just
+// Ap F^T (the backward's dW = dG F^T).
 template <typename in_t, typename acc_t>
 __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const in_t* __restrict__ Fn,
                                               const acc_t* __restrict__ cen, const acc_t* Ap,
@@ -567,46 +581,27 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
 #pragma unroll
     for (int jj = 0; jj < kVCols; ++jj) {
       const int c = c0 + lane + kWarp * jj;
-      if (k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
+      if (s_sum != nullptr && k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
     }
   }
 }
 
-// F and the output in in_t, M in m_t (in_t or acc_t), W, z, c in acc_t.
-// At least one block per SM: without it ptxas held the kernel to 128
-// registers and spilled (tests/test_cuda_backend.py reads ptxas' report);
-// with it, ~200-215 registers (float, bf16) and no spills on sm_75 and sm_90
-// (float64 spills ~80 bytes).  A block then takes more than half the register
-// file: one block per SM; the paper shape's 64 samples are one wave on any
-// GPU with >= 64 SMs.
+// Phase A of both one-kernel passes, for one sample: G = W F tile by tile,
+// the part softmax, A' (K x P) and s (K) into shared memory, and, when Gf is
+// given, all of G (K x P) too.  Uses the work area; ends with a barrier.
 template <typename in_t, typename m_t, typename acc_t>
-__global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
-    const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
-    const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int C, int P,
-    int B, int K, bool normalize) {
-  PV_DYNAMIC_SMEM(smem_raw);
-  acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x P
-  acc_t* s_sum = Ap + K * P;                       // K
-  acc_t* rowss = s_sum + K;                        // K
-  acc_t* red = rowss + K;                          // kFusedWarps
-  acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_work_offset(K, P);
+__device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const m_t* __restrict__ Mn,
+                                             const acc_t* __restrict__ W, const acc_t* __restrict__ z, acc_t* Ap,
+                                             acc_t* s_sum, acc_t* Gf, acc_t* work, int C, int P, int B, int K) {
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int gp = kGPos * (tid % (kFusedTP / kGPos)), gk = kGRows * (tid / (kFusedTP / kGPos));
+  const int halves = K <= kGHalf ? 1 : 2;
   const int KS = fused_ws_stride(K);
   acc_t* Ws = work;                                // kFusedTC x KS: W chunk transposed, then the G tile (K x kFusedTP)
   acc_t* Fs = Ws + kFusedTC * KS;                  // kFusedTC x kFusedTP
   acc_t* st_max = Fs + kFusedTC * kFusedTP;        // B x kFusedTP
   acc_t* st_inv = st_max + B * kFusedTP;
   acc_t* st_m = st_inv + B * kFusedTP;
-  acc_t* Fb = work;                                // phase B: kFusedPC x kFbStride
-
-  const int64_t n = blockIdx.x;
-  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
-  const int gp = kGPos * (tid % (kFusedTP / kGPos)), gk = kGRows * (tid / (kFusedTP / kGPos));
-  const int halves = K <= kGHalf ? 1 : 2;
-  const in_t* Fn = F + n * C * P;
-  const m_t* Mn = (M != nullptr) ? M + n * B * P : nullptr;
-  const acc_t eps = acc_t(kEps);
-
-  // ---- phase A
   acc_t s_part[kFusedRowsA];
 #pragma unroll
   for (int j = 0; j < kFusedRowsA; ++j) s_part[j] = acc_t(0);
@@ -653,7 +648,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
         const int k = h * kGHalf + gk + i;
         if (k < K) {
 #pragma unroll
-          for (int pj = 0; pj < kGPos; ++pj) Gs[k * kFusedTP + gp + pj] = g[h][i][pj];
+          for (int pj = 0; pj < kGPos; ++pj) {
+            Gs[k * kFusedTP + gp + pj] = g[h][i][pj];
+            if (Gf != nullptr && p0 + gp + pj < P) Gf[k * P + p0 + gp + pj] = g[h][i][pj];
+          }
         }
       }
     __syncthreads();
@@ -662,11 +660,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
       acc_t vmax = 0, inv = 0, mb = 0;
       if (p0 + pl < P) {
         mb = (Mn != nullptr) ? static_cast<acc_t>(Mn[b * P + p0 + pl]) : acc_t(1);
-        vmax = logit_of(mb, Gs[pl], z[0]);
-        for (int k = 1; k < K; ++k) vmax = max(vmax, logit_of(mb, Gs[k * kFusedTP + pl], z[k]));
-        acc_t sum = 0;
-        for (int k = 0; k < K; ++k) sum += vexp(logit_of(mb, Gs[k * kFusedTP + pl], z[k]) - vmax);
-        inv = acc_t(1) / sum;
+        softmax_stats(Gs + pl, kFusedTP, z, mb, K, vmax, inv);
       }
       st_max[i] = vmax;
       st_inv[i] = inv;
@@ -700,8 +694,39 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
       if (lane == 0) s_sum[k] = t;
     }
   }
-  for (int k = tid; k < K; k += kFusedThreads) rowss[k] = 0;
   __syncthreads();
+}
+
+// F and the output in in_t, M in m_t (in_t or acc_t), W, z, c in acc_t.
+// At least one block per SM: without it ptxas held the kernel to 128
+// registers and spilled (tests/test_cuda_backend.py reads ptxas' report);
+// with it, ~200-215 registers (float, bf16) and no spills on sm_75 and sm_90.
+// A block then takes more than half the register file: one block per SM; the
+// paper shape's 64 samples are one wave on any GPU with >= 64 SMs.  The
+// extension instantiates both one-kernel passes for float, half and bfloat16
+// features with parts of the same dtype only (fused_dtypes); the CPU
+// emulation runs them in float and double as well.
+template <typename in_t, typename m_t, typename acc_t>
+__global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
+    const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
+    const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int C, int P,
+    int B, int K, bool normalize) {
+  PV_DYNAMIC_SMEM(smem_raw);
+  acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x P
+  acc_t* s_sum = Ap + K * P;                       // K
+  acc_t* rowss = s_sum + K;                        // K
+  acc_t* red = rowss + K;                          // kFusedWarps
+  acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_work_offset(K, P);
+  acc_t* Fb = work;                                // phase B: kFusedPC x kFbStride
+
+  const int64_t n = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const in_t* Fn = F + n * C * P;
+  const m_t* Mn = (M != nullptr) ? M + n * B * P : nullptr;
+  const acc_t eps = acc_t(kEps);
+
+  for (int k = tid; k < K; k += kFusedThreads) rowss[k] = 0;  // read after phase A's barriers
+  fused_assign(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, P, B, K);  // ends with a barrier
 
   // ---- phase B
   const bool in_registers = K <= kChunkRows && C <= kChunkCols;  // V is one chunk
@@ -745,6 +770,284 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
           if (c < C) o[k * C + c] = static_cast<in_t>(normalize ? (v[i][jj] / r) / gn : v[i][jj]);
         }
       }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// One-kernel backward (PERSONVLAD_CUDA_BWD=fused; K <= 64, C <= 256, see
+// fused_backward_smem): one block per sample recomputes phase A (keeping all
+// of G) and V (in registers, one chunk), then
+//   B. dV through both normalisations (the formulas of
+//      epilogue_backward_kernel), dS[k] = -<dV_k, c_k> and this sample's dc
+//      partial -s dV; dV is kept transposed in shared memory;
+//   C. per tile of 32 positions: dA' = dV F (the register tile of G = W F),
+//      the softmax backward's statistics and dM (softmax_stats_backward_kernel),
+//      then dG (over G's slots) and the lane's dz partial
+//      (assign_accumulate_backward_kernel);
+//   D. dF = dV^T A' + W^T dG (lane: channels, warp: 4 positions);
+//   E. this sample's dW partial dG F^T.
+// The partials (N x K x C for dW and dc, N x K for dz) are summed over the
+// batch by the host in a fixed order: deterministic.
+// ---------------------------------------------------------------------------
+constexpr int kDVStride = kChunkRows + 1;  // dV transposed (C x 65): odd, so column reads do not conflict
+
+__host__ __device__ inline int64_t fused_bwd_work_offset(int64_t K, int64_t P, int64_t C) {
+  return (2 * K * P + C * kDVStride + 2 * K + 2 * kFusedWarps + 3) / 4 * 4;
+}
+
+__host__ __device__ inline int64_t fused_bwd_smem_elems(int64_t K, int64_t P, int64_t B, int64_t C) {
+  const int64_t phase_c = int64_t(kFusedTC) * fused_ws_stride(static_cast<int>(K)) + kFusedTC * kFusedTP +
+                          4 * B * kFusedTP;  // also covers phase A's work area
+  const int64_t phase_b = int64_t(kFusedPC) * kFbStride;
+  return fused_bwd_work_offset(K, P, C) + (phase_c > phase_b ? phase_c : phase_b);
+}
+
+// dO, F and dF in in_t, M in m_t (in_t or acc_t), W, z, c, dM and the
+// partials in acc_t.
+template <typename in_t, typename m_t, typename acc_t>
+__global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
+    const in_t* __restrict__ gO, const in_t* __restrict__ F, const m_t* __restrict__ M,
+    const acc_t* __restrict__ W, const acc_t* __restrict__ z, const acc_t* __restrict__ cen,
+    in_t* __restrict__ dF, acc_t* __restrict__ dM, acc_t* __restrict__ dWp, acc_t* __restrict__ dcp,
+    acc_t* __restrict__ dzp, int C, int P, int B, int K, bool normalize) {
+  PV_DYNAMIC_SMEM(smem_raw);
+  acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x P
+  acc_t* Gf = Ap + K * P;                          // K x P: G, then dG
+  acc_t* dVT = Gf + K * P;                         // C x kDVStride
+  acc_t* s_sum = dVT + C * kDVStride;              // K
+  acc_t* dS = s_sum + K;                           // K
+  acc_t* red = dS + K;                             // 2 x kFusedWarps
+  acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_bwd_work_offset(K, P, C);
+  acc_t* dAt = work;                               // phase C: K x kFusedTP
+  acc_t* Fs = work + kFusedTC * fused_ws_stride(K);  // kFusedTC x kFusedTP
+  acc_t* st_max = Fs + kFusedTC * kFusedTP;        // B x kFusedTP each
+  acc_t* st_inv = st_max + B * kFusedTP;
+  acc_t* st_m = st_inv + B * kFusedTP;
+  acc_t* st_dot = st_m + B * kFusedTP;
+
+  const int64_t n = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const in_t* Fn = F + n * C * P;
+  const m_t* Mn = (M != nullptr) ? M + n * B * P : nullptr;
+  const acc_t eps = acc_t(kEps);
+
+  // ---- A: G (kept), A', s
+  fused_assign(Fn, Mn, W, z, Ap, s_sum, Gf, work, C, P, B, K);
+
+  // ---- B: dV, dS, the dc partial.  dO is read from global memory in each
+  // pass rather than held beside V (which would spill registers).
+  acc_t v[kVRows][kVCols];
+  fused_v_chunk(v, Fn, cen, Ap, s_sum, work, 0, 0, C, P, K);
+  const in_t* gOn = gO + n * K * C;
+  acc_t nrm[kVRows];
+  acc_t gn = 1, od = 0;
+  bool g_clamped = false;
+  if (normalize) {
+    acc_t loc_ss = 0, loc_pd = 0;
+#pragma unroll
+    for (int i = 0; i < kVRows; ++i) {
+      const int k = warp * kVRows + i;
+      acc_t ss = 0, pd = 0;
+#pragma unroll
+      for (int jj = 0; jj < kVCols; ++jj) {
+        const int c = lane + kWarp * jj;
+        ss += v[i][jj] * v[i][jj];
+        if (k < K && c < C) pd += v[i][jj] * static_cast<acc_t>(gOn[k * C + c]);
+      }
+      ss = warp_sum(ss);
+      pd = warp_sum(pd);
+      nrm[i] = vsqrt(ss);
+      const acc_t r = max(nrm[i], eps);
+      if (k < K) {
+        loc_ss += ss / (r * r);
+        loc_pd += pd / r;
+      }
+    }
+    const acc_t tot_ss = block_sum_of_warps(loc_ss, red);
+    const acc_t tot_pd = block_sum_of_warps(loc_pd, red + kFusedWarps);
+    const acc_t graw = vsqrt(tot_ss);
+    g_clamped = !(graw >= eps);
+    gn = g_clamped ? eps : graw;
+    od = tot_pd / gn;  // <out, dO>
+  }
+#pragma unroll
+  for (int i = 0; i < kVRows; ++i) {
+    const int k = warp * kVRows + i;  // the same for the whole warp
+    const bool r_clamped = normalize && !(nrm[i] >= eps);
+    const acc_t r = !normalize ? acc_t(1) : r_clamped ? eps : nrm[i];
+    acc_t udu = 0;  // <U_k, du_k>
+    if (normalize && !r_clamped) {
+#pragma unroll
+      for (int jj = 0; jj < kVCols; ++jj) {
+        const int c = lane + kWarp * jj;
+        const acc_t dO = (k < K && c < C) ? static_cast<acc_t>(gOn[k * C + c]) : acc_t(0);
+        const acc_t u = v[i][jj] / r;
+        udu += u * (g_clamped ? dO / eps : (dO - (u / gn) * od) / gn);
+      }
+      udu = warp_sum(udu);
+    }
+    acc_t dsum = 0;
+#pragma unroll
+    for (int jj = 0; jj < kVCols; ++jj) {
+      const int c = lane + kWarp * jj;
+      if (k < K && c < C) {
+        const acc_t dO = static_cast<acc_t>(gOn[k * C + c]);
+        acc_t dv = dO;
+        if (normalize) {
+          const acc_t u = v[i][jj] / r;
+          const acc_t du = g_clamped ? dO / eps : (dO - (u / gn) * od) / gn;
+          dv = r_clamped ? du / eps : (du - u * udu) / r;
+        }
+        dsum += dv * cen[k * C + c];
+        dVT[c * kDVStride + k] = dv;
+        dcp[(n * K + k) * C + c] = -s_sum[k] * dv;
+      }
+    }
+    dsum = warp_sum(dsum);
+    if (lane == 0 && k < K) dS[k] = -dsum;
+  }
+  __syncthreads();
+
+  // ---- C: per tile of positions, dA', the softmax backward, dG and dz
+  const int gp = kGPos * (tid % (kFusedTP / kGPos)), gk = kGRows * (tid / (kFusedTP / kGPos));
+  acc_t z_part[kFusedRowsA];
+#pragma unroll
+  for (int j = 0; j < kFusedRowsA; ++j) z_part[j] = acc_t(0);
+  for (int p0 = 0; p0 < P; p0 += kFusedTP) {
+    acc_t da[kGRows][kGPos];
+#pragma unroll
+    for (int i = 0; i < kGRows; ++i)
+#pragma unroll
+      for (int pj = 0; pj < kGPos; ++pj) da[i][pj] = acc_t(0);
+    in_t f_next[kStageF];
+    fused_load_f(f_next, Fn, 0, p0, C, P);
+    for (int c0 = 0; c0 < C; c0 += kFusedTC) {
+      __syncthreads();  // the previous chunk / tile's dA' and statistics are no longer read
+#pragma unroll
+      for (int t = 0; t < kStageF; ++t) Fs[tid + t * kFusedThreads] = static_cast<acc_t>(f_next[t]);
+      __syncthreads();
+      if (c0 + kFusedTC < C) fused_load_f(f_next, Fn, c0 + kFusedTC, p0, C, P);  // in flight
+      const int ccn = C - c0 < kFusedTC ? C - c0 : kFusedTC;
+      for (int cc = 0; cc < ccn; ++cc) {
+        acc_t f[kGPos];
+        load2(Fs + cc * kFusedTP + gp, f);
+        const acc_t* dv = dVT + (c0 + cc) * kDVStride + gk;  // rows >= K: stale, never used
+#pragma unroll
+        for (int i = 0; i < kGRows; ++i)
+#pragma unroll
+          for (int pj = 0; pj < kGPos; ++pj) da[i][pj] += dv[i] * f[pj];
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kGRows; ++i)
+      if (gk + i < K) {
+#pragma unroll
+        for (int pj = 0; pj < kGPos; ++pj) dAt[(gk + i) * kFusedTP + gp + pj] = da[i][pj];
+      }
+    __syncthreads();
+    for (int i = tid; i < B * kFusedTP; i += kFusedThreads) {  // (part, position)
+      const int b = i / kFusedTP, pl = i % kFusedTP, p = p0 + pl;
+      acc_t vmax = 0, inv = 0, mb = 0, dot = 0;
+      if (p < P) {
+        mb = (Mn != nullptr) ? static_cast<acc_t>(Mn[b * P + p]) : acc_t(1);
+        const acc_t* g = Gf + p;  // g[k * P] = G[k, p]
+        softmax_stats(g, P, z, mb, K, vmax, inv);
+        acc_t dm = 0;
+        for (int k = 0; k < K; ++k) {
+          const acc_t a = vexp(logit_of(mb, g[k * P], z[k]) - vmax) * inv;
+          const acc_t dap = dAt[k * kFusedTP + pl];
+          dot += a * (dap * mb + dS[k]);
+          dm += a * dap;  // through A' = sum_b a M
+        }
+        if (Mn != nullptr) {
+          for (int k = 0; k < K; ++k) {
+            const acc_t gk_ = g[k * P];
+            const acc_t a = vexp(logit_of(mb, gk_, z[k]) - vmax) * inv;
+            dm += a * (dAt[k * kFusedTP + pl] * mb + dS[k] - dot) * gk_;  // through logit = M G + z
+          }
+          dM[(n * B + b) * P + p] = dm;
+        }
+      }
+      st_max[i] = vmax;
+      st_inv[i] = inv;
+      st_m[i] = mb;
+      st_dot[i] = dot;
+    }
+    __syncthreads();
+    const int p = p0 + lane;
+#pragma unroll
+    for (int j = 0; j < kFusedRowsA; ++j) {
+      const int k = warp + j * kFusedWarps;
+      if (k < K && p < P) {
+        const acc_t gk_ = Gf[k * P + p], zk = z[k], dap = dAt[k * kFusedTP + lane], dsk = dS[k];
+        acc_t acc_g = 0, acc_z = 0;
+        for (int b = 0; b < B; ++b) {
+          const int t = b * kFusedTP + lane;
+          const acc_t mb = st_m[t];
+          const acc_t a = vexp(logit_of(mb, gk_, zk) - st_max[t]) * st_inv[t];
+          const acc_t dl = a * (dap * mb + dsk - st_dot[t]);
+          acc_g += dl * mb;
+          acc_z += dl;
+        }
+        Gf[k * P + p] = acc_g;  // dG over G: this thread alone reads and writes it in this pass
+        z_part[j] += acc_z;
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kFusedRowsA; ++j) {
+    const int k = warp + j * kFusedWarps;  // the same for the whole warp
+    if (k < K) {
+      const acc_t t = warp_sum(z_part[j]);
+      if (lane == 0) dzp[n * K + k] = t;
+    }
+  }
+  __syncthreads();  // dG complete
+
+  // ---- D: dF = dV^T A' + W^T dG
+  in_t* dFn = dF + n * C * P;
+  constexpr int kDPos = kFusedTP / kFusedWarps;  // positions per warp per round (4)
+  for (int p0 = 0; p0 < P; p0 += kFusedTP) {
+    acc_t acc[kDPos][kVCols];
+#pragma unroll
+    for (int i = 0; i < kDPos; ++i)
+#pragma unroll
+      for (int jj = 0; jj < kVCols; ++jj) acc[i][jj] = acc_t(0);
+    for (int k = 0; k < K; ++k) {
+      acc_t dv[kVCols], w[kVCols];
+#pragma unroll
+      for (int jj = 0; jj < kVCols; ++jj) {
+        const int c = lane + kWarp * jj;
+        dv[jj] = c < C ? dVT[c * kDVStride + k] : acc_t(0);
+        w[jj] = c < C ? W[k * C + c] : acc_t(0);
+      }
+#pragma unroll
+      for (int i = 0; i < kDPos; ++i) {
+        const int p = p0 + warp * kDPos + i;  // the same for the whole warp
+        const acc_t a = p < P ? Ap[k * P + p] : acc_t(0), g = p < P ? Gf[k * P + p] : acc_t(0);
+#pragma unroll
+        for (int jj = 0; jj < kVCols; ++jj) acc[i][jj] += dv[jj] * a + w[jj] * g;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kDPos; ++i) {
+      const int p = p0 + warp * kDPos + i;
+#pragma unroll
+      for (int jj = 0; jj < kVCols; ++jj) {
+        const int c = lane + kWarp * jj;
+        if (p < P && c < C) dFn[c * P + p] = static_cast<in_t>(acc[i][jj]);
+      }
+    }
+  }
+
+  // ---- E: the dW partial dG F^T
+  fused_v_chunk(v, Fn, cen, Gf, static_cast<const acc_t*>(nullptr), work, 0, 0, C, P, K);
+#pragma unroll
+  for (int i = 0; i < kVRows; ++i)
+#pragma unroll
+    for (int jj = 0; jj < kVCols; ++jj) {
+      const int k = warp * kVRows + i, c = lane + kWarp * jj;
+      if (k < K && c < C) dWp[(n * K + k) * C + c] = v[i][jj];
     }
 }
 
@@ -904,67 +1207,101 @@ bool fused_forward_requested() {
   return true;
 }
 
-// Bytes of dynamic shared memory fused_forward_kernel needs for these sizes on
-// the features' device, or -1 where it does not take them: K > 128, B > 16,
-// or A' (K x P in the accumulation dtype) and the work area over what one
-// block may have (float32, K = 64, B = 6: P <= 125 within the 48 KB every
-// device has, P <= ~840 on sm_90).
-int64_t fused_forward_smem(const at::Tensor& features, int64_t B, int64_t K, int64_t P) {
-  if (K > kFusedMaxK || B > kFusedMaxB || P < 1) return -1;
-  const int64_t C = features.size(1), imax = std::numeric_limits<int32_t>::max();
-  if (C * P > imax || K * C > imax || B * P > imax) return -1;  // 32-bit indices within a sample
-  const int64_t elem = features.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const int64_t bytes = fused_smem_elems(K, P, B) * elem;
+// The one-kernel passes take float32, float16 and bfloat16 features with the
+// parts in the same dtype (or None), as the model has them; float64 (a
+// correctness path) and mixed dtypes run the gemm path.  Fewer template
+// instances: each costs ptxas seconds per architecture in every build.
+bool fused_dtypes(const at::Tensor& features, const std::optional<at::Tensor>& parts) {
+  const at::ScalarType t = features.scalar_type();
+  return (t == at::kFloat || t == at::kHalf || t == at::kBFloat16) &&
+         (!parts.has_value() || parts->scalar_type() == t);
+}
+
+// `bytes` if one block on the features' device may have that much dynamic
+// shared memory (48 KB everywhere, more with the sm_70+ opt-in), else -1.
+int64_t within_shared_memory(int64_t bytes, const at::Tensor& features) {
   int optin = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
                                         features.device().index()));
   return bytes <= std::max<int64_t>(optin, 48 * 1024) ? bytes : -1;
 }
 
-// The whole forward in fused_forward_kernel (N >= 1, smem from
-// fused_forward_smem): one launch where the inputs are contiguous, the parts
-// in the features' dtype (or None) and the parameters in the accumulation
-// dtype, as in the model; otherwise their copies come first.
-template <typename in_t, typename m_t>
-void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Tensor& W,
-                          const at::Tensor& z, const at::Tensor& c, bool normalize, int64_t smem,
-                          at::Tensor& out, int64_t P, int64_t B) {
-  using acc_t = at::opmath_type<in_t>;
-  const int64_t N = F.size(0), C = F.size(1), K = W.size(0);
-  const auto kernel = fused_forward_kernel<in_t, m_t, acc_t>;
+// Lets `kernel` use `smem` bytes of dynamic shared memory (needed above 48 KB).
+template <typename Kernel>
+void allow_shared_memory(Kernel kernel, int64_t smem) {
   if (smem > 48 * 1024)
     C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                         static_cast<int>(smem)));
-  kernel<<<sample_blocks(N), kFusedThreads, static_cast<size_t>(smem),
-           c10::cuda::getCurrentCUDAStream()>>>(
-      F.data_ptr<in_t>(), M.defined() ? M.data_ptr<m_t>() : nullptr, W.data_ptr<acc_t>(),
-      z.data_ptr<acc_t>(), c.data_ptr<acc_t>(), out.data_ptr<in_t>(), static_cast<int>(C),
-      static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// Bytes of dynamic shared memory fused_forward_kernel needs for these inputs
+// (P positions, K clusters), or -1 where it does not take them: other dtypes
+// (fused_dtypes), K > 128, B > 16, or A' (K x P, float32) and the work area
+// over what one block may have (K = 64, B = 6: P <= 125 within the 48 KB
+// every device has, P <= ~840 on sm_90).
+int64_t fused_forward_smem(const at::Tensor& features, const std::optional<at::Tensor>& parts, int64_t K,
+                           int64_t P) {
+  const int64_t B = parts.has_value() ? parts->size(1) : 1;
+  if (!fused_dtypes(features, parts) || K > kFusedMaxK || B > kFusedMaxB || P < 1) return -1;
+  const int64_t C = features.size(1), imax = std::numeric_limits<int32_t>::max();
+  if (C * P > imax || K * C > imax || B * P > imax) return -1;  // 32-bit indices within a sample
+  return within_shared_memory(fused_smem_elems(K, P, B) * int64_t(sizeof(float)), features);
+}
+
+// The whole forward in fused_forward_kernel (N >= 1, smem from
+// fused_forward_smem): one launch where the inputs are contiguous and the
+// parameters float32, as in the model; otherwise their copies come first.
 void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize,
                    int64_t smem, at::Tensor& out) {
-  const int64_t N = features.size(0), C = features.size(1);
+  const int64_t N = features.size(0), C = features.size(1), K = W.size(0);
   const int64_t P = features.numel() / (N * C);
   const int64_t B = parts.has_value() ? parts->size(1) : 1;
-  const at::ScalarType acc = features.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const at::Tensor F = features.reshape({N, C, P}).contiguous();  // its own dtype: no float32 copy
-  // parts in the features' dtype are read as they are, other dtypes in acc
-  const bool m_as_f = !parts.has_value() || parts->scalar_type() == features.scalar_type();
-  const at::Tensor M = !parts.has_value() ? at::Tensor()
-                       : m_as_f           ? parts->reshape({N, B, P}).contiguous()
-                                          : parts->reshape({N, B, P}).to(acc).contiguous();
-  const at::Tensor Wa = W.to(acc).contiguous(), za = z.to(acc).contiguous(), ca = c.to(acc).contiguous();
+  const at::Tensor M = parts.has_value() ? parts->reshape({N, B, P}).contiguous() : at::Tensor();
+  const at::Tensor Wa = W.to(at::kFloat).contiguous(), za = z.to(at::kFloat).contiguous(),
+                   ca = c.to(at::kFloat).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_fused_forward", [&] {
-    if (m_as_f)
-      launch_fused_forward<scalar_t, scalar_t>(F, M, Wa, za, ca, normalize, smem, out, P, B);
-    else
-      launch_fused_forward<scalar_t, at::opmath_type<scalar_t>>(F, M, Wa, za, ca, normalize, smem,
-                                                                out, P, B);
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // fused_dtypes: no float64
+      const auto kernel = fused_forward_kernel<scalar_t, scalar_t, float>;
+      allow_shared_memory(kernel, smem);
+      kernel<<<sample_blocks(N), kFusedThreads, static_cast<size_t>(smem),
+               c10::cuda::getCurrentCUDAStream()>>>(
+          F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr, Wa.data_ptr<float>(),
+          za.data_ptr<float>(), ca.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int>(C),
+          static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
+}
+
+// PERSONVLAD_CUDA_BWD (read at each backward call): "gemm" (the default)
+// recomputes through forward_core and runs the backward's GEMMs and kernels;
+// "fused" runs fused_backward_kernel, one launch plus three batch sums, where
+// it takes the shape (fused_backward_smem), and the gemm path elsewhere.
+// Opt-in until a GPU benchmark decides (fused-cuda-1k sets it with
+// PERSONVLAD_CUDA_FWD).
+bool fused_backward_requested() {
+  const char* v = std::getenv("PERSONVLAD_CUDA_BWD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "gemm") == 0) return false;
+  TORCH_CHECK_VALUE(std::strcmp(v, "fused") == 0,
+                    "PERSONVLAD_CUDA_BWD: expected 'fused' or 'gemm', got '", v, "'");
+  return true;
+}
+
+// Bytes of dynamic shared memory fused_backward_kernel needs, or -1 where it
+// does not take the inputs: other dtypes (fused_dtypes), K > 64 or C > 256
+// (V and dV are one register chunk), B > 16, or A', G, dV^T and the work
+// area over what one block may have.  The paper's shape (K = 64, C = 256,
+// P = 110) needs ~140 KB: sm_80 and sm_90 (their 163 / 227 KB opt-in), not
+// sm_75 or sm_86/89.
+int64_t fused_backward_smem(const at::Tensor& features, const std::optional<at::Tensor>& parts, int64_t K,
+                            int64_t P) {
+  const int64_t C = features.size(1), B = parts.has_value() ? parts->size(1) : 1;
+  if (!fused_dtypes(features, parts) || K > kChunkRows || C > kChunkCols || B > kFusedMaxB || P < 1) return -1;
+  if (C * P > std::numeric_limits<int32_t>::max()) return -1;  // 32-bit indices within a sample
+  return within_shared_memory(fused_bwd_smem_elems(K, P, B, C) * int64_t(sizeof(float)), features);
 }
 
 // G, A', S and A' F^T for the flattened inputs (N >= 1).
@@ -1022,6 +1359,44 @@ at::Tensor like_input(const at::Tensor& g, const at::Tensor& like) {
   return out;
 }
 
+// The whole backward in fused_backward_kernel (N >= 1, smem from
+// fused_backward_smem, grad_output in the features' dtype).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
+    const at::Tensor& grad_output, const at::Tensor& features, const std::optional<at::Tensor>& parts,
+    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize, int64_t smem) {
+  const int64_t N = features.size(0), C = features.size(1), K = W.size(0);
+  const int64_t P = features.numel() / (N * C);
+  const int64_t B = parts.has_value() ? parts->size(1) : 1;
+  const at::Tensor F = features.reshape({N, C, P}).contiguous();
+  const at::Tensor M = parts.has_value() ? parts->reshape({N, B, P}).contiguous() : at::Tensor();
+  const at::Tensor Wa = W.to(at::kFloat).contiguous(), za = z.to(at::kFloat).contiguous(),
+                   ca = c.to(at::kFloat).contiguous();
+  const at::Tensor gO = grad_output.reshape({N, K, C}).contiguous();
+  const auto opts = Wa.options();
+  at::Tensor dF = at::empty({N, C, P}, features.options().memory_format(at::MemoryFormat::Contiguous));
+  at::Tensor dM = parts.has_value() ? at::empty({N, B, P}, opts) : at::Tensor();
+  at::Tensor dWp = at::empty({N, K, C}, opts), dcp = at::empty({N, K, C}, opts), dzp = at::empty({N, K}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
+                                  "person_vlad_cuda_fused_backward", [&] {
+    if constexpr (!std::is_same_v<scalar_t, double>) {  // fused_dtypes: no float64
+      const auto kernel = fused_backward_kernel<scalar_t, scalar_t, float>;
+      allow_shared_memory(kernel, smem);
+      kernel<<<sample_blocks(N), kFusedThreads, static_cast<size_t>(smem),
+               c10::cuda::getCurrentCUDAStream()>>>(
+          gO.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr,
+          Wa.data_ptr<float>(), za.data_ptr<float>(), ca.data_ptr<float>(), dF.data_ptr<scalar_t>(),
+          dM.defined() ? dM.data_ptr<float>() : nullptr, dWp.data_ptr<float>(), dcp.data_ptr<float>(),
+          dzp.data_ptr<float>(), static_cast<int>(C), static_cast<int>(P), static_cast<int>(B),
+          static_cast<int>(K), normalize);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+  return std::make_tuple(
+      like_input(dF, features),
+      parts.has_value() ? like_input(dM, *parts) : at::empty({0}, features.options()),
+      like_input(dWp.sum(0), W), like_input(dzp.sum(0), z), like_input(dcp.sum(0), c));
+}
+
 at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                             const at::Tensor& assign_weight, const at::Tensor& assign_bias,
                             const at::Tensor& centers, bool normalize) {
@@ -1035,8 +1410,7 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   const bool fused = fused_forward_requested();  // both switches checked at N == 0 too
   if (N == 0) return out;
   if (fused) {
-    const int64_t smem = fused_forward_smem(features, parts.has_value() ? parts->size(1) : 1, K,
-                                            features.numel() / (N * C));
+    const int64_t smem = fused_forward_smem(features, parts, K, features.numel() / (N * C));
     if (smem >= 0) {
       fused_forward(features, parts, assign_weight, assign_bias, centers, normalize, smem, out);
       return out;
@@ -1076,12 +1450,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
               grad_output.sizes());
 
   const bool split = bf16_split_gemms(features);
+  const bool fused = fused_backward_requested();  // both switches checked at N == 0 too
   if (N == 0) {
     return std::make_tuple(at::empty_like(features),
                            parts.has_value() ? at::empty_like(*parts)
                                              : at::empty({0}, features.options()),
                            at::zeros_like(assign_weight), at::zeros_like(assign_bias),
                            at::zeros_like(centers));
+  }
+
+  if (fused && grad_output.scalar_type() == features.scalar_type()) {
+    const int64_t smem = fused_backward_smem(features, parts, K, features.numel() / (N * C));
+    if (smem >= 0)
+      return fused_backward(grad_output, features, parts, assign_weight, assign_bias, centers, normalize,
+                            smem);
   }
 
   const Flat f = flatten_inputs(features, parts, assign_weight, assign_bias, centers, split);
