@@ -128,6 +128,15 @@ __device__ __forceinline__ acc_t logit_of(acc_t m, acc_t g, acc_t z) {
   return m * g + z;
 }
 
+// The soft-assignment of one (part, cluster, position) from its softmax
+// statistics (softmax_stats): exp(m g + z - max) * inv.  Every kernel that
+// recomputes an assignment goes through here, so the forward and the
+// backward round it identically.
+template <typename acc_t>
+__device__ __forceinline__ acc_t soft_assignment(acc_t m, acc_t g, acc_t z, acc_t vmax, acc_t inv) {
+  return vexp(logit_of(m, g, z) - vmax) * inv;
+}
+
 // Softmax statistics over k of the logits m g[k * stride] + z[k]: their
 // maximum, and 1 / sum_k exp(logit - max) (the sum is >= 1: the max term is
 // exp(0)).  idx_t: 64-bit in the flat kernels, 32-bit in the one-kernel passes.
@@ -183,7 +192,7 @@ __global__ void __launch_bounds__(kFlatThreads) assign_accumulate_forward_kernel
   for (int64_t b = 0; b < B; ++b) {
     const int64_t j = j0 + b * P;
     const acc_t mb = (M != nullptr) ? M[j] : acc_t(1);
-    const acc_t a = vexp(logit_of(mb, gk, zk) - st_max[j]) * st_inv[j];
+    const acc_t a = soft_assignment(mb, gk, zk, st_max[j], st_inv[j]);
     acc_a += a * mb;
     acc_s += a;
   }
@@ -212,7 +221,7 @@ __global__ void __launch_bounds__(kFlatThreads) softmax_stats_backward_kernel(
   softmax_stats(g, P, z, mb, K, vmax, inv);
   acc_t dot = 0, dm = 0;
   for (int64_t k = 0; k < K; ++k) {
-    const acc_t a = vexp(logit_of(mb, g[k * P], z[k]) - vmax) * inv;
+    const acc_t a = soft_assignment(mb, g[k * P], z[k], vmax, inv);
     const acc_t dapk = dap[k * P];
     dot += a * (dapk * mb + ds[k]);
     dm += a * dapk;  // through A' = sum_b a M
@@ -220,7 +229,7 @@ __global__ void __launch_bounds__(kFlatThreads) softmax_stats_backward_kernel(
   if (M != nullptr) {
     for (int64_t k = 0; k < K; ++k) {
       const acc_t gk = g[k * P];
-      const acc_t a = vexp(logit_of(mb, gk, z[k]) - vmax) * inv;
+      const acc_t a = soft_assignment(mb, gk, z[k], vmax, inv);
       dm += a * (dap[k * P] * mb + ds[k] - dot) * gk;  // through logit = M G + z
     }
     dM[i] = dm;
@@ -248,7 +257,7 @@ __global__ void __launch_bounds__(kFlatThreads) assign_accumulate_backward_kerne
   for (int64_t b = 0; b < B; ++b) {
     const int64_t j = j0 + b * P;
     const acc_t mb = (M != nullptr) ? M[j] : acc_t(1);
-    const acc_t a = vexp(logit_of(mb, gk, zk) - st_max[j]) * st_inv[j];
+    const acc_t a = soft_assignment(mb, gk, zk, st_max[j], st_inv[j]);
     const acc_t dl = a * (dapk * mb + dsk - st_dot[j]);
     acc_g += dl * mb;
     acc_z += dl;
@@ -677,7 +686,7 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
         for (int b = 0; b < B; ++b) {
           const int t = b * kFusedTP + lane;
           const acc_t mb = st_m[t];
-          const acc_t a = vexp(logit_of(mb, gk_, zk) - st_max[t]) * st_inv[t];
+          const acc_t a = soft_assignment(mb, gk_, zk, st_max[t], st_inv[t]);
           acc_a += a * mb;
           acc_s += a;
         }
@@ -954,7 +963,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
         softmax_stats(g, P, z, mb, K, vmax, inv);
         acc_t dm = 0;
         for (int k = 0; k < K; ++k) {
-          const acc_t a = vexp(logit_of(mb, g[k * P], z[k]) - vmax) * inv;
+          const acc_t a = soft_assignment(mb, g[k * P], z[k], vmax, inv);
           const acc_t dap = dAt[k * kFusedTP + pl];
           dot += a * (dap * mb + dS[k]);
           dm += a * dap;  // through A' = sum_b a M
@@ -962,7 +971,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
         if (Mn != nullptr) {
           for (int k = 0; k < K; ++k) {
             const acc_t gk_ = g[k * P];
-            const acc_t a = vexp(logit_of(mb, gk_, z[k]) - vmax) * inv;
+            const acc_t a = soft_assignment(mb, gk_, z[k], vmax, inv);
             dm += a * (dAt[k * kFusedTP + pl] * mb + dS[k] - dot) * gk_;  // through logit = M G + z
           }
           dM[(n * B + b) * P + p] = dm;
@@ -984,7 +993,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
         for (int b = 0; b < B; ++b) {
           const int t = b * kFusedTP + lane;
           const acc_t mb = st_m[t];
-          const acc_t a = vexp(logit_of(mb, gk_, zk) - st_max[t]) * st_inv[t];
+          const acc_t a = soft_assignment(mb, gk_, zk, st_max[t], st_inv[t]);
           const acc_t dl = a * (dap * mb + dsk - st_dot[t]);
           acc_g += dl * mb;
           acc_z += dl;
