@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 from conftest import make_inputs  # noqa: E402
 
+from _env import scoped_env  # noqa: E402  (this script's folder is on sys.path)
 from personvlad import ops  # noqa: E402
 
 CASES = [
@@ -51,19 +52,15 @@ def run(device: str, fused_only: bool = False) -> int:
     BWD = torch.ops.personvlad.person_vlad_backward.default
     paths = ("fused",) if fused_only else CUDA_PATHS if device == "cuda" else (None,)
     dtypes = (torch.float32, torch.bfloat16) if fused_only else DTYPES
-    switches = ("PERSONVLAD_CUDA_FWD", "PERSONVLAD_CUDA_BWD")
-    saved = {k: os.environ.get(k) for k in switches}
     n = 0
-    try:
-        for dtype in dtypes:
-            for case in CASES:
-                for normalize in (True, False):
-                    args = make_inputs(**case, dtype=dtype, device=device, seed=n)
-                    nc = make_inputs(**case, dtype=dtype, device=device, seed=n, noncontig=True) if case["N"] else args
-                    for path in paths:
-                        if path is not None:
-                            os.environ["PERSONVLAD_CUDA_FWD"] = path
-                            os.environ["PERSONVLAD_CUDA_BWD"] = path
+    for dtype in dtypes:
+        for case in CASES:
+            for normalize in (True, False):
+                args = make_inputs(**case, dtype=dtype, device=device, seed=n)
+                nc = make_inputs(**case, dtype=dtype, device=device, seed=n, noncontig=True) if case["N"] else args
+                for path in paths:
+                    switches = {} if path is None else {"PERSONVLAD_CUDA_FWD": path, "PERSONVLAD_CUDA_BWD": path}
+                    with scoped_env(switches):
                         for a in (args, nc):
                             out = FWD(*a, normalize)
                             grads = BWD(torch.ones_like(out), *a, normalize)
@@ -72,14 +69,8 @@ def run(device: str, fused_only: bool = False) -> int:
                             bad = [i for i, t in enumerate((out, *grads)) if not torch.isfinite(t.float()).all()]
                             if bad:
                                 raise AssertionError(f"non-finite outputs {bad}: {case}, {dtype}, "
-                                                     f"normalize={normalize}, forward path {path}")
-                    n += 1
-    finally:
-        for k, old in saved.items():
-            if old is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = old
+                                                     f"normalize={normalize}, path {path}")
+                n += 1
     return n
 
 

@@ -38,6 +38,7 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from _env import scoped_env  # noqa: E402
 from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _op_step, _skip_reason, _variants  # noqa: E402
 
 SHAPES = dict(GPU_SHAPES, tiny=dict(N=2, C=16, S=(2, 3, 2), B=2, K=4))
@@ -122,18 +123,11 @@ def run(device, shapes, dtypes, variants, modes, rounds, top, save=None):
                     args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))
                     rec = dict(shape=shape_name, dtype=dname, mode=mode, variant=v, N=shape["N"], C=shape["C"],
                                P=math.prod(shape["S"]), B=shape["B"], K=shape["K"])
-                    saved = {k: os.environ.get(k) for k in _ABLATION_ENV.get(v, {})}
-                    os.environ.update(_ABLATION_ENV.get(v, {}))  # the variant's switch, for this case only
                     try:
-                        rec.update(profile_case(table[v], args, mode, device, rounds, top))
+                        with scoped_env(_ABLATION_ENV.get(v, {})):  # the variant's switch, for this case only
+                            rec.update(profile_case(table[v], args, mode, device, rounds, top))
                     except Exception as e:  # one failing variant must not cost the others
                         rec["error"] = f"{type(e).__name__}: {e}"
-                    finally:
-                        for k, old in saved.items():
-                            if old is None:
-                                os.environ.pop(k, None)
-                            else:
-                                os.environ[k] = old
                     results.append(rec)
                     print(_line(rec), flush=True)
                     if save is not None:
