@@ -1202,17 +1202,19 @@ struct NoTF32CuBLAS {
   NoTF32CuBLAS& operator=(const NoTF32CuBLAS&) = delete;
 };
 
-// PERSONVLAD_CUDA_FWD (read at each forward call): "gemm" (the default) runs
-// the cuBLAS GEMMs and small kernels of forward_core + the epilogue; "fused"
-// runs fused_forward_kernel, one launch, where it takes the shape
-// (fused_forward_smem), and the gemm path elsewhere.  Opt-in until a GPU
-// benchmark of both in one run decides (bench/test_bench_ops.py,
-// fused-cuda-1k).  The backward always recomputes through forward_core.
-bool fused_forward_requested() {
-  const char* v = std::getenv("PERSONVLAD_CUDA_FWD");
+// The switches PERSONVLAD_CUDA_FWD and PERSONVLAD_CUDA_BWD, read at each
+// call of the forward / backward: "gemm" (the default, also when unset or
+// empty) runs the cuBLAS GEMMs and small kernels (forward_core + the
+// epilogues); "fused" runs the one-kernel pass (fused_forward_kernel, one
+// launch; fused_backward_kernel, one launch plus three batch sums) where it
+// takes the shape (fused_forward_smem / fused_backward_smem), and the gemm
+// path elsewhere.  Opt-in until a GPU benchmark of both in one run decides
+// (bench/test_bench_ops.py, fused-cuda-1k, which sets both).  Any other
+// value is a ValueError naming the variable.
+bool fused_requested(const char* name) {
+  const char* v = std::getenv(name);
   if (v == nullptr || *v == '\0' || std::strcmp(v, "gemm") == 0) return false;
-  TORCH_CHECK_VALUE(std::strcmp(v, "fused") == 0,
-                    "PERSONVLAD_CUDA_FWD: expected 'fused' or 'gemm', got '", v, "'");
+  TORCH_CHECK_VALUE(std::strcmp(v, "fused") == 0, name, ": expected 'fused' or 'gemm', got '", v, "'");
   return true;
 }
 
@@ -1283,20 +1285,6 @@ void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
-}
-
-// PERSONVLAD_CUDA_BWD (read at each backward call): "gemm" (the default)
-// recomputes through forward_core and runs the backward's GEMMs and kernels;
-// "fused" runs fused_backward_kernel, one launch plus three batch sums, where
-// it takes the shape (fused_backward_smem), and the gemm path elsewhere.
-// Opt-in until a GPU benchmark decides (fused-cuda-1k sets it with
-// PERSONVLAD_CUDA_FWD).
-bool fused_backward_requested() {
-  const char* v = std::getenv("PERSONVLAD_CUDA_BWD");
-  if (v == nullptr || *v == '\0' || std::strcmp(v, "gemm") == 0) return false;
-  TORCH_CHECK_VALUE(std::strcmp(v, "fused") == 0,
-                    "PERSONVLAD_CUDA_BWD: expected 'fused' or 'gemm', got '", v, "'");
-  return true;
 }
 
 // Bytes of dynamic shared memory fused_backward_kernel needs, or -1 where it
@@ -1416,7 +1404,7 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
   const bool split = bf16_split_gemms(features);
-  const bool fused = fused_forward_requested();  // both switches checked at N == 0 too
+  const bool fused = fused_requested("PERSONVLAD_CUDA_FWD");  // both switches checked at N == 0 too
   if (N == 0) return out;
   if (fused) {
     const int64_t smem = fused_forward_smem(features, parts, K, features.numel() / (N * C));
@@ -1459,7 +1447,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
               grad_output.sizes());
 
   const bool split = bf16_split_gemms(features);
-  const bool fused = fused_backward_requested();  // both switches checked at N == 0 too
+  const bool fused = fused_requested("PERSONVLAD_CUDA_BWD");  // both switches checked at N == 0 too
   if (N == 0) {
     return std::make_tuple(at::empty_like(features),
                            parts.has_value() ? at::empty_like(*parts)
