@@ -1,9 +1,9 @@
 // Op schema registration for personvlad (the public contract of SPEC §1).
 //
 // Kernels are registered per device in csrc/cpu/ and csrc/cuda/ with
-// TORCH_LIBRARY_IMPL; the fake (meta) kernels and the autograd formula are
-// registered from Python (personvlad/ops.py) with torch.library.register_fake
-// / register_autograd, as in pytorch/extension-cpp.
+// TORCH_LIBRARY_IMPL, the autograd formula in csrc/autograd.cpp (Autograd key);
+// the fake (meta) kernels are registered from Python (personvlad/ops.py) with
+// torch.library.register_fake, as in pytorch/extension-cpp.
 #include <torch/library.h>
 
 TORCH_LIBRARY(personvlad, m) {

@@ -129,6 +129,7 @@ def _person_vlad_backward_fake(grad_output, features, parts, assign_weight, assi
     )
 
 
+# The autograd formula: save the five inputs; backward calls the backward op.
 def _setup_context(ctx, inputs, output):
     features, parts, W, z, c, normalize = inputs
     ctx.normalize = normalize
@@ -145,7 +146,12 @@ def _backward(ctx, grad):
     return dF, (dM if ctx.has_parts else None), dW, dz, dc, None
 
 
-torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
+# The extension registers the same formula in C++ (csrc/autograd.cpp: libtorch
+# users can train through the op, and Python callers skip this wrapper); this
+# Python one serves when the extension is absent.
+_NATIVE_AUTOGRAD = _has_kernel(OP_NAME, "Autograd")
+if not _NATIVE_AUTOGRAD:
+    torch.library.register_autograd(OP_NAME, _backward, setup_context=_setup_context)
 
 
 # FLOP formulas, so that torch.utils.flop_counter.FlopCounterMode (and tools on

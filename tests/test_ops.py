@@ -362,6 +362,22 @@ def test_registered_op_empty_batch_direct(device):
     assert op(F, None, W, z, c, False).shape == (0, 3, 4)
 
 
+@pytest.mark.skipif(not ops.extension_loaded(), reason="needs the compiled extension")
+def test_autograd_formula_is_the_extensions():
+    """With the extension loaded, autograd records the C++ formula
+    (csrc/autograd.cpp), not a Python wrapper, in and out of no_grad."""
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3, requires_grad=True)
+    assert ops._NATIVE_AUTOGRAD
+    out = torch.ops.personvlad.person_vlad(F, M, W, z, c, True)
+    assert "PersonVladFunction" in out.grad_fn.name(), out.grad_fn.name()
+    with torch.no_grad():
+        assert not torch.ops.personvlad.person_vlad(F, M, W, z, c, True).requires_grad
+    # parts=None: no slot for a parts gradient, the others arrive
+    out = torch.ops.personvlad.person_vlad(F, None, W, z, c, False)
+    grads = torch.autograd.grad(out.sum(), (F, W, z, c))
+    assert all(g is not None and g.shape == t.shape for g, t in zip(grads, (F, W, z, c)))
+
+
 def test_package_works_without_compiled_extension():
     """With personvlad._C unavailable the op, its autograd and the layer run
     on the pure-PyTorch fallback, with one warning saying how to rebuild."""
@@ -385,8 +401,12 @@ W, z, c = torch.randn(3, 4, dtype=torch.float64), torch.randn(3, dtype=torch.flo
 out = torch.ops.personvlad.person_vlad(F, M, W, z, c, True)
 ref = personvlad.reference.person_vlad_ref(F, M, W, z, c)
 assert torch.allclose(out, ref)
+assert not ops._NATIVE_AUTOGRAD                 # the Python formula is the one in use
+assert "PersonVladFunction" not in out.grad_fn.name(), out.grad_fn.name()
 out.sum().backward()
-assert F.grad is not None and torch.isfinite(F.grad).all()
+F_ref = F.detach().clone().requires_grad_()
+personvlad.reference.person_vlad_ref(F_ref, M, W, z, c).sum().backward()
+assert torch.allclose(F.grad, F_ref.grad)
 assert personvlad.PersonVLAD(4, num_clusters=3, num_parts=2)(torch.randn(2, 4, 5)).shape == (2, 12)
 print("ok")
 """

@@ -4,11 +4,15 @@
 //     intra + global L2 normalisation) for 1/2/3-D grids, parts present or
 //     absent, normalize true/false, float64 and float32, non-contiguous input;
 //   * personvlad::person_vlad_backward against central finite differences;
+//   * autograd through the op (csrc/autograd.cpp): torch::autograd::grad of
+//     <g, out> gives the backward op's gradients, on CPU and CUDA;
 //   * with CUDA kernels built: the CUDA op against the CPU op (SKIP when no
 //     device is present).
 // Exit status 0 iff every check passed.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <ATen/core/grad_mode.h>
 #ifdef PERSONVLAD_TEST_CUDA
 #include <torch/cuda.h>
 #endif
@@ -223,6 +227,38 @@ void test_backward_fd(const Case& cs, bool normalize) {
   }
 }
 
+// Autograd through the op: grad of <g, out> with respect to the leaves is the
+// backward op's output, for the inputs that require grad; parts=None gives
+// five leaves' worth of gradient slots but no parts gradient.
+void test_autograd(const Case& cs, bool normalize, at::Device device) {
+  Inputs in = make(cs, at::kDouble);
+  auto leaf = [&](const at::Tensor& t) { return t.to(device).detach().requires_grad_(true); };
+  const at::Tensor F = leaf(in.F), W = leaf(in.W), z = leaf(in.z), c = leaf(in.c);
+  const OptT M = in.M ? OptT(leaf(*in.M)) : OptT();
+  const std::string tag = cs.name + (device.is_cuda() ? " cuda" : " cpu") +
+                          (normalize ? " normalize" : " raw") + ": autograd ";
+  const at::Tensor out = op_forward(F, M, W, z, c, normalize);
+  check(out.requires_grad(), tag + "output requires grad");
+  const at::Tensor g = at::randn(out.sizes(), out.options().requires_grad(false));
+  std::vector<at::Tensor> leaves{F, W, z, c};
+  if (M) leaves.push_back(*M);
+  const auto got = torch::autograd::grad({(g * out).sum()}, leaves);
+  const Grads want = op_backward(g, F.detach(), M ? OptT(M->detach()) : OptT(), W.detach(),
+                                 z.detach(), c.detach(), normalize);
+  const std::vector<at::Tensor> expect{std::get<0>(want), std::get<2>(want), std::get<3>(want),
+                                       std::get<4>(want), std::get<1>(want)};
+  const char* names[] = {"features", "assign_weight", "assign_bias", "centers", "parts"};
+  for (size_t i = 0; i < leaves.size(); ++i) {
+    const bool ok = got[i].defined() && got[i].sizes() == leaves[i].sizes() &&
+                    max_abs_diff(got[i].cpu(), expect[i].cpu()) <= 1e-12;
+    check(ok, tag + "gradient of " + names[i]);
+  }
+  {
+    at::NoGradGuard no_grad;
+    check(!op_forward(F, M, W, z, c, normalize).requires_grad(), tag + "no_grad output");
+  }
+}
+
 #ifdef PERSONVLAD_TEST_CUDA
 void test_cuda(const std::vector<Case>& cases) {
   if (!torch::cuda::is_available()) {
@@ -252,6 +288,8 @@ void test_cuda(const std::vector<Case>& cases) {
       }
     }
   }
+  test_autograd({"ag-2d-B2", 2, 3, {2, 2}, 2, 3}, true, at::kCUDA);
+  test_autograd({"ag-1d-noparts", 2, 3, {3}, 0, 2}, false, at::kCUDA);
 }
 #endif
 
@@ -271,6 +309,8 @@ int main() {
     test_empty_batch();
     test_backward_fd({"fd-2d-B2", 2, 3, {2, 2}, 2, 3}, true);
     test_backward_fd({"fd-1d-noparts", 2, 3, {3}, 0, 2}, false);
+    test_autograd({"ag-2d-B2", 2, 3, {2, 2}, 2, 3}, true, at::kCPU);
+    test_autograd({"ag-1d-noparts", 2, 3, {3}, 0, 2}, false, at::kCPU);
 #ifdef PERSONVLAD_TEST_CUDA
     test_cuda(cases);
 #else
