@@ -150,6 +150,37 @@ __device__ __forceinline__ void softmax_stats(const acc_t* g, idx_t stride, cons
   inv = acc_t(1) / sum;
 }
 
+// The softmax backward of one (part, position) column, with the column's
+// logits m g[k * g_stride] + z[k] and, per cluster, the gradients dAp[k *
+// dap_stride] of A' = sum_b a M and dS[k] of s = sum_b a:
+//   vmax, inv: its softmax statistics (softmax_stats);
+//   dot = sum_k a[k] da[k], with da[k] = dAp[k] m + dS[k];
+//   returns dM = sum_k a dAp[k] + sum_k a (da[k] - dot) g[k]   (with_parts; else 0).
+// The flat backward (softmax_stats_backward_kernel) and the one-kernel
+// backward (phase C) both go through here, so they agree to the last bit.
+template <typename acc_t, typename idx_t>
+__device__ __forceinline__ acc_t softmax_column_backward(const acc_t* g, idx_t g_stride, const acc_t* __restrict__ z,
+                                                         acc_t m, const acc_t* dAp, idx_t dap_stride,
+                                                         const acc_t* dS, idx_t K, bool with_parts, acc_t& vmax,
+                                                         acc_t& inv, acc_t& dot) {
+  softmax_stats(g, g_stride, z, m, K, vmax, inv);
+  acc_t d = 0, dm = 0;
+  for (idx_t k = 0; k < K; ++k) {
+    const acc_t a = soft_assignment(m, g[k * g_stride], z[k], vmax, inv);
+    const acc_t dap = dAp[k * dap_stride];
+    d += a * (dap * m + dS[k]);
+    dm += a * dap;  // through A' = sum_b a M
+  }
+  dot = d;
+  if (!with_parts) return acc_t(0);
+  for (idx_t k = 0; k < K; ++k) {
+    const acc_t gk = g[k * g_stride];
+    const acc_t a = soft_assignment(m, gk, z[k], vmax, inv);
+    dm += a * (dAp[k * dap_stride] * m + dS[k] - d) * gk;  // through logit = M G + z
+  }
+  return dm;
+}
+
 // ---------------------------------------------------------------------------
 // Soft-assignment kernels.  Each is a flat 1-D launch over either the
 // (n, b, s) "part columns" (N*B*P threads: softmax statistics over k) or the
@@ -214,26 +245,11 @@ __global__ void __launch_bounds__(kFlatThreads) softmax_stats_backward_kernel(
   if (i >= N * B * P) return;
   const int64_t n = i / (B * P), s = i % P;
   const acc_t mb = (M != nullptr) ? M[i] : acc_t(1);
-  const acc_t* g = G + n * K * P + s;
-  const acc_t* dap = dAp + n * K * P + s;
-  const acc_t* ds = dS + n * K;
-  acc_t vmax, inv;
-  softmax_stats(g, P, z, mb, K, vmax, inv);
-  acc_t dot = 0, dm = 0;
-  for (int64_t k = 0; k < K; ++k) {
-    const acc_t a = soft_assignment(mb, g[k * P], z[k], vmax, inv);
-    const acc_t dapk = dap[k * P];
-    dot += a * (dapk * mb + ds[k]);
-    dm += a * dapk;  // through A' = sum_b a M
-  }
-  if (M != nullptr) {
-    for (int64_t k = 0; k < K; ++k) {
-      const acc_t gk = g[k * P];
-      const acc_t a = soft_assignment(mb, gk, z[k], vmax, inv);
-      dm += a * (dap[k * P] * mb + ds[k] - dot) * gk;  // through logit = M G + z
-    }
-    dM[i] = dm;
-  }
+  const int64_t col = n * K * P + s;  // (n, 0, s) in the (N,K,P) tensors
+  acc_t vmax, inv, dot;
+  const acc_t dm = softmax_column_backward(G + col, P, z, mb, dAp + col, P, dS + n * K, K, M != nullptr,
+                                           vmax, inv, dot);
+  if (M != nullptr) dM[i] = dm;
   st_max[i] = vmax;
   st_inv[i] = inv;
   st_dot[i] = dot;
@@ -959,23 +975,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
       acc_t vmax = 0, inv = 0, mb = 0, dot = 0;
       if (p < P) {
         mb = (Mn != nullptr) ? static_cast<acc_t>(Mn[b * P + p]) : acc_t(1);
-        const acc_t* g = Gf + p;  // g[k * P] = G[k, p]
-        softmax_stats(g, P, z, mb, K, vmax, inv);
-        acc_t dm = 0;
-        for (int k = 0; k < K; ++k) {
-          const acc_t a = soft_assignment(mb, g[k * P], z[k], vmax, inv);
-          const acc_t dap = dAt[k * kFusedTP + pl];
-          dot += a * (dap * mb + dS[k]);
-          dm += a * dap;  // through A' = sum_b a M
-        }
-        if (Mn != nullptr) {
-          for (int k = 0; k < K; ++k) {
-            const acc_t gk_ = g[k * P];
-            const acc_t a = soft_assignment(mb, gk_, z[k], vmax, inv);
-            dm += a * (dAt[k * kFusedTP + pl] * mb + dS[k] - dot) * gk_;  // through logit = M G + z
-          }
-          dM[(n * B + b) * P + p] = dm;
-        }
+        // G[k, p] at Gf[p + k * P]; dA'[k, p] at dAt[pl + k * kFusedTP]
+        const acc_t dm = softmax_column_backward(Gf + p, P, z, mb, dAt + pl, kFusedTP, dS, K, Mn != nullptr,
+                                                 vmax, inv, dot);
+        if (Mn != nullptr) dM[(n * B + b) * P + p] = dm;
       }
       st_max[i] = vmax;
       st_inv[i] = inv;
