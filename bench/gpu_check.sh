@@ -19,7 +19,9 @@
 # call (the rest, on the still-warm machine) with the budget it needs.
 # Since then the tests gained the one-kernel CUDA passes' matrices (~160
 # small cases: limit 170 -> 240 s, so the first call may leave ops_compile to
-# the second) and the op step its fused-cuda-1k and floor rows.
+# the second) and the op step its fused-cuda-1k (now also at the large shape:
+# the one-kernel forward splits samples over blocks), fused-cuda-1k-whole and
+# floor rows.
 # The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
 # limit, capped by what is left of the budget (counted from the script's

@@ -3,7 +3,9 @@ the native op's forward and backward over its edge cases (1/2/3-D grids,
 parts None/1/6, normalize on/off, N*P not a multiple of the block size, K=1,
 C=1, K>128, N=0), in all four dtypes, with contiguous and non-contiguous
 inputs; on CUDA through both paths (PERSONVLAD_CUDA_FWD/_BWD=gemm and
-fused: the one-kernel passes' dynamic shared memory too).
+fused: the one-kernel passes' dynamic shared memory too; the forward both
+with its samples split over blocks, as it does by default at these small
+batches wherever P > 32, and whole, PERSONVLAD_CUDA_FWD_SPLITS=1).
 
     python bench/memcheck_driver.py [--device cuda|cpu] [--fused]
 
@@ -13,6 +15,7 @@ does that, so the driver itself is checked on machines without a GPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -32,6 +35,7 @@ CASES = [
     dict(N=2, C=1, S=(5,), B=2, K=4),
     dict(N=2, C=3, S=(5,), B=2, K=1),
     dict(N=1, C=3, S=(4, 4), B=2, K=130),     # K > 128, more rows than warps
+    dict(N=2, C=8, S=(4, 40), B=2, K=6),      # P = 160: 5 tiles, the fused forward split 5 ways
     dict(N=0, C=4, S=(3,), B=2, K=3),
 ]
 DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -39,8 +43,16 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
 # The CUDA op's two paths (PERSONVLAD_CUDA_FWD and _BWD together): the
 # default GEMM path and the one-kernel passes (the forward takes every case
-# here but K=130, the backward every case with K <= 64).
-CUDA_PATHS = ("gemm", "fused")
+# here but K=130, the backward every case with K <= 64); "fused-whole": the
+# one-kernel passes with the forward's samples never split (only where P > 32:
+# elsewhere a sample is one tile, never split).
+CUDA_PATHS = ("gemm", "fused", "fused-whole")
+SWITCHES = {
+    "gemm": {"PERSONVLAD_CUDA_FWD": "gemm", "PERSONVLAD_CUDA_BWD": "gemm"},
+    "fused": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused"},
+    "fused-whole": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused",
+                    "PERSONVLAD_CUDA_FWD_SPLITS": "1"},
+}
 
 
 def run(device: str, fused_only: bool = False) -> int:
@@ -50,7 +62,7 @@ def run(device: str, fused_only: bool = False) -> int:
     kernels are the ones with shared-memory phases)."""
     FWD = torch.ops.personvlad.person_vlad.default
     BWD = torch.ops.personvlad.person_vlad_backward.default
-    paths = ("fused",) if fused_only else CUDA_PATHS if device == "cuda" else (None,)
+    paths = ("fused", "fused-whole") if fused_only else CUDA_PATHS if device == "cuda" else (None,)
     dtypes = (torch.float32, torch.bfloat16) if fused_only else DTYPES
     n = 0
     for dtype in dtypes:
@@ -59,8 +71,9 @@ def run(device: str, fused_only: bool = False) -> int:
                 args = make_inputs(**case, dtype=dtype, device=device, seed=n)
                 nc = make_inputs(**case, dtype=dtype, device=device, seed=n, noncontig=True) if case["N"] else args
                 for path in paths:
-                    switches = {} if path is None else {"PERSONVLAD_CUDA_FWD": path, "PERSONVLAD_CUDA_BWD": path}
-                    with scoped_env(switches):
+                    if path == "fused-whole" and math.prod(case["S"]) <= 32:
+                        continue
+                    with scoped_env({} if path is None else SWITCHES[path]):
                         for a in (args, nc):
                             out = FWD(*a, normalize)
                             grads = BWD(torch.ones_like(out), *a, normalize)

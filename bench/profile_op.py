@@ -5,7 +5,7 @@ kernels (``torch.profiler``), at the op benchmarks' shapes.
     python bench/profile_op.py --device cpu --shapes tiny --out DIR   # (what the test runs)
 
 For each shape, dtype, variant (``fused-cuda``, ``fused-triton``,
-``fused-cuda-split3`` (bf16), ``fused-cuda-1k`` (the paper shape), ``unfused-compile``,
+``fused-cuda-split3`` (bf16), ``fused-cuda-1k`` (samples split over blocks at both shapes), ``unfused-compile``,
 ``floor`` (no VLAD work: the harness's own cost), ``unfused-eager``; on CPU ``fused-cpu`` and
 ``unfused-eager``) and pass (``fwd``, ``fwdbwd``) it records
 

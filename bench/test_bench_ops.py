@@ -102,18 +102,23 @@ def _variants(device):
 # products buy; and the three-kernel tiled forward where the one-program
 # forward would run (P <= 128).  CUDA: the GEMMs with the bf16 features on
 # bf16 tensor cores, the float32 operand split in three bf16 pieces, instead
-# of IEEE fp32 GEMMs over a float32 copy of F (a candidate default: it runs
-# with the main op step, not the ablation step); and the one-kernel forward
-# (fused_forward_kernel: one launch, no intermediate in memory; a candidate
-# default at shapes whose A' fits a block's shared memory, so not the large
-# shape, P = 1568, where it would fall back to the same code as fused-cuda),
-# with the one-kernel backward (K <= 64, C <= 256; ~140 KB of shared memory
-# at the paper shape, so sm_80+).
+# of IEEE fp32 GEMMs over a float32 copy of F; and the one-kernel forward
+# (fused_forward_kernel: one launch, no intermediate in memory but the
+# partials of samples split over several blocks; a candidate default, so it
+# runs in every dtype), with the one-kernel backward (K <= 64, C <= 256; ~140
+# KB of shared memory at the paper shape, so sm_80+; at the large shape, C =
+# 512, the backward falls back to the gemm path).  The forward splits each
+# sample over blocks to fill one wave of SMs (at the paper shape on an H200:
+# 2 blocks per sample; at the large shape, where all of A' would not fit a
+# block: 4); fused-cuda-1k-whole keeps one block per sample where A' fits,
+# to measure what the split buys at the paper shape.
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
     "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
     "fused-cuda-split3": {"PERSONVLAD_CUDA_BF16_GEMM": "split3"},
     "fused-cuda-1k": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused"},
+    "fused-cuda-1k-whole": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused",
+                            "PERSONVLAD_CUDA_FWD_SPLITS": "1"},
 }
 # Candidate defaults, measured in every dtype with the main op step.
 _CANDIDATES = ("fused-cuda-1k",)
@@ -159,8 +164,8 @@ def _skip_reason(variant, shape_name, shape, dtype):
         return f"{variant}: an ablation, measured in bf16 only"
     if variant == "fused-triton-tiled" and math.prod(shape["S"]) > 128:
         return "the tiled forward is already the default at this P"
-    if variant == "fused-cuda-1k" and math.prod(shape["S"]) > 128:
-        return "the one-kernel forward does not take this P: A' is over a block's shared memory"
+    if variant == "fused-cuda-1k-whole" and math.prod(shape["S"]) > 128:
+        return "a block per sample: all of A' is over a block's shared memory at this P"
     return None
 
 
@@ -223,7 +228,8 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
 
 CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu", "floor"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
-                "fused-cuda-split3", "fused-cuda-1k", "fused-triton-ieee", "fused-triton-tiled", "floor"]
+                "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-whole", "fused-triton-ieee",
+                "fused-triton-tiled", "floor"]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])

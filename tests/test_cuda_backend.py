@@ -70,7 +70,7 @@ def test_memcheck_driver_runs_on_cpu():
     proc = subprocess.run([sys.executable, str(ROOT / "bench" / "memcheck_driver.py"), "--device", "cpu"],
                           cwd=str(ROOT), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "64 configurations" in proc.stdout
+    assert "72 configurations" in proc.stdout  # 9 cases x 4 dtypes x normalize on/off
 
 
 def test_cuda_kernels_registered_from_the_cu_file():
@@ -146,14 +146,31 @@ _EMU_API = r"""
 PV_EXPORTS(float, f32)
 PV_EXPORTS(double, f64)
 #define PV_FUSED_EXPORT(T, SFX)                                                                 \
-  extern "C" int fused_fwd_##SFX(const T* F, const T* M, const T* W, const T* z, const T* c,   \
-                                 T* out, int64_t N, int64_t C, int64_t P, int64_t B, int64_t K, \
-                                 int normalize) {                                               \
-    const size_t smem = static_cast<size_t>(fused_smem_elems(K, P, B)) * sizeof(T);             \
-    return launch_threads(N, kFusedThreads, [=] {                                               \
+  extern "C" int64_t fused_fwd_##SFX(const T* F, const T* M, const T* W, const T* z, const T* c, \
+                                     T* out, int64_t N, int64_t C, int64_t P, int64_t B,        \
+                                     int64_t K, int normalize, int64_t sms, int64_t smem_limit, \
+                                     int64_t forced, int reverse) {                             \
+    /* returns the splits used, -1 when a barrier broke, -2 when no plan, -3 when a */          \
+    /* ticket was left non-zero */                                                             \
+    const FusedSplit plan = fused_forward_split(N, P, K, B, sms, smem_limit, forced);           \
+    if (plan.splits == 0) return -2;                                                            \
+    std::vector<T> part(plan.splits > 1 ? N * plan.splits * K * (C + 1) : 0,                    \
+                        std::numeric_limits<T>::quiet_NaN());                                   \
+    std::vector<unsigned> tickets(N, 0u);                                                       \
+    T* pv = part.empty() ? nullptr : part.data();                                               \
+    T* ps = part.empty() ? nullptr : part.data() + N * plan.splits * K * C;                     \
+    unsigned* tk = plan.splits > 1 ? tickets.data() : nullptr;                                  \
+    pv_emu::reverse_blocks = reverse != 0;                                                      \
+    const bool ok = launch_threads(N * plan.splits, kFusedThreads, [=] {                        \
       fused_forward_kernel<T, T, T>(F, M, W, z, c, out, static_cast<int>(C), static_cast<int>(P), \
-                                    static_cast<int>(B), static_cast<int>(K), normalize != 0);  \
-    }, smem) ? 0 : 1;                                                                           \
+                                    static_cast<int>(B), static_cast<int>(K), normalize != 0,   \
+                                    static_cast<int>(plan.splits), static_cast<int>(plan.chunk), \
+                                    pv, ps, tk);                                                \
+    }, static_cast<size_t>(plan.smem_elems) * sizeof(T));                                       \
+    pv_emu::reverse_blocks = false;                                                             \
+    if (!ok) return -1;                                                                         \
+    for (unsigned t : tickets) if (t != 0) return -3;                                           \
+    return plan.splits;                                                                         \
   }
 PV_FUSED_EXPORT(float, f32)
 PV_FUSED_EXPORT(double, f64)
@@ -171,6 +188,13 @@ PV_FUSED_EXPORT(double, f64)
 PV_FUSED_BWD_EXPORT(float, f32)
 PV_FUSED_BWD_EXPORT(double, f64)
 extern "C" int epilogue_threads() { return kEpilogueThreads; }
+extern "C" void fused_split_plan(int64_t N, int64_t P, int64_t K, int64_t B, int64_t sms, int64_t smem_limit,
+                                 int64_t forced, int64_t* out) {
+  const FusedSplit plan = fused_forward_split(N, P, K, B, sms, smem_limit, forced);
+  out[0] = plan.splits;
+  out[1] = plan.chunk;
+  out[2] = plan.smem_elems;
+}
 """
 
 
@@ -217,8 +241,14 @@ class _Emu:
             else:
                 conv.append(ctypes.c_int64(a))
         fn = getattr(self.lib, f"{name}_{'f64' if acc == torch.float64 else 'f32'}")
-        fn.restype = ctypes.c_int
+        fn.restype = ctypes.c_int64 if name == "fused_fwd" else ctypes.c_int
         rc = fn(*conv)
+        if name == "fused_fwd":  # the splits it ran with
+            assert rc != -1, f"{name}: a __syncthreads/__shfl_xor_sync was not reached by all threads"
+            assert rc != -2, f"{name}: no split of the sample fits the shared memory given"
+            assert rc != -3, f"{name}: a split sample's ticket was not reset"
+            assert rc >= 1, rc
+            return rc
         if name.startswith(("epi", "fused")):
             assert rc == 0, f"{name}: a __syncthreads/__shfl_xor_sync was not reached by all threads"
 
@@ -258,15 +288,21 @@ class _Emu:
         self._call("epi_fwd", acc, Vraw, S, cc, out, rn, N, K, C, normalize, self.epi_threads)
         return (out.reshape(N, K * C) if normalize else out).to(features.dtype)
 
-    def fused_forward(self, features, parts, W, z, c, normalize):
+    def fused_forward(self, features, parts, W, z, c, normalize, sms=None, smem_limit=1 << 40, forced=0,
+                      reverse=False):
         """fused_forward of the .cu (PERSONVLAD_CUDA_FWD=fused): one launch
-        of fused_forward_kernel, N blocks of kFusedThreads; F in its own dtype
-        (here the accumulation dtype: the emulation has no half types)."""
+        of fused_forward_kernel, N * splits blocks of kFusedThreads, split
+        by fused_forward_split for a GPU of ``sms`` SMs (default N: one block
+        per sample unless A' does not fit ``smem_limit`` elements) or
+        ``forced`` splits; blocks run last to first with ``reverse``.  F in
+        its own dtype (here the accumulation dtype: the emulation has no
+        half types).  Sets ``self.splits`` to the splits it ran with."""
         F, M, Wc, zc, cc, B, acc = self.flatten(features, parts, W, z, c)
         N, C, P = F.shape
         K = Wc.shape[0]
         out = self._nan((N, K, C), acc)
-        self._call("fused_fwd", acc, F, M, Wc, zc, cc, out, N, C, P, B, K, normalize)
+        self.splits = self._call("fused_fwd", acc, F, M, Wc, zc, cc, out, N, C, P, B, K, normalize,
+                                 N if sms is None else sms, smem_limit, forced, bool(reverse))
         return (out.reshape(N, K * C) if normalize else out).to(features.dtype)
 
     def fused_backward(self, grad, features, parts, W, z, c, normalize):
@@ -414,6 +450,69 @@ def test_fused_forward_emulated_on_cpu(emulated_kernels, case, dtype):
             torch.testing.assert_close(out, emu.forward(*args, normalize), atol=atol, rtol=rtol)
 
 
+# Split samples: several blocks per sample (forced, or because A' of the whole
+# grid is over the shared memory given), partial sums handed to the last block.
+_SPLIT_CASES = [
+    (dict(S=(7, 13), B=2, K=3, C=5), dict(forced=2)),        # P = 91: 3 tiles, 2 blocks (64 + 27)
+    (dict(S=(7, 13), B=2, K=3, C=5), dict(forced=3)),        # one tile per block
+    (dict(S=(2, 5, 9), B=6, K=19, C=40), dict(sms=9)),       # filling 9 SMs with N = 3: 3 blocks each
+    (dict(S=(3, 30), B=None, K=70, C=300), dict(forced=2)),  # two row and two column chunks of V
+    (dict(S=(100,), B=16, K=6, C=9), dict(smem_limit=5200)),  # all of A' over the limit: 2 blocks of 64
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("case,plan", _SPLIT_CASES,
+                         ids=[f"P{math.prod(c['S'])}-K{c['K']}-C{c['C']}-{next(iter(p))}" for c, p in _SPLIT_CASES])
+def test_fused_forward_split_emulated_on_cpu(emulated_kernels, case, plan, dtype):
+    """fused_forward_kernel with samples split over several blocks: against
+    float64 and the unsplit kernel; run with the blocks in reverse order
+    (another block draws the last ticket and sums the partials) it gives the
+    same bits; the tickets are left at zero (checked by the export)."""
+    emu = _Emu(emulated_kernels)
+    atol, rtol = tolerance(dtype)
+    for normalize in (True, False):
+        args = make_inputs(N=3, dtype=dtype, alpha=30.0 if case["B"] else None, seed=case["K"] + 3, **case)
+        out = emu.fused_forward(*args, normalize, **plan)
+        assert emu.splits > 1
+        torch.testing.assert_close(out.double(), _ref64(args, normalize), atol=atol, rtol=rtol)
+        whole = emu.fused_forward(*args, normalize)
+        assert emu.splits == 1
+        torch.testing.assert_close(out, whole, atol=atol, rtol=rtol)
+        assert torch.equal(emu.fused_forward(*args, normalize, reverse=True, **plan), out)
+
+
+def _plan(lib, N, P, K, B, sms, smem_bytes, forced=0):
+    out = (ctypes.c_int64 * 3)()
+    lib.fused_split_plan(*(ctypes.c_int64(v) for v in (N, P, K, B, sms, smem_bytes // 4, forced)), out)
+    return tuple(out)
+
+
+def test_fused_forward_split_plan(emulated_kernels):
+    """fused_forward_split: the fewest splits whose A' fits, raised to fill one
+    wave of SMs (never below a 32-position tile per block), or forced."""
+    lib, h200 = emulated_kernels, 232448  # an H100/H200's 227 KB opt-in shared memory per block
+    # the paper's shape: 64 samples on 132 SMs, 2 blocks each (64 + 46 positions)
+    assert _plan(lib, 64, 110, 64, 6, 132, h200)[:2] == (2, 64)
+    # the large shape: all of A' (1568 positions) is over 227 KB; 4 blocks a sample fill 128 of 132 SMs
+    splits, chunk, smem = _plan(lib, 32, 1568, 64, 8, 132, h200)
+    assert (splits, chunk) == (4, 416) and smem * 4 <= h200
+    # within 48 KB (sm_75): chunks of at most 160 positions
+    splits, chunk, smem = _plan(lib, 32, 1568, 64, 8, 40, 48 * 1024)
+    assert chunk <= 160 and splits * chunk >= 1568 and (splits - 1) * chunk < 1568 and smem * 4 <= 48 * 1024
+    # as many samples as SMs: one block each, the whole grid
+    assert _plan(lib, 132, 110, 64, 6, 132, h200)[:2] == (1, 110)
+    # forced: as asked, but not below one tile per block, nor above what fits;
+    # chunks are whole tiles, the same for every block: 3 asked of 4 tiles gives 2 x 2
+    assert _plan(lib, 64, 110, 64, 6, 132, h200, forced=1)[:2] == (1, 110)
+    assert _plan(lib, 64, 110, 64, 6, 132, h200, forced=3)[:2] == (2, 64)
+    assert _plan(lib, 64, 110, 64, 6, 132, h200, forced=4)[:2] == (4, 32)
+    assert _plan(lib, 64, 110, 64, 6, 132, h200, forced=50)[:2] == (4, 32)
+    assert _plan(lib, 8, 1568, 64, 8, 132, h200, forced=1)[0] == 2
+    # not one tile within the limit
+    assert _plan(lib, 8, 110, 128, 16, 132, 8 * 1024)[0] == 0
+
+
 # The one-kernel backward takes K <= 64 and C <= 256 (V and dV one register chunk).
 _FUSED_BWD_CASES = [c for c in _FUSED_CASES if c["K"] <= 64 and c["C"] <= 256] + [
     dict(S=(2, 5), B=6, K=64, C=256)]  # the paper's K and C on a small grid
@@ -444,13 +543,15 @@ def test_fused_backward_emulated_on_cpu(emulated_kernels, case, dtype):
 
 
 _PTXAS_SOURCE = r"""
+#include <algorithm>
 #include <cstdint>
 #include <cuda_bf16.h>
 #define PV_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
 namespace pv {
 %s
 #define PV_FUSED(IN, M, ACC) template __global__ void fused_forward_kernel<IN, M, ACC>( \
-    const IN*, const M*, const ACC*, const ACC*, const ACC*, IN*, int, int, int, int, bool); \
+    const IN*, const M*, const ACC*, const ACC*, const ACC*, IN*, int, int, int, int, bool, int, int, \
+    ACC*, ACC*, unsigned*); \
   template __global__ void fused_backward_kernel<IN, M, ACC>(const IN*, const IN*, const M*, const ACC*, \
     const ACC*, const ACC*, IN*, ACC*, ACC*, ACC*, ACC*, int, int, int, int, bool);
 PV_FUSED(float, float, float)
@@ -760,19 +861,46 @@ def test_fused_forward_matches_reference(monkeypatch, S, B, normalize, dtype):
                          ids=["float32", "bfloat16", "float16"])
 def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
     """At the paper shape (N=64, C=256, P=110, B=6, K=64) the switch runs
-    fused_forward_kernel and nothing else, within the dtype's tolerance of
-    float64 and of the default path."""
+    fused_forward_kernel and no other kernel (a split run adds one memset of
+    its tickets), within the dtype's tolerance of float64 and of the default
+    path, deterministic, with every PERSONVLAD_CUDA_FWD_SPLITS."""
     needs_native_cuda()
     args = make_inputs(N=64, C=256, S=(2, 11, 5), B=6, K=64, dtype=dtype, device="cuda", alpha=10.0, seed=42)
     default = FWD(*args, True)
     monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
-    names = _kernel_names(lambda: FWD(*args, True))
-    assert len(names) == 1 and "fused_forward_kernel" in names[0], names
-    out = FWD(*args, True)
+    atol, rtol = tolerance(dtype)
+    for splits in ("1", "auto", "4"):
+        monkeypatch.setenv("PERSONVLAD_CUDA_FWD_SPLITS", splits)
+        names = _kernel_names(lambda: FWD(*args, True))
+        kernels = [n for n in names if "memset" not in n.lower()]
+        assert len(kernels) == 1 and "fused_forward_kernel" in kernels[0], names
+        assert len(names) - len(kernels) == (0 if splits == "1" else 1), names  # the tickets' memset
+        out = FWD(*args, True)
+        torch.testing.assert_close(out.double(), _ref64(args, True), atol=atol, rtol=rtol)
+        torch.testing.assert_close(out, default, atol=atol, rtol=rtol)
+        assert torch.equal(out, FWD(*args, True))  # deterministic
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_fused_forward_large_grid_is_split(monkeypatch, dtype):
+    """A grid whose A' is over a block's shared memory (the large benchmark
+    shape's P = 1568) runs split over several blocks per sample: one fused
+    kernel, within tolerance of float64, deterministic, with a gradient."""
+    needs_native_cuda()
+    args = make_inputs(N=4, C=512, S=(8, 14, 14), B=8, K=64, dtype=dtype, device="cuda", alpha=10.0, seed=44,
+                       requires_grad=True)
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    with torch.no_grad():
+        names = _kernel_names(lambda: FWD(*args, True))
+    assert sum("fused_forward_kernel" in n for n in names) == 1, names
+    out = person_vlad(*args, backend="cuda")
     atol, rtol = tolerance(dtype)
     torch.testing.assert_close(out.double(), _ref64(args, True), atol=atol, rtol=rtol)
-    torch.testing.assert_close(out, default, atol=atol, rtol=rtol)
-    assert torch.equal(out, FWD(*args, True))  # deterministic
+    with torch.no_grad():
+        assert torch.equal(out.detach(), FWD(*args, True))
+    out.float().sum().backward()
+    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in args)
 
 
 @pytest.mark.cuda
@@ -781,10 +909,10 @@ def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
                                            (4, 8, (3, 5), 2, "float64"), (4, 8, (3, 5), 2, "mixed")],
                          ids=["K130", "B17", "P1568", "twochunks", "float64", "mixed"])
 def test_fused_forward_falls_back_where_it_does_not_fit(monkeypatch, K, C, S, B, dtype):
-    """K > 128, B > 16, A' larger than a block's shared memory, float64
-    features, or parts in another dtype than the features: the switch falls
-    back to the gemm path (no fused kernel launched), same result; K = 70,
-    C = 300 does fit (four V chunks, computed twice)."""
+    """K > 128, B > 16, float64 features, or parts in another dtype than the
+    features: the switch falls back to the gemm path (no fused kernel
+    launched), same result; K = 70, C = 300 does fit (four V chunks,
+    computed twice), and so does P = 1568 (split over blocks)."""
     needs_native_cuda()
     dt = {"float32": torch.float32, "float64": torch.float64, "mixed": torch.bfloat16}[dtype]
     args = make_inputs(N=2, C=C, S=S, B=B, K=K, dtype=dt, device="cuda", seed=43)
@@ -792,7 +920,7 @@ def test_fused_forward_falls_back_where_it_does_not_fit(monkeypatch, K, C, S, B,
         args[1] = args[1].float()
     monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
     names = _kernel_names(lambda: FWD(*args, True))
-    fits = K <= 128 and B <= 16 and math.prod(S) < 1000 and dtype == "float32"
+    fits = K <= 128 and B <= 16 and dtype == "float32"  # any P: a large grid is split
     assert any("fused_forward_kernel" in n for n in names) == fits, names
     atol, rtol = tolerance(dt)
     torch.testing.assert_close(FWD(*args, True).double(), _ref64(args, True), atol=atol, rtol=rtol)
@@ -811,6 +939,13 @@ def test_fused_switches_reject_unknown_values(monkeypatch):
         with pytest.raises(ValueError, match="PERSONVLAD_CUDA_BWD: expected 'fused' or 'gemm'"):
             BWD(torch.zeros(N, 3 * 8, device="cuda"), *args, True)
         monkeypatch.delenv("PERSONVLAD_CUDA_BWD")
+        monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+        for bad in ("0", "two", "-1", "3x"):
+            monkeypatch.setenv("PERSONVLAD_CUDA_FWD_SPLITS", bad)
+            with pytest.raises(ValueError, match="PERSONVLAD_CUDA_FWD_SPLITS: expected 'auto' or an integer"):
+                FWD(*args, True)
+        monkeypatch.delenv("PERSONVLAD_CUDA_FWD_SPLITS")
+        monkeypatch.delenv("PERSONVLAD_CUDA_FWD")
 
 
 def _fused_backward_fits():

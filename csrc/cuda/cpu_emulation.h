@@ -15,11 +15,16 @@
 //   threads of a block, and blocks run one after another.  Dynamic shared
 //   memory (PV_DYNAMIC_SMEM) is one buffer of launch_threads' smem_bytes,
 //   filled with 0xff bytes (NaN) so a read of a slot never written shows.
+// - Blocks run in index order, or in reverse (pv_emu::reverse_blocks), so a
+//   kernel whose blocks hand work to whichever finishes last (atomicAdd
+//   tickets) is run with either block last.
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <limits>
 #include <mutex>
 #include <cmath>
 #include <cstdint>
@@ -90,6 +95,7 @@ inline std::unique_ptr<Barrier> block_barrier;
 inline std::vector<std::unique_ptr<Barrier>> warp_barriers;
 inline double exchange[kMaxWarps][32];
 inline std::vector<unsigned char> dynamic_smem;
+inline bool reverse_blocks = false;  // launch_threads: run the blocks last to first
 
 // True when a barrier of the last launch_threads timed out.
 inline bool last_launch_broken() {
@@ -109,6 +115,14 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
   const T r = static_cast<T>(pv_emu::exchange[w][l ^ static_cast<unsigned>(lane_mask)]);
   pv_emu::warp_barriers[w]->arrive_and_wait();
   return r;
+}
+
+// Blocks run one after another, so device-wide fences are plain fences.
+inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
+inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+template <typename T>
+inline T __ldcg(const T* p) {
+  return *p;  // a load that bypasses L1 on the GPU
 }
 
 template <typename F>
@@ -137,7 +151,8 @@ bool launch_threads(int64_t blocks, unsigned threads, F kernel, size_t smem_byte
   pool.reserve(threads);
   for (unsigned t = 0; t < threads; ++t)
     pool.emplace_back([=] {
-      for (int64_t b = 0; b < blocks; ++b) {
+      for (int64_t i = 0; i < blocks; ++i) {
+        const int64_t b = pv_emu::reverse_blocks ? blocks - 1 - i : i;
         blockIdx.x = static_cast<unsigned>(b);
         threadIdx.x = t;
         blockDim.x = threads;

@@ -57,8 +57,9 @@
 // are ATen's (cuBLAS); the logit GEMM W F is kept out of TF32 (NoTF32CuBLAS).
 //
 // PERSONVLAD_CUDA_FWD=fused (opt-in) runs the forward instead as one kernel,
-// fused_forward_kernel (one block per sample, everything on chip, only the
-// output written), for the shapes fused_forward_smem accepts; and
+// fused_forward_kernel (one or more blocks per sample, everything on chip,
+// only the output written, plus partials where a sample is split), for the
+// shapes fused_forward_plan accepts; and
 // PERSONVLAD_CUDA_BWD=fused the backward as fused_backward_kernel plus three
 // batch sums (fused_backward_smem).  See there.
 // ---------------------------------------------------------------------------
@@ -420,11 +421,21 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
 }
 
 // ---------------------------------------------------------------------------
-// One-kernel forward (PERSONVLAD_CUDA_FWD=fused; see fused_forward_smem for
+// One-kernel forward (PERSONVLAD_CUDA_FWD=fused; see fused_forward_plan for
 // the shapes it takes): one block of kFusedThreads per sample computes G, the
 // part soft-assignments, A', s, V and both normalisations, and writes only
 // the output.  Plain fp32 (fp64) FMA arithmetic, like the IEEE cuBLAS GEMMs
 // of the default path; every sum in a fixed order, so deterministic.
+//
+// Split samples (fused_forward_split: where A' of all P positions would not
+// fit a block's shared memory, or to fill the GPU when N is below its SM
+// count): `splits` blocks per sample, block j taking positions
+// [j * chunk, (j + 1) * chunk).  Each runs phase A on its range and writes
+// its A' F^T (K x C) and s (K) to its slot of float32 partials, then takes a
+// ticket (atomicAdd on the sample's counter, after a __threadfence); the
+// block that draws the last ticket sums the slots in slot order, whichever
+// block it is, subtracts s c and runs phase B's norms and output on the sums.
+// The result is the same whatever order the blocks run in.
 //
 // Both phases stage their operands through shared memory chunk by chunk, with
 // the next chunk's global loads issued into registers before the current
@@ -491,6 +502,39 @@ __host__ __device__ inline int64_t fused_smem_elems(int64_t K, int64_t P, int64_
   return fused_work_offset(K, P) + (phase_a > phase_b ? phase_a : phase_b);
 }
 
+// How fused_forward_kernel splits each sample's P positions over blocks:
+// `splits` blocks per sample, each taking `chunk` positions (a multiple of
+// the 32-position tile; the last block takes the rest; chunk = P when
+// splits = 1), with `smem_elems` elements of shared memory.  The fewest
+// splits whose A' (K x chunk) fits `smem_limit` elements, raised so that the
+// N * splits blocks fill one wave of `sms` blocks (one per SM; never below
+// one tile per block), or `forced` splits when > 0 (never below the fewest
+// that fit).  splits = 0: not even one tile fits.  Host code (the .cu's host
+// side and the CPU emulation's tests call it).
+struct FusedSplit {
+  int64_t splits, chunk, smem_elems;
+};
+inline FusedSplit fused_forward_split(int64_t N, int64_t P, int64_t K, int64_t B, int64_t sms, int64_t smem_limit,
+                                      int64_t forced) {
+  const int64_t tiles = (P + kFusedTP - 1) / kFusedTP;
+  int64_t fit = 0;  // the most tiles per block that fit (at most all of them)
+  if (fused_smem_elems(K, P, B) <= smem_limit) {
+    fit = tiles;
+  } else {
+    const int64_t fixed = fused_smem_elems(K, 0, B) + 4;  // the K * chunk term is all that grows
+    fit = smem_limit > fixed ? (smem_limit - fixed) / (K * kFusedTP) : 0;
+    while (fit > 0 && fused_smem_elems(K, fit * kFusedTP, B) > smem_limit) --fit;
+  }
+  if (fit == 0 || N < 1 || P < 1) return {0, 0, 0};
+  const int64_t fewest = (tiles + fit - 1) / fit;
+  const int64_t wanted = forced > 0 ? forced : std::max<int64_t>(1, sms / N);
+  int64_t splits = std::max(fewest, std::min(wanted, tiles));
+  const int64_t per = (tiles + splits - 1) / splits;  // tiles per block
+  splits = (tiles + per - 1) / per;
+  const int64_t chunk = splits == 1 ? P : per * kFusedTP;
+  return {splits, chunk, fused_smem_elems(K, chunk, B)};
+}
+
 // 4 (2) consecutive values from 16-byte (float: 8-byte) aligned shared memory.
 __device__ __forceinline__ void load4(const float* p, float (&o)[4]) {
   const float4 v = *reinterpret_cast<const float4*>(p);
@@ -512,28 +556,31 @@ __device__ __forceinline__ void load2(const double* p, double (&o)[2]) {
 // Phase A staging, in two halves so that the global loads of the next chunk
 // overlap the current chunk's products: this thread's share of the F chunk
 // (channels c0..c0+31, positions p0..p0+31, zero outside C x P; kept in in_t
-// until stored) and of the W chunk (rows < K, the same channels).
+// until stored) and of the W chunk (rows < K, the same channels).  In these
+// helpers P is the number of positions the block takes and ld the distance
+// between F's rows (channels) and M's rows (parts): the sample's whole grid,
+// which is P itself unless the forward splits the sample.
 template <typename in_t>
 __device__ __forceinline__ void fused_load_f(in_t (&f)[kStageF], const in_t* __restrict__ Fn, int c0, int p0,
-                                             int C, int P) {
+                                             int C, int P, int ld) {
 #pragma unroll
   for (int t = 0; t < kStageF; ++t) {
     const int i = threadIdx.x + t * kFusedThreads, c = c0 + i / kFusedTP, q = p0 + i % kFusedTP;
-    f[t] = (c < C && q < P) ? Fn[c * P + q] : in_t(0);
+    f[t] = (c < C && q < P) ? Fn[c * ld + q] : in_t(0);
   }
 }
 
 template <typename in_t, typename acc_t>
 __device__ __forceinline__ void fused_load_a(acc_t (&w)[kStageW], in_t (&f)[kStageF],
                                              const acc_t* __restrict__ W, const in_t* __restrict__ Fn,
-                                             int c0, int p0, int C, int P, int K) {
+                                             int c0, int p0, int C, int P, int K, int ld) {
   const int tid = threadIdx.x;
 #pragma unroll
   for (int t = 0; t < kStageW; ++t) {
     const int i = tid + t * kFusedThreads, k = i / kFusedTC, c = c0 + i % kFusedTC;  // coalesced along c
     w[t] = (k < K && c < C) ? W[k * C + c] : acc_t(0);
   }
-  fused_load_f(f, Fn, c0, p0, C, P);
+  fused_load_f(f, Fn, c0, p0, C, P, ld);
 }
 
 template <typename in_t, typename acc_t>
@@ -553,12 +600,12 @@ __device__ __forceinline__ void fused_store_a(const acc_t (&w)[kStageW], const i
 // q0..q0+15, zero outside C x P), loaded one chunk ahead like phase A's.
 template <typename in_t>
 __device__ __forceinline__ void fused_load_b(in_t (&fb)[kStageB], const in_t* __restrict__ Fn, int c0, int q0,
-                                             int C, int P) {
+                                             int C, int P, int ld) {
 #pragma unroll
   for (int t = 0; t < kStageB; ++t) {
     const int i = threadIdx.x + t * kFusedThreads, cl = i / kFusedPC, ql = i % kFusedPC;
     const int c = c0 + cl, q = q0 + ql;
-    fb[t] = (c < C && q < P) ? Fn[c * P + q] : in_t(0);
+    fb[t] = (c < C && q < P) ? Fn[c * ld + q] : in_t(0);
   }
 }
 
@@ -569,14 +616,14 @@ template <typename in_t, typename acc_t>
 __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const in_t* __restrict__ Fn,
                                               const acc_t* __restrict__ cen, const acc_t* Ap,
                                               const acc_t* s_sum, acc_t* Fb, int r0, int c0, int C,
-                                              int P, int K) {
+                                              int P, int K, int ld) {
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
 #pragma unroll
   for (int i = 0; i < kVRows; ++i)
 #pragma unroll
     for (int jj = 0; jj < kVCols; ++jj) v[i][jj] = acc_t(0);
   in_t fb[kStageB];
-  fused_load_b(fb, Fn, c0, 0, C, P);
+  fused_load_b(fb, Fn, c0, 0, C, P, ld);
   for (int q0 = 0; q0 < P; q0 += kFusedPC) {
     __syncthreads();  // every thread is done with the work area's previous contents
 #pragma unroll
@@ -585,7 +632,7 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
       Fb[(i % kFusedPC) * kFbStride + i / kFusedPC] = static_cast<acc_t>(fb[t]);
     }
     __syncthreads();
-    if (q0 + kFusedPC < P) fused_load_b(fb, Fn, c0, q0 + kFusedPC, C, P);  // the next chunk, in flight
+    if (q0 + kFusedPC < P) fused_load_b(fb, Fn, c0, q0 + kFusedPC, C, P, ld);  // the next chunk, in flight
     const int qn = P - q0 < kFusedPC ? P - q0 : kFusedPC;
     for (int ql = 0; ql < qn; ++ql) {
       acc_t f[kVCols];
@@ -617,7 +664,8 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
 template <typename in_t, typename m_t, typename acc_t>
 __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const m_t* __restrict__ Mn,
                                              const acc_t* __restrict__ W, const acc_t* __restrict__ z, acc_t* Ap,
-                                             acc_t* s_sum, acc_t* Gf, acc_t* work, int C, int P, int B, int K) {
+                                             acc_t* s_sum, acc_t* Gf, acc_t* work, int C, int P, int B, int K,
+                                             int ld) {
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
   const int gp = kGPos * (tid % (kFusedTP / kGPos)), gk = kGRows * (tid / (kFusedTP / kGPos));
   const int halves = K <= kGHalf ? 1 : 2;
@@ -640,12 +688,12 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
         for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] = acc_t(0);
     acc_t w_next[kStageW];
     in_t f_next[kStageF];
-    fused_load_a(w_next, f_next, W, Fn, 0, p0, C, P, K);
+    fused_load_a(w_next, f_next, W, Fn, 0, p0, C, P, K, ld);
     for (int c0 = 0; c0 < C; c0 += kFusedTC) {
       __syncthreads();  // the previous chunk / G tile / statistics are no longer read
       fused_store_a(w_next, f_next, Ws, Fs, KS, K);
       __syncthreads();
-      if (c0 + kFusedTC < C) fused_load_a(w_next, f_next, W, Fn, c0 + kFusedTC, p0, C, P, K);  // in flight
+      if (c0 + kFusedTC < C) fused_load_a(w_next, f_next, W, Fn, c0 + kFusedTC, p0, C, P, K, ld);  // in flight
       // rows >= K of the chunk hold stale values: their sums are never used
 #pragma unroll 4
       for (int cc = 0; cc < kFusedTC; ++cc) {  // zero-padded beyond C
@@ -684,7 +732,7 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
       const int b = i / kFusedTP, pl = i % kFusedTP;
       acc_t vmax = 0, inv = 0, mb = 0;
       if (p0 + pl < P) {
-        mb = (Mn != nullptr) ? static_cast<acc_t>(Mn[b * P + p0 + pl]) : acc_t(1);
+        mb = (Mn != nullptr) ? static_cast<acc_t>(Mn[b * ld + p0 + pl]) : acc_t(1);
         softmax_stats(Gs + pl, kFusedTP, z, mb, K, vmax, inv);
       }
       st_max[i] = vmax;
@@ -735,23 +783,80 @@ template <typename in_t, typename m_t, typename acc_t>
 __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
     const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
     const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int C, int P,
-    int B, int K, bool normalize) {
+    int B, int K, bool normalize, int splits, int chunk, acc_t* __restrict__ part_v,
+    acc_t* __restrict__ part_s, unsigned* __restrict__ tickets) {
   PV_DYNAMIC_SMEM(smem_raw);
-  acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x P
-  acc_t* s_sum = Ap + K * P;                       // K
+  acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x chunk
+  acc_t* s_sum = Ap + K * chunk;                   // K
   acc_t* rowss = s_sum + K;                        // K
   acc_t* red = rowss + K;                          // kFusedWarps
-  acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_work_offset(K, P);
+  acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_work_offset(K, chunk);
   acc_t* Fb = work;                                // phase B: kFusedPC x kFbStride
+  __shared__ int last_block;
 
-  const int64_t n = blockIdx.x;
+  const int64_t n = blockIdx.x / splits;
+  const int j = static_cast<int>(blockIdx.x % splits);  // this block's range of positions
+  const int p_begin = j * chunk, Pj = P - p_begin < chunk ? P - p_begin : chunk;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
-  const in_t* Fn = F + n * C * P;
-  const m_t* Mn = (M != nullptr) ? M + n * B * P : nullptr;
+  const in_t* Fn = F + n * C * P + p_begin;
+  const m_t* Mn = (M != nullptr) ? M + n * B * P + p_begin : nullptr;
   const acc_t eps = acc_t(kEps);
 
   for (int k = tid; k < K; k += kFusedThreads) rowss[k] = 0;  // read after phase A's barriers
-  fused_assign(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, P, B, K);  // ends with a barrier
+  fused_assign(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, Pj, B, K, P);  // ends with a barrier
+
+  // ---- split: this block's A' F^T and s to its slot of the partials; the
+  // sample's last block to arrive (ticket) sums all of them in slot order,
+  // whichever it is, so the result does not depend on the blocks' timing.
+  const acc_t* pv_n = part_v + n * splits * K * C;  // slot j at pv_n + j * K * C
+  if (splits > 1) {
+    acc_t* pv = part_v + (n * splits + j) * K * C;
+    acc_t v[kVRows][kVCols];
+    for (int r0 = 0; r0 < K; r0 += kChunkRows)
+      for (int c0 = 0; c0 < C; c0 += kChunkCols) {
+        fused_v_chunk(v, Fn, cen, Ap, static_cast<const acc_t*>(nullptr), Fb, r0, c0, C, Pj, K, P);
+#pragma unroll
+        for (int i = 0; i < kVRows; ++i)
+#pragma unroll
+          for (int jj = 0; jj < kVCols; ++jj) {
+            const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
+            if (k < K && c < C) pv[k * C + c] = v[i][jj];
+          }
+      }
+    for (int k = tid; k < K; k += kFusedThreads) part_s[(n * splits + j) * K + k] = s_sum[k];
+    __threadfence();  // this block's partials are visible device-wide before its ticket
+    __syncthreads();
+    if (tid == 0) last_block = atomicAdd(tickets + n, 1u) == static_cast<unsigned>(splits - 1);
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();  // ... and the other blocks' partials are read after theirs
+    for (int k = tid; k < K; k += kFusedThreads) {
+      acc_t t = 0;
+      for (int js = 0; js < splits; ++js) t += __ldcg(part_s + (n * splits + js) * K + k);
+      s_sum[k] = t;
+    }
+    if (tid == 0) tickets[n] = 0;  // ready for another launch
+    __syncthreads();
+  }
+  // V[r0.., c0..] of the sample: computed here, or summed from the partials.
+  auto v_chunk = [&](acc_t (&v)[kVRows][kVCols], int r0, int c0) {
+    if (splits == 1) {
+      fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K, P);
+      return;
+    }
+#pragma unroll
+    for (int i = 0; i < kVRows; ++i)
+#pragma unroll
+      for (int jj = 0; jj < kVCols; ++jj) {
+        const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
+        acc_t t = 0;
+        if (k < K && c < C) {
+          for (int js = 0; js < splits; ++js) t += __ldcg(pv_n + (js * K + k) * C + c);
+          t -= s_sum[k] * cen[k * C + c];
+        }
+        v[i][jj] = t;
+      }
+  };
 
   // ---- phase B
   const bool in_registers = K <= kChunkRows && C <= kChunkCols;  // V is one chunk
@@ -760,7 +865,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   if (normalize) {
     for (int r0 = 0; r0 < K; r0 += kChunkRows)
       for (int c0 = 0; c0 < C; c0 += kChunkCols) {
-        fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K);
+        v_chunk(v, r0, c0);
 #pragma unroll
         for (int i = 0; i < kVRows; ++i) {
           const int k = r0 + warp * kVRows + i;  // the same for the whole warp
@@ -783,7 +888,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   in_t* o = out + n * K * C;
   for (int r0 = 0; r0 < K; r0 += kChunkRows)
     for (int c0 = 0; c0 < C; c0 += kChunkCols) {
-      if (!(normalize && in_registers)) fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K);
+      if (!(normalize && in_registers)) v_chunk(v, r0, c0);
 #pragma unroll
       for (int i = 0; i < kVRows; ++i) {
         const int k = r0 + warp * kVRows + i;
@@ -857,12 +962,12 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
   const acc_t eps = acc_t(kEps);
 
   // ---- A: G (kept), A', s
-  fused_assign(Fn, Mn, W, z, Ap, s_sum, Gf, work, C, P, B, K);
+  fused_assign(Fn, Mn, W, z, Ap, s_sum, Gf, work, C, P, B, K, P);
 
   // ---- B: dV, dS, the dc partial.  dO is read from global memory in each
   // pass rather than held beside V (which would spill registers).
   acc_t v[kVRows][kVCols];
-  fused_v_chunk(v, Fn, cen, Ap, s_sum, work, 0, 0, C, P, K);
+  fused_v_chunk(v, Fn, cen, Ap, s_sum, work, 0, 0, C, P, K, P);
   const in_t* gOn = gO + n * K * C;
   acc_t nrm[kVRows];
   acc_t gn = 1, od = 0;
@@ -945,13 +1050,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
 #pragma unroll
       for (int pj = 0; pj < kGPos; ++pj) da[i][pj] = acc_t(0);
     in_t f_next[kStageF];
-    fused_load_f(f_next, Fn, 0, p0, C, P);
+    fused_load_f(f_next, Fn, 0, p0, C, P, P);
     for (int c0 = 0; c0 < C; c0 += kFusedTC) {
       __syncthreads();  // the previous chunk / tile's dA' and statistics are no longer read
 #pragma unroll
       for (int t = 0; t < kStageF; ++t) Fs[tid + t * kFusedThreads] = static_cast<acc_t>(f_next[t]);
       __syncthreads();
-      if (c0 + kFusedTC < C) fused_load_f(f_next, Fn, c0 + kFusedTC, p0, C, P);  // in flight
+      if (c0 + kFusedTC < C) fused_load_f(f_next, Fn, c0 + kFusedTC, p0, C, P, P);  // in flight
       const int ccn = C - c0 < kFusedTC ? C - c0 : kFusedTC;
       for (int cc = 0; cc < ccn; ++cc) {
         acc_t f[kGPos];
@@ -1053,7 +1158,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
   }
 
   // ---- E: the dW partial dG F^T
-  fused_v_chunk(v, Fn, cen, Gf, static_cast<const acc_t*>(nullptr), work, 0, 0, C, P, K);
+  fused_v_chunk(v, Fn, cen, Gf, static_cast<const acc_t*>(nullptr), work, 0, 0, C, P, K, P);
 #pragma unroll
   for (int i = 0; i < kVRows; ++i)
 #pragma unroll
@@ -1210,7 +1315,7 @@ struct NoTF32CuBLAS {
 // empty) runs the cuBLAS GEMMs and small kernels (forward_core + the
 // epilogues); "fused" runs the one-kernel pass (fused_forward_kernel, one
 // launch; fused_backward_kernel, one launch plus three batch sums) where it
-// takes the shape (fused_forward_smem / fused_backward_smem), and the gemm
+// takes the shape (fused_forward_plan / fused_backward_smem), and the gemm
 // path elsewhere.  Opt-in until a GPU benchmark of both in one run decides
 // (bench/test_bench_ops.py, fused-cuda-1k, which sets both).  Any other
 // value is a ValueError naming the variable.
@@ -1248,26 +1353,51 @@ void allow_shared_memory(Kernel kernel, int64_t smem) {
                                         static_cast<int>(smem)));
 }
 
-// Bytes of dynamic shared memory fused_forward_kernel needs for these inputs
-// (P positions, K clusters), or -1 where it does not take them: other dtypes
-// (fused_dtypes), K > 128, B > 16, or A' (K x P, float32) and the work area
-// over what one block may have (K = 64, B = 6: P <= 125 within the 48 KB
-// every device has, P <= ~840 on sm_90).
-int64_t fused_forward_smem(const at::Tensor& features, const std::optional<at::Tensor>& parts, int64_t K,
-                           int64_t P) {
-  const int64_t B = parts.has_value() ? parts->size(1) : 1;
-  if (!fused_dtypes(features, parts) || K > kFusedMaxK || B > kFusedMaxB || P < 1) return -1;
-  const int64_t C = features.size(1), imax = std::numeric_limits<int32_t>::max();
-  if (C * P > imax || K * C > imax || B * P > imax) return -1;  // 32-bit indices within a sample
-  return within_shared_memory(fused_smem_elems(K, P, B) * int64_t(sizeof(float)), features);
+// PERSONVLAD_CUDA_FWD_SPLITS: how many blocks the one-kernel forward gives
+// each sample (fused_forward_split): unset, "" or "auto" (0) fills one wave
+// of the GPU's SMs; a positive integer forces that many (raised where A'
+// would not fit, lowered to one 32-position tile per block).  Any other
+// value is a ValueError naming the variable.
+int64_t forced_splits() {
+  const char* v = std::getenv("PERSONVLAD_CUDA_FWD_SPLITS");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "auto") == 0) return 0;
+  char* end = nullptr;
+  const long long k = std::strtoll(v, &end, 10);
+  TORCH_CHECK_VALUE(end != v && *end == '\0' && k >= 1 && k <= (1 << 20),
+                    "PERSONVLAD_CUDA_FWD_SPLITS: expected 'auto' or an integer >= 1, got '", v, "'");
+  return k;
 }
 
-// The whole forward in fused_forward_kernel (N >= 1, smem from
-// fused_forward_smem): one launch where the inputs are contiguous and the
-// parameters float32, as in the model; otherwise their copies come first.
+// The split of fused_forward_kernel for these inputs (P positions, K
+// clusters), or splits = 0 where it does not take them: other dtypes
+// (fused_dtypes), K > 128, B > 16, 32-bit indices within a sample
+// overflowing, or not even one 32-position tile of A' within a block's
+// shared memory (48 KB everywhere, more with the sm_70+ opt-in).  Any P
+// otherwise: a sample whose A' does not fit one block is split over several.
+FusedSplit fused_forward_plan(const at::Tensor& features, const std::optional<at::Tensor>& parts, int64_t K,
+                              int64_t P, int64_t forced) {
+  const int64_t N = features.size(0), B = parts.has_value() ? parts->size(1) : 1;
+  if (!fused_dtypes(features, parts) || K > kFusedMaxK || B > kFusedMaxB || P < 1) return {0, 0, 0};
+  const int64_t C = features.size(1), imax = std::numeric_limits<int32_t>::max();
+  if (C * P > imax || K * C > imax || B * P > imax) return {0, 0, 0};  // 32-bit indices within a sample
+  const int dev = features.device().index();
+  int optin = 0, sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  const int64_t limit = std::max<int64_t>(optin, 48 * 1024) / int64_t(sizeof(float));
+  const FusedSplit plan = fused_forward_split(N, P, K, B, sms, limit, forced);
+  if (plan.splits == 0 || N * plan.splits > imax) return {0, 0, 0};
+  return plan;
+}
+
+// The whole forward in fused_forward_kernel (N >= 1, a plan from
+// fused_forward_plan): one launch where the inputs are contiguous and the
+// parameters float32, as in the model (otherwise their copies come first);
+// split samples add a ticket per sample (zeroed by a memset) and float32
+// partials of splits x (K x C + K) per sample.
 void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize,
-                   int64_t smem, at::Tensor& out) {
+                   const FusedSplit& plan, at::Tensor& out) {
   const int64_t N = features.size(0), C = features.size(1), K = W.size(0);
   const int64_t P = features.numel() / (N * C);
   const int64_t B = parts.has_value() ? parts->size(1) : 1;
@@ -1275,16 +1405,27 @@ void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& 
   const at::Tensor M = parts.has_value() ? parts->reshape({N, B, P}).contiguous() : at::Tensor();
   const at::Tensor Wa = W.to(at::kFloat).contiguous(), za = z.to(at::kFloat).contiguous(),
                    ca = c.to(at::kFloat).contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor partials, tickets;
+  if (plan.splits > 1) {
+    partials = at::empty({N * plan.splits * K * (C + 1)}, Wa.options());
+    tickets = at::empty({N}, features.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(tickets.data_ptr(), 0, N * sizeof(int32_t), stream));  // a memset, not a kernel
+  }
+  float* part_v = plan.splits > 1 ? partials.data_ptr<float>() : nullptr;
+  float* part_s = plan.splits > 1 ? part_v + N * plan.splits * K * C : nullptr;
+  unsigned* tick = plan.splits > 1 ? reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>()) : nullptr;
+  const int64_t smem = plan.smem_elems * int64_t(sizeof(float));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_fused_forward", [&] {
     if constexpr (!std::is_same_v<scalar_t, double>) {  // fused_dtypes: no float64
       const auto kernel = fused_forward_kernel<scalar_t, scalar_t, float>;
       allow_shared_memory(kernel, smem);
-      kernel<<<sample_blocks(N), kFusedThreads, static_cast<size_t>(smem),
-               c10::cuda::getCurrentCUDAStream()>>>(
+      kernel<<<sample_blocks(N * plan.splits), kFusedThreads, static_cast<size_t>(smem), stream>>>(
           F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr, Wa.data_ptr<float>(),
           za.data_ptr<float>(), ca.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int>(C),
-          static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize);
+          static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize,
+          static_cast<int>(plan.splits), static_cast<int>(plan.chunk), part_v, part_s, tick);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
@@ -1407,12 +1548,13 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
   const bool split = bf16_split_gemms(features);
-  const bool fused = fused_requested("PERSONVLAD_CUDA_FWD");  // both switches checked at N == 0 too
+  const bool fused = fused_requested("PERSONVLAD_CUDA_FWD");  // the switches are checked at N == 0 too
+  const int64_t forced = fused ? forced_splits() : 0;
   if (N == 0) return out;
   if (fused) {
-    const int64_t smem = fused_forward_smem(features, parts, K, features.numel() / (N * C));
-    if (smem >= 0) {
-      fused_forward(features, parts, assign_weight, assign_bias, centers, normalize, smem, out);
+    const FusedSplit plan = fused_forward_plan(features, parts, K, features.numel() / (N * C), forced);
+    if (plan.splits > 0) {
+      fused_forward(features, parts, assign_weight, assign_bias, centers, normalize, plan, out);
       return out;
     }
   }
