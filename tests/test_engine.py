@@ -13,7 +13,6 @@ import time
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from personvlad import ops
 from personvlad.engine import checkpoint as ck
@@ -395,6 +394,41 @@ def _ddp_worker(rank, world, port, cfg_dict, out, result_dir):
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump({"loss": s["loss_checksum"], "model": s["model_checksum"], "world": s["world_size"],
                    "iterations": s["iterations"]}, f)
+
+
+def _drain_worker(rank, world, port, result_dir):
+    import weakref
+
+    import torch.distributed as dist
+
+    from personvlad.engine import distributed as dm
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    refs = []
+    for i in range(4):  # tensors made in Python, dropped by Python at once
+        t = torch.full((3,), float(rank + i))
+        refs.append(weakref.ref(t))
+        dist.all_reduce(t)
+        del t
+    dist.barrier()
+    ok = dm.drain_gloo()
+    held = sum(r() is not None for r in refs)  # still held by a gloo worker thread
+    dist.destroy_process_group()
+    with open(os.path.join(result_dir, f"drain{rank}.json"), "w") as f:
+        json.dump({"ok": ok, "held": held}, f)
+
+
+def test_gloo_drain_releases_every_collective(tmp_path):
+    """drain_gloo() returns True on both ranks (every gloo worker thread seen
+    releasing a sentinel, same round count on both ranks, else the all-reduce
+    would hang) and afterwards no tensor of an earlier collective is held."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_drain_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    for r in (0, 1):
+        assert json.loads((tmp_path / f"drain{r}.json").read_text()) == {"ok": True, "held": 0}
 
 
 def test_ddp_two_processes_gloo(synth_root, tmp_path):

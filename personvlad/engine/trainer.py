@@ -403,13 +403,16 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: 
     dinfo = dist_mod.setup(cfg.device)
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
              torch.backends.cudnn.deterministic)
+    finished = False
     try:
-        return _train(cfg, out_dir, resume, dinfo, progress, stop_after, evaluate)
+        summary = _train(cfg, out_dir, resume, dinfo, progress, stop_after, evaluate)
+        finished = True  # past _train's closing barrier: every rank got there
+        return summary
     finally:
         # leave the process-wide switches as they were
         torch.use_deterministic_algorithms(saved[0])
         torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[1], saved[2]
-        dist_mod.cleanup(dinfo)
+        dist_mod.cleanup(dinfo, drain=finished)
 
 
 def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_after,
