@@ -77,6 +77,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <tuple>
 #include <type_traits>
@@ -774,8 +776,9 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
 // At least one block per SM: without it ptxas held the kernel to 128
 // registers and spilled (tests/test_cuda_backend.py reads ptxas' report);
 // with it, ~200-245 registers (float, bf16) and no spills on sm_75 and sm_90.
-// A block then takes more than half the register file: one block per SM; the
-// paper shape's 64 samples are one wave on any GPU with >= 64 SMs.  The
+// A block then takes more than half the register file: one block per SM, so
+// fused_forward_split gives a sample several blocks until the N x splits
+// blocks fill one wave (2 per sample at the paper shape on a 132-SM H200).  The
 // extension instantiates both one-kernel passes for float, half and bfloat16
 // features with parts of the same dtype only (fused_dtypes); the CPU
 // emulation runs them in float and double as well.
@@ -1186,6 +1189,37 @@ struct Flat {
   bool split = false;
 };
 
+// The attributes of the tensor's device that the host code plans with,
+// looked up once per device: the forward plans on every call, and
+// cudaDeviceGetAttribute is a driver call.  (ATen's cached
+// getDeviceProperties would need CUDAContext.h, which needs the cuSPARSE
+// and cuBLAS headers; a toolkit without them still builds this file.)
+struct DeviceLimits {
+  int64_t smem_optin = 0;  // cudaDevAttrMaxSharedMemoryPerBlockOptin, bytes
+  int64_t sms = 0;         // cudaDevAttrMultiProcessorCount
+  int major = 0;           // cudaDevAttrComputeCapabilityMajor
+};
+
+const DeviceLimits& device_limits(const at::Tensor& t) {
+  static std::mutex mutex;
+  static std::vector<std::unique_ptr<DeviceLimits>> cache;  // by device index
+  const int dev = t.device().index();
+  std::lock_guard<std::mutex> lock(mutex);
+  if (cache.size() <= static_cast<size_t>(dev)) cache.resize(static_cast<size_t>(dev) + 1);
+  if (!cache[dev]) {
+    int optin = 0, sms = 0, major = 0;
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev));
+    auto limits = std::make_unique<DeviceLimits>();
+    limits->smem_optin = optin;
+    limits->sms = sms;
+    limits->major = major;
+    cache[dev] = std::move(limits);
+  }
+  return *cache[dev];
+}
+
 // Opt-in (PERSONVLAD_CUDA_BF16_GEMM=split3, read at each call): for bfloat16
 // features, every GEMM with F runs on bf16 tensor cores instead of as an IEEE
 // fp32 GEMM over a float32 copy of F.  The other operand (W, A', dV or dG,
@@ -1206,10 +1240,7 @@ bool bf16_split_gemms(const at::Tensor& features) {
   TORCH_CHECK_VALUE(std::strcmp(v, "split3") == 0,
                     "PERSONVLAD_CUDA_BF16_GEMM: expected 'split3' or 'fp32', got '", v, "'");
   if (features.scalar_type() != at::kBFloat16) return false;
-  int major = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor,
-                                        features.device().index()));
-  return major >= 8;
+  return device_limits(features).major >= 8;
 }
 
 // The float32 matrices a (..., M, L) as their bf16 pieces stacked along dim
@@ -1340,13 +1371,16 @@ bool fused_dtypes(const at::Tensor& features, const std::optional<at::Tensor>& p
          (!parts.has_value() || parts->scalar_type() == t);
 }
 
+// The most dynamic shared memory one block on the features' device may have,
+// in bytes: 48 KB everywhere, more with the sm_70+ opt-in.
+int64_t shared_memory_limit(const at::Tensor& features) {
+  return std::max<int64_t>(device_limits(features).smem_optin, 48 * 1024);
+}
+
 // `bytes` if one block on the features' device may have that much dynamic
-// shared memory (48 KB everywhere, more with the sm_70+ opt-in), else -1.
+// shared memory (shared_memory_limit), else -1.
 int64_t within_shared_memory(int64_t bytes, const at::Tensor& features) {
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin,
-                                        features.device().index()));
-  return bytes <= std::max<int64_t>(optin, 48 * 1024) ? bytes : -1;
+  return bytes <= shared_memory_limit(features) ? bytes : -1;
 }
 
 // Lets `kernel` use `smem` bytes of dynamic shared memory (needed above 48 KB).
@@ -1384,12 +1418,9 @@ FusedSplit fused_forward_plan(const at::Tensor& features, const std::optional<at
   if (!fused_dtypes(features, parts) || K > kFusedMaxK || B > kFusedMaxB || P < 1) return {0, 0, 0};
   const int64_t C = features.size(1), imax = std::numeric_limits<int32_t>::max();
   if (C * P > imax || K * C > imax || B * P > imax) return {0, 0, 0};  // 32-bit indices within a sample
-  const int dev = features.device().index();
-  int optin = 0, sms = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  const int64_t limit = std::max<int64_t>(optin, 48 * 1024) / int64_t(sizeof(float));
-  const FusedSplit plan = fused_forward_split(N, P, K, B, sms, limit, forced);
+  const int64_t limit = shared_memory_limit(features) / int64_t(sizeof(float));
+  const FusedSplit plan =
+      fused_forward_split(N, P, K, B, device_limits(features).sms, limit, forced);
   if (plan.splits == 0 || N * plan.splits > imax) return {0, 0, 0};
   return plan;
 }
