@@ -225,7 +225,10 @@ def test_softmax_and_triplet():
 def _dist_worker(rank, world, init_file, result_dir):
     import torch.distributed as dist
 
+    from personvlad.engine.distributed import drain_gloo
+
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    finished = False
     try:
         torch.manual_seed(100 + rank)  # each rank sees different data
         loss = OIMLoss(4, 6, queue_size=5, num_sampled=3)
@@ -235,7 +238,10 @@ def _dist_worker(rank, world, init_file, result_dir):
             loss(x, y).backward()
         torch.save({k: v.clone() for k, v in loss.state_dict().items()},
                    os.path.join(result_dir, f"rank{rank}.pt"))
+        finished = True
     finally:
+        if finished:  # else a clean exit does not matter, and a dead peer would hang the drain
+            drain_gloo()  # torch's gloo exit abort: see drain_gloo
         dist.destroy_process_group()
 
 
