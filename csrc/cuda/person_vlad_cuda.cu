@@ -811,7 +811,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   // ---- split: this block's A' F^T and s to its slot of the partials; the
   // sample's last block to arrive (ticket) sums all of them in slot order,
   // whichever it is, so the result does not depend on the blocks' timing.
-  acc_t* pv_n = part_v + n * splits * K * C;  // slot j at pv_n + j * K * C
+  acc_t* pv_n = splits > 1 ? part_v + n * splits * K * C : nullptr;  // slot j at pv_n + j * K * C
   if (splits > 1) {
     acc_t* pv = part_v + (n * splits + j) * K * C;
     acc_t v[kVRows][kVCols];
@@ -1441,15 +1441,17 @@ void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& 
   const at::Tensor Wa = W.to(at::kFloat).contiguous(), za = z.to(at::kFloat).contiguous(),
                    ca = c.to(at::kFloat).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials, tickets;
+  at::Tensor partials, tickets;  // held until the launch is enqueued (the allocator is stream-ordered)
+  float *part_v = nullptr, *part_s = nullptr;
+  unsigned* tick = nullptr;
   if (plan.splits > 1) {
     partials = at::empty({N * plan.splits * K * (C + 1)}, Wa.options());
     tickets = at::empty({N}, features.options().dtype(at::kInt));
     C10_CUDA_CHECK(cudaMemsetAsync(tickets.data_ptr(), 0, N * sizeof(int32_t), stream));  // a memset, not a kernel
+    part_v = partials.data_ptr<float>();
+    part_s = part_v + N * plan.splits * K * C;
+    tick = reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>());
   }
-  float* part_v = plan.splits > 1 ? partials.data_ptr<float>() : nullptr;
-  float* part_s = plan.splits > 1 ? part_v + N * plan.splits * K * C : nullptr;
-  unsigned* tick = plan.splits > 1 ? reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>()) : nullptr;
   const int64_t smem = plan.smem_elems * int64_t(sizeof(float));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_fused_forward", [&] {
