@@ -106,9 +106,9 @@ def drain_gloo(deadline_s: float = 10.0) -> bool:
     tensor made in Python has a Python object, so dropping it takes the GIL.
     If the interpreter is finalising by then, the thread cannot take the GIL,
     and the process aborts at exit with SIGABRT ("terminate called without an
-    active exception") after a run that succeeded.  This is a torch bug: a
-    two-process gloo script that ends with destroy_process_group() aborted in
-    about one exit in ten here, on torch 2.11 and on 2.14.
+    active exception") after a run that succeeded.  This is a torch bug (seen
+    on torch 2.11 and 2.14); ``bench/gloo_exit_probe.py`` reproduces it and
+    measures this drain.
 
     How: each worker thread destroys its previous work item before it takes
     the next one.  So this all-reduces one sentinel tensor at a time and
