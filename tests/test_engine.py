@@ -431,6 +431,20 @@ def test_gloo_drain_releases_every_collective(tmp_path):
         assert json.loads((tmp_path / f"drain{r}.json").read_text()) == {"ok": True, "held": 0}
 
 
+def test_cleanup_makes_the_caller_say_whether_to_drain():
+    """The drain is a collective: a failure-path caller that forgot the
+    argument would wait on ranks that may be gone, so there is no default."""
+    import inspect
+
+    from personvlad.engine import distributed as dm
+
+    param = inspect.signature(dm.cleanup).parameters["drain"]
+    assert param.kind is inspect.Parameter.KEYWORD_ONLY and param.default is inspect.Parameter.empty
+    with pytest.raises(TypeError):
+        dm.cleanup(dm.DistInfo())
+    dm.cleanup(dm.DistInfo(), drain=True)  # not set up here: nothing to tear down, no collective
+
+
 def test_ddp_two_processes_gloo(synth_root, tmp_path):
     import torch.multiprocessing as mp
 

@@ -87,11 +87,13 @@ def setup(device_pref: str = "auto", timeout_minutes: int = 120) -> DistInfo:
     return DistInfo(rank, world, local, backend, device, True)
 
 
-def cleanup(info: DistInfo, drain: bool = True) -> None:
-    """Tear down the process group this process set up.  With ``drain`` (a
-    run that ended normally on every rank) a gloo group is drained first
-    (:func:`drain_gloo`): that is a collective, so a run that failed passes
-    ``drain=False`` and does not wait on ranks that may be gone."""
+def cleanup(info: DistInfo, *, drain: bool) -> None:
+    """Tear down the process group this process set up.  With ``drain=True``
+    (a run that ended normally on every rank) a gloo group is drained first
+    (:func:`drain_gloo`).  The drain is a collective, so a run that failed
+    passes ``drain=False`` and does not wait on ranks that may be gone.  The
+    argument has no default: a caller on a failure path cannot get the
+    collective by forgetting it."""
     if info.initialized_here and dist.is_available() and dist.is_initialized():
         if drain and dist.get_backend() == "gloo" and dist.get_world_size() > 1:
             drain_gloo()
