@@ -112,7 +112,8 @@ want tests && step gpu_tests 240 env PERSONVLAD_TRITON_AUTOTUNE=0 \
 #    variant's time goes (bench/profile_op.py: wall vs device-busy time and
 #    the kernels).  All op files are merged into bench_ops.json for the report.
 want ops && step bench_ops 110 "${BENCH[@]}" bench/test_bench_ops.py \
-  -k "gpu and not compile and not ieee and not tiled" --benchmark-json="$OUT/bench_ops_fused.json"
+  -k "(gpu and not compile and not ieee and not tiled) or (dispatch and cuda)" \
+  --benchmark-json="$OUT/bench_ops_fused.json"
 [ -s "$OUT/bench_ops_fused.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops_fused.json" --out "$OUT/backend_table.json"
 want ops_compile && step bench_ops_compile 80 "${BENCH[@]}" bench/test_bench_ops.py \
   -k "gpu and compile" --benchmark-json="$OUT/bench_ops_compile.json"

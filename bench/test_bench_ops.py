@@ -249,3 +249,38 @@ def test_op_gpu(benchmark, monkeypatch, variant, mode, shape_name, dtype):
         monkeypatch.setenv(name, value)
     benchmark.group = f"op-gpu-{shape_name}-{str(dtype).replace('torch.', '')}-{mode}"
     _run_case(benchmark, "cuda", shape_name, GPU_SHAPES[shape_name], dtype, variant, mode)
+
+
+# The public door's host cost: ops.person_vlad (validation, backend choice)
+# against the registered op called directly, at a shape so small that the
+# kernel is next to nothing.  On a GPU the calls are timed without a sync
+# (the host side only; the device keeps up with kernels this small).
+DISPATCH_SHAPE = dict(N=1, C=4, S=(2, 2), B=2, K=3)
+DISPATCH_VARIANTS = {
+    "raw-op": lambda F, M, W, z, c: torch.ops.personvlad.person_vlad(F, M, W, z, c, True),
+    "door": lambda F, M, W, z, c: ops.person_vlad(F, M, W, z, c),
+}
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not HAS_CUDA, reason="needs a CUDA device"))])
+@pytest.mark.parametrize("variant", list(DISPATCH_VARIANTS))
+def test_op_dispatch(benchmark, variant, device):
+    benchmark.group = f"op-dispatch-{device}"
+    fn = DISPATCH_VARIANTS[variant]
+    args = _inputs(DISPATCH_SHAPE, torch.float32, device, requires_grad=False)
+
+    def step():
+        with torch.no_grad():
+            for _ in range(20):
+                fn(*args)
+
+    step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    benchmark.extra_info.update(op_backend=variant, baseline="raw-op", calls_per_round=20,
+                                backend=ops.resolve_backend(args[0], args[1], args[2]),
+                                device=torch.cuda.get_device_name() if device == "cuda" else "cpu")
+    benchmark.pedantic(step, rounds=100, iterations=1, warmup_rounds=2)
+    if device == "cuda":
+        torch.cuda.synchronize()
