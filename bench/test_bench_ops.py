@@ -2,7 +2,9 @@
 forms (matmul reference eager, its torch.compile, and the naive per-part
 broadcast), forward and forward+backward, with peak memory in extra_info.
 
-CPU (``make bench``): the paper-like shape N=8, C=256, grid 2x11x5, B=6, K=64.
+CPU (``make bench``): the paper-like shape N=8, C=256, grid 2x11x5, B=6, K=64;
+``fused-cpu`` runs the widest tile instance the CPU has, ``fused-cpu-avx2`` /
+``fused-cpu-baseline`` the narrower ones (``PERSONVLAD_CPU_TILES``).
 GPU (``bench/gpu_check.sh``): the paper shape N=64 and the large shape
 N=32, C=512, grid 8x14x14 (P=1568), B=8, K=64, in bf16 and fp32.
 
@@ -88,6 +90,9 @@ def _variants(device):
         if b == "triton" and device == "cpu":
             continue  # the interpreter is not a benchmark
         out[f"fused-{b}"] = (lambda b: lambda *a: ops.person_vlad(*a, backend=b))(b)
+    if device == "cpu" and "fused-cpu" in out:
+        for name in _CPU_ABLATION_ENV:  # same call; the test sets the environment
+            out[name] = out["fused-cpu"]
     if device == "cuda":
         for name in _ABLATION_ENV:  # same call; the test sets the environment for the whole case
             base = "fused-cuda" if name.startswith("fused-cuda") else "fused-triton"
@@ -120,8 +125,26 @@ _ABLATION_ENV = {
     "fused-cuda-1k-whole": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused",
                             "PERSONVLAD_CUDA_FWD_SPLITS": "1"},
 }
+# CPU: the C++ backend's tile loops (softmax, A', s and their backward) with
+# a narrower instance than the widest this CPU runs (fused-cpu): what a
+# machine with only AVX2, or only the x86-64 baseline, gets.
+_CPU_ABLATION_ENV = {
+    "fused-cpu-avx2": {"PERSONVLAD_CPU_TILES": "avx2"},
+    "fused-cpu-baseline": {"PERSONVLAD_CPU_TILES": "baseline"},
+}
 # Candidate defaults, measured in every dtype with the main op step.
 _CANDIDATES = ("fused-cuda-1k",)
+
+
+def _cpu_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
 
 
 def _op_step(fn, args, mode, sync=None):
@@ -226,7 +249,8 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
     benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
 
 
-CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu", "floor"]
+CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu", "fused-cpu-avx2",
+                "fused-cpu-baseline", "floor"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
                 "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-whole", "fused-triton-ieee",
                 "fused-triton-tiled", "floor"]
@@ -234,7 +258,11 @@ GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda
 
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
-def test_op_cpu(benchmark, variant, mode):
+def test_op_cpu(benchmark, monkeypatch, variant, mode):
+    for name, value in _CPU_ABLATION_ENV.get(variant, {}).items():
+        monkeypatch.setenv(name, value)
+    if variant == "fused-cpu-avx2" and "avx2" not in _cpu_flags():
+        pytest.skip("this CPU has no AVX2")
     benchmark.group = f"op-cpu-paper-{mode}"
     _run_case(benchmark, "cpu", "paper-cpu", CPU_SHAPES["paper-cpu"], torch.float32, variant, mode)
 

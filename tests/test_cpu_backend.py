@@ -337,12 +337,13 @@ def test_autocast_region_does_not_reach_the_kernels():
 # --------------------------------------------------------------------------
 # the position-tile kernels (csrc/cpu/vlad_tiles.h) on every instruction set
 # --------------------------------------------------------------------------
-# The extension builds its float tile loops three times (GCC target_clones:
-# avx512f, avx2, x86-64 baseline) and runs the one the CPU supports, so a
-# test run of the extension covers one.  These tests compile the header alone
-# for each instruction set this CPU can run and check that all give the same
-# bits (same operations in the same order, whatever the vector width) and
-# match a float64 computation of the formulas.
+# The extension builds its tile loops three times (avx512f on 64-byte
+# vectors, avx2 on 32, the x86-64 baseline on 16) and runs the widest the CPU
+# supports (PERSONVLAD_CPU_TILES picks another), so a test run of the
+# extension covers one.  These tests compile the header alone for each
+# instruction set this CPU can run, with that instance's vector width, and
+# check that all give the same bits (same operations in the same order,
+# whatever the vector width) and match a float64 computation of the formulas.
 TILES_DIR = Path(__file__).resolve().parents[1] / "csrc" / "cpu"
 _TILES_API = r"""
 #include "vlad_tiles.h"
@@ -351,8 +352,8 @@ extern "C" void tiles_fwd(const float* G, const float* M, const float* z, int64_
                           int64_t K, float* A, float* S) {
   TileArgs<float> r;
   r.G = G; r.M = M; r.z = z; r.B = B; r.P = P; r.K = K; r.A = A; r.S = S;
-  VecBuffer<float> buf(5 * K);
-  forward_tiles_impl(r, 0, num_tiles(P, lanes<float>()), buf.p);
+  VecBuffer buf(5 * K);
+  forward_tiles_impl<float, PV_TEST_NB>(r, 0, P, buf.as<float, PV_TEST_NB>());
 }
 extern "C" void tiles_bwd(const float* G, const float* M, const float* z, const float* dA,
                           const float* ds, int64_t B, int64_t P, int64_t K, float* dG, float* DZ,
@@ -360,11 +361,13 @@ extern "C" void tiles_bwd(const float* G, const float* M, const float* z, const 
   TileArgs<float> r;
   r.G = G; r.M = M; r.z = z; r.B = B; r.P = P; r.K = K;
   r.dA = dA; r.ds = ds; r.dG = dG; r.DZ = DZ; r.dM = dM;
-  VecBuffer<float> buf(5 * K);
-  backward_tiles_impl(r, 0, num_tiles(P, lanes<float>()), buf.p);
+  VecBuffer buf(5 * K);
+  backward_tiles_impl<float, PV_TEST_NB>(r, 0, P, buf.as<float, PV_TEST_NB>());
 }
 """
-_ISA_FLAGS = {"avx512f": ["-mavx512f"], "avx2": ["-mavx2"], "baseline": []}
+# flags and the vector width (bytes) of each instance, as person_vlad_cpu.cpp builds them
+_ISA_FLAGS = {"avx512f": ["-mavx512f", "-DPV_TEST_NB=64"], "avx2": ["-mavx2", "-DPV_TEST_NB=32"],
+              "baseline": ["-DPV_TEST_NB=16"]}
 
 
 def _cpu_flags():
@@ -446,6 +449,48 @@ def test_tile_kernels_same_bits_on_every_instruction_set(tile_libs, P, K, parts)
         for a, b, name in zip(outs, first, ["A'", "sum_b a", "dG", "sum_b dl", "dM"]):
             assert torch.equal(a, b), f"{name}: {isa} differs from {first_isa}"
     assert "baseline" in results  # the x86-64 baseline always builds and runs
+
+
+def _tile_instances():
+    """The extension's tile instances this CPU runs, widest first."""
+    return [i for i in ("avx512f", "avx2") if i in _cpu_flags()] + ["baseline"]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_extension_tile_instances_give_the_same_bits(monkeypatch, normalize):
+    """The op (forward and all five gradients) with each tile instance this CPU
+    runs, chosen by PERSONVLAD_CPU_TILES (read at each call): the same bits.
+    P = 21: a partial last tile at every vector width."""
+    g = torch.Generator().manual_seed(7)
+    F = torch.randn(3, 24, 3, 7, generator=g)
+    M = torch.rand(3, 4, 3, 7, generator=g)
+    W = torch.randn(10, 24, generator=g) * 3
+    z, c = torch.randn(10, generator=g), torch.randn(10, 24, generator=g)
+    shape = (3, 240) if normalize else (3, 10, 24)
+    grad = torch.randn(shape, generator=g)
+    results = {}
+    for isa in _tile_instances():
+        monkeypatch.setenv("PERSONVLAD_CPU_TILES", isa)
+        out = OP(F, M, W, z, c, normalize)
+        results[isa] = [out, *BWD(grad, F, M, W, z, c, normalize)]
+    first_isa, first = next(iter(results.items()))
+    atol, rtol = tolerance(torch.float32)
+    want = person_vlad_ref(*(t.double() for t in (F, M, W, z, c)), normalize)
+    torch.testing.assert_close(first[0].double(), want, atol=atol, rtol=rtol)
+    for isa, outs in results.items():
+        for a, b, name in zip(outs, first, ["out", "dF", "dM", "dW", "dz", "dc"]):
+            assert torch.equal(a, b), f"{name}: {isa} differs from {first_isa}"
+
+
+def test_extension_tile_instance_switch_rejects_bad_values(monkeypatch):
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(2, 3), B=2, K=3)
+    monkeypatch.setenv("PERSONVLAD_CPU_TILES", "sse9")
+    with pytest.raises(ValueError, match="PERSONVLAD_CPU_TILES: expected avx512f, avx2 or baseline"):
+        OP(F, M, W, z, c, True)
+    monkeypatch.setenv("PERSONVLAD_CPU_TILES", "")  # empty: the widest, like unset
+    atol, rtol = tolerance(torch.float32)
+    want = person_vlad_ref(*(t.double() for t in (F, M, W, z, c)), True)
+    torch.testing.assert_close(OP(F, M, W, z, c, True).double(), want, atol=atol, rtol=rtol)
 
 
 # --------------------------------------------------------------------------

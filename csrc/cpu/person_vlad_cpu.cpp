@@ -16,11 +16,13 @@
 //   normalize: r_k = ||V_k||, U_k = V_k / max(r_k, eps),
 //              u = flatten_k-major(U), R = ||u||, out = u / max(R, eps)
 //
-// The soft-assignment work runs on tiles of 16 (float) or 8 (double)
-// consecutive positions in the k-major layout of the GEMM outputs (G, A', dA',
-// dG are K x P), so the softmax over k and every other per-position reduction
-// over k are element-wise across the tile's lanes (see "position tiles").
-// Only K x 16 scratch exists per tile: nothing of size B*K*P, B*C*P or
+// The soft-assignment work runs on tiles of consecutive positions, one vector
+// register wide (16 floats under AVX-512, 8 under AVX2, 4 on the baseline),
+// in the k-major layout of the GEMM outputs (G, A', dA', dG are K x P), so the
+// softmax over k and every other per-position reduction over k are
+// element-wise across the tile's lanes (see "position tiles" in
+// vlad_tiles.h).  Only 5 K vectors of scratch exist per thread: nothing of
+// size B*K*P, B*C*P or
 // B*K*C*P is ever allocated; the per-sample scratch is O(P*K + K*C).
 //
 // Backward (derivation).  Given g = dL/dout:
@@ -86,8 +88,9 @@
 namespace personvlad {
 namespace {
 
-// GCC on x86-64 Linux: build AVX-512 / AVX2 clones of the hot loops and pick
-// one at load time (ifunc), so the extension needs no -march flag.
+// GCC on x86-64 Linux: build AVX-512 / AVX2 clones of the epilogue loops and
+// pick one at load time (ifunc), so the extension needs no -march flag (the
+// tile loops have their own instances, see tile_isa).
 // Build with -ffp-contract=off (setup.py, CMakeLists.txt): with GCC's default
 // FMA contraction the AVX-512 clone's results differed in the last bits in
 // about 1 call in 15-20 made from a fresh thread (as autograd's backward is),
@@ -102,9 +105,9 @@ namespace {
 
 using namespace cpu_tiles;
 
-// Reductions written with independent lanes (one 512-bit vector's worth, as
-// the tiles) so that they vectorise without -ffast-math; the lane order is
-// fixed, so results are deterministic.
+// Reductions written with independent lanes (one 512-bit vector's worth,
+// block_positions) so that they vectorise without -ffast-math; the lane order
+// is fixed, so results are deterministic.
 
 // Pairwise (tree) folding of the lane accumulators: each level is a vector
 // operation, unlike a sequential scalar chain.
@@ -118,7 +121,7 @@ PV_INLINE T fold_sum(T* acc) {
 // sum_{i < n} term(i), lane by lane.
 template <typename T, typename Term>
 PV_INLINE T lane_sum(int64_t n, const Term& term) {
-  constexpr int64_t L = lanes<T>();
+  constexpr int64_t L = block_positions<T>();
   T acc[L];
   for (int64_t j = 0; j < L; ++j) acc[j] = T(0);
   int64_t i = 0;
@@ -139,43 +142,127 @@ PV_INLINE T row_sum(const T* x, int64_t P) {
   return lane_sum<T>(P, [&](int64_t i) { return x[i]; });
 }
 
-PV_MULTIVERSION void forward_tiles_f32(const TileArgs<float>& r, int64_t t0, int64_t t1,
-                                       V<float>* s) {
-  forward_tiles_impl(r, t0, t1, s);
+// The tile loops (vlad_tiles.h), one instance per instruction set, each on
+// vectors of its register width; tile_isa() picks one per op call.
+// Unlike the other hot loops (PV_MULTIVERSION: the same source built for
+// each target), these need a different vector type per target, so they are
+// separate instances behind an explicit dispatch.
+#if defined(__GNUC__) && defined(__x86_64__)
+#define PV_TILE_X86 1
+#define PV_TARGET(isa) __attribute__((target(isa)))
+#else
+#define PV_TILE_X86 0
+#endif
+
+enum class TileIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
+
+template <typename T, int NB>
+PV_INLINE void tiles_fwd(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  forward_tiles_impl<T, NB>(r, p0, p1, static_cast<V<T, NB>*>(s));
 }
-PV_MULTIVERSION void backward_tiles_f32(const TileArgs<float>& r, int64_t t0, int64_t t1,
-                                        V<float>* s) {
-  backward_tiles_impl(r, t0, t1, s);
-}
-void forward_tiles(const TileArgs<float>& r, int64_t t0, int64_t t1, V<float>* s) {
-  forward_tiles_f32(r, t0, t1, s);
-}
-void backward_tiles(const TileArgs<float>& r, int64_t t0, int64_t t1, V<float>* s) {
-  backward_tiles_f32(r, t0, t1, s);
-}
-void forward_tiles(const TileArgs<double>& r, int64_t t0, int64_t t1, V<double>* s) {
-  forward_tiles_impl(r, t0, t1, s);
-}
-void backward_tiles(const TileArgs<double>& r, int64_t t0, int64_t t1, V<double>* s) {
-  backward_tiles_impl(r, t0, t1, s);
+template <typename T, int NB>
+PV_INLINE void tiles_bwd(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  backward_tiles_impl<T, NB>(r, p0, p1, static_cast<V<T, NB>*>(s));
 }
 
-// Run fn(t0, t1, scratch) over the position tiles of one sample: inline when
+template <typename T>
+void forward_tiles_base(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) { tiles_fwd<T, 16>(r, p0, p1, s); }
+template <typename T>
+void backward_tiles_base(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) { tiles_bwd<T, 16>(r, p0, p1, s); }
+#if PV_TILE_X86
+template <typename T>
+PV_TARGET("avx2") void forward_tiles_avx2(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  tiles_fwd<T, 32>(r, p0, p1, s);
+}
+template <typename T>
+PV_TARGET("avx2") void backward_tiles_avx2(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  tiles_bwd<T, 32>(r, p0, p1, s);
+}
+template <typename T>
+PV_TARGET("avx512f") void forward_tiles_avx512(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  tiles_fwd<T, 64>(r, p0, p1, s);
+}
+template <typename T>
+PV_TARGET("avx512f") void backward_tiles_avx512(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  tiles_bwd<T, 64>(r, p0, p1, s);
+}
+#endif
+
+// The widest instance this CPU runs (looked up once), or the one
+// PERSONVLAD_CPU_TILES names: avx512f, avx2 or baseline (unset or empty: the
+// widest).  Read at each call, like the CUDA backend's switches, so tests and
+// benchmarks can compare the instances in one process.
+TileIsa widest_tile_isa() {
+  static const TileIsa best = [] {
+    TileIsa b = TileIsa::kBaseline;
+#if PV_TILE_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) b = TileIsa::kAvx2;
+    if (__builtin_cpu_supports("avx512f")) b = TileIsa::kAvx512;
+#endif
+    return b;
+  }();
+  return best;
+}
+TileIsa tile_isa() {
+  const TileIsa best = widest_tile_isa();
+  const char* v = std::getenv("PERSONVLAD_CPU_TILES");
+  if (v == nullptr || *v == '\0') return best;
+  TileIsa want = TileIsa::kBaseline;
+  if (std::strcmp(v, "avx512f") == 0) {
+    want = TileIsa::kAvx512;
+  } else if (std::strcmp(v, "avx2") == 0) {
+    want = TileIsa::kAvx2;
+  } else {
+    TORCH_CHECK_VALUE(std::strcmp(v, "baseline") == 0,
+                      "PERSONVLAD_CPU_TILES: expected avx512f, avx2 or baseline, got '", v, "'");
+  }
+  TORCH_CHECK_VALUE(static_cast<int>(want) <= static_cast<int>(best), "PERSONVLAD_CPU_TILES: '", v,
+                    "' is not supported by this CPU (or this build)");
+  return want;
+}
+
+// Forward / backward tile loops over positions [p0, p1) of one sample;
+// scratch: 5 K vectors of up to 64 bytes, 64-byte aligned.
+template <typename T>
+void forward_tiles(TileIsa isa, const TileArgs<T>& r, int64_t p0, int64_t p1, void* scratch) {
+  switch (isa) {
+#if PV_TILE_X86
+    case TileIsa::kAvx512: return forward_tiles_avx512<T>(r, p0, p1, scratch);
+    case TileIsa::kAvx2: return forward_tiles_avx2<T>(r, p0, p1, scratch);
+#endif
+    default: return forward_tiles_base<T>(r, p0, p1, scratch);
+  }
+}
+template <typename T>
+void backward_tiles(TileIsa isa, const TileArgs<T>& r, int64_t p0, int64_t p1, void* scratch) {
+  switch (isa) {
+#if PV_TILE_X86
+    case TileIsa::kAvx512: return backward_tiles_avx512<T>(r, p0, p1, scratch);
+    case TileIsa::kAvx2: return backward_tiles_avx2<T>(r, p0, p1, scratch);
+#endif
+    default: return backward_tiles_base<T>(r, p0, p1, scratch);
+  }
+}
+
+// Run fn(p0, p1, scratch) over the positions of one sample: inline when
 // `inner_parallel` is false (we already run inside a batch-parallel loop),
-// else split over the tiles (whole tiles: the arithmetic stays the same).
+// else split over threads in blocks of block_positions<T>() positions (a
+// whole number of tiles of every instance: the arithmetic stays the same).
 template <typename T, typename Fn>
 void over_tiles(int64_t P, int64_t K, int64_t B, bool inner_parallel, const Fn& fn) {
-  const int64_t tiles = num_tiles(P, lanes<T>());
-  auto run = [&](int64_t t0, int64_t t1) {
-    VecBuffer<T> scratch(5 * K);
-    fn(t0, t1, scratch.p);
+  const int64_t L = block_positions<T>();
+  const int64_t blocks = num_tiles(P, L);
+  auto run = [&](int64_t b0, int64_t b1) {
+    VecBuffer scratch(5 * K);
+    fn(b0 * L, std::min(b1 * L, P), scratch.p);
   };
   if (!inner_parallel) {
-    run(0, tiles);
+    run(0, blocks);
     return;
   }
   const int64_t grain = std::max<int64_t>(1, 1024 / std::max<int64_t>(1, B * K));
-  at::parallel_for(0, tiles, grain, run);
+  at::parallel_for(0, blocks, grain, run);
 }
 
 // Row sums of a (K, P) row-major buffer into out (K), in a fixed order.
@@ -338,6 +425,7 @@ TileArgs<T> sample_tiles(const Inputs& in, const T* g, int64_t n) {
 template <typename T>
 void assign_phase(const Inputs& in, at::Tensor& G, at::Tensor& A, at::Tensor& s) {
   const VladDims& d = in.d;
+  const TileIsa isa = tile_isa();  // before any parallel region: it may throw
   at::bmm_out(G, batched_W(in.W, d.N), in.F);
   const T* gp = G.data_ptr<T>();
   T* ap = A.data_ptr<T>();
@@ -348,7 +436,7 @@ void assign_phase(const Inputs& in, at::Tensor& G, at::Tensor& A, at::Tensor& s)
     r.A = ap + n * d.K * d.P;
     r.S = S.data();
     over_tiles<T>(d.P, d.K, d.B, inner,
-                  [&](int64_t t0, int64_t t1, V<T>* scratch) { forward_tiles(r, t0, t1, scratch); });
+                  [&](int64_t p0, int64_t p1, void* scratch) { forward_tiles<T>(isa, r, p0, p1, scratch); });
     row_sums(S.data(), d.K, d.P, sp + n * d.K);
   });
 }
@@ -419,6 +507,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t i = 0; i < d.N * d.K; ++i)
       dsp[i] = -row_dot(dvp + i * d.C, c + (i % d.K) * d.C, d.C);
   }
+  const TileIsa isa = tile_isa();
   at::Tensor dA = at::bmm(dV, in.F);  // dA' = dV F   (N, K, P)
   at::Tensor dG = at::empty({d.N, d.K, d.P}, o);
   at::Tensor dz_n = at::empty({d.N, d.K}, o);
@@ -438,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       r.DZ = DZ.data();
       r.dM = dMp ? dMp + n * d.B * d.P : nullptr;
       over_tiles<T>(d.P, d.K, d.B, inner,
-                    [&](int64_t t0, int64_t t1, V<T>* scratch) { backward_tiles(r, t0, t1, scratch); });
+                    [&](int64_t p0, int64_t p1, void* scratch) { backward_tiles<T>(isa, r, p0, p1, scratch); });
       row_sums(DZ.data(), d.K, d.P, dzp + n * d.K);
     });
   }

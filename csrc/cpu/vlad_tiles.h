@@ -1,9 +1,10 @@
 // Position-tile kernels of the C++ CPU backend (person_vlad_cpu.cpp): the
 // soft-assignment forward (A', sum_b a) and backward (dG, sum_b dl, dM) of SPEC
-// section 1 on tiles of 16 float / 8 double positions.  Standard C++ and GCC/Clang
-// vector extensions only (no ATen), so tests/test_cpu_backend.py can compile
-// this header on its own for each instruction set the extension has a clone
-// for (avx512f, avx2, x86-64 baseline) and check that all give the same bits.
+// section 1 on tiles of positions one vector register wide.  Standard C++ and
+// GCC/Clang vector extensions only (no ATen), so tests/test_cpu_backend.py can
+// compile this header on its own for each instruction set the extension has an
+// instance for (avx512f, avx2, x86-64 baseline) and check that all give the
+// same bits.
 #pragma once
 
 #include <algorithm>
@@ -24,75 +25,94 @@ namespace cpu_tiles {
 
 // ---- position tiles ----------------------------------------------------------
 // The soft-assignment work runs on tiles of L consecutive positions of one
-// sample (L lanes = one 512-bit vector: 16 floats or 8 doubles), in the
-// k-major layout of the GEMM outputs (G = W F, A', dA', dG are (K, P)).  Every
-// per-position reduction over k (the softmax's max and sum, the backward's dot
-// products) is then an element-wise operation between vectors, with no
-// horizontal folds.  The vectors are GCC/Clang vector extensions: the avx512f
-// clone runs them as one zmm register, the avx2 clone as two ymm, the default
-// one as four xmm.  Each lane does the same operations in the same order
-// whichever lane, tile, thread or alignment it has, so results do not depend
-// on the thread count.  A partial last tile is padded (g = 0, m = 0: finite
-// logits) and only its valid lanes are stored.
+// sample (L lanes = one vector register of NB bytes: 16 floats under avx512f,
+// 8 under avx2, 4 with SSE or NEON), in the k-major layout of the GEMM outputs
+// (G = W F, A', dA', dG are (K, P)).  Every per-position reduction over k (the
+// softmax's max and sum, the backward's dot products) is then an element-wise
+// operation between vectors, with no horizontal folds.  The vectors are
+// GCC/Clang vector extensions of exactly the register width of the
+// instruction set the caller is built for (person_vlad_cpu.cpp builds an
+// avx512f, an avx2 and a baseline instance and picks one at run time).  The
+// width must match: GCC splits arithmetic on a vector wider than the
+// registers into register pieces, but lowers comparisons and selects on it
+// lane by lane in scalar code, and a 64-byte vector under avx2 moved its
+// halves through general registers: the avx2 build ran ~8x slower than the
+// avx512f one on the same 64-byte type.  Each lane does the same operations
+// in the same order whatever the width, lane, tile, thread or alignment, so
+// every instance gives the same bits for a position.  A partial last tile is
+// padded (g = 0, m = 0: finite logits) and only its valid lanes are stored.
 // The vector helpers are always inlined: no vector crosses a call boundary,
 // so GCC's note that 512-bit arguments change the ABI does not apply (the
 // builds pass -Wno-psabi; a pragma does not silence that note).
-template <typename T>
-struct Vec;
-template <>
-struct Vec<float> {
-  typedef float type __attribute__((vector_size(64)));
-  typedef int32_t itype __attribute__((vector_size(64)));
+template <typename T, int NB>
+struct Vec {
+  static_assert(NB == 16 || NB == 32 || NB == 64, "NB: a vector register of 16, 32 or 64 bytes");
+  typedef T type __attribute__((vector_size(NB)));
 };
-template <>
-struct Vec<double> {
-  typedef double type __attribute__((vector_size(64)));
-  typedef int64_t itype __attribute__((vector_size(64)));
+template <int NB>
+struct VecInt {
+  typedef int32_t type __attribute__((vector_size(NB)));
 };
-template <typename T>
-using V = typename Vec<T>::type;
+template <typename T, int NB>
+using V = typename Vec<T, NB>::type;
 
-template <typename T>
-PV_INLINE V<T> vsplat(T x) {
-  return V<T>{} + x;
+// Lanes of one NB-byte vector of T.
+template <typename T, int NB>
+constexpr int64_t lanes() {
+  return int64_t(NB / sizeof(T));
 }
+// Positions per unit of work: 64 bytes' worth (16 floats, 8 doubles), a
+// whole number of tiles of every instance.  Callers split the positions over
+// threads in these units, so the split does not depend on the instance.
 template <typename T>
-PV_INLINE V<T> vload(const T* p) {
-  V<T> v;
+constexpr int64_t block_positions() {
+  return int64_t(64 / sizeof(T));
+}
+inline int64_t num_tiles(int64_t P, int64_t L) { return (P + L - 1) / L; }
+
+template <typename T, int NB>
+PV_INLINE V<T, NB> vsplat(T x) {
+  return V<T, NB>{} + x;
+}
+template <typename T, int NB>
+PV_INLINE V<T, NB> vload(const T* p) {
+  V<T, NB> v;
   std::memcpy(&v, p, sizeof(v));
   return v;
 }
-template <typename T>
-PV_INLINE void vstore(T* p, const V<T>& v) {
+template <typename T, int NB>
+PV_INLINE void vstore(T* p, const V<T, NB>& v) {
   std::memcpy(p, &v, sizeof(v));
 }
 // n < L lanes from p, zeros above.
-template <typename T>
-PV_INLINE V<T> vload_part(const T* p, int64_t n) {
-  V<T> v = V<T>{};
+template <typename T, int NB>
+PV_INLINE V<T, NB> vload_part(const T* p, int64_t n) {
+  V<T, NB> v = V<T, NB>{};
   for (int64_t j = 0; j < n; ++j) v[j] = p[j];
   return v;
 }
-template <typename T>
-PV_INLINE V<T> vmax(const V<T>& a, const V<T>& b) {
+template <typename T, int NB>
+PV_INLINE V<T, NB> vmax(const V<T, NB>& a, const V<T, NB>& b) {
   return a > b ? a : b;
 }
 
-// exp of x <= 0 (max-subtracted logits), 16 float lanes: Cephes-style range
+// exp of x <= 0 (max-subtracted logits), float lanes: Cephes-style range
 // reduction + degree-6 polynomial, branch-free; about 2 ulp, exactly 0 below
 // -87.33 (where expf leaves the normal range).  Doubles use std::exp.
-PV_INLINE V<float> vexp_nonpos(V<float> x) {
-  typedef Vec<float>::itype VI;
-  const V<float> lo = vsplat(-87.33654f);
+template <int NB>
+PV_INLINE V<float, NB> vexp_nonpos(V<float, NB> x) {
+  typedef V<float, NB> VF;
+  typedef typename VecInt<NB>::type VI;
+  const VF lo = vsplat<float, NB>(-87.33654f);
   const VI under = x < lo;
   x = under ? lo : x;
-  const V<float> magic = vsplat(12582912.0f);
-  const V<float> t = x * 1.44269504088896341f + magic;
-  const V<float> fx = t - magic;
+  const VF magic = vsplat<float, NB>(12582912.0f);
+  const VF t = x * 1.44269504088896341f + magic;
+  const VF fx = t - magic;
   const VI n = (VI)t - 0x4B400000;  // a vector cast keeps the bits
-  V<float> r = x - fx * 0.693359375f;
+  VF r = x - fx * 0.693359375f;
   r = r - fx * -2.12194440e-4f;
-  V<float> p = vsplat(1.9875691500e-4f);
+  VF p = vsplat<float, NB>(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
   p = p * r + 4.1665795894e-2f;
@@ -100,25 +120,28 @@ PV_INLINE V<float> vexp_nonpos(V<float> x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
   const VI bits = (n + 127) << 23;
-  const V<float> y = p * (V<float>)bits;
-  return under ? V<float>{} : y;
+  const VF y = p * (VF)bits;
+  return under ? VF{} : y;
 }
-PV_INLINE V<double> vexp_nonpos(V<double> x) {
-  for (int j = 0; j < 8; ++j) x[j] = std::exp(x[j]);
+template <int NB>
+PV_INLINE V<double, NB> vexp_nonpos(V<double, NB> x) {
+  for (int64_t j = 0; j < lanes<double, NB>(); ++j) x[j] = std::exp(x[j]);
   return x;
 }
 
-// 64-byte aligned vectors on the heap (std::vector<V<T>> would not do: GCC
-// drops a vector type's alignment when it is a template argument).
-template <typename T>
+// Raw 64-byte aligned heap memory for `n` vectors of up to 64 bytes (the
+// tile scratch of any instance).
 struct VecBuffer {
   explicit VecBuffer(int64_t n)
-      : p(static_cast<V<T>*>(::operator new(sizeof(V<T>) * std::max<int64_t>(n, 1),
-                                            std::align_val_t(64)))) {}
+      : p(::operator new(64 * std::max<int64_t>(n, 1), std::align_val_t(64))) {}
   ~VecBuffer() { ::operator delete(p, std::align_val_t(64)); }
   VecBuffer(const VecBuffer&) = delete;
   VecBuffer& operator=(const VecBuffer&) = delete;
-  V<T>* p;
+  template <typename T, int NB>
+  V<T, NB>* as() const {
+    return static_cast<V<T, NB>*>(p);
+  }
+  void* p;
 };
 
 template <typename T>
@@ -138,27 +161,21 @@ struct TileArgs {
   T* dM = nullptr;        // (B, P)  or nullptr
 };
 
-template <typename T>
-constexpr int64_t lanes() {
-  return int64_t(sizeof(V<T>) / sizeof(T));
-}
-inline int64_t num_tiles(int64_t P, int64_t L) { return (P + L - 1) / L; }
-
 // t[k] <- columns [s0, s0 + n) of row k of X (K, P), zero padded.
-template <typename T>
-PV_INLINE void load_tile(const T* X, int64_t K, int64_t P, int64_t s0, int64_t n, V<T>* t) {
-  if (n == lanes<T>()) {
-    for (int64_t k = 0; k < K; ++k) t[k] = vload(X + k * P + s0);
+template <typename T, int NB>
+PV_INLINE void load_tile(const T* X, int64_t K, int64_t P, int64_t s0, int64_t n, V<T, NB>* t) {
+  if (n == lanes<T, NB>()) {
+    for (int64_t k = 0; k < K; ++k) t[k] = vload<T, NB>(X + k * P + s0);
   } else {
-    for (int64_t k = 0; k < K; ++k) t[k] = vload_part(X + k * P + s0, n);
+    for (int64_t k = 0; k < K; ++k) t[k] = vload_part<T, NB>(X + k * P + s0, n);
   }
 }
 
 // Columns [s0, s0 + n) of X (K, P) <- the first n lanes of t[k].
-template <typename T>
-PV_INLINE void store_tile(const V<T>* t, int64_t K, int64_t P, int64_t s0, int64_t n, T* X) {
-  if (n == lanes<T>()) {
-    for (int64_t k = 0; k < K; ++k) vstore(X + k * P + s0, t[k]);
+template <typename T, int NB>
+PV_INLINE void store_tile(const V<T, NB>* t, int64_t K, int64_t P, int64_t s0, int64_t n, T* X) {
+  if (n == lanes<T, NB>()) {
+    for (int64_t k = 0; k < K; ++k) vstore<T, NB>(X + k * P + s0, t[k]);
   } else {
     for (int64_t k = 0; k < K; ++k)
       for (int64_t j = 0; j < n; ++j) X[k * P + s0 + j] = t[k][j];
@@ -166,93 +183,97 @@ PV_INLINE void store_tile(const V<T>* t, int64_t K, int64_t P, int64_t s0, int64
 }
 
 // Part b's map over the tile (1 without parts), 0 in padding lanes.
-template <typename T>
-PV_INLINE V<T> load_part_map(const TileArgs<T>& r, int64_t b, int64_t s0, int64_t n) {
-  if (!r.M) return vsplat(T(1));
+template <typename T, int NB>
+PV_INLINE V<T, NB> load_part_map(const TileArgs<T>& r, int64_t b, int64_t s0, int64_t n) {
+  if (!r.M) return vsplat<T, NB>(T(1));
   const T* src = r.M + b * r.P + s0;
-  return n == lanes<T>() ? vload(src) : vload_part(src, n);
+  return n == lanes<T, NB>() ? vload<T, NB>(src) : vload_part<T, NB>(src, n);
 }
 
 // e[k] <- softmax over k of m * g[k] + z[k], lane by lane (max-subtracted).
-template <typename T>
-PV_INLINE void softmax_tile(const V<T>* g, const V<T>& m, const T* z, int64_t K, V<T>* e) {
-  V<T> mx = vsplat(-std::numeric_limits<T>::infinity());
+template <typename T, int NB>
+PV_INLINE void softmax_tile(const V<T, NB>* g, const V<T, NB>& m, const T* z, int64_t K, V<T, NB>* e) {
+  V<T, NB> mx = vsplat<T, NB>(-std::numeric_limits<T>::infinity());
   for (int64_t k = 0; k < K; ++k) {
     e[k] = m * g[k] + z[k];
-    mx = vmax<T>(e[k], mx);
+    mx = vmax<T, NB>(e[k], mx);
   }
-  V<T> sum = V<T>{};
+  V<T, NB> sum = V<T, NB>{};
   for (int64_t k = 0; k < K; ++k) {
-    e[k] = vexp_nonpos(e[k] - mx);
+    e[k] = vexp_nonpos<NB>(e[k] - mx);
     sum += e[k];
   }
-  const V<T> inv = T(1) / sum;
+  const V<T, NB> inv = T(1) / sum;
   for (int64_t k = 0; k < K; ++k) e[k] *= inv;
 }
 
-// Forward over tiles [t0, t1): A' and sum_b a.  scratch: 4 K vectors.
-template <typename T>
-PV_INLINE void forward_tiles_impl(const TileArgs<T>& r, int64_t t0, int64_t t1, V<T>* scratch) {
+// Forward over positions [p0, p1) (p0 a multiple of the tile width; p1 too,
+// or P): A' and sum_b a.  scratch: 4 K vectors.  No lambdas in these loops:
+// a lambda is a function of its own, built for the baseline target and not
+// always inlined into the avx2 / avx512f instances, where its 32 / 64-byte
+// vectors then run in scalar code.
+template <typename T, int NB>
+PV_INLINE void forward_tiles_impl(const TileArgs<T>& r, int64_t p0, int64_t p1, V<T, NB>* scratch) {
   const int64_t K = r.K;
-  V<T>* g = scratch;
-  V<T>* e = g + K;
-  V<T>* at = e + K;
-  V<T>* st = at + K;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t s0 = t * lanes<T>(), n = std::min<int64_t>(lanes<T>(), r.P - s0);
-    load_tile(r.G, K, r.P, s0, n, g);
-    for (int64_t k = 0; k < K; ++k) at[k] = st[k] = V<T>{};
+  V<T, NB>* g = scratch;
+  V<T, NB>* e = g + K;
+  V<T, NB>* at = e + K;
+  V<T, NB>* st = at + K;
+  for (int64_t s0 = p0; s0 < p1; s0 += lanes<T, NB>()) {
+    const int64_t n = std::min<int64_t>(lanes<T, NB>(), p1 - s0);  // valid lanes
+    load_tile<T, NB>(r.G, K, r.P, s0, n, g);
+    for (int64_t k = 0; k < K; ++k) at[k] = st[k] = V<T, NB>{};
     for (int64_t b = 0; b < r.B; ++b) {
-      const V<T> m = load_part_map(r, b, s0, n);
-      softmax_tile(g, m, r.z, K, e);
+      const V<T, NB> m = load_part_map<T, NB>(r, b, s0, n);
+      softmax_tile<T, NB>(g, m, r.z, K, e);
       for (int64_t k = 0; k < K; ++k) {
         at[k] += e[k] * m;
         st[k] += e[k];
       }
     }
-    store_tile(at, K, r.P, s0, n, r.A);
-    store_tile(st, K, r.P, s0, n, r.S);
+    store_tile<T, NB>(at, K, r.P, s0, n, r.A);
+    store_tile<T, NB>(st, K, r.P, s0, n, r.S);
   }
 }
 
-// Backward over tiles [t0, t1): dG, sum_b dl and dM (derivation at the top).
-// scratch: 5 K vectors.
-template <typename T>
-PV_INLINE void backward_tiles_impl(const TileArgs<T>& r, int64_t t0, int64_t t1, V<T>* scratch) {
+// Backward over positions [p0, p1): dG, sum_b dl and dM (derivation at the
+// top of person_vlad_cpu.cpp).  scratch: 5 K vectors.
+template <typename T, int NB>
+PV_INLINE void backward_tiles_impl(const TileArgs<T>& r, int64_t p0, int64_t p1, V<T, NB>* scratch) {
   const int64_t K = r.K;
-  V<T>* g = scratch;
-  V<T>* e = g + K;
-  V<T>* dat = e + K;
-  V<T>* dg = dat + K;
-  V<T>* dz = dg + K;
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t s0 = t * lanes<T>(), n = std::min<int64_t>(lanes<T>(), r.P - s0);
-    load_tile(r.G, K, r.P, s0, n, g);
-    load_tile(r.dA, K, r.P, s0, n, dat);
-    for (int64_t k = 0; k < K; ++k) dg[k] = dz[k] = V<T>{};
+  V<T, NB>* g = scratch;
+  V<T, NB>* e = g + K;
+  V<T, NB>* dat = e + K;
+  V<T, NB>* dg = dat + K;
+  V<T, NB>* dz = dg + K;
+  for (int64_t s0 = p0; s0 < p1; s0 += lanes<T, NB>()) {
+    const int64_t n = std::min<int64_t>(lanes<T, NB>(), p1 - s0);  // valid lanes
+    load_tile<T, NB>(r.G, K, r.P, s0, n, g);
+    load_tile<T, NB>(r.dA, K, r.P, s0, n, dat);
+    for (int64_t k = 0; k < K; ++k) dg[k] = dz[k] = V<T, NB>{};
     for (int64_t b = 0; b < r.B; ++b) {
-      const V<T> m = load_part_map(r, b, s0, n);
-      softmax_tile(g, m, r.z, K, e);
+      const V<T, NB> m = load_part_map<T, NB>(r, b, s0, n);
+      softmax_tile<T, NB>(g, m, r.z, K, e);
       // da[b,k,s] = dA'[k,s] M[b,s] + ds[k];  adot = sum_k a da
-      V<T> dm_assign = V<T>{}, adot = V<T>{}, dm_logit = V<T>{};
+      V<T, NB> dm_assign = V<T, NB>{}, adot = V<T, NB>{}, dm_logit = V<T, NB>{};
       for (int64_t k = 0; k < K; ++k) {
         dm_assign += e[k] * dat[k];  // through A' = sum_b a M
         adot += e[k] * (dat[k] * m + r.ds[k]);
       }
       for (int64_t k = 0; k < K; ++k) {
-        const V<T> dl = e[k] * ((dat[k] * m + r.ds[k]) - adot);
+        const V<T, NB> dl = e[k] * ((dat[k] * m + r.ds[k]) - adot);
         dz[k] += dl;
         dg[k] += dl * m;
         dm_logit += dl * g[k];
       }
       if (r.dM) {
-        const V<T> dmv = dm_assign + dm_logit;
+        const V<T, NB> dmv = dm_assign + dm_logit;
         T* dst = r.dM + b * r.P + s0;
         for (int64_t j = 0; j < n; ++j) dst[j] = dmv[j];
       }
     }
-    store_tile(dg, K, r.P, s0, n, r.dG);
-    store_tile(dz, K, r.P, s0, n, r.DZ);
+    store_tile<T, NB>(dg, K, r.P, s0, n, r.dG);
+    store_tile<T, NB>(dz, K, r.P, s0, n, r.DZ);
   }
 }
 
