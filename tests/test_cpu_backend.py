@@ -456,25 +456,26 @@ def _tile_instances():
     return [i for i in ("avx512f", "avx2") if i in _cpu_flags()] + ["baseline"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("normalize", [True, False])
-def test_extension_tile_instances_give_the_same_bits(monkeypatch, normalize):
+def test_extension_tile_instances_give_the_same_bits(monkeypatch, normalize, dtype):
     """The op (forward and all five gradients) with each tile instance this CPU
     runs, chosen by PERSONVLAD_CPU_TILES (read at each call): the same bits.
     P = 21: a partial last tile at every vector width."""
     g = torch.Generator().manual_seed(7)
-    F = torch.randn(3, 24, 3, 7, generator=g)
-    M = torch.rand(3, 4, 3, 7, generator=g)
-    W = torch.randn(10, 24, generator=g) * 3
-    z, c = torch.randn(10, generator=g), torch.randn(10, 24, generator=g)
+    F = torch.randn(3, 24, 3, 7, generator=g, dtype=dtype)
+    M = torch.rand(3, 4, 3, 7, generator=g, dtype=dtype)
+    W = torch.randn(10, 24, generator=g, dtype=dtype) * 3
+    z, c = torch.randn(10, generator=g, dtype=dtype), torch.randn(10, 24, generator=g, dtype=dtype)
     shape = (3, 240) if normalize else (3, 10, 24)
-    grad = torch.randn(shape, generator=g)
+    grad = torch.randn(shape, generator=g, dtype=dtype)
     results = {}
     for isa in _tile_instances():
         monkeypatch.setenv("PERSONVLAD_CPU_TILES", isa)
         out = OP(F, M, W, z, c, normalize)
         results[isa] = [out, *BWD(grad, F, M, W, z, c, normalize)]
     first_isa, first = next(iter(results.items()))
-    atol, rtol = tolerance(torch.float32)
+    atol, rtol = tolerance(dtype)
     want = person_vlad_ref(*(t.double() for t in (F, M, W, z, c)), normalize)
     torch.testing.assert_close(first[0].double(), want, atol=atol, rtol=rtol)
     for isa, outs in results.items():
