@@ -143,7 +143,8 @@ PV_INLINE T row_sum(const T* x, int64_t P) {
 }
 
 // The tile loops (vlad_tiles.h), one instance per instruction set, each on
-// vectors of its register width; tile_isa() picks one per op call.
+// vectors of its register width; tile_isa() picks one per op call, and
+// run_tiles runs a pass with it.
 // Unlike the other hot loops (PV_MULTIVERSION: the same source built for
 // each target), these need a different vector type per target, so they are
 // separate instances behind an explicit dispatch.
@@ -156,35 +157,34 @@ PV_INLINE T row_sum(const T* x, int64_t P) {
 
 enum class TileIsa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };
 
-template <typename T, int NB>
-PV_INLINE void tiles_fwd(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
-  forward_tiles_impl<T, NB>(r, p0, p1, static_cast<V<T, NB>*>(s));
-}
-template <typename T, int NB>
-PV_INLINE void tiles_bwd(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
-  backward_tiles_impl<T, NB>(r, p0, p1, static_cast<V<T, NB>*>(s));
-}
+// The two tile passes, each at a given vector width (always inlined into the
+// instance that calls it, so it runs on that instance's target).
+struct ForwardPass {
+  template <typename T, int NB>
+  static PV_INLINE void run(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+    forward_tiles_impl<T, NB>(r, p0, p1, static_cast<V<T, NB>*>(s));
+  }
+};
+struct BackwardPass {
+  template <typename T, int NB>
+  static PV_INLINE void run(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+    backward_tiles_impl<T, NB>(r, p0, p1, static_cast<V<T, NB>*>(s));
+  }
+};
 
-template <typename T>
-void forward_tiles_base(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) { tiles_fwd<T, 16>(r, p0, p1, s); }
-template <typename T>
-void backward_tiles_base(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) { tiles_bwd<T, 16>(r, p0, p1, s); }
+// One instance per instruction set, for either pass.
+template <typename Pass, typename T>
+void tiles_baseline(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  Pass::template run<T, 16>(r, p0, p1, s);
+}
 #if PV_TILE_X86
-template <typename T>
-PV_TARGET("avx2") void forward_tiles_avx2(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
-  tiles_fwd<T, 32>(r, p0, p1, s);
+template <typename Pass, typename T>
+PV_TARGET("avx2") void tiles_avx2(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  Pass::template run<T, 32>(r, p0, p1, s);
 }
-template <typename T>
-PV_TARGET("avx2") void backward_tiles_avx2(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
-  tiles_bwd<T, 32>(r, p0, p1, s);
-}
-template <typename T>
-PV_TARGET("avx512f") void forward_tiles_avx512(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
-  tiles_fwd<T, 64>(r, p0, p1, s);
-}
-template <typename T>
-PV_TARGET("avx512f") void backward_tiles_avx512(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
-  tiles_bwd<T, 64>(r, p0, p1, s);
+template <typename Pass, typename T>
+PV_TARGET("avx512f") void tiles_avx512(const TileArgs<T>& r, int64_t p0, int64_t p1, void* s) {
+  Pass::template run<T, 64>(r, p0, p1, s);
 }
 #endif
 
@@ -222,26 +222,17 @@ TileIsa tile_isa() {
   return want;
 }
 
-// Forward / backward tile loops over positions [p0, p1) of one sample;
-// scratch: 5 K vectors of up to 64 bytes, 64-byte aligned.
-template <typename T>
-void forward_tiles(TileIsa isa, const TileArgs<T>& r, int64_t p0, int64_t p1, void* scratch) {
+// A tile pass (ForwardPass / BackwardPass) over positions [p0, p1) of one
+// sample with instance `isa`; scratch: 5 K vectors of up to 64 bytes, 64-byte
+// aligned.
+template <typename Pass, typename T>
+void run_tiles(TileIsa isa, const TileArgs<T>& r, int64_t p0, int64_t p1, void* scratch) {
   switch (isa) {
 #if PV_TILE_X86
-    case TileIsa::kAvx512: return forward_tiles_avx512<T>(r, p0, p1, scratch);
-    case TileIsa::kAvx2: return forward_tiles_avx2<T>(r, p0, p1, scratch);
+    case TileIsa::kAvx512: return tiles_avx512<Pass, T>(r, p0, p1, scratch);
+    case TileIsa::kAvx2: return tiles_avx2<Pass, T>(r, p0, p1, scratch);
 #endif
-    default: return forward_tiles_base<T>(r, p0, p1, scratch);
-  }
-}
-template <typename T>
-void backward_tiles(TileIsa isa, const TileArgs<T>& r, int64_t p0, int64_t p1, void* scratch) {
-  switch (isa) {
-#if PV_TILE_X86
-    case TileIsa::kAvx512: return backward_tiles_avx512<T>(r, p0, p1, scratch);
-    case TileIsa::kAvx2: return backward_tiles_avx2<T>(r, p0, p1, scratch);
-#endif
-    default: return backward_tiles_base<T>(r, p0, p1, scratch);
+    default: return tiles_baseline<Pass, T>(r, p0, p1, scratch);
   }
 }
 
@@ -421,11 +412,11 @@ TileArgs<T> sample_tiles(const Inputs& in, const T* g, int64_t n) {
   return r;
 }
 
-// G = W F (N, K, P), A = A' (N, K, P), s (N, K).
+// G = W F (N, K, P), A = A' (N, K, P), s (N, K), with tile instance `isa`
+// (tile_isa(), read by the caller outside any parallel region: it may throw).
 template <typename T>
-void assign_phase(const Inputs& in, at::Tensor& G, at::Tensor& A, at::Tensor& s) {
+void assign_phase(const Inputs& in, TileIsa isa, at::Tensor& G, at::Tensor& A, at::Tensor& s) {
   const VladDims& d = in.d;
-  const TileIsa isa = tile_isa();  // before any parallel region: it may throw
   at::bmm_out(G, batched_W(in.W, d.N), in.F);
   const T* gp = G.data_ptr<T>();
   T* ap = A.data_ptr<T>();
@@ -436,7 +427,7 @@ void assign_phase(const Inputs& in, at::Tensor& G, at::Tensor& A, at::Tensor& s)
     r.A = ap + n * d.K * d.P;
     r.S = S.data();
     over_tiles<T>(d.P, d.K, d.B, inner,
-                  [&](int64_t p0, int64_t p1, void* scratch) { forward_tiles<T>(isa, r, p0, p1, scratch); });
+                  [&](int64_t p0, int64_t p1, void* scratch) { run_tiles<ForwardPass, T>(isa, r, p0, p1, scratch); });
     row_sums(S.data(), d.K, d.P, sp + n * d.K);
   });
 }
@@ -465,7 +456,7 @@ at::Tensor forward_impl(const Inputs& in, bool normalize) {
   at::Tensor G = at::empty({d.N, d.K, d.P}, o);
   at::Tensor A = at::empty({d.N, d.K, d.P}, o);
   at::Tensor s = at::empty({d.N, d.K}, o);
-  assign_phase<T>(in, G, A, s);
+  assign_phase<T>(in, tile_isa(), G, A, s);
   vlad_phase<T>(in, A, s, out, normalize);
   return out;
 }
@@ -480,11 +471,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     return {at::empty({d.N, d.C, d.P}, o), dM, at::zeros({d.K, d.C}, o), at::zeros({d.K}, o),
             at::zeros({d.K, d.C}, o)};
   }
+  const TileIsa isa = tile_isa();  // once per call, before any parallel region (it may throw)
   const at::Tensor FT = in.F.transpose(1, 2);  // (N, P, C) view
   at::Tensor G = at::empty({d.N, d.K, d.P}, o);
   at::Tensor A = at::empty({d.N, d.K, d.P}, o);
   at::Tensor s = at::empty({d.N, d.K}, o);
-  assign_phase<T>(in, G, A, s);
+  assign_phase<T>(in, isa, G, A, s);
 
   // dV (N, K, C): grad through the normalisations (needs V), then ds.
   at::Tensor dV = grad.clone();
@@ -507,7 +499,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
     for (int64_t i = 0; i < d.N * d.K; ++i)
       dsp[i] = -row_dot(dvp + i * d.C, c + (i % d.K) * d.C, d.C);
   }
-  const TileIsa isa = tile_isa();
   at::Tensor dA = at::bmm(dV, in.F);  // dA' = dV F   (N, K, P)
   at::Tensor dG = at::empty({d.N, d.K, d.P}, o);
   at::Tensor dz_n = at::empty({d.N, d.K}, o);
@@ -527,7 +518,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_
       r.DZ = DZ.data();
       r.dM = dMp ? dMp + n * d.B * d.P : nullptr;
       over_tiles<T>(d.P, d.K, d.B, inner,
-                    [&](int64_t p0, int64_t p1, void* scratch) { backward_tiles<T>(isa, r, p0, p1, scratch); });
+                    [&](int64_t p0, int64_t p1, void* scratch) { run_tiles<BackwardPass, T>(isa, r, p0, p1, scratch); });
       row_sums(DZ.data(), d.K, d.P, dzp + n * d.K);
     });
   }
