@@ -487,7 +487,7 @@ def test_extension_tile_loops_are_inlined_into_their_instances():
     """Each instance (built with its target attribute) must hold its tile loops
     inline: code left out of line, such as a lambda's body, is built for the
     baseline target, where the instance's wide vectors run in scalar code
-    (a lambda in the backward loop once made the AVX-512 backward 2.2x slower).
+    (a lambda in the backward loop once slowed the AVX-512 backward that way).
     So the extension has no out-of-line symbol of the loop templates."""
     nm = shutil.which("nm")
     lib = getattr(ops._C, "__file__", None)

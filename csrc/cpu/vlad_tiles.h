@@ -36,8 +36,9 @@ namespace cpu_tiles {
 // width must match: GCC splits arithmetic on a vector wider than the
 // registers into register pieces, but lowers comparisons and selects on it
 // lane by lane in scalar code, and a 64-byte vector under avx2 moved its
-// halves through general registers: the avx2 build ran ~10x slower than the
-// avx512f one on the same 64-byte type (~7x slower than at its own width).  Each lane does the same operations
+// halves through general registers: the avx2 build ran ~9x slower than the
+// avx512f one on the same 64-byte type, ~7x slower than at its own width
+// (bench/cpu_tiles_probe.py).  Each lane does the same operations
 // in the same order whatever the width, lane, tile, thread or alignment, so
 // every instance gives the same bits for a position.  A partial last tile is
 // padded (g = 0, m = 0: finite logits) and only its valid lanes are stored.
