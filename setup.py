@@ -77,6 +77,51 @@ sources = rel(glob.glob(os.path.join(here, "csrc", "*.cpp")) + glob.glob(os.path
 # does not apply (torch builds with the same flag; a pragma cannot silence it).
 cxx_flags = ["-O3", "-ffp-contract=off", "-Wno-psabi"]
 define_macros = []
+
+
+def openmp_compile_flags():
+    """The flag that turns on OpenMP for the C++ kernels, or None.
+
+    The kernels' loops use at::parallel_for, a header template: when torch's
+    intra-op threads are OpenMP's, it parallelises only where the extension
+    itself is compiled with OpenMP (_OPENMP); otherwise every loop runs on the
+    calling thread.  Compile only: the extension is not linked to an OpenMP
+    runtime of its own, so its GOMP_* calls bind to the one torch loaded and
+    obey torch.set_num_threads (a second runtime, e.g. the system libgomp
+    beside a wheel's renamed copy, would keep its own thread count and pool).
+    """
+    import subprocess
+    import tempfile
+
+    import torch
+
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return None  # torch's native thread pool: at::parallel_for needs nothing of ours
+    flag = "/openmp" if sys.platform == "win32" else "-fopenmp"
+    if sys.platform == "win32":
+        return flag
+    cxx = os.environ.get("CXX", "c++")
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "omp_probe.cpp")
+        with open(src, "w") as f:
+            f.write("#include <omp.h>\nint probe() { int n = 0;\n#pragma omp parallel\n"
+                    "  n = omp_get_num_threads();\n  return n; }\n")
+        try:
+            r = subprocess.run([cxx, flag, "-c", src, "-o", os.path.join(tmp, "omp_probe.o")],
+                               capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return None
+    return flag if r.returncode == 0 else None
+
+
+OPENMP_FLAG = openmp_compile_flags()
+if OPENMP_FLAG:
+    cxx_flags.append(OPENMP_FLAG)
+elif "parallel backend: OpenMP" in __import__("torch").__config__.parallel_info():
+    # csrc/cpu refuses to build silently single-threaded: say so and opt in.
+    define_macros.append(("PERSONVLAD_SERIAL_CPU", None))
+    print("personvlad: WARNING: the C++ compiler has no usable OpenMP (-fopenmp); the CPU kernels' "
+          "loops will run on one thread", file=sys.stderr)
 if WITH_CUDA:
     sources += rel(glob.glob(os.path.join(here, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(here, "csrc", "cuda", "*.cpp")))
     ext = CUDAExtension(
@@ -94,7 +139,7 @@ else:
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx_flags},
     )
-print(f"personvlad: building {'CUDA' if WITH_CUDA else 'CPU-only'} extension"
+print(f"personvlad: building {'CUDA' if WITH_CUDA else 'CPU-only'} extension (OpenMP: {OPENMP_FLAG or 'off'})"
       + (f" (CUDA_HOME={CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']})" if WITH_CUDA else ""),
       file=sys.stderr)
 

@@ -13,6 +13,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -260,6 +261,59 @@ def test_parallel_paths_agree(two_threads):
     torch.set_num_threads(1)
     for a, b in zip(BWD(grad, *ins, True), gfull):
         torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-10)
+
+
+_THREAD_PROBE = r"""
+import os, threading, torch
+from personvlad import ops
+from conftest import make_inputs
+torch.set_num_threads(2)
+
+def cpu_seconds_by_thread():  # utime + stime of each thread of this process
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+ins = make_inputs(N=2, C=1, S=(64, 64), B=16, K=128, dtype=torch.float32, seed=9)
+op = torch.ops.personvlad.person_vlad
+op(*ins, True)  # starts the thread pool
+before = cpu_seconds_by_thread()
+for _ in range(30):
+    op(*ins, True)
+after = cpu_seconds_by_thread()
+spent = {t: after[t] - before.get(t, 0.0) for t in after}
+own = spent.pop(threading.get_native_id())
+print(own, sum(spent.values()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads per-thread CPU time from /proc")
+def test_tile_loops_run_on_every_thread():
+    """The kernels' at::parallel_for loops really run on torch's threads.
+    at::parallel_for is a header template: compiled without -fopenmp it runs
+    every loop on the calling thread, which the extension once did with no
+    test noticing (the results are the same).  With C=1 the GEMMs are
+    negligible and nearly all the work is the tile loops, so with 2 threads
+    the other thread must do about half of it.  CPU time, not wall time (a
+    busy machine does not change it), in a fresh process with
+    OMP_WAIT_POLICY=passive, so that idle OpenMP threads sleep instead of
+    spinning (spinning counts as CPU time)."""
+    if "OpenMP" not in torch.__config__.parallel_info():
+        pytest.skip("torch's intra-op threads are not OpenMP's")
+    env = dict(os.environ, OMP_WAIT_POLICY="passive", PYTHONPATH=os.pathsep.join(
+        [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+    r = subprocess.run([sys.executable, "-c", _THREAD_PROBE], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    own, others = map(float, r.stdout.split()[-2:])
+    assert own + others > 0.3, f"too little work to judge: {own + others:.2f} s of CPU"
+    assert others > 0.5 * own, (f"the other thread spent {others:.2f} s of CPU against the calling thread's "
+                                f"{own:.2f} s: the loops ran on one thread (extension built without OpenMP?)")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -85,6 +85,16 @@
 #include "person_vlad_common.h"
 #include "vlad_tiles.h"
 
+// at::parallel_for is a header template: where torch's threads are OpenMP's,
+// it parallelises only if this file is compiled with OpenMP, and otherwise
+// runs every loop below on the calling thread, with the same results and no
+// warning (the extension was built that way until the build passed -fopenmp).
+// setup.py and CMakeLists.txt pass the flag; a build whose compiler lacks
+// OpenMP must say PERSONVLAD_SERIAL_CPU to go on single-threaded.
+#if AT_PARALLEL_OPENMP && !defined(_OPENMP) && !defined(PERSONVLAD_SERIAL_CPU)
+#error "personvlad: compile csrc/cpu with OpenMP (-fopenmp), or define PERSONVLAD_SERIAL_CPU for one-thread loops"
+#endif
+
 namespace personvlad {
 namespace {
 
