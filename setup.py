@@ -6,6 +6,8 @@
   wrapper script.
 - otherwise, or PERSONVLAD_CPU_ONLY=1: CppExtension with csrc/cpu only.
 - TORCH_CUDA_ARCH_LIST defaults to "7.5;8.0;8.6;8.9;9.0+PTX".
+- The C++ kernels are compiled with OpenMP where torch's threads are
+  OpenMP's (see openmp_compile_flags): their at::parallel_for loops need it.
 """
 import glob
 import os
