@@ -39,7 +39,15 @@ HAS_CUDA = torch.cuda.is_available()
 # recompile limit of 8 it would silently run eager under the compile label.
 torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
 
-CPU_SHAPES = {"paper-cpu": dict(N=8, C=256, S=(2, 11, 5), B=6, K=64)}
+# CPU: the paper-like grid at a small batch; one clip (N=1 < threads: the
+# kernels split each sample's positions over the threads instead of the
+# batch); and a large grid (P=1568, B=8), where the soft-assignment work per
+# channel is 10x the paper's.
+CPU_SHAPES = {
+    "paper-cpu": dict(N=8, C=256, S=(2, 11, 5), B=6, K=64),
+    "single-cpu": dict(N=1, C=256, S=(2, 11, 5), B=6, K=64),
+    "large-cpu": dict(N=2, C=256, S=(8, 14, 14), B=8, K=64),
+}
 GPU_SHAPES = {
     "paper": dict(N=64, C=256, S=(2, 11, 5), B=6, K=64),
     "large": dict(N=32, C=512, S=(8, 14, 14), B=8, K=64),
@@ -170,6 +178,8 @@ def _skip_reason(variant, shape_name, shape, dtype):
     bench/profile_op.py follows the same rules."""
     if variant == "unfused-naive" and shape_name == "large":
         return "naive broadcast at the large shape needs > 10 GiB"
+    if variant == "unfused-naive" and shape_name == "large-cpu":
+        return "naive broadcast at the large CPU shape needs > 3 GiB and seconds a call"
     # the ablations in bf16 only (each costs a round of kernel compilation and
     # autotuning); the tiled forward only where the one-program one applies
     if variant in _ABLATION_ENV and variant not in _CANDIDATES and dtype != torch.bfloat16:
@@ -245,9 +255,10 @@ GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda
                 "fused-triton-tiled", "floor"]
 
 
+@pytest.mark.parametrize("shape_name", list(CPU_SHAPES))
 @pytest.mark.parametrize("mode", ["fwd", "fwdbwd"])
 @pytest.mark.parametrize("variant", CPU_VARIANTS)
-def test_op_cpu(benchmark, monkeypatch, variant, mode):
+def test_op_cpu(benchmark, monkeypatch, variant, mode, shape_name):
     for name, value in _CPU_ABLATION_ENV.get(variant, {}).items():
         monkeypatch.setenv(name, value)
     if variant in _CPU_ABLATION_ENV:
@@ -255,8 +266,8 @@ def test_op_cpu(benchmark, monkeypatch, variant, mode):
             ops.person_vlad(*_inputs(DISPATCH_SHAPE, torch.float32, "cpu", False), backend="cpu")
         except ValueError as e:
             pytest.skip(str(e))
-    benchmark.group = f"op-cpu-paper-{mode}"
-    _run_case(benchmark, "cpu", "paper-cpu", CPU_SHAPES["paper-cpu"], torch.float32, variant, mode)
+    benchmark.group = f"op-cpu-{shape_name.removesuffix('-cpu')}-{mode}"
+    _run_case(benchmark, "cpu", shape_name, CPU_SHAPES[shape_name], torch.float32, variant, mode)
 
 
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
