@@ -82,7 +82,8 @@ define_macros = []
 
 
 def openmp_compile_flags():
-    """The flag that turns on OpenMP for the C++ kernels, or None.
+    """The compiler flag that turns on OpenMP, or None where the C++ compiler
+    does not take it.  Called where torch's threads are OpenMP's.
 
     The kernels' loops use at::parallel_for, a header template: when torch's
     intra-op threads are OpenMP's, it parallelises only where the extension
@@ -95,13 +96,9 @@ def openmp_compile_flags():
     import subprocess
     import tempfile
 
-    import torch
-
-    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
-        return None  # torch's native thread pool: at::parallel_for needs nothing of ours
-    flag = "/openmp" if sys.platform == "win32" else "-fopenmp"
     if sys.platform == "win32":
-        return flag
+        return "/openmp"  # MSVC has it
+    flag = "-fopenmp"
     cxx = os.environ.get("CXX", "c++")
     with tempfile.TemporaryDirectory() as tmp:
         src = os.path.join(tmp, "omp_probe.cpp")
@@ -116,10 +113,14 @@ def openmp_compile_flags():
     return flag if r.returncode == 0 else None
 
 
-OPENMP_FLAG = openmp_compile_flags()
+import torch  # noqa: E402
+
+# torch's native thread pool (the other backend) needs nothing of ours.
+TORCH_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
+OPENMP_FLAG = openmp_compile_flags() if TORCH_OPENMP else None
 if OPENMP_FLAG:
     cxx_flags.append(OPENMP_FLAG)
-elif "parallel backend: OpenMP" in __import__("torch").__config__.parallel_info():
+elif TORCH_OPENMP:
     # csrc/cpu refuses to build silently single-threaded: say so and opt in.
     define_macros.append(("PERSONVLAD_SERIAL_CPU", None))
     print("personvlad: WARNING: the C++ compiler has no usable OpenMP (-fopenmp); the CPU kernels' "
