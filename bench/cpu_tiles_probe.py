@@ -16,15 +16,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
+from personvlad._tile_isa import CXX_FLAGS, TILE_ISAS, host_cxx, runnable_tile_isas
+
 ROOT = Path(__file__).resolve().parents[1]
-ISAS = {"avx512f": (["-mavx512f"], 64), "avx2": (["-mavx2"], 32), "baseline": ([], 16)}
 
 PROGRAM = r"""
 #include <algorithm>
@@ -81,19 +81,9 @@ int main() {
 """
 
 
-def _cpu_flags():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def probe(rev: str | None = None) -> dict:
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+    cxx = host_cxx()
+    if cxx is None:
         raise SystemExit("needs an x86-64 host C++ compiler")
     with tempfile.TemporaryDirectory() as d:
         header = Path(d) / "vlad_tiles.h"
@@ -104,14 +94,12 @@ def probe(rev: str | None = None) -> dict:
             shutil.copy(ROOT / "csrc" / "cpu" / "vlad_tiles.h", header)
         old_api = "block_positions" not in header.read_text()
         (Path(d) / "probe.cpp").write_text(PROGRAM)
-        flags = _cpu_flags()
         rows = {}
-        for isa, (extra, nb) in ISAS.items():
-            if isa != "baseline" and isa not in flags:
-                continue
+        for isa in runnable_tile_isas():
+            extra, nb = TILE_ISAS[isa]
             exe = Path(d) / f"probe_{isa}"
             api = ["-DPV_OLD_API"] if old_api else [f"-DNBX={nb}"]
-            subprocess.run([cxx, "-std=c++17", "-O3", "-ffp-contract=off", "-Wno-psabi", *extra, *api,
+            subprocess.run([cxx, *CXX_FLAGS, *extra, *api,
                             "-I", d, "-o", str(exe), str(Path(d) / "probe.cpp")], check=True, timeout=300)
             fwd, bwd, checksum = subprocess.run([str(exe)], check=True, capture_output=True, text=True,
                                                 timeout=300).stdout.split()

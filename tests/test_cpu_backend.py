@@ -21,6 +21,7 @@ import torch
 
 from conftest import GRIDS, PARTS, make_inputs, tolerance
 from personvlad import ops
+from personvlad._tile_isa import CXX_FLAGS, TILE_ISAS, host_cxx, runnable_tile_isas
 from personvlad.reference import person_vlad_backward_ref, person_vlad_ref
 
 pytestmark = pytest.mark.skipif(
@@ -429,39 +430,20 @@ extern "C" void tiles_bwd(const float* G, const float* M, const float* z, const 
   backward_tiles_impl<float, PV_TEST_NB>(r, 0, P, buf.as<float, PV_TEST_NB>());
 }
 """
-# flags and the vector width (bytes) of each instance, as person_vlad_cpu.cpp builds them
-_ISA_FLAGS = {"avx512f": ["-mavx512f", "-DPV_TEST_NB=64"], "avx2": ["-mavx2", "-DPV_TEST_NB=32"],
-              "baseline": ["-DPV_TEST_NB=16"]}
-
-
-def _cpu_flags():
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 @pytest.fixture(scope="module")
 def tile_libs(tmp_path_factory):
     """{isa: ctypes library} for every instruction set this CPU runs."""
-    import platform
-
-    cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
-    if cxx is None or platform.machine() not in ("x86_64", "AMD64"):
+    cxx = host_cxx()
+    if cxx is None:
         pytest.skip("needs an x86-64 host C++ compiler")
-    flags = _cpu_flags()
     d = tmp_path_factory.mktemp("tiles")
     (d / "tiles.cpp").write_text(_TILES_API)
     libs = {}
-    for isa, extra in _ISA_FLAGS.items():
-        if isa != "baseline" and isa not in flags:
-            continue
+    for isa in runnable_tile_isas():
+        extra, nb = TILE_ISAS[isa]
         lib = d / f"libtiles_{isa}.so"
-        # the extension's own flags (setup.py)
-        cmd = [cxx, "-std=c++17", "-O3", "-ffp-contract=off", "-Wno-psabi", *extra, "-shared", "-fPIC",
+        # the extension's own flags (setup.py), at the instance's vector width
+        cmd = [cxx, *CXX_FLAGS, *extra, f"-DPV_TEST_NB={nb}", "-shared", "-fPIC",
                "-I", str(TILES_DIR), "-o", str(lib), str(d / "tiles.cpp")]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, f"vlad_tiles.h does not compile for {isa}:\n" + r.stderr[-4000:]
@@ -515,11 +497,6 @@ def test_tile_kernels_same_bits_on_every_instruction_set(tile_libs, P, K, parts)
     assert "baseline" in results  # the x86-64 baseline always builds and runs
 
 
-def _tile_instances():
-    """The extension's tile instances this CPU runs, widest first."""
-    return [i for i in ("avx512f", "avx2") if i in _cpu_flags()] + ["baseline"]
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
 @pytest.mark.parametrize("normalize", [True, False])
 def test_extension_tile_instances_give_the_same_bits(monkeypatch, normalize, dtype):
@@ -534,7 +511,7 @@ def test_extension_tile_instances_give_the_same_bits(monkeypatch, normalize, dty
     shape = (3, 240) if normalize else (3, 10, 24)
     grad = torch.randn(shape, generator=g, dtype=dtype)
     results = {}
-    for isa in _tile_instances():
+    for isa in runnable_tile_isas():
         monkeypatch.setenv("PERSONVLAD_CPU_TILES", isa)
         out = OP(F, M, W, z, c, normalize)
         results[isa] = [out, *BWD(grad, F, M, W, z, c, normalize)]
