@@ -11,7 +11,13 @@
 // contiguous gradient.  Both ops are called through the dispatcher, below
 // the autograd keys, so every backend kernel (CPU, CUDA, the Python
 // fallbacks and the fake kernels under torch.compile) is reached the same way.
-// The backward op itself has no autograd formula (no double backward).
+// The backward op has an Autograd kernel too (PersonVladBackwardFunction):
+// it runs the backend below the autograd keys, so a first-order gradient
+// taken with create_graph=True (gradient penalties, HVPs elsewhere in a
+// model) works, and it records a node that raises a clear error if those
+// gradients are differentiated again (no double backward).  Without it the
+// backend kernel ran with autograd on, and the CPU kernel's out= GEMMs
+// refused inputs that require grad.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
@@ -73,6 +79,37 @@ class PersonVladFunction : public torch::autograd::Function<PersonVladFunction> 
   }
 };
 
+// personvlad::person_vlad_backward under autograd: the five gradients,
+// computed below the autograd keys; differentiating them raises.
+class PersonVladBackwardFunction : public torch::autograd::Function<PersonVladBackwardFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* /*ctx*/,
+                                                const at::Tensor& grad_output, const at::Tensor& features,
+                                                const OptTensor& parts, const at::Tensor& assign_weight,
+                                                const at::Tensor& assign_bias, const at::Tensor& centers,
+                                                bool normalize) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [d_features, d_parts, d_weight, d_bias, d_centers] =
+        backward_op().call(grad_output, features, parts, assign_weight, assign_bias, centers, normalize);
+    return {d_features, d_parts, d_weight, d_bias, d_centers};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* /*ctx*/,
+                                                 torch::autograd::variable_list /*grad_outputs*/) {
+    TORCH_CHECK(false,
+                "personvlad::person_vlad: double backward (differentiating the op's gradients, e.g. a "
+                "gradient penalty through it) is not supported; the first-order gradients are exact");
+  }
+};
+
+Grads person_vlad_backward_autograd(const at::Tensor& grad_output, const at::Tensor& features,
+                                    const OptTensor& parts, const at::Tensor& assign_weight,
+                                    const at::Tensor& assign_bias, const at::Tensor& centers, bool normalize) {
+  auto g = PersonVladBackwardFunction::apply(grad_output, features, parts, assign_weight, assign_bias, centers,
+                                             normalize);
+  return {g[0], g[1], g[2], g[3], g[4]};
+}
+
 at::Tensor person_vlad_autograd(const at::Tensor& features, const OptTensor& parts,
                                 const at::Tensor& assign_weight, const at::Tensor& assign_bias,
                                 const at::Tensor& centers, bool normalize) {
@@ -84,4 +121,5 @@ at::Tensor person_vlad_autograd(const at::Tensor& features, const OptTensor& par
 
 TORCH_LIBRARY_IMPL(personvlad, Autograd, m) {
   m.impl("person_vlad", &personvlad::person_vlad_autograd);
+  m.impl("person_vlad_backward", &personvlad::person_vlad_backward_autograd);
 }

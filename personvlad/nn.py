@@ -151,15 +151,16 @@ class PersonVLAD(nn.Module):
         """(N, num_parts, *S) sigmoid part maps for ``x`` (N, dim, *S)."""
         if self.part_weight is None:
             return None
-        N = x.shape[0]
-        flat = x.reshape(N, self.dim, -1)
+        flat = x.flatten(2)  # (N, dim, P); also for N = 0, where reshape(N, dim, -1) cannot infer P
         logits = torch.matmul(self.part_weight.to(flat.dtype), flat) + self.part_bias.to(flat.dtype)[None, :, None]
-        return torch.sigmoid(logits).reshape(N, self.num_parts, *x.shape[2:])
+        return torch.sigmoid(logits).reshape(x.shape[0], self.num_parts, *x.shape[2:])
 
     def forward(self, x: torch.Tensor, return_parts: bool = False):
         if not isinstance(x, torch.Tensor) or x.dim() not in (3, 4, 5) or x.shape[1] != self.dim:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise ValueError(f"x: expected shape (N, dim={self.dim}, *S) with 1-3 spatial dims, got {shape}")
+        if not x.is_floating_point():  # before the part maps' matmul (which would fail or cast the weights)
+            raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
         parts = self.part_maps(x)
         out = person_vlad(
             x, parts, self.assign_weight, self.assign_bias, self.centers,

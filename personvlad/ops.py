@@ -112,13 +112,29 @@ def _out_shape(features, assign_weight, normalize):
     return (N, K * C) if normalize else (N, K, C)
 
 
+def _check_same_device(op, features, **others):
+    """The fake/meta kernels are the only ones that run when a tensor is on the
+    meta device (the dispatcher picks the Meta key), so they check what the
+    backends' kernels would: one device for all inputs.  Otherwise a direct
+    call with CPU features and one meta parameter returned an uninitialised
+    CPU tensor."""
+    dev = features.device
+    for name, t in others.items():
+        if t is not None and t.device != dev:
+            raise ValueError(f"{op}: {name}: expected device {dev} (features' device), got {t.device}")
+
+
 @torch.library.register_fake(OP_NAME)
 def _person_vlad_fake(features, parts, assign_weight, assign_bias, centers, normalize=True):
+    _check_same_device("person_vlad", features, parts=parts, assign_weight=assign_weight,
+                       assign_bias=assign_bias, centers=centers)
     return features.new_empty(_out_shape(features, assign_weight, normalize))
 
 
 @torch.library.register_fake(BWD_NAME)
 def _person_vlad_backward_fake(grad_output, features, parts, assign_weight, assign_bias, centers, normalize):
+    _check_same_device("person_vlad_backward", features, grad_output=grad_output, parts=parts,
+                       assign_weight=assign_weight, assign_bias=assign_bias, centers=centers)
     dparts = features.new_empty(0) if parts is None else torch.empty_like(parts)
     return (
         torch.empty_like(features),
@@ -303,6 +319,8 @@ def _check_tensor(name: str, t) -> tuple:
         raise ValueError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
     if not t.is_floating_point():
         raise ValueError(f"{name}: expected a floating-point dtype, got {t.dtype}")
+    if t.layout != torch.strided:
+        raise ValueError(f"{name}: expected a dense (strided) tensor, got layout {t.layout}")
     return tuple(t.shape)
 
 
@@ -433,7 +451,11 @@ def person_vlad(
     fs = _validate(features, parts, assign_weight, assign_bias, centers, normalize, backend)
     name = resolve_backend(features, parts, assign_weight, backend)
     if fs[0] == 0:
-        # Empty batch: nothing to compute; keep the graph connected for autograd.
+        # Empty batch: nothing to compute; keep all five inputs in the graph,
+        # so each gets its (empty or zero) gradient, as from the op itself.
         out = features.new_zeros(_out_shape(features, assign_weight, normalize))
-        return out + 0 * (assign_weight.sum() + assign_bias.sum() + centers.sum()).to(out.dtype)
+        t = features.sum() + assign_weight.sum() + assign_bias.sum() + centers.sum()
+        if parts is not None:
+            t = t + parts.sum()
+        return out + 0 * t.to(out.dtype)
     return _DISPATCH[name](features, parts, assign_weight, assign_bias, centers, normalize)

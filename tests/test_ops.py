@@ -104,6 +104,77 @@ def test_empty_batch(backend, device, normalize):
     assert out.shape == ((0, 12) if normalize else (0, 3, 4))
     out.sum().backward()  # must not raise
     assert W.grad is not None and torch.count_nonzero(W.grad) == 0
+    # all five inputs stay in the graph: empty gradients for F and M too
+    grads = torch.autograd.grad(person_vlad(F, M, W, z, c, normalize=normalize, backend=backend).sum(),
+                                [F, M, W, z, c])
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in (F, M, W, z, c)]
+    assert all(torch.count_nonzero(g) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("num_parts", [0, 3])
+def test_layer_empty_batch(num_parts):
+    """PersonVLAD on N = 0 clips returns (0, K*C) (and (0, B, *S) part maps),
+    with or without part maps."""
+    layer = PersonVLAD(8, num_clusters=4, num_parts=num_parts)
+    out, parts = layer(torch.randn(0, 8, 3, 4), return_parts=True)
+    assert out.shape == (0, 32) and parts.shape == (0, num_parts, 3, 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int64, torch.uint8])
+def test_layer_rejects_non_floating_input(dtype):
+    """A non-floating input is a ValueError naming x, before any part-map
+    arithmetic (which raised NotImplementedError for bool, and cast the
+    weights for integers)."""
+    layer = PersonVLAD(8, num_clusters=4, num_parts=3)
+    with pytest.raises(ValueError, match="x: expected a floating-point dtype"):
+        layer(torch.zeros(2, 8, 3, 4, dtype=dtype))
+    assert layer.part_weight.dtype == torch.float32
+
+
+def test_registered_op_rejects_a_meta_parameter_beside_cpu_features():
+    """The registered op called directly with one parameter on the meta
+    device: the dispatcher runs the fake kernel, which raises instead of
+    returning an uninitialised CPU tensor."""
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3)
+    with pytest.raises(ValueError, match="centers: expected device cpu"):
+        torch.ops.personvlad.person_vlad(F, M, W, z, c.to("meta"), True)
+    with pytest.raises(ValueError, match="assign_weight: expected device cpu"):
+        torch.ops.personvlad.person_vlad_backward(torch.zeros(2, 12), F, M, W.to("meta"), z, c, True)
+    out = torch.ops.personvlad.person_vlad(*[t.to("meta") for t in (F, M, W, z, c)], True)
+    assert out.device.type == "meta" and out.shape == (2, 12)
+
+
+def test_sparse_inputs_are_rejected():
+    F, M, W, z, c = make_inputs(N=2, C=4, S=(3,), B=2, K=3)
+    for i, name in enumerate(("features", "parts", "assign_weight", "assign_bias", "centers")):
+        ins = [F, M, W, z, c]
+        ins[i] = ins[i].to_sparse()
+        with pytest.raises(ValueError, match=f"{name}: expected a dense \\(strided\\) tensor"):
+            person_vlad(*ins, backend="reference")
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_create_graph_first_order_then_double_backward_refused(backend, device):
+    """torch.autograd.grad(..., create_graph=True) -- as a gradient penalty
+    elsewhere in a model takes it -- gives the same first-order gradients as
+    without; differentiating the op's own gradients again is either supported
+    (the reference backend: plain PyTorch) or a clear RuntimeError, never a
+    silent zero.  (The cpu backend's kernel ran with autograd on and refused
+    inputs that require grad.)"""
+    F, M, W, z, c = make_inputs(N=2, C=3, S=(5,), B=2, K=4, device=device, seed=5, requires_grad=True)
+    out = person_vlad(F, M, W, z, c, backend=backend)
+    g_plain = torch.autograd.grad(out[:, 0].sum(), [F, W])
+    out = person_vlad(F, M, W, z, c, backend=backend)
+    g_graph = torch.autograd.grad(out[:, 0].sum(), [F, W], create_graph=True)
+    for a, b in zip(g_graph, g_plain):
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+    penalty = sum((g * g).sum() for g in g_graph)
+    if backend == "reference":
+        penalty.backward()
+        assert W.grad is not None and torch.isfinite(W.grad).all()
+    else:
+        with pytest.raises(RuntimeError, match="double backward|not supported|no autograd"):
+            penalty.backward()
 
 
 @pytest.mark.parametrize("K,C", [(1, 5), (4, 1), (1, 1)])
