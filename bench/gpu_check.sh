@@ -21,7 +21,7 @@
 # small cases: limit 170 -> 240 s, so the first call may leave ops_compile to
 # the second) and the op step its fused-cuda-1k (now also at the large shape:
 # the one-kernel forward splits samples over blocks), fused-cuda-1k-whole and
-# floor rows.
+# floor rows; then fused-cuda-1k-tc (bf16, 4 cases: limit 110 -> 130 s).
 # The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
 # limit, capped by what is left of the budget (counted from the script's
@@ -111,7 +111,7 @@ want tests && step gpu_tests 240 env PERSONVLAD_TRITON_AUTOTUNE=0 \
 #    torch.compile'd unfused baseline (8 compilations), then where each
 #    variant's time goes (bench/profile_op.py: wall vs device-busy time and
 #    the kernels).  All op files are merged into bench_ops.json for the report.
-want ops && step bench_ops 110 "${BENCH[@]}" bench/test_bench_ops.py \
+want ops && step bench_ops 130 "${BENCH[@]}" bench/test_bench_ops.py \
   -k "(gpu and not compile and not ieee and not tiled) or (dispatch and cuda)" \
   --benchmark-json="$OUT/bench_ops_fused.json"
 [ -s "$OUT/bench_ops_fused.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops_fused.json" --out "$OUT/backend_table.json"

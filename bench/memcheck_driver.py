@@ -45,13 +45,16 @@ DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # default GEMM path and the one-kernel passes (the forward takes every case
 # here but K=130, the backward every case with K <= 64); "fused-whole": the
 # one-kernel passes with the forward's samples never split (only where P > 32:
-# elsewhere a sample is one tile, never split).
-CUDA_PATHS = ("gemm", "fused", "fused-whole")
+# elsewhere a sample is one tile, never split); "fused-tc": the one-kernel
+# forward with its tensor-core products (bfloat16 features on sm_80+; other
+# dtypes run the FMA kernel again).
+CUDA_PATHS = ("gemm", "fused", "fused-whole", "fused-tc")
 SWITCHES = {
     "gemm": {"PERSONVLAD_CUDA_FWD": "gemm", "PERSONVLAD_CUDA_BWD": "gemm"},
     "fused": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused"},
     "fused-whole": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused",
                     "PERSONVLAD_CUDA_FWD_SPLITS": "1"},
+    "fused-tc": {"PERSONVLAD_CUDA_FWD": "fused-tc", "PERSONVLAD_CUDA_BWD": "fused"},
 }
 
 
@@ -62,7 +65,7 @@ def run(device: str, fused_only: bool = False) -> int:
     kernels are the ones with shared-memory phases)."""
     FWD = torch.ops.personvlad.person_vlad.default
     BWD = torch.ops.personvlad.person_vlad_backward.default
-    paths = ("fused", "fused-whole") if fused_only else CUDA_PATHS if device == "cuda" else (None,)
+    paths = ("fused", "fused-whole", "fused-tc") if fused_only else CUDA_PATHS if device == "cuda" else (None,)
     dtypes = (torch.float32, torch.bfloat16) if fused_only else DTYPES
     n = 0
     for dtype in dtypes:
@@ -73,6 +76,8 @@ def run(device: str, fused_only: bool = False) -> int:
                 for path in paths:
                     if path == "fused-whole" and math.prod(case["S"]) <= 32:
                         continue
+                    if path == "fused-tc" and dtype != torch.bfloat16:
+                        continue  # the tensor-core products are bfloat16's; others rerun the FMA kernel
                     with scoped_env({} if path is None else SWITCHES[path]):
                         for a in (args, nc):
                             out = FWD(*a, normalize)

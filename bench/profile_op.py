@@ -5,7 +5,8 @@ kernels (``torch.profiler``), at the op benchmarks' shapes.
     python bench/profile_op.py --device cpu --shapes tiny --out DIR   # (what the test runs)
 
 For each shape, dtype, variant (``fused-cuda``, ``fused-triton``,
-``fused-cuda-split3`` (bf16), ``fused-cuda-1k`` (samples split over blocks at both shapes), ``unfused-compile``,
+``fused-cuda-split3`` (bf16), ``fused-cuda-1k`` (samples split over blocks at both shapes),
+``fused-cuda-1k-tc`` (bf16: its products on tensor cores), ``unfused-compile``,
 ``floor`` (no VLAD work: the harness's own cost), ``unfused-eager``; on CPU ``fused-cpu`` and
 ``unfused-eager``) and pass (``fwd``, ``fwdbwd``) it records
 
@@ -43,8 +44,8 @@ from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _op_step, _skip_r
 
 SHAPES = dict(GPU_SHAPES, tiny=dict(N=2, C=16, S=(2, 3, 2), B=2, K=4))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-cuda-split3", "fused-cuda-1k", "unfused-compile",
-                "unfused-eager", "floor")
+GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-tc",
+                "unfused-compile", "unfused-eager", "floor")
 CPU_VARIANTS = ("fused-cpu", "unfused-eager")
 
 

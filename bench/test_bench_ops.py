@@ -124,7 +124,9 @@ def _variants(device):
 # sample over blocks to fill one wave of SMs (at the paper shape on an H200:
 # 2 blocks per sample; at the large shape, where all of A' would not fit a
 # block: 4); fused-cuda-1k-whole keeps one block per sample where A' fits,
-# to measure what the split buys at the paper shape.
+# to measure what the split buys at the paper shape; fused-cuda-1k-tc runs the
+# one-kernel forward with both products on bf16 tensor cores (W as three bf16
+# pieces, A' as two; bf16 only, sm_80+), against fused-cuda-1k's FMA products.
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
     "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
@@ -132,6 +134,7 @@ _ABLATION_ENV = {
     "fused-cuda-1k": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused"},
     "fused-cuda-1k-whole": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused",
                             "PERSONVLAD_CUDA_FWD_SPLITS": "1"},
+    "fused-cuda-1k-tc": {"PERSONVLAD_CUDA_FWD": "fused-tc", "PERSONVLAD_CUDA_BWD": "fused"},
 }
 # CPU: the C++ backend's tile loops (softmax, A', s and their backward) with
 # a narrower instance than the widest this CPU runs (fused-cpu): what a
@@ -251,7 +254,7 @@ def _run_case(benchmark, device, shape_name, shape, dtype, variant, mode):
 CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu", "fused-cpu-avx2",
                 "fused-cpu-baseline", "floor"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
-                "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-whole", "fused-triton-ieee",
+                "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-whole", "fused-cuda-1k-tc", "fused-triton-ieee",
                 "fused-triton-tiled", "floor"]
 
 

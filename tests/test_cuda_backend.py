@@ -145,35 +145,50 @@ _EMU_API = r"""
   }
 PV_EXPORTS(float, f32)
 PV_EXPORTS(double, f64)
-#define PV_FUSED_EXPORT(T, SFX)                                                                 \
-  extern "C" int64_t fused_fwd_##SFX(const T* F, const T* M, const T* W, const T* z, const T* c, \
-                                     T* out, int64_t N, int64_t C, int64_t P, int64_t B,        \
-                                     int64_t K, int normalize, int64_t sms, int64_t smem_limit, \
-                                     int64_t forced, int reverse) {                             \
+#define PV_FUSED_EXPORT(IN, ACC, TC, NAME)                                                      \
+  extern "C" int64_t NAME(const IN* F, const IN* M, const ACC* W, const ACC* z, const ACC* c,   \
+                          IN* out, int64_t N, int64_t C, int64_t P, int64_t B, int64_t K,       \
+                          int normalize, int64_t sms, int64_t smem_limit, int64_t forced,       \
+                          int reverse) {                                                        \
     /* returns the splits used, -1 when a barrier broke, -2 when no plan, -3 when a */          \
     /* ticket was left non-zero */                                                             \
-    const FusedSplit plan = fused_forward_split(N, P, K, B, sms, smem_limit, forced);           \
+    const FusedSplit plan = fused_forward_split(N, P, K, B, sms, smem_limit, forced, TC);       \
     if (plan.splits == 0) return -2;                                                            \
-    std::vector<T> part(plan.splits > 1 ? N * plan.splits * K * (C + 1) : 0,                    \
-                        std::numeric_limits<T>::quiet_NaN());                                   \
+    std::vector<ACC> part(plan.splits > 1 ? N * plan.splits * K * (C + 1) : 0,                  \
+                          std::numeric_limits<ACC>::quiet_NaN());                               \
     std::vector<unsigned> tickets(N, 0u);                                                       \
-    T* pv = part.empty() ? nullptr : part.data();                                               \
-    T* ps = part.empty() ? nullptr : part.data() + N * plan.splits * K * C;                     \
+    /* W's three bf16 pieces for the tensor-core G tiles, as split3_rows makes them */          \
+    std::vector<IN> w3(TC ? 3 * K * C : 0);                                                     \
+    for (int64_t i = 0; TC && i < K * C; ++i) {                                                 \
+      const float w = static_cast<float>(W[i]);                                                 \
+      const IN hi = static_cast<IN>(w);                                                         \
+      const float r = w - static_cast<float>(hi);                                               \
+      const IN mid = static_cast<IN>(r);                                                        \
+      w3[i] = hi;                                                                               \
+      w3[K * C + i] = mid;                                                                      \
+      w3[2 * K * C + i] = static_cast<IN>(r - static_cast<float>(mid));                         \
+    }                                                                                           \
+    const IN* w3p = w3.empty() ? nullptr : w3.data();                                           \
+    ACC* pv = part.empty() ? nullptr : part.data();                                             \
+    ACC* ps = part.empty() ? nullptr : part.data() + N * plan.splits * K * C;                   \
     unsigned* tk = plan.splits > 1 ? tickets.data() : nullptr;                                  \
     pv_emu::reverse_blocks = reverse != 0;                                                      \
     const bool ok = launch_threads(N * plan.splits, kFusedThreads, [=] {                        \
-      fused_forward_kernel<T, T, T>(F, M, W, z, c, out, static_cast<int>(C), static_cast<int>(P), \
-                                    static_cast<int>(B), static_cast<int>(K), normalize != 0,   \
-                                    static_cast<int>(plan.splits), static_cast<int>(plan.chunk), \
-                                    pv, ps, tk);                                                \
-    }, static_cast<size_t>(plan.smem_elems) * sizeof(T));                                       \
+      fused_forward_kernel<IN, IN, ACC, TC>(F, M, W, z, c, out, static_cast<int>(C),            \
+                                            static_cast<int>(P), static_cast<int>(B),           \
+                                            static_cast<int>(K), normalize != 0,                \
+                                            static_cast<int>(plan.splits),                      \
+                                            static_cast<int>(plan.chunk), pv, ps, tk, w3p);     \
+    }, static_cast<size_t>(plan.smem_elems) * sizeof(ACC));                                     \
     pv_emu::reverse_blocks = false;                                                             \
     if (!ok) return -1;                                                                         \
     for (unsigned t : tickets) if (t != 0) return -3;                                           \
     return plan.splits;                                                                         \
   }
-PV_FUSED_EXPORT(float, f32)
-PV_FUSED_EXPORT(double, f64)
+PV_FUSED_EXPORT(float, float, false, fused_fwd_f32)
+PV_FUSED_EXPORT(double, double, false, fused_fwd_f64)
+// PERSONVLAD_CUDA_FWD=fused-tc: phase B on the emulated tensor cores
+PV_FUSED_EXPORT(__nv_bfloat16, float, true, fused_fwd_tc_bf16)
 #define PV_FUSED_BWD_EXPORT(T, SFX)                                                             \
   extern "C" int fused_bwd_##SFX(const T* gO, const T* F, const T* M, const T* W, const T* z,  \
                                  const T* c, T* dF, T* dM, T* dWp, T* dcp, T* dzp, int64_t N,   \
@@ -189,8 +204,8 @@ PV_FUSED_BWD_EXPORT(float, f32)
 PV_FUSED_BWD_EXPORT(double, f64)
 extern "C" int epilogue_threads() { return kEpilogueThreads; }
 extern "C" void fused_split_plan(int64_t N, int64_t P, int64_t K, int64_t B, int64_t sms, int64_t smem_limit,
-                                 int64_t forced, int64_t* out) {
-  const FusedSplit plan = fused_forward_split(N, P, K, B, sms, smem_limit, forced);
+                                 int64_t forced, int tc, int64_t* out) {
+  const FusedSplit plan = fused_forward_split(N, P, K, B, sms, smem_limit, forced, tc != 0);
   out[0] = plan.splits;
   out[1] = plan.chunk;
   out[2] = plan.smem_elems;
@@ -240,10 +255,12 @@ class _Emu:
                 conv.append(ctypes.c_int(int(a)))
             else:
                 conv.append(ctypes.c_int64(a))
-        fn = getattr(self.lib, f"{name}_{'f64' if acc == torch.float64 else 'f32'}")
-        fn.restype = ctypes.c_int64 if name == "fused_fwd" else ctypes.c_int
+        if not name.startswith("fused_fwd_tc"):  # those are named in full
+            name = f"{name}_{'f64' if acc == torch.float64 else 'f32'}"
+        fn = getattr(self.lib, name)
+        fn.restype = ctypes.c_int64 if name.startswith("fused_fwd") else ctypes.c_int
         rc = fn(*conv)
-        if name == "fused_fwd":  # the splits it ran with
+        if name.startswith("fused_fwd"):  # the splits it ran with
             assert rc != -1, f"{name}: a __syncthreads/__shfl_xor_sync was not reached by all threads"
             assert rc != -2, f"{name}: no split of the sample fits the shared memory given"
             assert rc != -3, f"{name}: a split sample's ticket was not reset"
@@ -304,6 +321,26 @@ class _Emu:
         self.splits = self._call("fused_fwd", acc, F, M, Wc, zc, cc, out, N, C, P, B, K, normalize,
                                  N if sms is None else sms, smem_limit, forced, bool(reverse))
         return (out.reshape(N, K * C) if normalize else out).to(features.dtype)
+
+    def fused_forward_tc(self, features, parts, W, z, c, normalize, sms=None, smem_limit=1 << 40, forced=0,
+                         reverse=False):
+        """fused_forward with PERSONVLAD_CUDA_FWD=fused-tc: fused_forward_kernel
+        with phase B on the emulated tensor cores, for float16 / bfloat16
+        features; F, M and the output in that dtype, W, z, c in float32, as
+        the .cu launches it.  Sets ``self.splits``."""
+        dt = features.dtype
+        N, C = features.shape[:2]
+        F = features.reshape(N, C, -1).contiguous()
+        P = F.shape[2]
+        M = None if parts is None else parts.reshape(N, parts.shape[1], -1).to(dt).contiguous()
+        B = 1 if parts is None else parts.shape[1]
+        Wc, zc, cc = (t.float().contiguous() for t in (W, z, c))
+        K = Wc.shape[0]
+        out = self._nan((N, K, C), dt)
+        name = {torch.bfloat16: "fused_fwd_tc_bf16", torch.float16: "fused_fwd_tc_f16"}[dt]
+        self.splits = self._call(name, None, F, M, Wc, zc, cc, out, N, C, P, B, K, normalize,
+                                 N if sms is None else sms, smem_limit, forced, bool(reverse))
+        return out.reshape(N, K * C) if normalize else out
 
     def fused_backward(self, grad, features, parts, W, z, c, normalize):
         """fused_backward of the .cu (PERSONVLAD_CUDA_BWD=fused): one launch
@@ -482,9 +519,69 @@ def test_fused_forward_split_emulated_on_cpu(emulated_kernels, case, plan, dtype
         assert torch.equal(emu.fused_forward(*args, normalize, reverse=True, **plan), out)
 
 
-def _plan(lib, N, P, K, B, sms, smem_bytes, forced=0):
+# The one-kernel forward with both products on tensor cores
+# (PERSONVLAD_CUDA_FWD=fused-tc), emulated: one V chunk kept in registers (the paper's K and C),
+# masked rows (K = 19, 6, 1) and columns (C = 40, 9, 4), two row chunks
+# (K = 70), two column chunks (C = 300), P not a multiple of the 16-position
+# step, 16 parts; and samples split over blocks (forced), the partials then
+# taking the tensor-core products.
+_TC_CASES = [
+    (dict(S=(2, 5), B=6, K=64, C=256), {}),
+    (dict(S=(3, 5), B=6, K=19, C=40), {}),
+    (dict(S=(3, 5), B=6, K=19, C=40, alpha=1000.0), {}),  # logits ~1e3: W's three pieces keep fp32's bits
+    (dict(S=(3, 5), B=3, K=70, C=20), {}),
+    (dict(S=(2, 9), B=None, K=3, C=300), {}),
+    (dict(S=(5,), B=2, K=1, C=4), {}),
+    (dict(S=(2, 3, 6), B=16, K=6, C=9), {}),
+    (dict(S=(7, 13), B=2, K=3, C=5), dict(forced=2)),
+    (dict(S=(3, 30), B=None, K=70, C=300), dict(forced=2)),
+]
+
+
+@pytest.mark.parametrize("case,plan", _TC_CASES, ids=[
+    f"S{'x'.join(map(str, c['S']))}-B{c['B']}-K{c['K']}-C{c['C']}" + (f"-alpha{c['alpha']:g}" if "alpha" in c else "")
+    + ("-split" if p else "") for c, p in _TC_CASES])
+def test_fused_forward_tc_emulated_on_cpu(emulated_kernels, case, plan):
+    """fused_forward_kernel<..., TC = true> (PERSONVLAD_CUDA_FWD=fused-tc) on
+    the emulated wmma tiles, bfloat16 features: against float64 within the
+    dtype's budget, and within one bf16 rounding step from the float32
+    one-kernel forward on the same inputs -- W's three bf16 pieces keep its
+    float32 bits (logits of 1e3 included) and A' hi + lo keeps 2^-17, far
+    below the output's own rounding (2^-9): within 2x the error of the
+    float32 kernel rounded to bf16, and at most 0.5% of the outputs round the
+    other way (at alpha = 1000 the float32 logits' own rounding moves A' by
+    ~1e-4, and more outputs round differently in either kernel).  Split samples give the same bits
+    whichever block sums the partials.  NaN-filled shared memory and outputs
+    catch a tile staged or stored short."""
+    emu = _Emu(emulated_kernels)
+    dtype = torch.bfloat16
+    atol, rtol = tolerance(dtype)
+    ulp = 2.0 ** -8  # bf16's relative rounding step (at most)
+    for normalize in (True, False):
+        kw = dict(case)
+        alpha = kw.pop("alpha", 30.0 if case["B"] else None)
+        args = make_inputs(N=3, dtype=dtype, alpha=alpha, seed=case["K"] + 7, **kw)
+        assert args[0].dtype == dtype and args[2].dtype == torch.float32
+        out = emu.fused_forward_tc(*args, normalize, **plan)
+        assert out.dtype == dtype and (emu.splits > 1) == bool(plan)
+        torch.testing.assert_close(out.double(), _ref64(args, normalize), atol=atol, rtol=rtol)
+        f32 = emu.fused_forward(*[None if t is None else t.float() for t in args], normalize, **plan)
+        scale = f32.abs().max().item()
+        torch.testing.assert_close(out.float(), f32, atol=1e-5 * scale, rtol=ulp)
+        # as accurate as the float32 kernel rounded to bf16, against float64
+        ref = _ref64(args, normalize)
+        err_tc, err_f32 = ((t.double() - ref).abs().max().item() for t in (out, f32.to(dtype)))
+        assert err_tc <= 2 * err_f32 + 1e-6 * scale, (err_tc, err_f32)
+        if alpha != 1000.0:  # there float32's own logit rounding moves ~1e-4 of A'
+            assert (out != f32.to(dtype)).float().mean().item() <= 0.005
+        if plan:
+            assert torch.equal(emu.fused_forward_tc(*args, normalize, reverse=True, **plan), out)
+
+
+def _plan(lib, N, P, K, B, sms, smem_bytes, forced=0, tc=False):
     out = (ctypes.c_int64 * 3)()
-    lib.fused_split_plan(*(ctypes.c_int64(v) for v in (N, P, K, B, sms, smem_bytes // 4, forced)), out)
+    lib.fused_split_plan(*(ctypes.c_int64(v) for v in (N, P, K, B, sms, smem_bytes // 4, forced)),
+                         ctypes.c_int(int(tc)), out)
     return tuple(out)
 
 
@@ -546,16 +643,20 @@ _PTXAS_SOURCE = r"""
 #include <algorithm>
 #include <cstdint>
 #include <cuda_bf16.h>
-#define PV_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+#include <mma.h>
+#define PV_DYNAMIC_SMEM(name) extern __shared__ __align__(32) unsigned char name[]
 namespace pv {
 %s
 #define PV_FUSED(IN, M, ACC) template __global__ void fused_forward_kernel<IN, M, ACC>( \
     const IN*, const M*, const ACC*, const ACC*, const ACC*, IN*, int, int, int, int, bool, int, int, \
-    ACC*, ACC*, unsigned*); \
+    ACC*, ACC*, unsigned*, const IN*); \
   template __global__ void fused_backward_kernel<IN, M, ACC>(const IN*, const IN*, const M*, const ACC*, \
     const ACC*, const ACC*, IN*, ACC*, ACC*, ACC*, ACC*, int, int, int, int, bool);
 PV_FUSED(float, float, float)
 PV_FUSED(__nv_bfloat16, __nv_bfloat16, float)
+template __global__ void fused_forward_kernel<__nv_bfloat16, __nv_bfloat16, float, true>(
+    const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*, const float*, __nv_bfloat16*, int,
+    int, int, int, bool, int, int, float*, float*, unsigned*, const __nv_bfloat16*);
 }
 """
 
@@ -570,8 +671,9 @@ def _nvcc():
 @pytest.mark.parametrize("arch", ["90", "75"])
 def test_fused_forward_kernel_keeps_registers_off_the_stack(tmp_path, arch):
     """ptxas on the .cu's device code, the one-kernel forward and backward
-    instantiated as the extension does (float and bfloat16; cuda_bf16's type
-    standing in for c10's): no stack frame and no spills on sm_90 and sm_75.
+    instantiated as the extension does (float and bfloat16, and the forward
+    with its tensor-core products for bfloat16; cuda_bf16's type standing in
+    for c10's): no stack frame and no spills on sm_90 and sm_75.
     (Without the minimum of one block per SM in their __launch_bounds__,
     ptxas held the forward to 128 registers and spilled 64-100 bytes; the
     backward spilled 116 bytes while it held dO beside V in registers.)"""
@@ -588,7 +690,7 @@ def test_fused_forward_kernel_keeps_registers_off_the_stack(tmp_path, arch):
     entries = r.stderr.split("Compiling entry function")[1:]
     fused = [e for e in entries if "fused_forward_kernel" in e.split("\n")[0]
              or "fused_backward_kernel" in e.split("\n")[0]]
-    assert len(fused) == 4, r.stderr[-4000:]
+    assert len(fused) == 5, r.stderr[-4000:]
     for e in fused:
         assert "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads" in e, e[:1500]
 
@@ -882,6 +984,38 @@ def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("shape", ["paper", "large"])
+def test_fused_tc_forward_bfloat16(monkeypatch, shape):
+    """PERSONVLAD_CUDA_FWD=fused-tc, bfloat16 features on sm_80+: the one-kernel
+    forward with both products on tensor cores, one fused kernel (a split run adds
+    the tickets' memset), within bf16's tolerance of float64 and within one
+    bf16 rounding step of the FMA one-kernel forward (at most 0.5% of the
+    outputs rounding the other way), deterministic.  float32 features (and
+    sm_7x) take the FMA kernel: same bits as PERSONVLAD_CUDA_FWD=fused."""
+    needs_native_cuda()
+    if torch.cuda.get_device_capability()[0] < 8:
+        pytest.skip("the tensor-core products need sm_80+")
+    dims = (dict(N=64, C=256, S=(2, 11, 5), B=6, K=64) if shape == "paper"
+            else dict(N=4, C=512, S=(8, 14, 14), B=8, K=64))
+    args = make_inputs(dtype=torch.bfloat16, device="cuda", alpha=10.0, seed=45, **dims)
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    fma = FWD(*args, True)
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused-tc")
+    names = [n for n in _kernel_names(lambda: FWD(*args, True)) if "memset" not in n.lower()]
+    assert len(names) == 1 and "fused_forward_kernel" in names[0], names
+    out = FWD(*args, True)
+    atol, rtol = tolerance(torch.bfloat16)
+    torch.testing.assert_close(out.double(), _ref64(args, True), atol=atol, rtol=rtol)
+    torch.testing.assert_close(out.float(), fma.float(), atol=1e-5 * fma.float().abs().max().item(), rtol=2.0 ** -8)
+    assert (out != fma).float().mean().item() <= 0.005
+    assert torch.equal(out, FWD(*args, True))
+    args32 = [t.float() for t in args]
+    tc32 = FWD(*args32, True)
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    assert torch.equal(tc32, FWD(*args32, True))
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
 def test_fused_forward_large_grid_is_split(monkeypatch, dtype):
     """A grid whose A' is over a block's shared memory (the large benchmark
@@ -932,7 +1066,7 @@ def test_fused_switches_reject_unknown_values(monkeypatch):
     for N in (2, 0):
         args = make_inputs(N=N, C=8, S=(3,), B=2, K=3, device="cuda")
         monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "one")
-        with pytest.raises(ValueError, match="PERSONVLAD_CUDA_FWD: expected 'fused' or 'gemm'"):
+        with pytest.raises(ValueError, match="PERSONVLAD_CUDA_FWD: expected 'fused', 'fused-tc' or 'gemm'"):
             FWD(*args, True)
         monkeypatch.delenv("PERSONVLAD_CUDA_FWD")
         monkeypatch.setenv("PERSONVLAD_CUDA_BWD", "one")

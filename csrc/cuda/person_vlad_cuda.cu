@@ -52,8 +52,10 @@
 // (the per-(b,s) softmax statistics are N*B*P).  All reductions are done in a
 // fixed order (in-thread loops, warp shuffles, at::sum), so results are
 // deterministic.  Only plain CUDA (no tensor-core intrinsics, no sm_70+-only
-// features, no bf16 arithmetic intrinsics), so a CUDA 12 toolkit builds it for
-// Pascal (TORCH_CUDA_ARCH_LIST=6.1); CUDA 13 itself starts at sm_75.  The GEMMs
+// features, no bf16 arithmetic intrinsics) outside the opt-in tensor-core
+// functions, whose bodies are compiled for sm_80+ only (PV_TENSOR_CORES), so a
+// CUDA 12 toolkit builds it for Pascal (TORCH_CUDA_ARCH_LIST=6.1); CUDA 13
+// itself starts at sm_75.  The GEMMs
 // are ATen's (cuBLAS); the logit GEMM W F is kept out of TF32 (NoTF32CuBLAS).
 //
 // PERSONVLAD_CUDA_FWD=fused (opt-in) runs the forward instead as one kernel,
@@ -61,7 +63,10 @@
 // only the output written, plus partials where a sample is split), for the
 // shapes fused_forward_plan accepts; and
 // PERSONVLAD_CUDA_BWD=fused the backward as fused_backward_kernel plus three
-// batch sums (fused_backward_smem).  See there.
+// batch sums (fused_backward_smem).  See there.  PERSONVLAD_CUDA_FWD=fused-tc
+// (bfloat16 features, sm_80+) runs the one-kernel forward's two products on
+// tensor cores (fused_g_tile_tc, fused_v_chunk_tc): the only tensor-core
+// code, compiled to a trap below sm_80 and never launched there.
 // ---------------------------------------------------------------------------
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -69,6 +74,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -92,7 +99,8 @@ namespace cuda {
 namespace {
 
 // Dynamic shared memory of a kernel as bytes (the CPU emulation defines its own).
-#define PV_DYNAMIC_SMEM(name) extern __shared__ __align__(16) unsigned char name[]
+// 32-byte aligned: the tensor-core tiles (wmma) need 256-bit aligned pointers.
+#define PV_DYNAMIC_SMEM(name) extern __shared__ __align__(32) unsigned char name[]
 
 // BEGIN DEVICE CODE: from here to END DEVICE CODE the file is also compiled for
 // the CPU (csrc/cuda/cpu_emulation.h) and run by tests/test_cuda_backend.py, so
@@ -486,21 +494,33 @@ constexpr int kFbStride = kChunkCols + 1;                   // padded: fewer ban
 constexpr int kStageW = kFusedMaxK * kFusedTC / kFusedThreads;   // 16 (8 used at K <= 64)
 constexpr int kStageF = kFusedTC * kFusedTP / kFusedThreads;     // 4
 constexpr int kStageB = kFusedPC * kChunkCols / kFusedThreads;   // 16
+// Tensor-core phase B (fused_v_chunk_tc): 16-position steps; the staged A'
+// pieces and F rows are 16 positions + 8 of padding (16-bit elements: rows
+// of 48 bytes keep every 16-row tile 256-bit aligned); the V chunk goes
+// through shared memory as float32 rows of 256 + 4.
+constexpr int kTcK = 16;
+constexpr int kTcLd = kTcK + 8;
+constexpr int kTcVLd = kChunkCols + 4;
+constexpr int kTcFrags = kChunkCols / 2 / 16;                    // 8 16x16 tiles per warp
 
 // Row stride of the transposed W chunk: the rows one or two halves cover, plus
 // 4 (fewer bank conflicts when staging, 16-byte rows kept).
 __host__ __device__ inline int fused_ws_stride(int K) { return (K <= kGHalf ? kGHalf : 2 * kGHalf) + 4; }
 
 // Offset of the work area: after A', s, the row sums and the block-sum
-// scratch, rounded up to 4 elements (16 bytes for float, 32 for double).
+// scratch, rounded up to 8 elements (32 bytes for float: the tensor-core
+// tiles' alignment; 64 for double).
 __host__ __device__ inline int64_t fused_work_offset(int64_t K, int64_t P) {
-  return (K * P + 2 * K + kFusedWarps + 3) / 4 * 4;
+  return (K * P + 2 * K + kFusedWarps + 7) / 8 * 8;
 }
 
-__host__ __device__ inline int64_t fused_smem_elems(int64_t K, int64_t P, int64_t B) {
+// Shared memory of fused_forward_kernel in acc_t elements; `tc`: its
+// tensor-core products (float32 acc_t only), whose V chunk (64 x kTcVLd
+// floats, ~65 KB) is the largest use of the work area.
+__host__ __device__ inline int64_t fused_smem_elems(int64_t K, int64_t P, int64_t B, bool tc = false) {
   const int64_t phase_a = int64_t(kFusedTC) * fused_ws_stride(static_cast<int>(K)) + kFusedTC * kFusedTP +
                           3 * B * kFusedTP;
-  const int64_t phase_b = int64_t(kFusedPC) * kFbStride;
+  const int64_t phase_b = tc ? int64_t(kChunkRows) * kTcVLd : int64_t(kFusedPC) * kFbStride;
   return fused_work_offset(K, P) + (phase_a > phase_b ? phase_a : phase_b);
 }
 
@@ -517,15 +537,15 @@ struct FusedSplit {
   int64_t splits, chunk, smem_elems;
 };
 inline FusedSplit fused_forward_split(int64_t N, int64_t P, int64_t K, int64_t B, int64_t sms, int64_t smem_limit,
-                                      int64_t forced) {
+                                      int64_t forced, bool tc = false) {
   const int64_t tiles = (P + kFusedTP - 1) / kFusedTP;
   int64_t fit = 0;  // the most tiles per block that fit (at most all of them)
-  if (fused_smem_elems(K, P, B) <= smem_limit) {
+  if (fused_smem_elems(K, P, B, tc) <= smem_limit) {
     fit = tiles;
   } else {
-    const int64_t fixed = fused_smem_elems(K, 0, B) + 4;  // the K * chunk term is all that grows
+    const int64_t fixed = fused_smem_elems(K, 0, B, tc) + 8;  // the K * chunk term is all that grows
     fit = smem_limit > fixed ? (smem_limit - fixed) / (K * kFusedTP) : 0;
-    while (fit > 0 && fused_smem_elems(K, fit * kFusedTP, B) > smem_limit) --fit;
+    while (fit > 0 && fused_smem_elems(K, fit * kFusedTP, B, tc) > smem_limit) --fit;
   }
   if (fit == 0 || N < 1 || P < 1) return {0, 0, 0};
   const int64_t fewest = (tiles + fit - 1) / fit;
@@ -534,7 +554,7 @@ inline FusedSplit fused_forward_split(int64_t N, int64_t P, int64_t K, int64_t B
   const int64_t per = (tiles + splits - 1) / splits;  // tiles per block
   splits = (tiles + per - 1) / per;
   const int64_t chunk = splits == 1 ? P : per * kFusedTP;
-  return {splits, chunk, fused_smem_elems(K, chunk, B)};
+  return {splits, chunk, fused_smem_elems(K, chunk, B, tc)};
 }
 
 // 4 (2) consecutive values from 16-byte (float: 8-byte) aligned shared memory.
@@ -660,14 +680,199 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
   }
 }
 
+// The 16-bit float type of the tensor cores for features of type in_t
+// (specialised for c10::BFloat16 -> __nv_bfloat16 after the device code; the
+// CPU emulation's own type maps to itself).
+template <typename T>
+struct tc_type {
+  using type = T;
+};
+
+// The tensor-core path needs sm_80 (bf16 mma).  Below, its kernels are never
+// launched (the host checks the device) and their body is a trap.
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+#define PV_TENSOR_CORES 1
+#else
+#define PV_TENSOR_CORES 0
+#endif
+
+// float <-> bfloat16, round to nearest even, by name: torch builds with
+// __CUDA_NO_BFLOAT16_CONVERSIONS__, which removes the implicit conversions.
+__device__ __forceinline__ void tc_from_float(float x, __nv_bfloat16& h) { h = __float2bfloat16_rn(x); }
+__device__ __forceinline__ float tc_to_float(__nv_bfloat16 h) { return __bfloat162float(h); }
+
+// fused_v_chunk on tensor cores (PERSONVLAD_CUDA_FWD=fused-tc; bfloat16
+// features, float32 acc_t, sm_80+): the same V chunk into the same register
+// layout.  A' (float32, in [0, B]) is split into two bf16 pieces hi + lo
+// (hi = A' rounded, lo = the rest rounded: 2^-17 relative, where the output
+// keeps 2^-9); F is exact in bf16, so each piece times F is one mma.sync with
+// float32 accumulation.  Not for half features: half's 5-bit exponent puts
+// the lo piece of a small A' entry among the subnormals, and the rows of a
+// rarely assigned cluster (all entries small) lost ~2^-11 of relative
+// accuracy -- which intra-normalisation then shows in full (in an ad-hoc
+// check on the CPU emulation, many times more float16 outputs were a
+// rounding step off than with float32 arithmetic; bfloat16 has float32's
+// exponent range).
+// Per 16-position step the block stages the 64 rows of A' (as hi and lo)
+// and the 256 columns of F; warp w multiplies rows 16 (w % 4).. by columns
+// 128 (w / 4).. (8 tiles of 16 x 16).  At the end the tiles go through
+// shared memory (the work area, kChunkRows x kTcVLd floats) into the
+// registers of fused_v_chunk's layout.  Rows >= K and columns >= C are
+// staged as zeros, so those entries of v are zero too.
+template <typename in_t, typename acc_t>
+__device__ __forceinline__ void fused_v_chunk_tc(acc_t (&v)[kVRows][kVCols], const in_t* __restrict__ Fn,
+                                                 const acc_t* __restrict__ cen, const acc_t* Ap,
+                                                 const acc_t* s_sum, acc_t* work, int r0, int c0, int C,
+                                                 int P, int K, int ld) {
+  static_assert(std::is_same<acc_t, float>::value, "the tensor-core path accumulates in float32");
+#if PV_TENSOR_CORES
+  using tc_t = typename tc_type<in_t>::type;
+  static_assert(sizeof(tc_t) == 2 && sizeof(in_t) == 2, "bfloat16 features only");
+  namespace wmma = nvcuda::wmma;
+  const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  const int rb = warp % 4, cb = (warp / 4) * (kChunkCols / 2);  // this warp's 16 rows, 128 columns
+  tc_t* Ahi = reinterpret_cast<tc_t*>(work);
+  tc_t* Alo = Ahi + kChunkRows * kTcLd;
+  tc_t* Fs = Alo + kChunkRows * kTcLd;  // Fs[c * kTcLd + q]: F^T (position x channel), column-major
+  const tc_t* Ft = reinterpret_cast<const tc_t*>(Fn);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[kTcFrags];
+#pragma unroll
+  for (int j = 0; j < kTcFrags; ++j) wmma::fill_fragment(acc[j], 0.0f);
+  for (int q0 = 0; q0 < P; q0 += kTcK) {
+    __syncthreads();  // every warp is done with the previous step's tiles (or the caller's work area)
+    for (int i = tid; i < kChunkRows * kTcK; i += kFusedThreads) {
+      const int r = i / kTcK, q = i % kTcK, k = r0 + r, p = q0 + q;
+      const float a = (k < K && p < P) ? Ap[k * P + p] : 0.0f;
+      tc_t hi, lo;
+      tc_from_float(a, hi);
+      tc_from_float(a - tc_to_float(hi), lo);
+      Ahi[r * kTcLd + q] = hi;
+      Alo[r * kTcLd + q] = lo;
+    }
+    tc_t zero;
+    tc_from_float(0.0f, zero);
+    for (int i = tid; i < kChunkCols * kTcK; i += kFusedThreads) {
+      const int cl = i / kTcK, q = i % kTcK, c = c0 + cl, p = q0 + q;
+      Fs[cl * kTcLd + q] = (c < C && p < P) ? Ft[c * ld + p] : zero;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, tc_t, wmma::row_major> a_hi, a_lo;
+    wmma::load_matrix_sync(a_hi, Ahi + rb * 16 * kTcLd, kTcLd);
+    wmma::load_matrix_sync(a_lo, Alo + rb * 16 * kTcLd, kTcLd);
+#pragma unroll
+    for (int j = 0; j < kTcFrags; ++j) {
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, tc_t, wmma::col_major> b;
+      wmma::load_matrix_sync(b, Fs + (cb + 16 * j) * kTcLd, kTcLd);
+      wmma::mma_sync(acc[j], a_lo, b, acc[j]);  // the small piece first
+      wmma::mma_sync(acc[j], a_hi, b, acc[j]);
+    }
+  }
+  __syncthreads();  // the staged tiles are no longer read: the work area takes the V chunk
+  float* Vs = work;
+#pragma unroll
+  for (int j = 0; j < kTcFrags; ++j)
+    wmma::store_matrix_sync(Vs + rb * 16 * kTcVLd + cb + 16 * j, acc[j], kTcVLd, wmma::mem_row_major);
+  __syncthreads();
+#pragma unroll
+  for (int i = 0; i < kVRows; ++i) {
+    const int k = r0 + warp * kVRows + i;
+#pragma unroll
+    for (int jj = 0; jj < kVCols; ++jj) {
+      const int c = c0 + lane + kWarp * jj;
+      v[i][jj] = Vs[(warp * kVRows + i) * kTcVLd + lane + kWarp * jj];
+      if (s_sum != nullptr && k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
+    }
+  }
+#else
+  __trap();  // never launched below sm_80 (the host checks)
+#endif
+}
+
+// Phase A's G tile (K x kFusedTP positions from p0) on tensor cores
+// (PERSONVLAD_CUDA_FWD=fused-tc; bfloat16 features, sm_80+), into Gs (rows of
+// kFusedTP floats, all kTcRows(K) rows; rows >= K are zero).  W comes as its
+// three bf16 pieces hi, mid, lo (Wsplit: 3 x K x C, split3_rows on the host),
+// which keep all 24 bits of its float32 mantissa -- the logits of a trained
+// model are ~10^3 and need them; F is exact in bf16, so each piece times F is
+// exact before the float32 accumulation.  Per 16-channel step the block
+// stages the three pieces (kTcRows(K) x 16) and F (16 x 32 positions);
+// warp w multiplies row block w % 4 (and w % 4 + 4 where K > 64) by
+// position block w / 4.  The staging lies within phase A's work area (W
+// chunk + F chunk of the FMA path), below the statistics.
+__host__ __device__ inline int kTcRows(int K) { return K <= kGHalf ? kGHalf : 2 * kGHalf; }
+constexpr int kTcLdF = kFusedTP + 8;  // staged F rows (16-bit): 32 positions + 8 of padding
+// The staged pieces and F (16-bit), and then the G tile (float32), fit the
+// FMA path's W and F chunks, below the statistics, for one and two halves.
+static_assert((3 * kGHalf * kTcLd + kTcK * kTcLdF) / 2 <= kFusedTC * (kGHalf + 4) + kFusedTC * kFusedTP &&
+                  (3 * 2 * kGHalf * kTcLd + kTcK * kTcLdF) / 2 <= kFusedTC * (2 * kGHalf + 4) + kFusedTC * kFusedTP &&
+                  2 * kGHalf * kFusedTP <= kFusedTC * (2 * kGHalf + 4),
+              "tensor-core phase A staging within the work area");
+
+template <typename in_t>
+__device__ __forceinline__ void fused_g_tile_tc(const in_t* __restrict__ Fn, const in_t* __restrict__ Wsplit,
+                                                float* Gs, int p0, int C, int P, int K, int ld) {
+#if PV_TENSOR_CORES
+  using tc_t = typename tc_type<in_t>::type;
+  namespace wmma = nvcuda::wmma;
+  const int tid = threadIdx.x, warp = tid / kWarp;
+  const int rows = kTcRows(K), halves = rows / kGHalf;
+  const int pb = warp / 4;  // this warp's 16 positions of the tile
+  tc_t* Wst = reinterpret_cast<tc_t*>(Gs);  // 3 pieces x rows x kTcLd, then F
+  tc_t* Fst = Wst + 3 * rows * kTcLd;       // 16 channels x kTcLdF
+  const tc_t* Wt = reinterpret_cast<const tc_t*>(Wsplit);
+  const tc_t* Ft = reinterpret_cast<const tc_t*>(Fn);
+  tc_t zero;
+  tc_from_float(0.0f, zero);
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc[2];
+  wmma::fill_fragment(acc[0], 0.0f);
+  wmma::fill_fragment(acc[1], 0.0f);
+  for (int c0 = 0; c0 < C; c0 += kTcK) {
+    __syncthreads();  // the previous step's tiles (or the previous G tile's readers) are done
+    for (int i = tid; i < 3 * rows * kTcK; i += kFusedThreads) {
+      const int piece = i / (rows * kTcK), r = (i / kTcK) % rows, cc = i % kTcK, c = c0 + cc;
+      Wst[(piece * rows + r) * kTcLd + cc] = (r < K && c < C) ? Wt[(int64_t(piece) * K + r) * C + c] : zero;
+    }
+    for (int i = tid; i < kTcK * kFusedTP; i += kFusedThreads) {
+      const int cl = i / kFusedTP, q = i % kFusedTP, c = c0 + cl, p = p0 + q;
+      Fst[cl * kTcLdF + q] = (c < C && p < P) ? Ft[c * ld + p] : zero;
+    }
+    __syncthreads();
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, tc_t, wmma::row_major> b;
+    wmma::load_matrix_sync(b, Fst + 16 * pb, kTcLdF);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {  // a constant bound: acc[h] stays in registers
+      if (h < halves) {
+        const int rb = warp % 4 + 4 * h;
+#pragma unroll
+        for (int piece = 2; piece >= 0; --piece) {  // lo, mid, hi: the small pieces first
+          wmma::fragment<wmma::matrix_a, 16, 16, 16, tc_t, wmma::row_major> a;
+          wmma::load_matrix_sync(a, Wst + (piece * rows + 16 * rb) * kTcLd, kTcLd);
+          wmma::mma_sync(acc[h], a, b, acc[h]);
+        }
+      }
+    }
+  }
+  __syncthreads();  // the staged pieces are no longer read: Gs takes the tile
+#pragma unroll
+  for (int h = 0; h < 2; ++h)
+    if (h < halves)
+      wmma::store_matrix_sync(Gs + (16 * (warp % 4 + 4 * h)) * kFusedTP + 16 * pb, acc[h], kFusedTP,
+                              wmma::mem_row_major);
+#else
+  __trap();  // never launched below sm_80 (the host checks)
+#endif
+}
+
 // Phase A of both one-kernel passes, for one sample: G = W F tile by tile,
 // the part softmax, A' (K x P) and s (K) into shared memory, and, when Gf is
 // given, all of G (K x P) too.  Uses the work area; ends with a barrier.
-template <typename in_t, typename m_t, typename acc_t>
+// TC: the G tiles on tensor cores from W's bf16 pieces Wsplit
+// (fused_g_tile_tc; the forward only, Gf unused).
+template <typename in_t, typename m_t, typename acc_t, bool TC = false>
 __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const m_t* __restrict__ Mn,
                                              const acc_t* __restrict__ W, const acc_t* __restrict__ z, acc_t* Ap,
                                              acc_t* s_sum, acc_t* Gf, acc_t* work, int C, int P, int B, int K,
-                                             int ld) {
+                                             int ld, const in_t* __restrict__ Wsplit = nullptr) {
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
   const int gp = kGPos * (tid % (kFusedTP / kGPos)), gk = kGRows * (tid / (kFusedTP / kGPos));
   const int halves = K <= kGHalf ? 1 : 2;
@@ -681,54 +886,59 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
 #pragma unroll
   for (int j = 0; j < kFusedRowsA; ++j) s_part[j] = acc_t(0);
   for (int p0 = 0; p0 < P; p0 += kFusedTP) {
-    acc_t g[2][kGRows][kGPos];
+    acc_t* Gs = Ws;  // the G tile (K x kFusedTP), once the W chunk is no longer read
+    if constexpr (TC) {
+      static_assert(std::is_same<acc_t, float>::value, "the tensor-core path accumulates in float32");
+      fused_g_tile_tc(Fn, Wsplit, Gs, p0, C, P, K, ld);
+    } else {
+      acc_t g[2][kGRows][kGPos];
 #pragma unroll
-    for (int h = 0; h < 2; ++h)
+      for (int h = 0; h < 2; ++h)
 #pragma unroll
-      for (int i = 0; i < kGRows; ++i)
+        for (int i = 0; i < kGRows; ++i)
 #pragma unroll
-        for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] = acc_t(0);
-    acc_t w_next[kStageW];
-    in_t f_next[kStageF];
-    fused_load_a(w_next, f_next, W, Fn, 0, p0, C, P, K, ld);
-    for (int c0 = 0; c0 < C; c0 += kFusedTC) {
-      __syncthreads();  // the previous chunk / G tile / statistics are no longer read
-      fused_store_a(w_next, f_next, Ws, Fs, KS, K);
-      __syncthreads();
-      if (c0 + kFusedTC < C) fused_load_a(w_next, f_next, W, Fn, c0 + kFusedTC, p0, C, P, K, ld);  // in flight
-      // rows >= K of the chunk hold stale values: their sums are never used
+          for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] = acc_t(0);
+      acc_t w_next[kStageW];
+      in_t f_next[kStageF];
+      fused_load_a(w_next, f_next, W, Fn, 0, p0, C, P, K, ld);
+      for (int c0 = 0; c0 < C; c0 += kFusedTC) {
+        __syncthreads();  // the previous chunk / G tile / statistics are no longer read
+        fused_store_a(w_next, f_next, Ws, Fs, KS, K);
+        __syncthreads();
+        if (c0 + kFusedTC < C) fused_load_a(w_next, f_next, W, Fn, c0 + kFusedTC, p0, C, P, K, ld);  // in flight
+        // rows >= K of the chunk hold stale values: their sums are never used
 #pragma unroll 4
-      for (int cc = 0; cc < kFusedTC; ++cc) {  // zero-padded beyond C
-        acc_t f[kGPos];
-        load2(Fs + cc * kFusedTP + gp, f);
+        for (int cc = 0; cc < kFusedTC; ++cc) {  // zero-padded beyond C
+          acc_t f[kGPos];
+          load2(Fs + cc * kFusedTP + gp, f);
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {
-          if (h < halves) {
-            acc_t w[kGRows];
-            load4(Ws + cc * KS + h * kGHalf + gk, w);
+          for (int h = 0; h < 2; ++h) {
+            if (h < halves) {
+              acc_t w[kGRows];
+              load4(Ws + cc * KS + h * kGHalf + gk, w);
 #pragma unroll
-            for (int i = 0; i < kGRows; ++i)
+              for (int i = 0; i < kGRows; ++i)
 #pragma unroll
-              for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] += w[i] * f[pj];
+                for (int pj = 0; pj < kGPos; ++pj) g[h][i][pj] += w[i] * f[pj];
+            }
           }
         }
       }
+      __syncthreads();  // the W chunk is no longer read: its space holds the G tile
+#pragma unroll
+      for (int h = 0; h < 2; ++h)
+#pragma unroll
+        for (int i = 0; i < kGRows; ++i) {
+          const int k = h * kGHalf + gk + i;
+          if (k < K) {
+#pragma unroll
+            for (int pj = 0; pj < kGPos; ++pj) {
+              Gs[k * kFusedTP + gp + pj] = g[h][i][pj];
+              if (Gf != nullptr && p0 + gp + pj < P) Gf[k * P + p0 + gp + pj] = g[h][i][pj];
+            }
+          }
+        }
     }
-    __syncthreads();  // the W chunk is no longer read: its space holds the G tile
-    acc_t* Gs = Ws;
-#pragma unroll
-    for (int h = 0; h < 2; ++h)
-#pragma unroll
-      for (int i = 0; i < kGRows; ++i) {
-        const int k = h * kGHalf + gk + i;
-        if (k < K) {
-#pragma unroll
-          for (int pj = 0; pj < kGPos; ++pj) {
-            Gs[k * kFusedTP + gp + pj] = g[h][i][pj];
-            if (Gf != nullptr && p0 + gp + pj < P) Gf[k * P + p0 + gp + pj] = g[h][i][pj];
-          }
-        }
-      }
     __syncthreads();
     for (int i = tid; i < B * kFusedTP; i += kFusedThreads) {  // (part, position)
       const int b = i / kFusedTP, pl = i % kFusedTP;
@@ -781,13 +991,16 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
 // blocks fill one wave (2 per sample at the paper shape on a 132-SM H200).  The
 // extension instantiates both one-kernel passes for float, half and bfloat16
 // features with parts of the same dtype only (fused_dtypes); the CPU
-// emulation runs them in float and double as well.
-template <typename in_t, typename m_t, typename acc_t>
+// emulation runs them in float and double as well.  TC: both products on
+// tensor cores (bfloat16 features, sm_80+): G = W F from W's bf16 pieces
+// Wsplit (fused_g_tile_tc) and V = A' F^T (fused_v_chunk_tc), the work area
+// sized by fused_smem_elems(..., tc = true); Wsplit is unused otherwise.
+template <typename in_t, typename m_t, typename acc_t, bool TC = false>
 __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
     const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
     const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int C, int P,
     int B, int K, bool normalize, int splits, int chunk, acc_t* __restrict__ part_v,
-    acc_t* __restrict__ part_s, unsigned* __restrict__ tickets) {
+    acc_t* __restrict__ part_s, unsigned* __restrict__ tickets, const in_t* __restrict__ Wsplit) {
   PV_DYNAMIC_SMEM(smem_raw);
   acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x chunk
   acc_t* s_sum = Ap + K * chunk;                   // K
@@ -806,7 +1019,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   const acc_t eps = acc_t(kEps);
 
   for (int k = tid; k < K; k += kFusedThreads) rowss[k] = 0;  // read after phase A's barriers
-  fused_assign(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, Pj, B, K, P);  // ends with a barrier
+  fused_assign<in_t, m_t, acc_t, TC>(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, Pj, B, K, P,
+                                     Wsplit);  // ends with a barrier
 
   // ---- split: this block's A' F^T and s to its slot of the partials; the
   // sample's last block to arrive (ticket) sums all of them in slot order,
@@ -817,7 +1031,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
     acc_t v[kVRows][kVCols];
     for (int r0 = 0; r0 < K; r0 += kChunkRows)
       for (int c0 = 0; c0 < C; c0 += kChunkCols) {
-        fused_v_chunk(v, Fn, cen, Ap, static_cast<const acc_t*>(nullptr), Fb, r0, c0, C, Pj, K, P);
+        if constexpr (TC)
+          fused_v_chunk_tc(v, Fn, cen, Ap, static_cast<const acc_t*>(nullptr), work, r0, c0, C, Pj, K, P);
+        else
+          fused_v_chunk(v, Fn, cen, Ap, static_cast<const acc_t*>(nullptr), Fb, r0, c0, C, Pj, K, P);
 #pragma unroll
         for (int i = 0; i < kVRows; ++i)
 #pragma unroll
@@ -853,7 +1070,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   // V[r0.., c0..] of the sample: computed here, or read from slot 0.
   auto v_chunk = [&](acc_t (&v)[kVRows][kVCols], int r0, int c0) {
     if (splits == 1) {
-      fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K, P);
+      if constexpr (TC)
+        fused_v_chunk_tc(v, Fn, cen, Ap, s_sum, work, r0, c0, C, P, K, P);
+      else
+        fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K, P);
       return;
     }
 #pragma unroll
@@ -1177,6 +1397,14 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
 
 // END DEVICE CODE
 
+// The tensor-core path reads ATen's 16-bit features as CUDA's own types (the
+// same bits).
+template <>
+struct tc_type<c10::BFloat16> {
+  using type = __nv_bfloat16;
+};
+static_assert(sizeof(c10::BFloat16) == sizeof(__nv_bfloat16), "bfloat16 layouts");
+
 // ---------------------------------------------------------------------------
 // Host side
 // ---------------------------------------------------------------------------
@@ -1361,6 +1589,27 @@ bool fused_requested(const char* name) {
   return true;
 }
 
+// PERSONVLAD_CUDA_FWD as above, plus "fused-tc": the one-kernel forward with
+// both products on tensor cores (fused_g_tile_tc, fused_v_chunk_tc) where
+// the features are bfloat16 and the device is sm_80+; elsewhere "fused".
+// Opt-in until a GPU benchmark decides (fused-cuda-1k-tc).
+enum class FwdPath { kGemm, kFused, kFusedTc };
+FwdPath forward_path_requested() {
+  const char* v = std::getenv("PERSONVLAD_CUDA_FWD");
+  if (v == nullptr || *v == '\0' || std::strcmp(v, "gemm") == 0) return FwdPath::kGemm;
+  if (std::strcmp(v, "fused") == 0) return FwdPath::kFused;
+  TORCH_CHECK_VALUE(std::strcmp(v, "fused-tc") == 0,
+                    "PERSONVLAD_CUDA_FWD: expected 'fused', 'fused-tc' or 'gemm', got '", v, "'");
+  return FwdPath::kFusedTc;
+}
+
+// Whether the one-kernel forward runs its products on tensor cores for these
+// features (path kFusedTc, bfloat16, sm_80+).
+bool tensor_core_phase_b(FwdPath path, const at::Tensor& features) {
+  return path == FwdPath::kFusedTc && features.scalar_type() == at::kBFloat16 &&
+         device_limits(features).major >= 8;
+}
+
 // The one-kernel passes take float32, float16 and bfloat16 features with the
 // parts in the same dtype (or None), as the model has them; float64 (a
 // correctness path) and mixed dtypes run the gemm path.  Fewer template
@@ -1413,26 +1662,60 @@ int64_t forced_splits() {
 // shared memory (48 KB everywhere, more with the sm_70+ opt-in).  Any P
 // otherwise: a sample whose A' does not fit one block is split over several.
 FusedSplit fused_forward_plan(const at::Tensor& features, const std::optional<at::Tensor>& parts, int64_t K,
-                              int64_t P, int64_t forced) {
+                              int64_t P, int64_t forced, bool tc) {
   const int64_t N = features.size(0), B = parts.has_value() ? parts->size(1) : 1;
   if (!fused_dtypes(features, parts) || K > kFusedMaxK || B > kFusedMaxB || P < 1) return {0, 0, 0};
   const int64_t C = features.size(1), imax = std::numeric_limits<int32_t>::max();
   if (C * P > imax || K * C > imax || B * P > imax) return {0, 0, 0};  // 32-bit indices within a sample
   const int64_t limit = shared_memory_limit(features) / int64_t(sizeof(float));
   const FusedSplit plan =
-      fused_forward_split(N, P, K, B, device_limits(features).sms, limit, forced);
+      fused_forward_split(N, P, K, B, device_limits(features).sms, limit, forced, tc);
   if (plan.splits == 0 || N * plan.splits > imax) return {0, 0, 0};
   return plan;
+}
+
+// One launch of fused_forward_kernel for features of type scalar_t (`tc`:
+// the tensor-core instance, bfloat16 only; fused_dtypes: no float64).  A
+// function template, so that the instances no dtype launches are never
+// referenced: in AT_DISPATCH's lambda, which is no template, both branches of
+// an `if constexpr` are instantiated, and nvcc warned about the host stubs of
+// kernels that were never compiled for the device.
+template <typename scalar_t>
+void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Tensor& Wa, const at::Tensor& za,
+                          const at::Tensor& ca, const at::Tensor& W3, at::Tensor& out, int64_t C, int64_t P,
+                          int64_t B, int64_t K, bool normalize, const FusedSplit& plan, float* part_v,
+                          float* part_s, unsigned* tick, cudaStream_t stream) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    TORCH_INTERNAL_ASSERT(false, "the one-kernel forward takes no float64 (fused_dtypes)");
+  } else {
+    auto kernel = fused_forward_kernel<scalar_t, scalar_t, float, false>;
+    const scalar_t* w3 = nullptr;
+    if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      if (W3.defined()) {
+        kernel = fused_forward_kernel<scalar_t, scalar_t, float, true>;
+        w3 = W3.data_ptr<scalar_t>();
+      }
+    }
+    const int64_t smem = plan.smem_elems * int64_t(sizeof(float));
+    allow_shared_memory(kernel, smem);
+    kernel<<<sample_blocks(F.size(0) * plan.splits), kFusedThreads, static_cast<size_t>(smem), stream>>>(
+        F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr, Wa.data_ptr<float>(),
+        za.data_ptr<float>(), ca.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int>(C),
+        static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize, static_cast<int>(plan.splits),
+        static_cast<int>(plan.chunk), part_v, part_s, tick, w3);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 // The whole forward in fused_forward_kernel (N >= 1, a plan from
 // fused_forward_plan): one launch where the inputs are contiguous and the
 // parameters float32, as in the model (otherwise their copies come first);
 // split samples add a ticket per sample (zeroed by a memset) and float32
-// partials of splits x (K x C + K) per sample.
+// partials of splits x (K x C + K) per sample; `tc` (bfloat16 features,
+// sm_80+: tensor_core_phase_b) adds W's three bf16 pieces (3 K x C).
 void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize,
-                   const FusedSplit& plan, at::Tensor& out) {
+                   const FusedSplit& plan, bool tc, at::Tensor& out) {
   const int64_t N = features.size(0), C = features.size(1), K = W.size(0);
   const int64_t P = features.numel() / (N * C);
   const int64_t B = parts.has_value() ? parts->size(1) : 1;
@@ -1452,19 +1735,11 @@ void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& 
     part_s = part_v + N * plan.splits * K * C;
     tick = reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>());
   }
-  const int64_t smem = plan.smem_elems * int64_t(sizeof(float));
+  const at::Tensor W3 = tc ? split3_rows(Wa).contiguous() : at::Tensor();  // (3K, C) bf16: hi, mid, lo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_fused_forward", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // fused_dtypes: no float64
-      const auto kernel = fused_forward_kernel<scalar_t, scalar_t, float>;
-      allow_shared_memory(kernel, smem);
-      kernel<<<sample_blocks(N * plan.splits), kFusedThreads, static_cast<size_t>(smem), stream>>>(
-          F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr, Wa.data_ptr<float>(),
-          za.data_ptr<float>(), ca.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int>(C),
-          static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize,
-          static_cast<int>(plan.splits), static_cast<int>(plan.chunk), part_v, part_s, tick);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    launch_fused_forward<scalar_t>(F, M, Wa, za, ca, W3, out, C, P, B, K, normalize, plan, part_v, part_s, tick,
+                                   stream);
   });
 }
 
@@ -1585,13 +1860,15 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   at::Tensor out = normalize ? at::empty({N, K * C}, features.options())
                              : at::empty({N, K, C}, features.options());
   const bool split = bf16_split_gemms(features);
-  const bool fused = fused_requested("PERSONVLAD_CUDA_FWD");  // the switches are checked at N == 0 too
+  const FwdPath path = forward_path_requested();  // the switches are checked at N == 0 too
+  const bool fused = path != FwdPath::kGemm;
   const int64_t forced = fused ? forced_splits() : 0;
   if (N == 0) return out;
   if (fused) {
-    const FusedSplit plan = fused_forward_plan(features, parts, K, features.numel() / (N * C), forced);
+    const bool tc = tensor_core_phase_b(path, features);
+    const FusedSplit plan = fused_forward_plan(features, parts, K, features.numel() / (N * C), forced, tc);
     if (plan.splits > 0) {
-      fused_forward(features, parts, assign_weight, assign_bias, centers, normalize, plan, out);
+      fused_forward(features, parts, assign_weight, assign_bias, centers, normalize, plan, tc, out);
       return out;
     }
   }
