@@ -157,18 +157,6 @@ PV_EXPORTS(double, f64)
     std::vector<ACC> part(plan.splits > 1 ? N * plan.splits * K * (C + 1) : 0,                  \
                           std::numeric_limits<ACC>::quiet_NaN());                               \
     std::vector<unsigned> tickets(N, 0u);                                                       \
-    /* W's three bf16 pieces for the tensor-core G tiles, as split3_rows makes them */          \
-    std::vector<IN> w3(TC ? 3 * K * C : 0);                                                     \
-    for (int64_t i = 0; TC && i < K * C; ++i) {                                                 \
-      const float w = static_cast<float>(W[i]);                                                 \
-      const IN hi = static_cast<IN>(w);                                                         \
-      const float r = w - static_cast<float>(hi);                                               \
-      const IN mid = static_cast<IN>(r);                                                        \
-      w3[i] = hi;                                                                               \
-      w3[K * C + i] = mid;                                                                      \
-      w3[2 * K * C + i] = static_cast<IN>(r - static_cast<float>(mid));                         \
-    }                                                                                           \
-    const IN* w3p = w3.empty() ? nullptr : w3.data();                                           \
     ACC* pv = part.empty() ? nullptr : part.data();                                             \
     ACC* ps = part.empty() ? nullptr : part.data() + N * plan.splits * K * C;                   \
     unsigned* tk = plan.splits > 1 ? tickets.data() : nullptr;                                  \
@@ -178,7 +166,7 @@ PV_EXPORTS(double, f64)
                                             static_cast<int>(P), static_cast<int>(B),           \
                                             static_cast<int>(K), normalize != 0,                \
                                             static_cast<int>(plan.splits),                      \
-                                            static_cast<int>(plan.chunk), pv, ps, tk, w3p);     \
+                                            static_cast<int>(plan.chunk), pv, ps, tk);          \
     }, static_cast<size_t>(plan.smem_elems) * sizeof(ACC));                                     \
     pv_emu::reverse_blocks = false;                                                             \
     if (!ok) return -1;                                                                         \
@@ -649,14 +637,14 @@ namespace pv {
 %s
 #define PV_FUSED(IN, M, ACC) template __global__ void fused_forward_kernel<IN, M, ACC>( \
     const IN*, const M*, const ACC*, const ACC*, const ACC*, IN*, int, int, int, int, bool, int, int, \
-    ACC*, ACC*, unsigned*, const IN*); \
+    ACC*, ACC*, unsigned*); \
   template __global__ void fused_backward_kernel<IN, M, ACC>(const IN*, const IN*, const M*, const ACC*, \
     const ACC*, const ACC*, IN*, ACC*, ACC*, ACC*, ACC*, int, int, int, int, bool);
 PV_FUSED(float, float, float)
 PV_FUSED(__nv_bfloat16, __nv_bfloat16, float)
 template __global__ void fused_forward_kernel<__nv_bfloat16, __nv_bfloat16, float, true>(
     const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*, const float*, __nv_bfloat16*, int,
-    int, int, int, bool, int, int, float*, float*, unsigned*, const __nv_bfloat16*);
+    int, int, int, bool, int, int, float*, float*, unsigned*);
 }
 """
 

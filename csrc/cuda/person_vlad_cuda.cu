@@ -631,6 +631,24 @@ __device__ __forceinline__ void fused_load_b(in_t (&fb)[kStageB], const in_t* __
   }
 }
 
+// v -= s c on the V chunk at rows r0.., columns c0.. (fused_v_chunk's
+// register layout), inside K x C; nothing when s_sum is null.
+template <typename acc_t>
+__device__ __forceinline__ void subtract_sc(acc_t (&v)[kVRows][kVCols], const acc_t* __restrict__ cen,
+                                            const acc_t* s_sum, int r0, int c0, int C, int K) {
+  if (s_sum == nullptr) return;
+  const int warp = threadIdx.x / kWarp, lane = threadIdx.x % kWarp;
+#pragma unroll
+  for (int i = 0; i < kVRows; ++i) {
+    const int k = r0 + warp * kVRows + i;
+#pragma unroll
+    for (int jj = 0; jj < kVCols; ++jj) {
+      const int c = c0 + lane + kWarp * jj;
+      if (k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
+    }
+  }
+}
+
 // V[r0.., c0..] chunk of one sample into v (rows k = r0 + 8*warp + i, columns
 // c = c0 + lane + 32*jj); zero outside K x C.  With s_sum == nullptr, just
 // Ap F^T (the backward's dW = dG F^T).
@@ -669,15 +687,7 @@ __device__ __forceinline__ void fused_v_chunk(acc_t (&v)[kVRows][kVCols], const 
       }
     }
   }
-#pragma unroll
-  for (int i = 0; i < kVRows; ++i) {
-    const int k = r0 + warp * kVRows + i;
-#pragma unroll
-    for (int jj = 0; jj < kVCols; ++jj) {
-      const int c = c0 + lane + kWarp * jj;
-      if (s_sum != nullptr && k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
-    }
-  }
+  subtract_sc(v, cen, s_sum, r0, c0, C, K);
 }
 
 // The 16-bit float type of the tensor cores for features of type in_t
@@ -774,15 +784,10 @@ __device__ __forceinline__ void fused_v_chunk_tc(acc_t (&v)[kVRows][kVCols], con
     wmma::store_matrix_sync(Vs + rb * 16 * kTcVLd + cb + 16 * j, acc[j], kTcVLd, wmma::mem_row_major);
   __syncthreads();
 #pragma unroll
-  for (int i = 0; i < kVRows; ++i) {
-    const int k = r0 + warp * kVRows + i;
+  for (int i = 0; i < kVRows; ++i)
 #pragma unroll
-    for (int jj = 0; jj < kVCols; ++jj) {
-      const int c = c0 + lane + kWarp * jj;
-      v[i][jj] = Vs[(warp * kVRows + i) * kTcVLd + lane + kWarp * jj];
-      if (s_sum != nullptr && k < K && c < C) v[i][jj] -= s_sum[k] * cen[k * C + c];
-    }
-  }
+    for (int jj = 0; jj < kVCols; ++jj) v[i][jj] = Vs[(warp * kVRows + i) * kTcVLd + lane + kWarp * jj];
+  subtract_sc(v, cen, s_sum, r0, c0, C, K);
 #else
   __trap();  // never launched below sm_80 (the host checks)
 #endif
@@ -790,12 +795,14 @@ __device__ __forceinline__ void fused_v_chunk_tc(acc_t (&v)[kVRows][kVCols], con
 
 // Phase A's G tile (K x kFusedTP positions from p0) on tensor cores
 // (PERSONVLAD_CUDA_FWD=fused-tc; bfloat16 features, sm_80+), into Gs (rows of
-// kFusedTP floats, all kTcRows(K) rows; rows >= K are zero).  W comes as its
-// three bf16 pieces hi, mid, lo (Wsplit: 3 x K x C, split3_rows on the host),
-// which keep all 24 bits of its float32 mantissa -- the logits of a trained
-// model are ~10^3 and need them; F is exact in bf16, so each piece times F is
-// exact before the float32 accumulation.  Per 16-channel step the block
-// stages the three pieces (kTcRows(K) x 16) and F (16 x 32 positions);
+// kFusedTP floats, all kTcRows(K) rows; rows >= K are zero).  W (float32) is
+// split as it is staged into three bf16 pieces hi, mid, lo (as split3_rows
+// does on the host for the split3 GEMMs), which keep all 24 bits of its
+// mantissa -- the logits of a trained model are ~10^3 and need them; F is
+// exact in bf16, so each piece times F is exact before the float32
+// accumulation.  No host work: the launch stays one kernel.  Per 16-channel
+// step the block stages the three pieces (kTcRows(K) x 16) and F (16 x 32
+// positions);
 // warp w multiplies row block w % 4 (and w % 4 + 4 where K > 64) by
 // position block w / 4.  The staging lies within phase A's work area (W
 // chunk + F chunk of the FMA path), below the statistics.
@@ -809,7 +816,7 @@ static_assert((3 * kGHalf * kTcLd + kTcK * kTcLdF) / 2 <= kFusedTC * (kGHalf + 4
               "tensor-core phase A staging within the work area");
 
 template <typename in_t>
-__device__ __forceinline__ void fused_g_tile_tc(const in_t* __restrict__ Fn, const in_t* __restrict__ Wsplit,
+__device__ __forceinline__ void fused_g_tile_tc(const in_t* __restrict__ Fn, const float* __restrict__ W,
                                                 float* Gs, int p0, int C, int P, int K, int ld) {
 #if PV_TENSOR_CORES
   using tc_t = typename tc_type<in_t>::type;
@@ -819,7 +826,6 @@ __device__ __forceinline__ void fused_g_tile_tc(const in_t* __restrict__ Fn, con
   const int pb = warp / 4;  // this warp's 16 positions of the tile
   tc_t* Wst = reinterpret_cast<tc_t*>(Gs);  // 3 pieces x rows x kTcLd, then F
   tc_t* Fst = Wst + 3 * rows * kTcLd;       // 16 channels x kTcLdF
-  const tc_t* Wt = reinterpret_cast<const tc_t*>(Wsplit);
   const tc_t* Ft = reinterpret_cast<const tc_t*>(Fn);
   tc_t zero;
   tc_from_float(0.0f, zero);
@@ -828,9 +834,17 @@ __device__ __forceinline__ void fused_g_tile_tc(const in_t* __restrict__ Fn, con
   wmma::fill_fragment(acc[1], 0.0f);
   for (int c0 = 0; c0 < C; c0 += kTcK) {
     __syncthreads();  // the previous step's tiles (or the previous G tile's readers) are done
-    for (int i = tid; i < 3 * rows * kTcK; i += kFusedThreads) {
-      const int piece = i / (rows * kTcK), r = (i / kTcK) % rows, cc = i % kTcK, c = c0 + cc;
-      Wst[(piece * rows + r) * kTcLd + cc] = (r < K && c < C) ? Wt[(int64_t(piece) * K + r) * C + c] : zero;
+    for (int i = tid; i < rows * kTcK; i += kFusedThreads) {
+      const int r = i / kTcK, cc = i % kTcK, c = c0 + cc;
+      const float w = (r < K && c < C) ? W[r * C + c] : 0.0f;
+      tc_t hi, mid, lo;  // w = hi + mid + lo, each rounded to nearest
+      tc_from_float(w, hi);
+      const float rest = w - tc_to_float(hi);
+      tc_from_float(rest, mid);
+      tc_from_float(rest - tc_to_float(mid), lo);
+      Wst[r * kTcLd + cc] = hi;
+      Wst[(rows + r) * kTcLd + cc] = mid;
+      Wst[(2 * rows + r) * kTcLd + cc] = lo;
     }
     for (int i = tid; i < kTcK * kFusedTP; i += kFusedThreads) {
       const int cl = i / kFusedTP, q = i % kFusedTP, c = c0 + cl, p = p0 + q;
@@ -866,13 +880,13 @@ __device__ __forceinline__ void fused_g_tile_tc(const in_t* __restrict__ Fn, con
 // Phase A of both one-kernel passes, for one sample: G = W F tile by tile,
 // the part softmax, A' (K x P) and s (K) into shared memory, and, when Gf is
 // given, all of G (K x P) too.  Uses the work area; ends with a barrier.
-// TC: the G tiles on tensor cores from W's bf16 pieces Wsplit
-// (fused_g_tile_tc; the forward only, Gf unused).
+// TC: the G tiles on tensor cores (fused_g_tile_tc; the forward only, Gf
+// unused).
 template <typename in_t, typename m_t, typename acc_t, bool TC = false>
 __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const m_t* __restrict__ Mn,
                                              const acc_t* __restrict__ W, const acc_t* __restrict__ z, acc_t* Ap,
                                              acc_t* s_sum, acc_t* Gf, acc_t* work, int C, int P, int B, int K,
-                                             int ld, const in_t* __restrict__ Wsplit = nullptr) {
+                                             int ld) {
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
   const int gp = kGPos * (tid % (kFusedTP / kGPos)), gk = kGRows * (tid / (kFusedTP / kGPos));
   const int halves = K <= kGHalf ? 1 : 2;
@@ -889,7 +903,7 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
     acc_t* Gs = Ws;  // the G tile (K x kFusedTP), once the W chunk is no longer read
     if constexpr (TC) {
       static_assert(std::is_same<acc_t, float>::value, "the tensor-core path accumulates in float32");
-      fused_g_tile_tc(Fn, Wsplit, Gs, p0, C, P, K, ld);
+      fused_g_tile_tc(Fn, W, Gs, p0, C, P, K, ld);
     } else {
       acc_t g[2][kGRows][kGPos];
 #pragma unroll
@@ -992,15 +1006,15 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
 // extension instantiates both one-kernel passes for float, half and bfloat16
 // features with parts of the same dtype only (fused_dtypes); the CPU
 // emulation runs them in float and double as well.  TC: both products on
-// tensor cores (bfloat16 features, sm_80+): G = W F from W's bf16 pieces
-// Wsplit (fused_g_tile_tc) and V = A' F^T (fused_v_chunk_tc), the work area
-// sized by fused_smem_elems(..., tc = true); Wsplit is unused otherwise.
+// tensor cores (bfloat16 features, sm_80+): G = W F (fused_g_tile_tc) and
+// V = A' F^T (fused_v_chunk_tc), the work area sized by
+// fused_smem_elems(..., tc = true).
 template <typename in_t, typename m_t, typename acc_t, bool TC = false>
 __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
     const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
     const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int C, int P,
     int B, int K, bool normalize, int splits, int chunk, acc_t* __restrict__ part_v,
-    acc_t* __restrict__ part_s, unsigned* __restrict__ tickets, const in_t* __restrict__ Wsplit) {
+    acc_t* __restrict__ part_s, unsigned* __restrict__ tickets) {
   PV_DYNAMIC_SMEM(smem_raw);
   acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x chunk
   acc_t* s_sum = Ap + K * chunk;                   // K
@@ -1019,8 +1033,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   const acc_t eps = acc_t(kEps);
 
   for (int k = tid; k < K; k += kFusedThreads) rowss[k] = 0;  // read after phase A's barriers
-  fused_assign<in_t, m_t, acc_t, TC>(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, Pj, B, K, P,
-                                     Wsplit);  // ends with a barrier
+  fused_assign<in_t, m_t, acc_t, TC>(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, Pj, B, K,
+                                     P);  // ends with a barrier
 
   // ---- split: this block's A' F^T and s to its slot of the partials; the
   // sample's last block to arrive (ticket) sums all of them in slot order,
@@ -1682,19 +1696,15 @@ FusedSplit fused_forward_plan(const at::Tensor& features, const std::optional<at
 // kernels that were never compiled for the device.
 template <typename scalar_t>
 void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Tensor& Wa, const at::Tensor& za,
-                          const at::Tensor& ca, const at::Tensor& W3, at::Tensor& out, int64_t C, int64_t P,
+                          const at::Tensor& ca, bool tc, at::Tensor& out, int64_t C, int64_t P,
                           int64_t B, int64_t K, bool normalize, const FusedSplit& plan, float* part_v,
                           float* part_s, unsigned* tick, cudaStream_t stream) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     TORCH_INTERNAL_ASSERT(false, "the one-kernel forward takes no float64 (fused_dtypes)");
   } else {
     auto kernel = fused_forward_kernel<scalar_t, scalar_t, float, false>;
-    const scalar_t* w3 = nullptr;
     if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
-      if (W3.defined()) {
-        kernel = fused_forward_kernel<scalar_t, scalar_t, float, true>;
-        w3 = W3.data_ptr<scalar_t>();
-      }
+      if (tc) kernel = fused_forward_kernel<scalar_t, scalar_t, float, true>;
     }
     const int64_t smem = plan.smem_elems * int64_t(sizeof(float));
     allow_shared_memory(kernel, smem);
@@ -1702,7 +1712,7 @@ void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Te
         F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr, Wa.data_ptr<float>(),
         za.data_ptr<float>(), ca.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int>(C),
         static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize, static_cast<int>(plan.splits),
-        static_cast<int>(plan.chunk), part_v, part_s, tick, w3);
+        static_cast<int>(plan.chunk), part_v, part_s, tick);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
@@ -1712,7 +1722,7 @@ void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Te
 // parameters float32, as in the model (otherwise their copies come first);
 // split samples add a ticket per sample (zeroed by a memset) and float32
 // partials of splits x (K x C + K) per sample; `tc` (bfloat16 features,
-// sm_80+: tensor_core_phase_b) adds W's three bf16 pieces (3 K x C).
+// sm_80+: tensor_core_phase_b) runs the tensor-core instance.
 void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize,
                    const FusedSplit& plan, bool tc, at::Tensor& out) {
@@ -1735,10 +1745,9 @@ void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& 
     part_s = part_v + N * plan.splits * K * C;
     tick = reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>());
   }
-  const at::Tensor W3 = tc ? split3_rows(Wa).contiguous() : at::Tensor();  // (3K, C) bf16: hi, mid, lo
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_fused_forward", [&] {
-    launch_fused_forward<scalar_t>(F, M, Wa, za, ca, W3, out, C, P, B, K, normalize, plan, part_v, part_s, tick,
+    launch_fused_forward<scalar_t>(F, M, Wa, za, ca, tc, out, C, P, B, K, normalize, plan, part_v, part_s, tick,
                                    stream);
   });
 }
