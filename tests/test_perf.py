@@ -425,11 +425,25 @@ def test_optimize_for_inference_cpu_equals_eager():
     assert runner.graph is None and runner.info["fused_convs"] == 8 and runner.info["pad_channels"] == 8
     out = runner(x)
     assert out.dtype == torch.float32 and out.shape == ref.shape
-    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
+    # As accurate as eager float32 against the float64 model (within 2x its
+    # error): the fused, channel-padded convolutions sum in another order, and
+    # the VLAD head's sharp soft-assignment amplifies that -- eager float32
+    # itself is ~2e-5 off float64 on an Intel Xeon (oneDNN's kernels there),
+    # more than a fixed atol of 1e-5 allowed.
+    m64 = copy.deepcopy(model).double()
+
+    def within_eager_error(got, clips):
+        with torch.no_grad():
+            r64 = m64(clips.double() if clips.is_floating_point() else clips.double() / 255.0)  # as the model reads uint8
+            eager_err = (model(clips).double() - r64).abs().max().item()
+        err = (got.double() - r64).abs().max().item()
+        assert err <= 2 * eager_err + 1e-6, (err, eager_err)
+
+    within_eager_error(out, x)
     # other batch sizes and uint8 clips work without a graph
     xu = (x[:1] * 255).round().to(torch.uint8)
     with torch.no_grad():
-        torch.testing.assert_close(runner(xu), model(xu), atol=1e-5, rtol=1e-4)
+        within_eager_error(runner(xu), xu)
     # the caller's model is untouched
     assert perf.count_fused(model) == 0
     for k, v in model.state_dict().items():
