@@ -177,6 +177,63 @@ def test_oim_constructor_validation(kwargs, name):
         OIMLoss(**kwargs)
 
 
+def test_oim_accepts_numpy_integers_and_reals():
+    import numpy as np
+
+    loss = OIMLoss(np.int64(4), np.int32(3), queue_size=np.int64(2), temperature=np.float32(0.5),
+                   momentum=np.float64(0.25), num_sampled=np.int16(1))
+    assert (loss.num_features, loss.num_labeled, loss.queue_size, loss.num_sampled) == (4, 3, 2, 1)
+    assert all(type(v) is int for v in (loss.num_features, loss.num_labeled, loss.queue_size, loss.num_sampled))
+    assert loss.lut.shape == (3, 4) and loss.queue.shape == (2, 4)
+    with pytest.raises(ValueError, match="num_labeled"):
+        OIMLoss(4, np.float64(3.0))
+
+
+def test_oim_two_losses_summed_before_one_backward():
+    # The second forward writes to the queue (and the LUT) in place; the first
+    # loss's graph must keep what it read, whether or not its own step wrote
+    # to the queue.  Gradients equal those of two separate backwards.
+    torch.manual_seed(0)
+
+    def run(together):
+        loss = OIMLoss(8, 5, queue_size=4)
+        loss(torch.randn(3, 8), torch.tensor([-1, -1, 0]))  # queue partly filled
+        x1 = torch.randn(2, 8, requires_grad=True)
+        x2 = torch.randn(2, 8, requires_grad=True)
+        l1 = loss(x1, torch.tensor([0, 1]))  # labeled only: writes no queue slot
+        if not together:
+            l1.backward()
+        l2 = loss(x2, torch.tensor([2, -1]))  # writes a queue slot and LUT row 2
+        (l1 + l2).backward() if together else l2.backward()
+        return x1.grad, x2.grad
+
+    torch.manual_seed(1)
+    g_together = run(True)
+    torch.manual_seed(1)
+    g_apart = run(False)
+    for a, b in zip(g_together, g_apart):
+        assert a is not None and torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype, compute", [(torch.float64, torch.float64), (torch.bfloat16, torch.float32)])
+def test_oim_module_cast_to_another_dtype(dtype, compute):
+    torch.manual_seed(0)
+    loss = OIMLoss(6, 4, queue_size=3).to(dtype)
+    feats = torch.randn(5, 6, dtype=dtype, requires_grad=True)
+    labels = torch.tensor([0, -1, 3, 1, -1])
+    out = loss(feats, labels)
+    assert out.dtype == compute and torch.isfinite(out)
+    out.backward()
+    assert feats.grad.dtype == dtype and torch.isfinite(feats.grad).all()
+    assert loss.lut.dtype == dtype and loss.queue.dtype == dtype  # updated in their own dtype
+    assert int(loss.queue_filled) == 2 and loss.lut[3].float().norm() > 0
+    if dtype == torch.float64:  # the float64 module is differentiable to float64 accuracy
+        probe = OIMLoss(6, 4, queue_size=3).double().eval()
+        probe.load_state_dict(loss.state_dict())
+        x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda t: probe(t, labels), (x,))
+
+
 def test_oim_forward_validation():
     loss = OIMLoss(4, 3)
     with pytest.raises(ValueError, match="features"):

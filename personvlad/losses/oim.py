@@ -34,6 +34,7 @@ Updates happen only in training mode (``loss.train()``, the default); in
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional, Tuple
 
 import torch
@@ -44,9 +45,10 @@ __all__ = ["OIMLoss"]
 
 
 def _check_int(name: str, value, lo: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    """``value`` as a Python int: any integral number (numpy's too), not a bool."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < lo:
         raise ValueError(f"{name}: expected an int >= {lo}, got {value!r}")
-    return value
+    return int(value)
 
 
 def _dist_world() -> int:
@@ -98,17 +100,17 @@ class OIMLoss(nn.Module):
         num_sampled: Optional[int] = None,
     ) -> None:
         super().__init__()
-        _check_int("num_features", num_features, 1)
-        _check_int("num_labeled", num_labeled, 1)
-        _check_int("queue_size", queue_size, 0)
-        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+        num_features = _check_int("num_features", num_features, 1)
+        num_labeled = _check_int("num_labeled", num_labeled, 1)
+        queue_size = _check_int("queue_size", queue_size, 0)
+        if isinstance(temperature, bool) or not isinstance(temperature, numbers.Real) \
                 or not math.isfinite(temperature) or temperature <= 0:
             raise ValueError(f"temperature: expected a finite float > 0, got {temperature!r}")
-        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) \
+        if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
                 or not (0.0 <= float(momentum) <= 1.0):
             raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
         if num_sampled is not None:
-            _check_int("num_sampled", num_sampled, 1)
+            num_sampled = _check_int("num_sampled", num_sampled, 1)
         self.num_features = num_features
         self.num_labeled = num_labeled
         self.queue_size = queue_size
@@ -170,23 +172,27 @@ class OIMLoss(nn.Module):
         decision (which samples are labeled, duplicate ids, queue writes) is
         taken on the host copy; the queue counters stay on the device."""
         host = self._validate(features, labels)
+        # the buffers' dtype, at least float32: a .double() module computes in
+        # float64, a float32 or bfloat16 one in float32, whatever the features
+        dtype = torch.promote_types(self.lut.dtype, torch.float32)
         with torch.autocast(device_type=features.device.type, enabled=False):
-            x = F.normalize(features.float(), dim=1)
+            x = F.normalize(features.to(dtype), dim=1)
             loss = self._loss(x, host)
         if self.training:
             self._update(x.detach(), host)
         return loss
 
-    def _logits(self, xl: torch.Tensor, queue_written: bool, unfilled: Optional[torch.Tensor]) -> torch.Tensor:
+    def _logits(self, xl: torch.Tensor, unfilled: Optional[torch.Tensor]) -> torch.Tensor:
         """(n, L + Q) logits against [LUT; queue], the ``unfilled`` (never
         written) queue slots at -inf (they add exactly 0 to the partition
-        function).  The LUT is copied (it is updated in place before the
-        backward); the queue only when this step writes to it
-        (``queue_written``, known on the host)."""
-        lg = xl @ self.lut.clone().t() / self.temperature
+        function).  Both buffers are read through copies in ``xl``'s dtype:
+        they are updated in place after this forward (and by any later one
+        before a backward, e.g. two losses summed), while autograd keeps what
+        it read."""
+        lg = xl @ self.lut.to(xl.dtype, copy=True).t() / self.temperature
         if unfilled is None:
             return lg
-        queue = self.queue.clone() if queue_written else self.queue
+        queue = self.queue.to(xl.dtype, copy=True)
         lq = (xl @ queue.t() / self.temperature).masked_fill(unfilled, float("-inf"))
         return torch.cat([lg, lq], 1)
 
@@ -200,12 +206,9 @@ class OIMLoss(nn.Module):
         else:
             xl, yl_host = x.index_select(0, _to(rows, x.device)), host[rows]
         yl = _to(yl_host, x.device)
-        # the update after this forward writes to the queue when a sample (of any
-        # rank: the update gathers them) is unlabeled
-        written = self.training and (_dist_world() > 1 or bool((host < 0).any()))
         # queue slots never written (on the device: no sync); None without a queue
         unfilled = (torch.arange(self.queue_size, device=x.device) >= self.queue_filled) if self.queue_size else None
-        logits = self._logits(xl, written, unfilled)  # (n, L + Q)
+        logits = self._logits(xl, unfilled)  # (n, L + Q)
         C = self.num_labeled + self.queue_size
         if self.num_sampled is None or self.num_sampled >= C - 1:
             return F.cross_entropy(logits, yl)
