@@ -212,6 +212,26 @@ def test_torch_inputs_accepted():
     assert mAP == pytest.approx(0.75)
 
 
+def test_bfloat16_torch_distances_are_evaluated_like_their_float32_values():
+    # numpy has no bfloat16: the tensor is widened (exactly), not refused with
+    # a TypeError; values that tie in bfloat16 tie in the widened copy too
+    rng = np.random.default_rng(3)
+    d = torch.from_numpy(rng.random((6, 12)).astype(np.float32)).to(torch.bfloat16)
+    qp, gp = np.arange(6) % 4, np.arange(12) % 4
+    qc, gc = np.zeros(6, dtype=int), np.ones(12, dtype=int)
+    got = evaluate(d, qp, gp, qc, gc, max_rank=5)
+    want = evaluate(d.float().numpy(), qp, gp, qc, gc, max_rank=5)
+    assert np.array_equal(got[0], want[0]) and got[1] == want[1]
+
+
+def test_nan_anywhere_in_distmat_is_refused():
+    d, qp, gp, qc, gc = _hand_case()
+    d = d.astype(np.float64).copy()
+    d[-1, -1] = np.nan
+    with pytest.raises(ValueError, match="distmat: contains NaN"):
+        evaluate(d, qp, gp, qc, gc, max_rank=4)
+
+
 def test_stable_argsort_rows_equals_numpy_stable():
     rng = np.random.default_rng(0)
     d = rng.standard_normal((40, 300)).astype(np.float32)
@@ -294,6 +314,11 @@ def test_compute_distmat_validation():
         compute_distmat(np.zeros(3), np.zeros((2, 3)))
     with pytest.raises(ValueError, match="chunk"):
         compute_distmat(np.zeros((2, 3)), np.zeros((2, 3)), chunk=0)
+    with pytest.raises(ValueError, match="device: expected a torch device"):
+        compute_distmat(np.zeros((2, 3)), np.zeros((2, 3)), device="gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device: 'cuda' requested but CUDA is not available"):
+            compute_distmat(np.zeros((2, 3)), np.zeros((2, 3)), device="cuda")
 
 
 @pytest.mark.cuda

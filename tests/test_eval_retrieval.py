@@ -69,6 +69,22 @@ def test_faiss_and_exact_search_agree(tmp_path, index_type):
     assert np.array_equal(with_faiss.search(q, 10)[1], without.search(q, 10)[1])
 
 
+@needs_faiss
+def test_nprobe_applies_to_one_search_and_is_checked():
+    g, q = _data(2)
+    index = GalleryIndex.build(g, index_type="ivf", nlist=8, nprobe=1, use_faiss=True)
+    one = index.search(q, topk=10)
+    exhaustive = index.search(q, topk=10, nprobe=8)
+    assert np.array_equal(exhaustive[1], index.search(q, topk=10, exact=True)[1])
+    assert index.faiss_index.nprobe == 1  # the index keeps its own nprobe
+    for bad in (0, -1, 2.5, True):
+        with pytest.raises(ValueError, match="nprobe"):
+            index.search(q, topk=10, nprobe=bad)
+    assert index.faiss_index.nprobe == 1
+    again = index.search(q, topk=10)
+    assert np.array_equal(again[1], one[1]) and np.array_equal(again[0], one[0])
+
+
 def test_index_validation():
     g, q = _data()
     with pytest.raises(ValueError, match="index_type"):

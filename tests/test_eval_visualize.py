@@ -125,6 +125,11 @@ def test_cli_visualize(tmp_path):
     assert _run_cli(["visualize", "ranked", "--features", str(feats), "--query-index", "0", "--topk", "3",
                      "--out", str(out)]) == 0
     assert _png(out)[0][1] == 128
+    from personvlad.eval.cli import ranked_gallery
+    assert len(ranked_gallery(str(feats), 0, topk=2)[1]) == 2
+    for bad in (0, -2, 1.5):
+        with pytest.raises(ValueError, match="topk: expected a positive int"):
+            ranked_gallery(str(feats), 0, topk=bad)
     # cmc from a JSON report and from a feature file
     report = {"results": {"standard": {"all/all": {"cmc": [0.5, 0.7, 0.9]}}}}
     (tmp_path / "r.json").write_text(json.dumps(report))

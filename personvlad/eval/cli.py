@@ -270,6 +270,8 @@ def ranked_gallery(features: str, query_index: int, topk: int = 10, metric: str 
     from .modes import FeatureFile
     from .protocols import stable_argsort_rows
 
+    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
+        raise ValueError(f"topk: expected a positive int, got {topk!r}")
     ff = FeatureFile(features)
     ff.require("query_first_frame", "needed for the ranked-list picture")
     ff.require("gallery_first_frame", "needed for the ranked-list picture")

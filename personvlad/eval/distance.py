@@ -55,7 +55,12 @@ def compute_distmat(qf, gf, metric: str = "euclidean", chunk: int = 4096,
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = torch.float64 if (q.dtype == torch.float64 or g.dtype == torch.float64) else torch.float32
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: expected a torch device such as 'cpu' or 'cuda:0', got {device!r} ({exc})") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {device!r} requested but CUDA is not available here")
     g = g.to(dev, dtype)
     if metric == "cosine":
         g = torch.nn.functional.normalize(g, dim=1)

@@ -64,7 +64,10 @@ _CHUNK_ELEMENTS = 1 << 22
 # ---------------------------------------------------------------------------
 def _to_numpy(x, name: str) -> np.ndarray:
     if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor, no torch import needed
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4 and str(x.dtype) != "torch.float16":
+            x = x.float()  # numpy has no bfloat16 / float8: widen (exactly)
+        x = x.numpy()
     try:
         return np.asarray(x)
     except Exception as exc:  # pragma: no cover - exotic inputs
@@ -99,7 +102,7 @@ def _validate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, protocol):
         raise ValueError(f"distmat: expected a non-empty (num_query, num_gallery) array, got shape {d.shape}")
     if d.dtype.kind not in "fiub":
         raise ValueError(f"distmat: expected a real-valued array, got dtype {d.dtype}")
-    if d.dtype.kind == "f" and np.isnan(d).any():
+    if d.dtype.kind == "f" and np.isnan(d.min()):  # min propagates NaN; no (Q, G) temporary
         raise ValueError("distmat: contains NaN; distances must be comparable")
     nq, ng = d.shape
     qp = _check_ids(q_pids, "q_pids", nq, "one id per distmat row")

@@ -222,13 +222,22 @@ class GalleryIndex:
             raise ValueError(f"queries: expected shape (M, {self.dim}) or ({self.dim},), got {np.shape(queries)}")
         if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
             raise ValueError(f"topk: expected a positive int, got {topk!r}")
+        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer))
+                                   or nprobe < 1):
+            raise ValueError(f"nprobe: expected a positive int (IVF lists to visit), got {nprobe!r}")
         q = _l2n(q)
         k = min(int(topk), len(self))
         if self.faiss_index is None or exact:
             return exact_search(self.feats, q, k)
-        if nprobe is not None and self.meta["type"] == "ivf":
+        if nprobe is None or self.meta["type"] != "ivf":
+            scores, idx = self.faiss_index.search(q, k)
+        else:  # this call only: the index keeps its own nprobe for later searches
+            saved = self.faiss_index.nprobe
             self.faiss_index.nprobe = int(nprobe)
-        scores, idx = self.faiss_index.search(q, k)
+            try:
+                scores, idx = self.faiss_index.search(q, k)
+            finally:
+                self.faiss_index.nprobe = saved
         return scores.astype(np.float32), idx.astype(np.int64)
 
 

@@ -36,7 +36,10 @@ def _prepare_out(out_png: str) -> str:
 
 def _to_numpy(x, name):
     if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        if x.is_floating_point() and x.element_size() < 4 and str(x.dtype) != "torch.float16":
+            x = x.float()  # numpy has no bfloat16 / float8: widen (exactly)
+        x = x.numpy()
     return np.asarray(x)
 
 
