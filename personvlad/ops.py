@@ -113,15 +113,19 @@ def _out_shape(features, assign_weight, normalize):
 
 
 def _check_same_device(op, features, **others):
-    """The fake/meta kernels are the only ones that run when a tensor is on the
-    meta device (the dispatcher picks the Meta key), so they check what the
-    backends' kernels would: one device for all inputs.  Otherwise a direct
-    call with CPU features and one meta parameter returned an uninitialised
-    CPU tensor."""
+    """ValueError unless every tensor in ``others`` (None skipped) is on the
+    features' device; ``op`` (may be empty) prefixes the message.
+
+    :func:`_validate` uses it, and so do the fake/meta kernels: they are the
+    only ones that run when a tensor is on the meta device (the dispatcher
+    picks the Meta key), so they check what the backends' kernels would.
+    Otherwise a direct call with CPU features and one meta parameter returned
+    an uninitialised CPU tensor."""
     dev = features.device
+    prefix = f"{op}: " if op else ""
     for name, t in others.items():
         if t is not None and t.device != dev:
-            raise ValueError(f"{op}: {name}: expected device {dev} (features' device), got {t.device}")
+            raise ValueError(f"{prefix}{name}: expected device {dev} (features' device), got {t.device}")
 
 
 @torch.library.register_fake(OP_NAME)
@@ -348,7 +352,6 @@ def _validate(features, parts, assign_weight, assign_bias, centers, normalize, b
         raise ValueError(f"features: expected C >= 1 channels, got shape {_fmt_shape(fs)}")
     if 0 in S:
         raise ValueError(f"features: expected a non-empty spatial grid, got shape {_fmt_shape(fs)}")
-    dev = features.device
     if parts is not None:
         ps = _check_tensor("parts", parts)
         if len(ps) != len(fs):
@@ -362,8 +365,7 @@ def _validate(features, parts, assign_weight, assign_bias, centers, normalize, b
             raise ValueError("parts: expected B >= 1 part maps (use parts=None for plain NetVLAD), got B=0")
         if ps[2:] != S:
             raise ValueError(f"parts: expected spatial grid {S} matching features, got {ps[2:]}")
-        if parts.device != dev:
-            raise ValueError(f"parts: expected device {dev} (features' device), got {parts.device}")
+        _check_same_device("", features, parts=parts)
     ws = _check_tensor("assign_weight", assign_weight)
     if len(ws) != 2:
         raise ValueError(f"assign_weight: expected shape (K, C), got shape {_fmt_shape(ws)}")
@@ -378,9 +380,7 @@ def _validate(features, parts, assign_weight, assign_bias, centers, normalize, b
     cs = _check_tensor("centers", centers)
     if cs != (K, C):
         raise ValueError(f"centers: expected shape (K={K}, C={C}), got shape {_fmt_shape(cs)}")
-    for name, t in (("assign_weight", assign_weight), ("assign_bias", assign_bias), ("centers", centers)):
-        if t.device != dev:
-            raise ValueError(f"{name}: expected device {dev} (features' device), got {t.device}")
+    _check_same_device("", features, assign_weight=assign_weight, assign_bias=assign_bias, centers=centers)
     if not isinstance(normalize, bool):
         raise ValueError(f"normalize: expected a bool, got {type(normalize).__name__}")
     if not isinstance(backend, str) or backend not in _BACKEND_NAMES:

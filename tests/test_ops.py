@@ -142,6 +142,12 @@ def test_registered_op_rejects_a_meta_parameter_beside_cpu_features():
         torch.ops.personvlad.person_vlad_backward(torch.zeros(2, 12), F, M, W.to("meta"), z, c, True)
     out = torch.ops.personvlad.person_vlad(*[t.to("meta") for t in (F, M, W, z, c)], True)
     assert out.device.type == "meta" and out.shape == (2, 12)
+    # the public door names the argument the same way (one shared check)
+    for name in ("parts", "assign_weight", "assign_bias", "centers"):
+        args = dict(parts=M, assign_weight=W, assign_bias=z, centers=c)
+        args[name] = args[name].to("meta")
+        with pytest.raises(ValueError, match=rf"^{name}: expected device cpu \(features' device\), got meta$"):
+            person_vlad(F, **args)
 
 
 def test_sparse_inputs_are_rejected():

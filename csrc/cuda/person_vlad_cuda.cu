@@ -1619,7 +1619,7 @@ FwdPath forward_path_requested() {
 
 // Whether the one-kernel forward runs its products on tensor cores for these
 // features (path kFusedTc, bfloat16, sm_80+).
-bool tensor_core_phase_b(FwdPath path, const at::Tensor& features) {
+bool tensor_core_forward(FwdPath path, const at::Tensor& features) {
   return path == FwdPath::kFusedTc && features.scalar_type() == at::kBFloat16 &&
          device_limits(features).major >= 8;
 }
@@ -1722,7 +1722,7 @@ void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Te
 // parameters float32, as in the model (otherwise their copies come first);
 // split samples add a ticket per sample (zeroed by a memset) and float32
 // partials of splits x (K x C + K) per sample; `tc` (bfloat16 features,
-// sm_80+: tensor_core_phase_b) runs the tensor-core instance.
+// sm_80+: tensor_core_forward) runs the tensor-core instance.
 void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize,
                    const FusedSplit& plan, bool tc, at::Tensor& out) {
@@ -1821,6 +1821,29 @@ at::Tensor like_input(const at::Tensor& g, const at::Tensor& like) {
   return out;
 }
 
+// One launch of fused_backward_kernel for features of type scalar_t; a
+// function template for the reason given at launch_fused_forward (no float64
+// instance is referenced).
+template <typename scalar_t>
+void launch_fused_backward(const at::Tensor& gO, const at::Tensor& F, const at::Tensor& M, const at::Tensor& Wa,
+                           const at::Tensor& za, const at::Tensor& ca, at::Tensor& dF, at::Tensor& dM,
+                           at::Tensor& dWp, at::Tensor& dcp, at::Tensor& dzp, int64_t C, int64_t P, int64_t B,
+                           int64_t K, bool normalize, int64_t smem, cudaStream_t stream) {
+  if constexpr (std::is_same_v<scalar_t, double>) {
+    TORCH_INTERNAL_ASSERT(false, "the one-kernel backward takes no float64 (fused_dtypes)");
+  } else {
+    const auto kernel = fused_backward_kernel<scalar_t, scalar_t, float>;
+    allow_shared_memory(kernel, smem);
+    kernel<<<sample_blocks(F.size(0)), kFusedThreads, static_cast<size_t>(smem), stream>>>(
+        gO.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr,
+        Wa.data_ptr<float>(), za.data_ptr<float>(), ca.data_ptr<float>(), dF.data_ptr<scalar_t>(),
+        dM.defined() ? dM.data_ptr<float>() : nullptr, dWp.data_ptr<float>(), dcp.data_ptr<float>(),
+        dzp.data_ptr<float>(), static_cast<int>(C), static_cast<int>(P), static_cast<int>(B),
+        static_cast<int>(K), normalize);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+}
+
 // The whole backward in fused_backward_kernel (N >= 1, smem from
 // fused_backward_smem, grad_output in the features' dtype).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_backward(
@@ -1838,20 +1861,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> fused_bac
   at::Tensor dF = at::empty({N, C, P}, features.options().memory_format(at::MemoryFormat::Contiguous));
   at::Tensor dM = parts.has_value() ? at::empty({N, B, P}, opts) : at::Tensor();
   at::Tensor dWp = at::empty({N, K, C}, opts), dcp = at::empty({N, K, C}, opts), dzp = at::empty({N, K}, opts);
+  const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_fused_backward", [&] {
-    if constexpr (!std::is_same_v<scalar_t, double>) {  // fused_dtypes: no float64
-      const auto kernel = fused_backward_kernel<scalar_t, scalar_t, float>;
-      allow_shared_memory(kernel, smem);
-      kernel<<<sample_blocks(N), kFusedThreads, static_cast<size_t>(smem),
-               c10::cuda::getCurrentCUDAStream()>>>(
-          gO.data_ptr<scalar_t>(), F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr,
-          Wa.data_ptr<float>(), za.data_ptr<float>(), ca.data_ptr<float>(), dF.data_ptr<scalar_t>(),
-          dM.defined() ? dM.data_ptr<float>() : nullptr, dWp.data_ptr<float>(), dcp.data_ptr<float>(),
-          dzp.data_ptr<float>(), static_cast<int>(C), static_cast<int>(P), static_cast<int>(B),
-          static_cast<int>(K), normalize);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    launch_fused_backward<scalar_t>(gO, F, M, Wa, za, ca, dF, dM, dWp, dcp, dzp, C, P, B, K, normalize, smem,
+                                    stream);
   });
   return std::make_tuple(
       like_input(dF, features),
@@ -1874,7 +1888,7 @@ at::Tensor person_vlad_cuda(const at::Tensor& features, const std::optional<at::
   const int64_t forced = fused ? forced_splits() : 0;
   if (N == 0) return out;
   if (fused) {
-    const bool tc = tensor_core_phase_b(path, features);
+    const bool tc = tensor_core_forward(path, features);
     const FusedSplit plan = fused_forward_plan(features, parts, K, features.numel() / (N * C), forced, tc);
     if (plan.splits > 0) {
       fused_forward(features, parts, assign_weight, assign_bias, centers, normalize, plan, tc, out);
