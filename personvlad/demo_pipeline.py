@@ -107,7 +107,7 @@ def run_pipeline(out_dir: str = "demo_out", fast: bool = False, seed: int = 0) -
     """Run the demo; returns ``{model name: evaluation report}`` and writes
     ``summary.json`` (the table's numbers, timings) into ``out_dir``."""
     from .data import MARS
-    from .data.synth import generate
+    from .data.synth import ensure_generated
     from .engine import extract_features, train
     from .engine.extract import load_model_from_checkpoint
     from .eval.modes import evaluate_feature_file
@@ -118,12 +118,13 @@ def run_pipeline(out_dir: str = "demo_out", fast: bool = False, seed: int = 0) -
     t_start = time.perf_counter()
     timings: Dict[str, float] = {}
     os.makedirs(out_dir, exist_ok=True)
-    data_root = os.path.join(out_dir, "data", "synthetic-tiny")
+    # one folder per seed: the set of another seed is never reused or clobbered
+    data_root = os.path.join(out_dir, "data", "synthetic-tiny" + (f"-seed{seed}" if seed else ""))
 
     t0 = time.perf_counter()
-    if not os.path.isdir(os.path.join(data_root, "info")):
+    if not os.path.isfile(os.path.join(data_root, "synth.json")):
         print(f"generating the tiny synthetic MARS-layout set in {data_root} ...", flush=True)
-        generate(data_root, preset="tiny", seed=seed)
+    ensure_generated(data_root, preset="tiny", seed=seed)
     dataset = MARS(data_root)
     timings["synth"] = time.perf_counter() - t0
     print(f"data: {len(dataset.train)} train tracklets of {dataset.num_train_pids} ids, "

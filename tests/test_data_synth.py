@@ -12,7 +12,7 @@ from scipy.io import loadmat
 
 from personvlad.data import MARS, build_test_loader
 from personvlad.data import cli as data_cli
-from personvlad.data.synth import PRESETS, generate
+from personvlad.data.synth import INCOMPLETE, PRESETS, ensure_generated, generate
 
 MICRO = dict(train_ids=3, test_ids=3, num_cams=2, cams_per_id=(2, 2), tracklets_per_cam=(1, 1), frames=(2, 4),
              junk=1, distractors=1)
@@ -65,6 +65,41 @@ def test_tiny_is_read_by_mars(tiny):
         assert im.format == "JPEG" and im.size == (128, 256) and im.mode == "RGB"
     q = loadmat(os.path.join(tiny, "info", "query_IDX.mat"))["query_IDX"]
     assert q.shape == (1, meta["queries"]) and q.min() >= 1
+
+
+def test_ensure_generated_redoes_an_interrupted_generation_and_refuses_other_data(tmp_path, monkeypatch):
+    from personvlad.data import synth
+
+    root = tmp_path / "set"
+    # a generation killed after a few tracklets: info/ written, frames partial,
+    # no synth.json -- the marker says so
+    calls = []
+
+    def dying(job):
+        calls.append(job)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(job)
+
+    real = synth._write_job
+    monkeypatch.setattr(synth, "_write_job", dying)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_generated(str(root), preset=MICRO, seed=3)
+    monkeypatch.setattr(synth, "_write_job", real)
+    assert (root / "info").is_dir() and (root / INCOMPLETE).exists() and not (root / "synth.json").exists()
+    assert ensure_generated(str(root), preset=MICRO, seed=3) is True  # redone
+    assert not (root / INCOMPLETE).exists()
+    assert _digest(root) == _digest(generate(str(tmp_path / "ref"), preset=MICRO, seed=3))
+    assert ensure_generated(str(root), preset=MICRO, seed=3) is False  # complete: reused
+    with pytest.raises(ValueError, match=r"out_dir: .* holds the synthetic set of preset 'custom' seed 3, "
+                                         r"not 'custom' seed 4"):
+        ensure_generated(str(root), preset=MICRO, seed=4)
+    other = tmp_path / "mine"
+    (other / "info").mkdir(parents=True)
+    (other / "info" / "train_name.txt").write_text("x\n")
+    with pytest.raises(ValueError, match=r"out_dir: .* is not empty and holds no complete synthetic set"):
+        ensure_generated(str(other), preset=MICRO, seed=0)
+    assert (other / "info" / "train_name.txt").read_text() == "x\n"  # not overwritten
 
 
 def test_determinism(tmp_path):

@@ -189,6 +189,73 @@ def test_find_latest_skips_a_corrupt_latest(tmp_path):
     assert ck.find_latest(str(tmp_path / "empty")) is None
 
 
+def test_keyed_dataset_seeds_the_cpu_generator_only(monkeypatch):
+    """Each training item is drawn from the CPU generator seeded with its key;
+    the process's CPU state is restored and the CUDA generators are never
+    reseeded (torch.manual_seed would, so OIM's sampled negatives on CUDA
+    followed the last item's seed)."""
+    from personvlad.engine.trainer import _KeyedDataset
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda s: reseeded.append(s))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda s: reseeded.append(s))
+    ds = _KeyedDataset([None] * 3)
+    ds.ds = type("D", (), {"__getitem__": lambda self, i: torch.rand(4) + i, "__len__": lambda self: 3})()
+    before = torch.get_rng_state()
+    a, b = ds[(1, 1234)], ds[(1, 1234)]
+    assert torch.equal(a, b) and torch.equal(a, torch.rand(4, generator=torch.Generator().manual_seed(1234)) + 1)
+    assert torch.equal(torch.get_rng_state(), before) and reseeded == []
+
+
+def test_resume_with_no_loadable_checkpoint_is_refused(synth_root, tmp_path):
+    """Checkpoint files that do not load must not be overwritten by a fresh
+    start: --resume says so (and so does a run without --resume)."""
+    from personvlad.engine.trainer import train
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "latest.pt").write_bytes(b"truncated")
+    (out / "ckpt_00000004.pt").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"out_dir: --resume found no loadable checkpoint among .*latest\.pt.*"
+                                         r"ckpt_00000004\.pt"):
+        train(small_cfg(synth_root), str(out), resume=True)
+    with pytest.raises(ValueError, match=r"out_dir: .* already holds checkpoint files .*latest\.pt"):
+        train(small_cfg(synth_root), str(out))
+    assert (out / "latest.pt").read_bytes() == b"truncated"  # untouched
+
+
+def test_cli_resume_takes_the_checkpoints_config_over_config_yaml(tmp_path, monkeypatch):
+    """A truncated config.yaml (a crash while it was written by an older
+    version) must not silently change the schedule of a resumed run: the
+    checkpoint's config wins; config.yaml serves only before a checkpoint."""
+    import argparse
+
+    from personvlad.engine import cli as ecli
+    from personvlad.engine import trainer as tr
+
+    cfg = small_cfg(tmp_path / "data", schedule={"step1_iters": 8, "step2_iters": 4})
+    out = tmp_path / "run"
+    out.mkdir()
+    text = cfg.to_yaml()
+    (out / "config.yaml").write_text(text[: len(text) // 2].rsplit("\n", 1)[0] + "\n")  # cut at a line
+    seen = []
+    monkeypatch.setattr(tr, "train", lambda c, o, **kw: seen.append(c) or {
+        "out_dir": o, "iterations": 0, "first_loss": None, "last_loss": None, "best": None, "metrics": {}})
+    parser = argparse.ArgumentParser()
+    ecli.register(parser.add_subparsers(dest="command"))
+
+    def run():
+        args = parser.parse_args(["train", "--out", str(out), "--resume", "--no-progress"])
+        assert args.func(args) == 0
+        return seen.pop()
+
+    # before the first checkpoint: config.yaml is all there is
+    assert run().schedule.step1_iters != 8  # the truncated file's defaults (why it must not win later)
+    ck.save_checkpoint({"config": cfg.to_dict(), "iteration": 4, "model": {}}, str(out / "latest.pt"))
+    got = run()
+    assert got.to_dict() == cfg.to_dict()
+
+
 _SAVE_SCRIPT = r"""
 import sys, time
 from personvlad.engine import checkpoint as ck
@@ -271,7 +338,7 @@ def test_step1_freezes_centers_and_refuses_existing_out(short_run, synth_root, t
     assert all(not p.requires_grad for p in model.center_parameters())
     p2 = _step_params(model, crit, 2, cfg)
     assert centers <= {id(p) for p in p2}
-    with pytest.raises(ValueError, match="already holds a checkpoint"):
+    with pytest.raises(ValueError, match="already holds checkpoint files"):
         train(cfg, str(short_run[1]))
 
 
@@ -366,6 +433,16 @@ def test_kill_and_resume_matches_uninterrupted(synth_root, tmp_path, backend):
     a = ck.load_checkpoint(str(ref / "latest.pt"))
     b = ck.load_checkpoint(str(killed / "latest.pt"))
     assert a["iteration"] == b["iteration"] == 20 and a["step"] == b["step"] == 2
+    # the log has each iteration once, as the uninterrupted run's: rows the
+    # killed run wrote after its last checkpoint were dropped on resume
+    def rows(run):
+        import csv
+
+        with open(run / "train_log.csv", newline="") as f:
+            return [(r["iteration"], r["step"], r["loss"], r["lr"]) for r in csv.DictReader(f)]
+
+    assert [r[0] for r in rows(killed)] == [str(i) for i in range(1, 21)]
+    assert rows(killed) == rows(ref)
     for k in a["model"]:
         assert torch.equal(a["model"][k], b["model"][k]), k
     for k in a["loss"]:
@@ -589,6 +666,22 @@ def test_shard_data_path_trains_and_resumes_bitwise(synth_root, tmp_path):
         train(bad, str(tmp_path / "bad"), evaluate=False)
     with pytest.raises(ValueError, match="data.shards: .*index.npz: expected the shard index"):
         train(small_cfg(synth_root, data={"shards": str(tmp_path / "nowhere")}), str(tmp_path / "bad2"))
+    # Another split of the same data set has the same counts (every iLIDS-VID
+    # and PRID split does): here the same tracklets with the ids moved round
+    # by one.  Its store must be refused, not train on the other split.
+    import types
+
+    from personvlad.engine.trainer import _open_shards
+
+    cfg = small_cfg(synth_root, data={"shards": str(store)})
+    ds = MARS(str(synth_root))
+    assert _open_shards(ds, cfg, cfg.model_config()) is not None
+    pids = [t[1] for t in ds.train]
+    moved = types.SimpleNamespace(train=[(t[0], pids[(i + 1) % len(pids)], t[2]) for i, t in enumerate(ds.train)],
+                                  num_train_pids=ds.num_train_pids)
+    with pytest.raises(ValueError, match=r"data.shards: .* was packed from another data set or split: its "
+                                         r"training tracklet \d+ is id \d+, \d+ frames from "):
+        _open_shards(moved, cfg, cfg.model_config())
 
 
 def test_compiled_model_trains_and_checkpoints_load_uncompiled(synth_root, tmp_path):

@@ -9,7 +9,10 @@ reads::
     out_dir/info/tracks_train_info.mat (track_train_info: [start, end, pid, camid], 1-based, double)
     out_dir/info/tracks_test_info.mat  (track_test_info)
     out_dir/info/query_IDX.mat         (query_IDX: 1-based rows of track_test_info, 1 x Q double)
-    out_dir/synth.json                 (preset, seed, counts)
+    out_dir/synth.json                 (preset, seed, counts; written last)
+
+``ensure_generated(out_dir, preset, seed)`` generates only where needed: a
+run killed mid-generation leaves ``synth.incomplete`` behind, and is redone.
 
 Each identity has an appearance per body part (head: skin, hair, hat; torso:
 two colours and a pattern, sleeves; legs: colour and style; shoes; bag).
@@ -499,6 +502,37 @@ def _build_plan(preset, seed: int):
     return cfg, train, test, query_rows
 
 
+INCOMPLETE = "synth.incomplete"  # present from the start of generate() until synth.json is written
+
+
+def ensure_generated(out_dir, preset="tiny", seed: int = 0, workers: int = 1, progress: bool = False) -> bool:
+    """Make ``out_dir`` hold the complete synthetic set of ``preset`` and
+    ``seed``: generate it when the folder is absent or empty, or when an
+    earlier generation was interrupted (its ``synth.incomplete`` marker is
+    still there); reuse it when ``synth.json`` records the same preset and
+    seed.  Returns True when it generated.  ValueError (naming ``out_dir``)
+    for a folder holding something else: another preset or seed, or files
+    not written by :func:`generate` -- nothing is overwritten then."""
+    out_dir = os.fspath(out_dir)
+    meta_path = os.path.join(out_dir, "synth.json")
+    want = preset if isinstance(preset, str) else "custom"
+    if os.path.isfile(meta_path) and not os.path.exists(os.path.join(out_dir, INCOMPLETE)):
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"out_dir: {meta_path} is unreadable ({e}); delete {out_dir} to regenerate") from None
+        if (meta.get("preset"), meta.get("seed")) != (want, int(seed)):
+            raise ValueError(f"out_dir: {out_dir} holds the synthetic set of preset {meta.get('preset')!r} seed "
+                             f"{meta.get('seed')!r}, not {want!r} seed {int(seed)}; choose another folder")
+        return False
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, INCOMPLETE)):
+        raise ValueError(f"out_dir: {out_dir} is not empty and holds no complete synthetic set (no synth.json, "
+                         f"no {INCOMPLETE} marker of an interrupted generation); choose an empty folder")
+    generate(out_dir, preset=preset, seed=seed, workers=workers, progress=progress)
+    return True
+
+
 def generate(out_dir, preset: str = "tiny", seed: int = 0, workers: int = 1, progress: bool = False) -> str:
     """Write a synthetic MARS-layout dataset to ``out_dir`` (see module doc) and
     return ``out_dir``.  ``preset``: "tiny", "small", "mars-scale", or a dict
@@ -511,6 +545,10 @@ def generate(out_dir, preset: str = "tiny", seed: int = 0, workers: int = 1, pro
     out_dir = os.fspath(out_dir)
     t0 = time.time()
     cfg, train, test, query_rows = _build_plan(preset, int(seed))
+    os.makedirs(out_dir, exist_ok=True)
+    marker = os.path.join(out_dir, INCOMPLETE)
+    with open(marker, "w") as f:  # removed once synth.json is in place: see ensure_generated
+        f.write("generation in progress or interrupted; run generate() again\n")
     os.makedirs(os.path.join(out_dir, "info"), exist_ok=True)
     jobs = []
     for home, lst, fname, mname, key in (("bbox_train", train, "train_name.txt", "tracks_train_info.mat",
@@ -553,8 +591,11 @@ def generate(out_dir, preset: str = "tiny", seed: int = 0, workers: int = 1, pro
                 train_tracklets=len(train), test_tracklets=len(test), queries=len(query_rows),
                 junk_tracklets=cfg["junk"], distractor_tracklets=cfg["distractors"], frames=nframes,
                 frame_size=[H, W])
-    with open(os.path.join(out_dir, "synth.json"), "w") as f:
+    tmp = os.path.join(out_dir, "synth.json.tmp")
+    with open(tmp, "w") as f:
         json.dump(meta, f, indent=1, sort_keys=True)
+    os.replace(tmp, os.path.join(out_dir, "synth.json"))
+    os.unlink(marker)
     if progress:
         print(f"synth: {nframes} frames in {time.time() - t0:.1f}s -> {out_dir}", flush=True)
     return out_dir

@@ -47,7 +47,8 @@ def register(subparsers) -> None:
                     "(latest.pt, best.pt by mAP), CSV/TensorBoard logs, periodic evaluation (both protocols). "
                     "Under torchrun (RANK/WORLD_SIZE set) it runs DDP: NCCL on GPUs, gloo on CPU.", epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="YAML training config (configs/*.yaml); with --resume and no --config, "
-                                    "the config saved in --out is used")
+                                    "the run's own: the one stored in its latest checkpoint (else, before "
+                                    "the first checkpoint, --out/config.yaml)")
     p.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
                    help="override config values, dotted keys (several, or repeat the flag), "
                         "e.g. schedule.step1_iters=100 optim.grad_clip=5")
@@ -92,15 +93,18 @@ def train_main(args) -> int:
     if args.config:
         cfg = TrainConfig.from_yaml(args.config)
     elif args.resume and args.out:
+        # the checkpoint's config is the one its weights were trained with;
+        # config.yaml is only the record of a run that crashed before its
+        # first checkpoint
         saved = os.path.join(args.out, "config.yaml")
-        if os.path.isfile(saved):
+        path = find_latest(args.out)
+        if path is not None:
+            cfg = TrainConfig.from_dict(load_checkpoint(path)["config"])
+        elif os.path.isfile(saved):
             cfg = TrainConfig.from_yaml(saved)
         else:
-            path = find_latest(args.out)
-            if path is None:
-                print(f"error: --resume without --config needs {saved} or a checkpoint in {args.out}", file=sys.stderr)
-                return 2
-            cfg = TrainConfig.from_dict(load_checkpoint(path)["config"])
+            print(f"error: --resume without --config needs a checkpoint or {saved} in {args.out}", file=sys.stderr)
+            return 2
     else:
         print("error: --config is required (or --resume with --out)", file=sys.stderr)
         return 2

@@ -28,6 +28,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
@@ -101,13 +102,15 @@ def load_dataset(cfg: TrainConfig, is_main: bool = True):
     if d.dataset == "synthetic":
         if not d.root:
             raise ValueError("data.root: expected a folder for the synthetic data set, got ''")
-        if not os.path.isdir(os.path.join(d.root, "info")):
-            if is_main:
-                from ..data.synth import generate
+        if is_main:
+            from ..data.synth import ensure_generated
 
-                log.info("generating the synthetic data set (preset %s) in %s", d.synth_preset, d.root)
-                generate(d.root, preset=d.synth_preset, seed=d.synth_seed)
-            dist_mod.barrier()
+            try:
+                if ensure_generated(d.root, preset=d.synth_preset, seed=d.synth_seed):
+                    log.info("generated the synthetic data set (preset %s) in %s", d.synth_preset, d.root)
+            except ValueError as e:
+                raise ValueError(f"data.root: {e}") from None
+        dist_mod.barrier()
         return MARS(d.root)
     if not d.root:
         raise ValueError(f"data.root: expected the {d.dataset} folder, got ''")
@@ -134,8 +137,9 @@ class _KeyedSampler:
 
 
 class _KeyedDataset(torch.utils.data.Dataset):
-    """``ds[(index, seed)]``: ``ds[index]`` drawn under ``torch.manual_seed(seed)``
-    (the process-wide RNG is left as it was)."""
+    """``ds[(index, seed)]``: ``ds[index]`` drawn with the CPU generator seeded
+    with ``seed`` (its state is restored afterwards; the CUDA generators are
+    not touched: ``torch.manual_seed`` would reseed them too)."""
 
     def __init__(self, ds) -> None:
         self.ds = ds
@@ -146,7 +150,7 @@ class _KeyedDataset(torch.utils.data.Dataset):
     def __getitem__(self, key):
         idx, seed = key
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)
             return self.ds[idx]
 
 
@@ -182,10 +186,26 @@ def _open_shards(dataset, cfg: TrainConfig, model_cfg):
     if tuple(store.size) != want:
         raise ValueError(f"data.shards: {d.shards} holds {store.size[0]}x{store.size[1]} frames, the model takes "
                          f"{want[0]}x{want[1]}; pack it with `personvlad pack --size {want[0]}x{want[1]}`")
-    n_store, n_ds = len(store.split("train")["lengths"]), sum(1 for t in dataset.train if len(t[0]) > 0)
+    packed = store.split("train")
+    train = [t for t in dataset.train if len(t[0]) > 0]  # pack_dataset leaves empty tracklets out
+    n_store, n_ds = len(packed["lengths"]), len(train)
     if store.num_train_pids != dataset.num_train_pids or n_store != n_ds:
         raise ValueError(f"data.shards: {d.shards} was packed from another data set ({n_store} training tracklets "
                          f"of {store.num_train_pids} ids; data.root has {n_ds} of {dataset.num_train_pids})")
+    # Same counts are not enough: every iLIDS-VID / PRID split has the same
+    # ones.  The tracklets themselves must match (id, length, first frame by
+    # its last two path parts, so a moved data root still matches); another
+    # split's store would put that split's test persons into training.
+    def tail(path):
+        return "/".join(os.path.normpath(str(path)).replace(os.sep, "/").split("/")[-2:])
+
+    for i, (t, pid, n, first) in enumerate(zip(train, packed["pids"].tolist(), packed["lengths"].tolist(),
+                                                packed["first_frame"].tolist())):
+        if (int(t[1]), len(t[0]), tail(t[0][0])) != (pid, n, tail(first)):
+            raise ValueError(f"data.shards: {d.shards} was packed from another data set or split: its training "
+                             f"tracklet {i} is id {pid}, {n} frames from {tail(first)}; data.root's (split "
+                             f"{d.split_id}) is id {t[1]}, {len(t[0])} frames from {tail(t[0][0])}; pack it again "
+                             f"with `personvlad pack`")
     return store
 
 
@@ -208,6 +228,34 @@ def _seed_all(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _checkpoint_files(out_dir: str) -> List[str]:
+    """The checkpoint files (``latest.pt``, ``ckpt_*.pt``) in ``out_dir``,
+    loadable or not (``best.pt`` alone is a finished run's export)."""
+    latest = os.path.join(out_dir, ckpt_mod.LATEST)
+    return ([latest] if os.path.isfile(latest) else []) + list(ckpt_mod.list_snapshots(out_dir))
+
+
+def _warn_config_changes(saved: Optional[Dict[str, Any]], cfg: TrainConfig) -> None:
+    """Log the config keys a resumed run changes against its checkpoint's."""
+    if not isinstance(saved, dict):
+        return
+
+    def flat(d, pre=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k != "model":
+                out.update(flat(v, f"{pre}{k}."))
+            else:
+                out[pre + k] = v
+        return out
+
+    a, b = flat(saved), flat(cfg.to_dict())
+    changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+    if changed:
+        log.warning("resuming with a config that differs from the checkpoint's in %s: %s",
+                    len(changed), ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed))
 
 
 def _check_device_config(cfg: TrainConfig, device: torch.device) -> None:
@@ -247,6 +295,37 @@ class _Logs:
                 self.tb = SummaryWriter(os.path.join(out_dir, "tb"))
             except Exception:  # ImportError, or a broken install
                 log.info("tensorboard is not installed: TensorBoard logs skipped (CSV logs in %s)", out_dir)
+
+    def drop_rows_after(self, iteration: int) -> None:
+        """Remove the CSV rows of iterations after ``iteration`` (rewritten
+        atomically; files without such rows are left untouched)."""
+        if not self.enabled:
+            return
+        for name in ("train_log.csv", "eval_log.csv"):
+            path = os.path.join(self.out_dir, name)
+            if not os.path.isfile(path):
+                continue
+            with open(path, newline="") as f:
+                rows = list(csv.reader(f))
+            if not rows or "iteration" not in rows[0]:
+                continue
+            col = rows[0].index("iteration")
+
+            def keep(r):
+                if len(r) != len(rows[0]):  # a row torn by a crash
+                    return False
+                try:
+                    return int(r[col]) <= iteration
+                except ValueError:
+                    return False
+
+            kept = [rows[0]] + [r for r in rows[1:] if keep(r)]
+            if len(kept) == len(rows):
+                continue
+            buf = io.StringIO()
+            csv.writer(buf).writerows(kept)
+            ckpt_mod.atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
+            log.info("%s: dropped %d row(s) after iteration %d", name, len(rows) - len(kept), iteration)
 
     def _row(self, name: str, row: Dict[str, Any]) -> None:
         path = os.path.join(self.out_dir, name)
@@ -399,6 +478,7 @@ def train(config: TrainConfig, out_dir: str, resume: bool = False, *, progress: 
     """
     if not isinstance(config, TrainConfig):
         raise ValueError(f"config: expected a TrainConfig, got {type(config).__name__}")
+    config.validate()  # again: fields may have been set after construction
     cfg = config
     dinfo = dist_mod.setup(cfg.device)
     saved = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
@@ -427,16 +507,22 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
     os.makedirs(out_dir, exist_ok=True)
 
     state = None
+    present = _checkpoint_files(out_dir)
     if resume:
         path = ckpt_mod.find_latest(out_dir)
+        if path is None and present:
+            # starting fresh would overwrite them at the first save
+            raise ValueError(f"out_dir: --resume found no loadable checkpoint among {present} (see the warnings "
+                             f"above); move them away to start afresh, or restore a good copy")
         if path is None:
             log.info("--resume: no checkpoint in %s, starting fresh", out_dir)
         else:
             state = ckpt_mod.load_checkpoint(path, map_location="cpu")
             log.info("resuming from %s (iteration %d, step %d)", path, state["iteration"], state["step"])
-    elif ckpt_mod.find_latest(out_dir) is not None:
-        raise ValueError(f"out_dir: {out_dir} already holds a checkpoint; pass resume=True (--resume) "
-                         f"or choose another output folder")
+            _warn_config_changes(state.get("config"), cfg)
+    elif present:
+        raise ValueError(f"out_dir: {out_dir} already holds checkpoint files {present}; pass resume=True "
+                         f"(--resume) or choose another output folder")
     dist_mod.barrier()
 
     dataset = load_dataset(cfg, main)
@@ -494,7 +580,12 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
 
     logs = _Logs(out_dir, main, cfg.log.tensorboard)
     if main:
-        cfg.save_yaml(os.path.join(out_dir, "config.yaml"))
+        # a crash mid-write must not leave a truncated config.yaml (whose
+        # missing keys would read as defaults)
+        ckpt_mod.atomic_write_bytes(os.path.join(out_dir, "config.yaml"), cfg.to_yaml().encode("utf-8"))
+        # rows past the checkpoint resumed from (logged before a crash) are
+        # logged again by this run: drop them, and all rows of a fresh start
+        logs.drop_rows_after(start_it)
 
     def step_of(it: int) -> int:
         return 1 if it < s1 else 2
