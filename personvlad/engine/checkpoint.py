@@ -12,7 +12,13 @@ dict), ``best`` (best metric so far) and ``metrics`` (last evaluation).
 Writes are atomic: the data goes to a temporary file in the destination
 folder, is flushed and fsync'ed, then ``os.replace``'d over the target (and
 the folder fsync'ed), so a process killed at any moment leaves either the
-old or the new file, never a half-written one.
+old or the new file, never a half-written one.  The temporary file
+(``.{name}.XXXXXXXX.tmp``) a killed save leaves behind is removed by the next
+save to the same path, so one path must have one writer at a time (two
+processes saving the same file concurrently are not supported: one may
+remove the other's temporary file, and the last replace would win anyway).
+The file gets the mode ``open()`` would give it: the existing target's mode,
+else ``0o666 & ~umask`` (not mkstemp's 0o600).
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import logging
 import os
 import random
 import re
+import stat
 import tempfile
 from typing import Any, Callable, Dict, List, Optional
 
@@ -57,12 +64,73 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _umask_now() -> Optional[int]:
+    """The process umask read without changing it (Linux >= 4.7), else None."""
+    try:
+        with open("/proc/self/status", "r", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _umask_at_import() -> int:
+    # os.umask can only be read by setting it: done once, at import (single
+    # threaded then), since a thread creating a file between the two calls
+    # would get umask 0.  Used only where /proc/self/status has no Umask line.
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK_AT_IMPORT = _umask_at_import()
+
+
+def _file_mode(path: str) -> int:
+    """The permission bits ``open(path, "w")`` would leave ``path`` with."""
+    try:
+        return stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mask = _umask_now()
+        return 0o666 & ~(_UMASK_AT_IMPORT if mask is None else mask)
+
+
+def _tmp_name_re(base: str) -> "re.Pattern[str]":
+    # mkstemp names: prefix + 8 chars of [a-z0-9_] + suffix (no dot inside, so
+    # "latest.pt" never matches the temporary files of "latest.pt.bak")
+    return re.compile(re.escape(f".{base}.") + r"[a-z0-9_]{8}" + re.escape(".tmp"))
+
+
+def _remove_stale_tmp(directory: str, base: str) -> None:
+    """Remove ``.{base}.XXXXXXXX.tmp`` files left by saves killed before their
+    replace (one writer per path: any such file is not this save's)."""
+    pat = _tmp_name_re(base)
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return
+    for name in names:
+        if pat.fullmatch(name):
+            try:
+                os.unlink(os.path.join(directory, name))
+                log.info("removed a stale temporary file %s", os.path.join(directory, name))
+            except OSError:
+                pass
+
+
 def _atomic(path: str, write: Callable[[Any], None]) -> None:
     directory = os.path.dirname(os.path.abspath(path))
+    base = os.path.basename(path)
     os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    _remove_stale_tmp(directory, base)
+    mode = _file_mode(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:
+            if hasattr(os, "fchmod"):  # POSIX
+                os.fchmod(f.fileno(), mode)
             write(f)
             f.flush()
             os.fsync(f.fileno())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence
@@ -33,6 +34,10 @@ LOSSES = ("oim", "softmax", "triplet")
 AMP_MODES = ("auto", "bf16", "fp32")
 # no CUDA-graph modes: the OIM buffers and the optimizer change between steps outside the graph
 COMPILE_MODES = ("off", "default", "max-autotune-no-cudagraphs")
+# seeds are non-negative signed 64-bit ints: torch.manual_seed overflows past 2**64 and
+# np.random.SeedSequence refuses negatives; int64 keeps them representable everywhere
+SEED_LIMIT = 2 ** 63
+_CUDA_DEVICE = re.compile(r"cuda:[0-9]+")
 
 
 @dataclass
@@ -124,6 +129,7 @@ class TrainConfig:
 
     # ------------------------------------------------------------- validation
     def validate(self) -> None:
+        _check_fields(self, "")  # types first: the checks below compare and do arithmetic
         d, lo, op, s, lg = self.data, self.loss, self.optim, self.schedule, self.log
         _choice("data.dataset", d.dataset, DATASETS)
         _choice("loss.name", lo.name, LOSSES)
@@ -131,8 +137,14 @@ class TrainConfig:
         _choice("compile", self.compile, COMPILE_MODES)
         _choice("optim.name", op.name, ("adam",))
         _choice("optim.fused", op.fused, ("auto", "on", "off"))
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise ValueError(f"device: expected auto|cpu|cuda|cuda:N, got {self.device!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or _CUDA_DEVICE.fullmatch(self.device)):
+            raise ValueError(f"device: expected auto|cpu|cuda|cuda:N (N an int >= 0), got {self.device!r}")
+        for name, v in (("seed", self.seed), ("data.synth_seed", d.synth_seed)):
+            if not 0 <= v < SEED_LIMIT:
+                raise ValueError(f"{name}: expected an int in [0, 2**63), got {v!r}")
+        from ..data.synth import PRESETS  # numpy only; lazy like model_config()
+
+        _choice("data.synth_preset", d.synth_preset, sorted(PRESETS))
         for name, v, lo_ in (
             ("data.num_ids", d.num_ids, 1), ("data.num_per_id", d.num_per_id, 1), ("data.workers", d.workers, 0),
             ("data.test_stride", d.test_stride, 1), ("data.test_batch_size", d.test_batch_size, 1),
@@ -153,6 +165,11 @@ class TrainConfig:
                         ("schedule.step1_gamma", s.step1_gamma), ("schedule.step2_gamma", s.step2_gamma)):
             if not (math.isfinite(v) and v > 0):
                 raise ValueError(f"{name}: expected a finite number > 0, got {v!r}")
+        # margin 0 is a valid (hinge at zero) triplet loss; weight 0 turns the triplet term off
+        for name, v in (("optim.weight_decay", op.weight_decay), ("loss.margin", lo.margin),
+                        ("loss.triplet_weight", lo.triplet_weight)):
+            if not (math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name}: expected a finite number >= 0, got {v!r}")
         if not 0.0 <= d.flip_p <= 1.0:
             raise ValueError(f"data.flip_p: expected a probability in [0, 1], got {d.flip_p!r}")
         if not 0.0 <= lo.momentum <= 1.0:
@@ -274,7 +291,25 @@ def _build(cls, d: Dict[str, Any], prefix: str):
         raise ValueError(f"{prefix or 'config'}: {e}") from None
 
 
-def _coerce(name: str, v: Any, tp):
+def _check_fields(obj, prefix: str) -> None:
+    """Type-check the fields of a constructed config (``TrainConfig(...)``
+    directly, or after attributes were set): the strict form of
+    :func:`_coerce`, so a bad value is a ValueError naming its dotted key."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name, v, tp = prefix + f.name, getattr(obj, f.name), hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(v, tp):
+                raise ValueError(f"{name}: expected a {tp.__name__} (TrainConfig.from_dict takes mappings), "
+                                 f"got {type(v).__name__}")
+            _check_fields(v, name + ".")
+        else:
+            _coerce(name, v, tp, strict=True)
+
+
+def _coerce(name: str, v: Any, tp, strict: bool = False):
+    """``v`` checked against the field type ``tp`` (ValueError naming ``name``);
+    ``strict=False`` (YAML/dict input) also reads numeric strings for floats."""
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if dataclasses.is_dataclass(tp):
@@ -285,7 +320,7 @@ def _coerce(name: str, v: Any, tp):
         if v is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(name, v, inner[0])
+        return _coerce(name, v, inner[0], strict)
     if origin in (dict, Dict):
         if not isinstance(v, dict):
             raise ValueError(f"{name}: expected a mapping, got {v!r}")
@@ -293,7 +328,7 @@ def _coerce(name: str, v: Any, tp):
     if origin in (list, List):
         if not isinstance(v, (list, tuple)):
             raise ValueError(f"{name}: expected a list, got {v!r}")
-        return [_coerce(f"{name}[{i}]", x, args[0]) for i, x in enumerate(v)] if args else list(v)
+        return [_coerce(f"{name}[{i}]", x, args[0], strict) for i, x in enumerate(v)] if args else list(v)
     if tp is bool:
         if not isinstance(v, bool):
             raise ValueError(f"{name}: expected a bool (true/false), got {v!r}")
@@ -304,7 +339,7 @@ def _coerce(name: str, v: Any, tp):
         return v
     if tp is float:
         if isinstance(v, bool) or not isinstance(v, (int, float)):
-            if isinstance(v, str):  # YAML 1.1 reads "1e-4" as a string
+            if isinstance(v, str) and not strict:  # YAML 1.1 reads "1e-4" as a string
                 try:
                     return float(v)
                 except ValueError:

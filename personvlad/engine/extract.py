@@ -72,13 +72,20 @@ def extract_split(model, tracklets: Sequence, clip_len: Optional[int] = None, si
                   batch_size: int = 32, workers: int = 2, amp: str = "auto", progress: bool = True,
                   desc: str = "extract", channels_last: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tracklet feats (n, D), clip feats (total, D), clip counts (n,)) for
-    ``tracklets`` (list of (frame_paths, pid, camid))."""
+    ``tracklets`` (list of (frame_paths, pid, camid)); row ``i`` is
+    ``tracklets[i]``.  An empty tracklet (no frames) is a ValueError."""
     from ..data.loader import build_test_loader
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
     if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"stride: expected an int >= 1, got {stride!r}")
+    # The test loader drops empty tracklets and renumbers the rest, which would
+    # put features on the wrong rows here: refuse them (the readers never
+    # produce one -- MARS/iLIDS-VID/PRID drop theirs with a warning).
+    for i, t in enumerate(tracklets):
+        if isinstance(t, (list, tuple)) and len(t) == 3 and len(t[0]) == 0:
+            raise ValueError(f"tracklets[{i}]: empty tracklet (pid {t[1]}, cam {t[2]}): expected >= 1 frame")
     cfg = model.config
     clip_len = clip_len or cfg.clip_len
     size = size or (cfg.height, cfg.width)
@@ -90,6 +97,8 @@ def extract_split(model, tracklets: Sequence, clip_len: Optional[int] = None, si
         return (np.zeros((0, D), np.float32), np.zeros((0, D), np.float32), np.zeros((0,), np.int64))
     loader = build_test_loader(list(tracklets), clip_len=clip_len, size=size, stride=stride, mode="all",
                                batch_size=batch_size, workers=workers)
+    if len(loader.dataset.tracklets) != n:  # pragma: no cover - guarded above
+        raise RuntimeError(f"extract: expected {n} tracklets in the test loader, got {len(loader.dataset.tracklets)}")
     counts = np.asarray(loader.dataset.clip_counts, dtype=np.int64)
     total = int(counts.sum())
     clip_feats = torch.empty(total, D, dtype=torch.float32)
