@@ -289,9 +289,11 @@ def _dist_worker(rank, world, init_file, result_dir):
     try:
         torch.manual_seed(100 + rank)  # each rank sees different data
         loss = OIMLoss(4, 6, queue_size=5, num_sampled=3)
-        for _ in range(3):
+        for step in range(3):
             x = torch.randn(4, 4, requires_grad=True)
             y = torch.tensor([rank, rank + 2, -1, (rank * 3) % 6])
+            if step == 2 and rank == 1:  # uneven last batch (DistributedSampler without drop_last)
+                x, y = x[:2].detach().requires_grad_(True), torch.tensor([1, -1])
             loss(x, y).backward()
         torch.save({k: v.clone() for k, v in loss.state_dict().items()},
                    os.path.join(result_dir, f"rank{rank}.pt"))
@@ -312,7 +314,9 @@ def test_oim_buffers_identical_across_gloo_ranks(tmp_path):
     for k in s0:
         assert torch.equal(s0[k], s1[k]), k
     # both ranks' features reached the table: 3 steps x 2 ranks x 1 unlabeled = 6 > 5 slots
+    # (the last step's batches were 4 and 2 samples: no padding row got in)
     assert int(s0["queue_filled"]) == 5 and int(s0["queue_ptr"]) == 1
+    assert (s0["queue"].norm(dim=1) - 1).abs().max() < 1e-5  # every slot a normalised feature
     # rank 0 uses ids {0, 2}, rank 1 ids {1, 3}: both ranks' rows were written on each rank
     written = (s0["lut"].norm(dim=1) > 0.5).nonzero().flatten().tolist()
     assert written == [0, 1, 2, 3]

@@ -26,7 +26,8 @@ out of the logits rather than counted as all-zero features.
 Under an initialised ``torch.distributed`` process group with more than one
 process the (detached, normalised) features and the labels of every rank are
 all-gathered (in rank order) before the update, so every rank applies the
-same updates and holds identical buffers; the gradient stays local.
+same updates and holds identical buffers; the gradient stays local.  The
+ranks' batch sizes may differ.
 
 Updates happen only in training mode (``loss.train()``, the default); in
 ``eval()`` mode the forward computes the loss and leaves the buffers alone.
@@ -70,6 +71,26 @@ def _all_gather(t: torch.Tensor) -> torch.Tensor:
     out = [torch.empty_like(t) for _ in range(world)]
     torch.distributed.all_gather(out, t.contiguous())
     return torch.cat(out, 0)
+
+
+def _gather_batches(x: torch.Tensor, host: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's features and host labels, in rank order.  The ranks may
+    hold different batch sizes (the last batch of a DistributedSampler
+    without drop_last): the sizes are gathered first (one small collective
+    and a sync), each batch is padded to the largest and the padding dropped
+    after the gather.  all_gather itself needs equal sizes."""
+    n = x.shape[0]
+    sizes = _all_gather(torch.tensor([n], dtype=torch.long, device=x.device)).cpu()
+    m = int(sizes.max())
+    if m != n:
+        x = torch.cat([x, x.new_zeros(m - n, x.shape[1])], 0)
+        host = torch.cat([host, host.new_full((m - n,), -1)], 0)
+    xs = _all_gather(x.contiguous())
+    hs = _all_gather(_to(host, x.device)).cpu()  # a sync, beside the collective
+    if int(sizes.min()) == m:
+        return xs, hs
+    keep = (torch.arange(m)[None, :] < sizes[:, None]).flatten()  # rank-major, like the gather
+    return xs[_to(keep, xs.device)], hs[keep]
 
 
 class OIMLoss(nn.Module):
@@ -229,8 +250,7 @@ class OIMLoss(nn.Module):
     @torch.no_grad()
     def _update(self, x: torch.Tensor, host: torch.Tensor) -> None:
         if _dist_world() > 1:
-            x = _all_gather(x.contiguous())
-            host = _all_gather(_to(host, x.device)).cpu()  # one sync, beside the collective
+            x, host = _gather_batches(x, host)
         x = x.to(self.lut.dtype)
         self._update_lut(x, host)
         unl = torch.nonzero(host < 0).squeeze(1)
