@@ -156,6 +156,23 @@ def test_ilidsvid_reader(tmp_path):
     assert [t[1] for t in swapped.query] == [1, 4, 10]
 
 
+def test_ilidsvid_ignores_directories_not_named_person(tmp_path, caplog):
+    """Stray folders sort among the persons (".ipynb_checkpoints" first,
+    "person001_old" after person001) and would shift every ls_set index."""
+    ls = [[2, 5, 6, 1, 3, 4]]
+    root = _ilids_tree(str(tmp_path), ls)
+    want = ILIDSVID(root, split_id=0)
+    for cam in ("cam1", "cam2"):
+        for stray in (".ipynb_checkpoints", "person001_old", "backup"):
+            os.makedirs(os.path.join(root, "i-LIDS-VID", "sequences", cam, stray), exist_ok=True)
+    with caplog.at_level(logging.WARNING):
+        got = ILIDSVID(root, split_id=0)
+    for split in ("train", "query", "gallery"):
+        assert getattr(got, split) == getattr(want, split), split
+    assert any("not named personNNN" in r.getMessage() and "person001_old" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_ilidsvid_errors(tmp_path, caplog):
     root = _ilids_tree(str(tmp_path / "a"), [[2, 5, 6, 1, 3, 4]], empty=("cam2", "person011"))
     with caplog.at_level(logging.WARNING):

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 Tracklet = Tuple[Tuple[str, ...], int, int]
 
 _NUM_RE = re.compile(r"(\d+)")
+_ILIDS_PERSON_RE = re.compile(r"person\d+")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -253,7 +254,17 @@ class ILIDSVID(VideoDataset):
             raise ValueError(f"{split_path}: ls_set must be 2-D (num_splits, even number of persons); got {ls.shape}")
         if not 0 <= split_id < ls.shape[0]:
             raise ValueError(f"split_id: expected 0 <= split_id < {ls.shape[0]} (splits in {split_path}); got {split_id}")
-        persons = [natural_sorted([d for d in os.listdir(c) if os.path.isdir(os.path.join(c, d))]) for c in cams]
+        # ls_set indexes the sorted personNNN directories: anything else there
+        # (".ipynb_checkpoints", "backup") would shift every index, so it is
+        # left out, and said
+        persons = []
+        for c in cams:
+            subdirs = [d for d in os.listdir(c) if os.path.isdir(os.path.join(c, d))]
+            other = sorted(d for d in subdirs if not _ILIDS_PERSON_RE.fullmatch(d))
+            if other:
+                log.warning("iLIDS-VID: %s: ignoring %d directorie(s) not named personNNN: %s", c, len(other),
+                            other[:5])
+            persons.append(natural_sorted([d for d in subdirs if _ILIDS_PERSON_RE.fullmatch(d)]))
         if persons[0] != persons[1]:
             only = sorted(set(persons[0]) ^ set(persons[1]))[:5]
             raise ValueError(f"{seq}: expected the same person directories in cam1 and cam2; differing: {only}")
