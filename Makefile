@@ -54,7 +54,9 @@ cmake-test: $(STAMP_DEPS)  # needs torch only, not the Python extension
 # tree, which must stay .venv's.  One GPU architecture is enough to check that
 # the sources compile against that torch's headers.  Triton 3.6's interpreter
 # needs numpy < 2.4 (it converts 1-element arrays to Python ints, which numpy
-# 2.4 refuses).
+# 2.4 refuses).  The tests marked `emulation` (CUDA device code on the CPU)
+# and `packaging` (sdist -> wheel -> install) do not depend on torch's
+# version and run in `make test` only.
 COMPAT_TORCH ?= 2.11.0
 COMPAT_NUMPY ?= numpy<2.4
 COMPAT_VENV ?= .venv-torch$(COMPAT_TORCH)
@@ -72,7 +74,7 @@ compat-test: $(COMPAT_VENV)/.deps-installed
 	git ls-files -z | tar --null -T - -cf - | tar -xf - -C $(COMPAT_DIR)
 	cd $(COMPAT_DIR) && TORCH_CUDA_ARCH_LIST="9.0" $(COMPAT_PY) -m pip install -q --no-build-isolation --no-deps -e .
 	cd $(COMPAT_DIR) && $(COMPAT_PY) -c "import torch, triton, personvlad.ops as o; print('compat: torch', torch.__version__, 'triton', triton.__version__, 'extension', o.extension_loaded())"
-	cd $(COMPAT_DIR) && $(COMPAT_PY) -m pytest -q -p no:cacheprovider -m "not emulation" tests
+	cd $(COMPAT_DIR) && $(COMPAT_PY) -m pytest -q -p no:cacheprovider -m "not emulation and not packaging" tests
 
 clean:
 	rm -rf build build-cmake build-compat *.egg-info personvlad/_C*.so $(STAMP)
