@@ -139,6 +139,29 @@ def test_shipped_configs_load():
     assert TrainConfig.from_yaml(os.path.join(REPO, "configs", "gp-avg.yaml")).model_config().head == "avg"
 
 
+def test_shipped_configs_resolve_by_name(tmp_path, monkeypatch):
+    """The configs ship as personvlad.configs: `--config mars` (or the
+    README's configs/mars.yaml run outside a checkout) finds them; a path
+    that exists wins; any other missing path is an error listing the names."""
+    from personvlad.engine.config import resolve_config, shipped_configs
+
+    shipped = shipped_configs()
+    assert set(shipped) == {os.path.basename(p)[:-5] for p in glob.glob(os.path.join(REPO, "configs", "*.yaml"))}
+    for name in shipped:
+        with open(shipped[name], "rb") as a, open(os.path.join(REPO, "configs", name + ".yaml"), "rb") as b:
+            assert a.read() == b.read(), name
+    monkeypatch.chdir(tmp_path)  # no configs/ here
+    assert resolve_config("mars") == shipped["mars"] == resolve_config("mars.yaml")
+    assert resolve_config(os.path.join("configs", "prid.yaml")) == shipped["prid"]
+    mine = tmp_path / "mars.yaml"
+    mine.write_text("name: mine\n")
+    assert resolve_config(str(mine)) == str(mine)  # an existing file is taken as given
+    for bad in ("marz", os.path.join("elsewhere", "mars.yaml")):
+        with pytest.raises(FileNotFoundError, match=r"expected a YAML training config file or the name of a "
+                                                    r"shipped config \(gp-avg, .*synthetic-tiny\)"):
+            resolve_config(bad)
+
+
 def test_step_schedule():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.Adam([p], lr=1.0)

@@ -55,6 +55,9 @@ assert torch.allclose(got, want, atol=1e-12, rtol=0), (got - want).abs().max()
 import personvlad.kernels, personvlad.kernels.person_vlad as k  # the Triton kernels ship as personvlad.kernels
 assert os.path.realpath(k.__file__).startswith(os.path.realpath(site)), k.__file__
 from personvlad import _backend_table
+from personvlad.engine.config import TrainConfig, resolve_config
+assert os.path.realpath(resolve_config("mars")).startswith(os.path.realpath(site))  # the shipped configs
+assert TrainConfig.from_yaml(resolve_config("mars")).data.dataset == "mars"
 assert os.path.isfile(os.path.join(os.path.dirname(personvlad.__file__), "backend_table.json"))
 print("installed package OK")
 """
@@ -96,7 +99,7 @@ def test_sdist_builds_a_wheel_that_works_outside_the_repo(tmp_path):
         names = set(z.namelist())
     assert any(n.startswith("personvlad/_C") and n.endswith(".so") for n in names), "no compiled extension"
     for n in ("personvlad/kernels/person_vlad.py", "personvlad/kernels/conv_epilogue.py",
-              "personvlad/backend_table.json", "personvlad/ops.py"):
+              "personvlad/backend_table.json", "personvlad/ops.py", "personvlad/configs/mars.yaml"):
         assert n in names, f"{whl.name} lacks {n}"
     assert not any(n.startswith(("csrc/", "tests/", "kernels/")) for n in names)
 

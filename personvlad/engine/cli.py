@@ -46,7 +46,8 @@ def register(subparsers) -> None:
                     "halved every N iterations), step 2 (joint fine-tuning), OIM loss; atomic checkpoints "
                     "(latest.pt, best.pt by mAP), CSV/TensorBoard logs, periodic evaluation (both protocols). "
                     "Under torchrun (RANK/WORLD_SIZE set) it runs DDP: NCCL on GPUs, gloo on CPU.", epilog=TRAIN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", help="YAML training config (configs/*.yaml); with --resume and no --config, "
+    p.add_argument("--config", help="YAML training config: a file, or the name of a shipped one (mars, ilidsvid, "
+                                    "prid, synthetic-tiny, ...: configs/*.yaml); with --resume and no --config, "
                                     "the run's own: the one stored in its latest checkpoint (else, before "
                                     "the first checkpoint, --out/config.yaml)")
     p.add_argument("--override", action="extend", nargs="+", default=[], metavar="KEY=VALUE",
@@ -86,12 +87,17 @@ def register(subparsers) -> None:
 
 def train_main(args) -> int:
     from .checkpoint import find_latest, load_checkpoint
-    from .config import TrainConfig
+    from .config import TrainConfig, resolve_config
     from .trainer import train
 
     _setup_logging()
     if args.config:
-        cfg = TrainConfig.from_yaml(args.config)
+        try:
+            path = resolve_config(args.config)
+        except FileNotFoundError as e:
+            print(f"error: --config {e}", file=sys.stderr)
+            return 2
+        cfg = TrainConfig.from_yaml(path)
     elif args.resume and args.out:
         # the checkpoint's config is the one its weights were trained with;
         # config.yaml is only the record of a run that crashed before its

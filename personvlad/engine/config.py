@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -214,6 +215,8 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str) -> "TrainConfig":
+        """The config in the YAML file ``path``; see also :func:`resolve_config`
+        for the shipped configs by name."""
         try:
             with open(path, "r", encoding="utf-8") as f:
                 d = yaml.safe_load(f)
@@ -351,3 +354,35 @@ def _coerce(name: str, v: Any, tp, strict: bool = False):
             raise ValueError(f"{name}: expected a string, got {v!r}")
         return v
     return v  # Any
+
+
+# ----------------------------------------------------------------- shipped configs
+def shipped_configs() -> Dict[str, str]:
+    """``{name: path}`` of the configs installed with the package
+    (``personvlad.configs``: the repository's ``configs/*.yaml``)."""
+    from importlib import resources
+
+    try:
+        root = resources.files("personvlad.configs")
+    except ModuleNotFoundError:  # pragma: no cover - a broken install
+        return {}
+    return {os.path.splitext(e.name)[0]: str(e) for e in sorted(root.iterdir(), key=lambda e: e.name)
+            if e.name.endswith(".yaml")}
+
+
+def resolve_config(name_or_path: str) -> str:
+    """``name_or_path`` where it is a file, else the shipped config of that
+    name (``"mars"`` or ``"mars.yaml"``), so an installed package trains
+    without a checkout.  FileNotFoundError naming both and the shipped names."""
+    if os.path.isfile(name_or_path):
+        return name_or_path
+    name = os.path.basename(name_or_path)
+    name = name[:-5] if name.endswith(".yaml") else name
+    shipped = shipped_configs()
+    # a bare name, or the README's configs/<name>.yaml run from outside a checkout
+    bare = os.path.dirname(os.path.normpath(name_or_path)) in ("", "configs")
+    if bare and name in shipped:
+        return shipped[name]
+    raise FileNotFoundError(f"{name_or_path}: expected a YAML training config file or the name of a shipped "
+                            f"config ({', '.join(shipped) or 'none installed'}); not found")
+
