@@ -379,6 +379,9 @@ def _check(y: torch.Tensor, bias: torch.Tensor):
     if not isinstance(y, torch.Tensor) or y.dim() != 5:
         raise ValueError(f"y: expected a 5-D tensor (N, C, D, H, W), got "
                          f"{tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}")
+    if not (y.is_cuda or (INTERPRET and y.device.type == "cpu")):
+        raise ValueError(f"y: expected a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1 set before "
+                         f"this module is imported), got device {y.device}")
     if y.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"y: expected dtype in {[str(d) for d in SUPPORTED_DTYPES]}, got {y.dtype}")
     if not isinstance(bias, torch.Tensor) or bias.shape != (y.shape[1],):

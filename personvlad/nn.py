@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from .ops import person_vlad
+from .ops import BACKENDS, _check_same_device, person_vlad
 
 __all__ = ["PersonVLAD", "kmeans"]
 
@@ -96,8 +96,12 @@ class PersonVLAD(nn.Module):
         for name, v, lo in (("dim", dim, 1), ("num_clusters", num_clusters, 1), ("num_parts", num_parts, 0)):
             if not isinstance(v, int) or isinstance(v, bool) or v < lo:
                 raise ValueError(f"{name}: expected an int >= {lo}, got {v!r}")
-        if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        if not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                and math.isfinite(alpha) and alpha > 0):
             raise ValueError(f"alpha: expected a finite float > 0, got {alpha!r}")
+        backends = ("auto",) + tuple(BACKENDS)
+        if not isinstance(backend, str) or backend not in backends:
+            raise ValueError(f"backend: expected one of {backends}, got {backend!r}")
         self.dim = dim
         self.num_clusters = num_clusters
         self.num_parts = num_parts
@@ -161,6 +165,9 @@ class PersonVLAD(nn.Module):
             raise ValueError(f"x: expected shape (N, dim={self.dim}, *S) with 1-3 spatial dims, got {shape}")
         if not x.is_floating_point():  # before the part maps' matmul (which would fail or cast the weights)
             raise ValueError(f"x: expected a floating-point dtype, got {x.dtype}")
+        # Also before the part maps' matmul: the op's ValueError, not the matmul's RuntimeError.
+        _check_same_device("", x, assign_weight=self.assign_weight, assign_bias=self.assign_bias,
+                           centers=self.centers, part_weight=self.part_weight, part_bias=self.part_bias)
         parts = self.part_maps(x)
         out = person_vlad(
             x, parts, self.assign_weight, self.assign_bias, self.centers,

@@ -116,12 +116,20 @@ def _pool_args(kernel_size, stride, padding):
 
 def epilogue_ref(y: torch.Tensor, bias: torch.Tensor, kernel_size=None, stride=None, padding=0,
                  ceil_mode: bool = False) -> torch.Tensor:
-    """Eager ``max_pool3d(relu(y + bias))`` in float32 math, result in ``y.dtype``."""
-    z = F.relu(y.float() + bias.float().view(1, -1, 1, 1, 1))
+    """Eager ``max_pool3d(relu(y + bias))`` in float32 math (float64 for float64
+    ``y``: at least float32, never narrower than ``y``), result in ``y.dtype``."""
+    ct = torch.promote_types(y.dtype, torch.float32)
+    z = F.relu(y.to(ct) + bias.to(ct).view(1, -1, 1, 1, 1))
     if kernel_size is not None:
         z = F.max_pool3d(z, kernel_size, stride if stride is not None else kernel_size, padding,
                          ceil_mode=ceil_mode)
     return z.to(y.dtype)
+
+
+def _triton_dtype_ok(y: torch.Tensor) -> bool:
+    """Whether the Triton kernel takes ``y``'s dtype: float32/float16, and
+    bfloat16 on CUDA only (the interpreter has no bf16); never float64."""
+    return y.dtype in (torch.float32, torch.float16) or (y.dtype == torch.bfloat16 and y.is_cuda)
 
 
 def _run_epilogue(y, bias, kernel_size, stride, padding, ceil_mode, backend):
@@ -130,16 +138,15 @@ def _run_epilogue(y, bias, kernel_size, stride, padding, ceil_mode, backend):
         # eager checks below would have decided for a usable install.
         kmod = _KMOD
         ok = kmod is not None and (y.is_cuda or (y.device.type == "cpu" and kmod.INTERPRET))
-        if ok and (y.is_cuda or y.dtype != torch.bfloat16):
+        if ok and _triton_dtype_ok(y):  # the eager "auto" branch's dtype condition
             return kmod.bias_relu_pool3d(y, bias, kernel_size, stride, padding, ceil_mode)
         if backend == "triton":
-            raise ValueError("backend: 'triton' is not usable here")
+            raise ValueError(f"backend: 'triton' is not usable here (y: {y.dtype} on {y.device})")
         return epilogue_ref(y, bias, kernel_size, stride, padding, ceil_mode)
     use_triton = backend == "triton"
     if backend == "auto":
-        # The interpreter (CPU) has no bf16: there bf16 takes the eager path.
-        ok_dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if y.is_cuda else ())
-        use_triton = y.dtype in ok_dtypes and triton_epilogue_usable(y.device)[0]
+        # The kernel has no float64 and the interpreter (CPU) no bf16: those take the eager path.
+        use_triton = _triton_dtype_ok(y) and triton_epilogue_usable(y.device)[0]
     elif backend == "triton":
         ok, why = triton_epilogue_usable(y.device)
         if not ok:
@@ -202,6 +209,9 @@ class FusedConv3d(nn.Conv3d):
 
     def __init__(self, *args, pool: Optional[Dict[str, Any]] = None, backend: str = "auto", **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.bias is None:  # like from_conv: the epilogue adds the bias, there must be one
+            raise ValueError("bias: expected bias=True (FusedConv3d fuses the conv bias into its "
+                             "bias + ReLU epilogue), got bias=False")
         self._set_epilogue(pool, backend)
 
     def _set_epilogue(self, pool, backend):
@@ -252,9 +262,18 @@ def _fusable_conv(m: nn.Module) -> bool:
 
 
 def _fusable_pool(m: nn.Module) -> bool:
+    """A MaxPool3d the epilogue can absorb: no indices, dilation 1 and a
+    window / padding :func:`_pool_args` accepts (at most 127 elements: the
+    kernel's int8 offsets).  Any other pool stays a module of its own."""
     if type(m) is not nn.MaxPool3d or m.return_indices:
         return False
-    return m.dilation in (1, (1, 1, 1))
+    if m.dilation not in (1, (1, 1, 1), [1, 1, 1]):
+        return False
+    try:
+        _pool_args(m.kernel_size, m.stride, m.padding)
+    except (ValueError, TypeError):
+        return False
+    return True
 
 
 def _fuse_sequential(seq: nn.Sequential, backend: str) -> int:
@@ -277,17 +296,20 @@ def _fuse_sequential(seq: nn.Sequential, backend: str) -> int:
 
 
 def _fuse_c3d(backbone: nn.Module, backend: str) -> int:
-    """All convs of a C3DBackbone (they share one ReLU), or none."""
+    """All convs of a C3DBackbone (they share one ReLU), or none.  A pool the
+    epilogue cannot absorb (:func:`_fusable_pool`) stays after its fused conv."""
     from .models.backbone import POOLS
 
     if getattr(backbone, "batch_norm", True) or type(backbone.relu) is not nn.ReLU:
         return 0
     convs = backbone.convs()
     pools = {name: getattr(backbone, "pool" + name[4]) for name, _ in convs if name in POOLS}
-    if not all(_fusable_conv(c) for _, c in convs) or not all(_fusable_pool(q) for q in pools.values()):
+    if not all(_fusable_conv(c) for _, c in convs):
         return 0
     for name, conv in convs:
         pool = pools.get(name)
+        if pool is not None and not _fusable_pool(pool):
+            pool = None  # conv + ReLU fused; the pool module runs after it as before
         setattr(backbone, name, FusedConv3d.from_conv(conv, pool, backend))
         if pool is not None:
             setattr(backbone, "pool" + name[4], nn.Identity())
@@ -300,7 +322,9 @@ def fuse_conv_relu_pool(model: nn.Module, backend: str = "auto") -> nn.Module:
 
     Handled: ``Conv3d -> ReLU [-> MaxPool3d]`` runs inside any ``nn.Sequential``
     and the convs of a :class:`personvlad.models.C3DBackbone` without batch
-    norm.  Returns ``model``; ``count_fused(model)`` says how many convs were
+    norm.  A MaxPool3d the kernel cannot absorb (dilation, ``return_indices``,
+    a window of over 127 elements) stays a module of its own after the fused
+    conv + ReLU.  Returns ``model``; ``count_fused(model)`` says how many convs were
     fused.  Works the same before or after ``.to(device)``.
     """
     if not isinstance(model, nn.Module):

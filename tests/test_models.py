@@ -17,8 +17,8 @@ from personvlad.models import (
     min_input_size, model_from_state, model_state, read_weight_file,
 )
 from personvlad.models.parts import bin_masks
-from personvlad.nn import kmeans
-from personvlad.ops import person_vlad
+from personvlad.nn import PersonVLAD, kmeans
+from personvlad.ops import BACKENDS, person_vlad
 
 COMBOS = [(h, p) for h in HEADS for p in PART_MODES]
 
@@ -84,6 +84,21 @@ def test_tiny_shapes_and_normalised(head, parts):
     torch.testing.assert_close(model(x), desc)
     # another input size that survives the pools
     assert model(torch.rand(1, 3, 9, 40, 20)).shape == (1, model.output_dim)
+
+
+@pytest.mark.parametrize("head,parts", COMBOS)
+def test_empty_batch(head, parts):
+    """N = 0 gives (0, output_dim) descriptors and (0, B, T', H', W') maps (the
+    avg/max heads and learned parts used to reshape(N, D, -1), which cannot
+    infer -1 when N = 0)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", head=head, parts=parts).eval()
+    x = torch.rand(0, 3, 8, 32, 16)
+    with torch.no_grad():
+        desc, maps = model(x, return_parts=True)
+        assert model(x).shape == (0, model.output_dim)
+    assert desc.shape == (0, model.output_dim) and desc.dtype == torch.float32
+    assert maps.shape == (0, _expected_parts(model.config), *model.feature_shape(8, 32, 16))
 
 
 def test_output_dims_documented():
@@ -243,6 +258,25 @@ def test_uint8_input_and_validation():
         model(torch.rand(3, 8, 64, 32))
     with pytest.raises(ValueError, match="int64"):
         model(torch.zeros(1, 3, 8, 64, 32, dtype=torch.int64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["f64", "f16", "bf16"])
+def test_uint8_input_in_model_dtype(dtype):
+    """uint8 clips are divided by 255 in the model's dtype (they used to become
+    float32 whatever the model's dtype: a float64/half/bf16 model failed)."""
+    torch.manual_seed(0)
+    model = build_model("tiny", alpha=5.0).eval()
+    u8 = torch.randint(0, 256, (2, 3, 8, 32, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    ref64 = (u8.double() / 255).to(dtype)  # the exact quotient, rounded once to the model's dtype
+    model = model.to(dtype)
+    with torch.no_grad():
+        out = model(u8)
+        ref = model(ref64)
+    assert out.dtype == dtype and out.shape == (2, model.output_dim)
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    else:
+        torch.testing.assert_close(out, ref)
 
 
 # ----------------------------------------------------------------------
@@ -479,6 +513,34 @@ def test_init_centers_from_kmeans_on_raw_features():
         init_centers_from(build_model("tiny", head="avg"), batches)
     with pytest.raises(ValueError, match="num_descriptors"):
         collect_descriptors(model, batches, num_descriptors=0)
+
+
+# ----------------------------------------------------------------------
+# The PersonVLAD layer's own checks (the vlad head's layer)
+# ----------------------------------------------------------------------
+def test_personvlad_layer_rejects_bad_backend_and_bool_alpha():
+    for backend in ("bogus", None, 3, "AUTO"):
+        with pytest.raises(ValueError, match="backend: expected one of"):
+            PersonVLAD(8, num_clusters=4, num_parts=2, backend=backend)
+    for backend in ("auto",) + BACKENDS:  # construction does not need the backend to be usable here
+        assert PersonVLAD(8, num_clusters=4, num_parts=2, backend=backend).backend == backend
+    for alpha in (True, False):
+        with pytest.raises(ValueError, match="alpha: expected a finite float > 0"):
+            PersonVLAD(8, num_clusters=4, num_parts=2, alpha=alpha)
+    assert PersonVLAD(8, num_clusters=4, alpha=2).alpha == 2.0
+
+
+@pytest.mark.parametrize("num_parts", [0, 3])
+def test_personvlad_layer_device_mismatch_is_valueerror(num_parts):
+    """x and the layer on different devices: the op's ValueError (also with
+    learned parts, whose matmul used to raise a RuntimeError first)."""
+    torch.manual_seed(0)
+    layer = PersonVLAD(8, num_clusters=4, num_parts=num_parts)
+    x = torch.randn(2, 8, 3, 4)
+    with pytest.raises(ValueError, match=r"assign_weight: expected device meta .*got cpu"):
+        layer(x.to("meta"))
+    with pytest.raises(ValueError, match=r"assign_weight: expected device cpu .*got meta"):
+        layer.to("meta")(x)
 
 
 # ----------------------------------------------------------------------

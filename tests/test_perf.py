@@ -6,6 +6,8 @@ checks on a GPU (bf16 included) and exercise the CUDA-graph runner.
 """
 import copy
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -147,6 +149,37 @@ def test_epilogue_bad_input_raises_valueerror(bad, match):
     b = bad.get("b", torch.zeros(3)).to(DEV)
     with pytest.raises(ValueError, match=match):
         ce.bias_relu_pool3d(y, b, bad.get("k", (1, 2, 2)), None, bad.get("p", 0))
+
+
+@needs_triton
+def test_epilogue_cpu_tensor_without_interpreter_is_valueerror(monkeypatch):
+    # As if the module had been imported without TRITON_INTERPRET=1: CPU (and
+    # meta) tensors are refused up front instead of reaching a Triton launch.
+    monkeypatch.setattr(ce, "INTERPRET", False)
+    y, b = torch.randn(1, 2, 2, 4, 4), torch.randn(2)
+    for dev in ("cpu", "meta"):
+        with pytest.raises(ValueError, match=r"y: expected a CUDA tensor \(or a CPU tensor with TRITON_INTERPRET=1"):
+            ce.bias_relu_pool3d(y.to(dev), b.to(dev), 2)
+
+
+@pytest.mark.skipif(ce is None, reason="Triton not importable")
+def test_epilogue_cpu_without_interpreter_in_fresh_process():
+    """The real case: a process without TRITON_INTERPRET (and no GPU) calling
+    the kernel on CPU tensors got Triton's 'RuntimeError: 0 active drivers'."""
+    code = (
+        "import torch\n"
+        "from personvlad.kernels import conv_epilogue as ce\n"
+        "assert not ce.INTERPRET\n"
+        "try:\n"
+        "    ce.bias_relu_pool3d(torch.randn(1, 2, 2, 4, 4), torch.randn(2), 2)\n"
+        "except ValueError as e:\n"
+        "    print('ValueError:', e)\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "ValueError: y: expected a CUDA tensor (or a CPU tensor with TRITON_INTERPRET=1" in r.stdout, r.stdout
 
 
 @needs_triton
@@ -301,6 +334,135 @@ def test_fused_conv_shares_parameters():
         perf.FusedConv3d.from_conv(nn.Conv3d(3, 4, 3, bias=False))
     with pytest.raises(ValueError, match="dilation"):
         perf.FusedConv3d.from_conv(conv, nn.MaxPool3d(2, dilation=2))
+
+
+def test_fused_conv_direct_construction():
+    torch.manual_seed(0)
+    f = perf.FusedConv3d(3, 4, 3, padding=1, pool=dict(kernel_size=(1, 2, 2))).to(DEV)
+    with torch.no_grad():
+        f.bias.normal_(0, 0.2)
+        x = torch.randn(2, 3, 3, 6, 5, device=DEV)
+        ref = F.max_pool3d(F.relu(F.conv3d(x.double(), f.weight.double(), f.bias.double(), padding=1)), (1, 2, 2))
+        torch.testing.assert_close(f(x).double(), ref, atol=1e-5, rtol=1e-5)
+    # no bias: nothing for the epilogue to add (like from_conv), refused up front
+    # instead of an AttributeError in forward
+    with pytest.raises(ValueError, match="bias: expected bias=True"):
+        perf.FusedConv3d(3, 4, 3, bias=False)
+
+
+def _seq64():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.ReLU(),
+                          nn.MaxPool3d(2, padding=(0, 1, 1), ceil_mode=True))
+    with torch.no_grad():
+        model[0].bias.normal_(0, 0.2)
+    return model.double().to(DEV)
+
+
+def test_epilogue_ref_math_dtype():
+    # float64 stays float64 (it used to round through float32) ...
+    y, b = _inputs(torch.float64, False)
+    out = perf.epilogue_ref(y, b.double(), (2, 2, 2))
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, _ref(y, b.double(), (2, 2, 2), None, 0, False), atol=1e-15, rtol=1e-15)
+    # ... and half precision is still computed in float32
+    y16, b32 = _inputs(torch.float16, False)
+    out16 = perf.epilogue_ref(y16, b32, (2, 2, 2))
+    assert out16.dtype == torch.float16
+    torch.testing.assert_close(out16, _ref(y16.double(), b32.double(), (2, 2, 2), None, 0, False).half())
+
+
+def test_fused_float64_matches_unfused_and_gradchecks():
+    model = _seq64()
+    fused = perf.fuse_conv_relu_pool(copy.deepcopy(model))
+    assert perf.count_fused(fused) == 1
+    x = torch.randn(1, 2, 3, 4, 5, dtype=torch.float64, device=DEV, requires_grad=True)
+    torch.testing.assert_close(fused(x), model(x), atol=1e-12, rtol=1e-12)
+    params = dict(fused.named_parameters())
+    w = params["0.weight"].detach().clone().requires_grad_(True)
+    b = params["0.bias"].detach().clone().requires_grad_(True)
+    fn = lambda x, w, b: torch.func.functional_call(fused, {"0.weight": w, "0.bias": b}, (x,))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_fused_float64_under_torch_compile():
+    # The traced branch used to send float64 to the Triton kernel (which
+    # refuses it) where eager takes the float64 reference path.
+    model = _seq64()
+    fused = perf.fuse_conv_relu_pool(copy.deepcopy(model))
+    x = torch.randn(1, 2, 3, 4, 5, dtype=torch.float64, device=DEV)
+    compiled = torch.compile(fused, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-12, rtol=1e-12)
+
+
+def test_optimize_for_inference_float64_model():
+    model = _tiny_model().double()
+    x = model.example_input(2, generator=torch.Generator().manual_seed(3)).double()
+    with torch.no_grad():
+        ref = model(x)
+    runner = perf.optimize_for_inference(model, x, dtype=None, cuda_graph=False)
+    assert runner.info["fused_convs"] == 8
+    with torch.no_grad():
+        out64 = runner.model(x.contiguous(memory_format=torch.channels_last_3d))
+    assert out64.dtype == torch.float64
+    torch.testing.assert_close(out64, ref, atol=1e-10, rtol=1e-10)
+    out = runner(x)  # descriptors come back as float32
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, ref.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16], ids=["f64", "f16", "bf16"])
+def test_fused_model_uint8_clips_in_model_dtype(dtype):
+    model = _tiny_model()
+    fused = perf.fuse_conv_relu_pool(copy.deepcopy(model)).to(dtype)
+    u8 = torch.randint(0, 256, (2, 3, 8, 32, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        out = fused(u8.to(DEV))
+        ref = fused(((u8.double() / 255).to(dtype)).to(DEV))  # the exact quotient, rounded once
+        ref64 = copy.deepcopy(model).double()(u8.double().to(DEV) / 255)
+    assert out.dtype == dtype
+    if dtype == torch.float64:
+        torch.testing.assert_close(out, ref64, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(out, ref)
+
+
+def test_fuse_leaves_oversized_pool_unfused():
+    # A window over 127 elements (the kernel's int8 offsets) used to make the
+    # whole rewrite raise; now conv + ReLU fuse and the pool stays a module.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv3d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool3d((2, 8, 8)),
+                          nn.Conv3d(3, 3, 1), nn.ReLU(), nn.MaxPool3d((1, 1, 2))).to(DEV)
+    fused = perf.fuse_conv_relu_pool(copy.deepcopy(model))
+    assert perf.count_fused(fused) == 2
+    assert isinstance(fused[0], perf.FusedConv3d) and fused[0].pool_kernel is None
+    assert isinstance(fused[1], nn.Identity) and type(fused[2]) is nn.MaxPool3d
+    assert fused[3].pool_kernel == (1, 1, 2) and isinstance(fused[5], nn.Identity)
+    x = torch.randn(2, 2, 4, 16, 16, device=DEV)
+    with torch.no_grad():
+        ref = copy.deepcopy(model).double()(x.double())
+        torch.testing.assert_close(fused(x).double(), ref, atol=1e-5, rtol=1e-5)
+        runner = perf.optimize_for_inference(model, x, dtype=None, cuda_graph=False)
+        assert runner.info["fused_convs"] == 2
+        torch.testing.assert_close(runner(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+    # C3D backbone: an oversized pool4 stays after conv4b; all 8 convs still fuse
+    from personvlad.models.backbone import C3DBackbone
+
+    bb = C3DBackbone((4, 6, 6, 6, 6)).eval()
+    with torch.no_grad():
+        for _, conv in bb.convs():
+            conv.bias.normal_(0, 0.1)
+    bb.pool4 = nn.MaxPool3d((2, 8, 8), stride=2, padding=(1, 4, 4))
+    bb = bb.to(DEV)
+    fused_bb = perf.fuse_conv_relu_pool(copy.deepcopy(bb))
+    assert perf.count_fused(fused_bb) == 8
+    assert type(fused_bb.pool4) is nn.MaxPool3d and fused_bb.conv4b.pool_kernel is None
+    assert isinstance(fused_bb.pool3, nn.Identity) and fused_bb.conv3b.pool_kernel == (2, 2, 2)
+    x = torch.randn(1, 3, 8, 33, 17, device=DEV)
+    with torch.no_grad():
+        torch.testing.assert_close(fused_bb(x).double(), copy.deepcopy(bb).double()(x.double()),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_fuse_c3d_backbone():

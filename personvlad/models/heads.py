@@ -102,11 +102,11 @@ class PoolHead(nn.Module):
 
     def pool(self, x: torch.Tensor, parts: Optional[torch.Tensor]) -> torch.Tensor:
         """(N, max(B,1), D) pooled part vectors."""
-        N = x.shape[0]
-        f = x.reshape(N, self.dim, -1)  # (N, D, P)
+        # flatten(2), not reshape(N, D, -1): with N = 0 the -1 cannot be inferred
+        f = x.flatten(2)  # (N, D, P)
         if parts is None:
             return (f.mean(-1) if self.mode == "avg" else f.amax(-1)).unsqueeze(1)
-        m = parts.reshape(N, parts.shape[1], -1).to(f.dtype)  # (N, B, P)
+        m = parts.flatten(2).to(f.dtype)  # (N, B, P)
         if self.mode == "avg":
             num = torch.bmm(m, f.transpose(1, 2))  # (N, B, D)
             den = m.sum(-1, keepdim=True).clamp_min(1e-6)

@@ -22,7 +22,7 @@ class PersonVLADNet(nn.Module):
     """3D PersonVLAD network (or its global-pooling baseline), from a :class:`ModelConfig`.
 
     ``forward(clips)`` with float clips (N, 3, T, H, W) in [0, 1] (uint8 clips
-    are accepted and divided by 255) returns (N, output_dim) L2-normalised
+    are accepted and divided by 255, in the model's dtype) returns (N, output_dim) L2-normalised
     descriptors; ``forward(clips, return_parts=True)`` returns
     ``(descriptors, parts)`` with parts (N, B, T', H', W'): the part maps used
     (learned sigmoid maps, the fixed stripe/grid masks, or an empty B=0 tensor
@@ -89,7 +89,10 @@ class PersonVLADNet(nn.Module):
             raise ValueError(f"clips: expected T >= {mt}, H >= {mh}, W >= {mw} (to survive the pools), "
                              f"got (T, H, W) = ({T}, {H}, {W})")
         if clips.dtype == torch.uint8:
-            clips = clips.float().div(255.0)
+            # To the model's dtype (the normalisation buffers follow .double()/.half()/...):
+            # divided in at least float32 (float64 for a float64 model), then rounded once.
+            dtype = self.input_mean.dtype
+            clips = clips.to(torch.promote_types(dtype, torch.float32)).div(255.0).to(dtype)
         elif not clips.is_floating_point():
             raise ValueError(f"clips: expected a floating-point (values in [0, 1]) or uint8 tensor, got {clips.dtype}")
         return (clips - self.input_mean.to(clips.dtype)) / self.input_std.to(clips.dtype)

@@ -83,7 +83,7 @@ class LearnedParts(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         N = x.shape[0]
-        flat = x.reshape(N, self.dim, -1)
+        flat = x.flatten(2)  # (N, dim, P); also for N = 0, where reshape(N, dim, -1) cannot infer P
         logits = torch.matmul(self.weight.to(flat.dtype), flat) + self.bias.to(flat.dtype)[None, :, None]
         return torch.sigmoid(logits).reshape(N, self.num_parts, *x.shape[2:])
 
