@@ -289,16 +289,24 @@ def _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
 
 
 @triton.jit
-def _norms_and_scale(ss, NORM_ptr, n, K, offs_k, mk):
-    """From the row sums of squares ``ss`` of V: store the K row norms and
-    the norm of the intra-normalised vector into NORM[n], and return the
-    per-row factor that applies both normalisations."""
+def _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk):
+    """From the row sums of squares of V, ``ss`` (of V) and ``sst`` (of
+    V * 1e12): store the K row norms and the norm of the intra-normalised
+    vector into NORM[n], and return the per-row factor that applies both
+    normalisations.
+
+    A clamped row (norm < eps) contributes ``|V_k / eps|^2 = sst`` to the
+    second norm: taken from ``ss / eps^2`` it was lost where V_k^2 underflows
+    float32 (|V| ~ 1e-22), and the output was no longer a unit vector.  The
+    clamps are ``x < eps``-tests, so a NaN norm stays NaN (``tl.maximum``
+    drops NaN by default and gave finite garbage)."""
     r = tl.sqrt(ss)
-    inv_r = 1.0 / tl.maximum(r, 1e-12)
-    gg = tl.sqrt(tl.sum(ss * inv_r * inv_r, axis=0))
+    clamped = r < 1e-12
+    inv_r = 1.0 / tl.where(clamped, 1e-12, r)
+    gg = tl.sqrt(tl.sum(tl.where(clamped, sst, ss * inv_r * inv_r), axis=0))
     tl.store(NORM_ptr + n * (K + 1) + offs_k, r, mask=mk)
     tl.store(NORM_ptr + n * (K + 1) + K, gg)
-    return inv_r * (1.0 / tl.maximum(gg, 1e-12))
+    return inv_r * (1.0 / tl.where(gg < 1e-12, 1e-12, gg))
 
 
 _ASSIGN_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "LOGIT_PREC"]
@@ -405,10 +413,13 @@ def _fwd_single_kernel(
     On = OUT_ptr + n * K * C
     if NORMALIZE:
         ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
             ss += tl.sum(v * v, axis=1)
-        scale = _norms_and_scale(ss, NORM_ptr, n, K, offs_k, mk)
+            vt = v * 1e12
+            sst += tl.sum(vt * vt, axis=1)
+        scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
     else:
         scale = tl.full((BLOCK_K,), 1.0, tl.float32)
     for c0 in range(0, C, BLOCK_C):
@@ -425,11 +436,14 @@ def _fwd_normalize_kernel(V_ptr, OUT_ptr, NORM_ptr, K, C,
     mk = offs_k < K
     Vn = V_ptr + n * K * C
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         v = _load_tile(Vn, offs_k, offs_c, C, mk, offs_c < C)
         ss += tl.sum(v * v, axis=1)
-    scale = _norms_and_scale(ss, NORM_ptr, n, K, offs_k, mk)
+        vt = v * 1e12
+        sst += tl.sum(vt * vt, axis=1)
+    scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
     On = OUT_ptr + n * K * C
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
@@ -455,10 +469,11 @@ def _bwd_normalize_kernel(DY_ptr, Y_ptr, NORM_ptr, CEN_ptr, DV_ptr, DS_ptr, K, C
     if NORMALIZE:
         r = tl.load(NORM_ptr + n * (K + 1) + offs_k, mask=mk, other=1.0)
         gg = tl.load(NORM_ptr + n * (K + 1) + K)
-        gc = tl.maximum(gg, 1e-12)
-        rc = tl.maximum(r, 1e-12)
-        gflag = (gg >= 1e-12).to(tl.float32)
-        rflag = (r >= 1e-12).to(tl.float32)
+        # clamp by `x < eps` tests: a NaN norm stays NaN (see _norms_and_scale)
+        gc = tl.where(gg < 1e-12, 1e-12, gg)
+        rc = tl.where(r < 1e-12, 1e-12, r)
+        gflag = 1.0 - (gg < 1e-12).to(tl.float32)
+        rflag = 1.0 - (r < 1e-12).to(tl.float32)
         # t = y . dy over the whole vector
         t_rows = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):

@@ -296,14 +296,15 @@ def available_backends(device: Optional[torch.device | str] = None) -> Tuple[str
     return tuple(found)
 
 
-def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], W: torch.Tensor) -> str:
+def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], W: torch.Tensor,
+                  z: Optional[torch.Tensor] = None, c: Optional[torch.Tensor] = None) -> str:
     dev = features.device
     if dev.type == "cpu":
         return "cpu" if _NATIVE_CPU else "reference"
     if dev.type == "cuda":
         candidates = [b for b in ("cuda", "triton") if _backend_usable(b, dev)[0]]
-        if "triton" in candidates and not _triton_module().supports(features, parts, W)[0]:
-            candidates.remove("triton")  # outside the kernels' limits (B<=16, K<=128, C<=1024)
+        if "triton" in candidates and not _triton_module().supports(features, parts, W, z, c)[0]:
+            candidates.remove("triton")  # outside the kernels' limits (B<=16, K<=128, C<=1024, dtypes)
         if not candidates:
             return "reference"
         return pick_cuda_backend(features, parts, W.shape[0], candidates)
@@ -417,15 +418,17 @@ _DISPATCH: Dict[str, Callable] = {
 }
 
 
-def resolve_backend(features, parts, assign_weight, backend: str = "auto") -> str:
-    """The backend ``person_vlad`` would use for these tensors."""
+def resolve_backend(features, parts, assign_weight, backend: str = "auto", *, assign_bias=None,
+                    centers=None) -> str:
+    """The backend ``person_vlad`` would use for these tensors (pass
+    ``assign_bias`` and ``centers`` too: their dtypes matter to Triton)."""
     if backend == "auto":
-        return _auto_backend(features, parts, assign_weight)
+        return _auto_backend(features, parts, assign_weight, assign_bias, centers)
     ok, why = _backend_usable(backend, features.device)
     if not ok:
         raise ValueError(f"backend: {backend!r} is not available here: {why}; available: {available_backends(features.device)}")
     if backend == "triton":
-        ok, why = _triton_module().supports(features, parts, assign_weight)
+        ok, why = _triton_module().supports(features, parts, assign_weight, assign_bias, centers)
         if not ok:
             raise ValueError(f"backend: 'triton' cannot run these inputs: {why}")
     return backend
@@ -449,7 +452,7 @@ def person_vlad(
     (N, K, C), in ``features.dtype``; differentiable in all five inputs.
     """
     fs = _validate(features, parts, assign_weight, assign_bias, centers, normalize, backend)
-    name = resolve_backend(features, parts, assign_weight, backend)
+    name = resolve_backend(features, parts, assign_weight, backend, assign_bias=assign_bias, centers=centers)
     if fs[0] == 0:
         # Empty batch: nothing to compute; keep all five inputs in the graph,
         # so each gets its (empty or zero) gradient, as from the op itself.

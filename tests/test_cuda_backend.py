@@ -729,6 +729,49 @@ def test_kernel_source_emulated_zero_vlad(emulated_kernels):
                      torch.float64)
 
 
+def test_kernel_source_emulated_tiny_vlad_stays_a_unit_vector(emulated_kernels):
+    """float32 inputs scaled so |V| ~ 1e-24: V_k^2 underflows, every row's
+    norm is clamped, and |u|^2 must come from the sums of (V_k / eps)^2
+    (unit_row_sq), not from sum V_k^2 / eps^2 (0: the output was then scaled
+    by up to 1e12 instead of being a unit vector).  Both forward paths and
+    both backward paths against float64."""
+    emu = _Emu(emulated_kernels)
+    F, M, W, z, c = make_inputs(N=2, C=6, S=(3, 5), B=2, K=4, dtype=torch.float32, seed=3)
+    args = [F * 1e-24, M, W, z, c * 1e-24]
+    expect = _ref64(args, True)
+    assert (expect.norm(dim=1) - 1).abs().max() < 1e-12
+    gout = torch.randn(expect.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    gexp = _grads_ref64(gout, args, True)
+    for fwd, bwd in ((emu.forward, emu.backward), (emu.fused_forward, emu.fused_backward)):
+        out = fwd(*args, True)
+        torch.testing.assert_close(out.double(), expect, atol=1e-5, rtol=1e-4)
+        _check_grads(bwd(gout.float(), *args, True), gexp, args, torch.float32)
+
+
+def test_kernel_source_emulated_nan_propagates(emulated_kernels):
+    """A NaN feature makes its sample's output and gradients NaN, as torch's
+    clamp_min does, not finite garbage: device max() (fmax) dropped a NaN norm
+    for eps, and the backward's `!(x >= eps)` took NaN as clamped (gradients
+    ~1e24).  The other sample is untouched."""
+    emu = _Emu(emulated_kernels)
+    F, M, W, z, c = make_inputs(N=2, C=6, S=(3, 5), B=2, K=4, dtype=torch.float64, seed=6)
+    F = F.clone()
+    F[0, 2, 1, 3] = float("nan")
+    args = [F, M, W, z, c]
+    expect = _ref64(args, True)
+    assert expect[0].isnan().all() and not expect[1].isnan().any()
+    gout = torch.randn(expect.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    gexp = _grads_ref64(gout, args, True)
+    assert gexp[0][0].isnan().all() and not gexp[0][1].isnan().any()
+    for fwd, bwd in ((emu.forward, emu.backward), (emu.fused_forward, emu.fused_backward)):
+        out = fwd(*args, True)
+        assert out[0].isnan().all(), fwd.__name__
+        torch.testing.assert_close(out[1], expect[1], atol=1e-12, rtol=1e-9)
+        dF = bwd(gout, *args, True)[0]
+        assert dF[0].isnan().all(), bwd.__name__
+        torch.testing.assert_close(dF[1], gexp[0][1], atol=1e-9, rtol=1e-7)
+
+
 # ---------------------------------------------------------------- helpers (GPU)
 def _ref64(args, normalize):
     a64 = [None if t is None else t.detach().double() for t in args]

@@ -192,6 +192,38 @@ def test_degenerate_sizes(backend, device, K, C):
         torch.testing.assert_close(out.double().cpu(), loop_oracle(F, M, W, z, c, normalize), atol=2e-5, rtol=2e-4)
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_nan_input_gives_nan_output_and_gradients(backend, device):
+    """A NaN feature: that sample's output and gradients are NaN everywhere,
+    as torch's clamp_min gives (the reference), not finite garbage; the other
+    sample is as without it.  Triton's tl.maximum dropped a NaN norm for eps
+    (outputs ~1e24), the cpu backward took NaN as a clamped norm (dF ~1e24)."""
+    F, M, W, z, c = make_inputs(N=2, C=6, S=(3, 4), B=3, K=4, device=device, seed=11)
+    F = F.clone()
+    F[0, 1, 2, 0] = float("nan")
+    args = [t.clone().requires_grad_(True) for t in (F, M, W, z, c)]
+    out = person_vlad(*args, backend=backend)
+    assert out[0].isnan().all() and not out[1].isnan().any()
+    clean = [t.detach()[1:] for t in (F, M)] + [t.detach() for t in (W, z, c)]
+    torch.testing.assert_close(out[1:].detach(), person_vlad(*clean, backend="reference"), atol=2e-5, rtol=2e-4)
+    out.sum().backward()
+    assert args[0].grad[0].isnan().all() and not args[0].grad[1].isnan().any()
+    assert args[1].grad[0].isnan().all() and not args[1].grad[1].isnan().any()
+
+
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_tiny_features_still_give_a_unit_vector(backend, device):
+    """float32 V of |V| ~ 1e-24: every row norm is clamped to eps and V_k^2
+    underflows; the output is still V / eps normalised (norm 1), as in float64
+    (Triton took |u|^2 from sum V^2 / eps^2 = 0 and scaled by up to 1e12)."""
+    F, M, W, z, c = make_inputs(N=2, C=6, S=(3, 4), B=3, K=4, device=device, seed=12)
+    args = [F * 1e-24, M, W, z, c * 1e-24]
+    out = person_vlad(*args, backend=backend)
+    expect = reference.person_vlad_ref(*[t.double() for t in args], True)
+    torch.testing.assert_close(out.double(), expect, atol=2e-5, rtol=2e-4)
+    assert (out.double().norm(dim=1) - 1).abs().max() < 1e-5
+
+
 def test_parts_none_is_plain_netvlad():
     F, _, W, z, c = make_inputs(N=3, C=6, S=(4, 5), B=None, K=5, dtype=torch.float64, seed=4)
     for backend in ops.available_backends("cpu"):
@@ -428,6 +460,15 @@ def test_triton_limits_raise_value_error_naming_backend():
         person_vlad(F, M, W, z, c, backend="triton")
     # the same inputs run on the default backend
     assert person_vlad(F, M, W, z, c).shape == (1, 8)
+    # the dtypes of all five inputs count (bias and centers were not checked:
+    # the kernels' own UnsupportedInput came out without the prefix, and
+    # backend="auto" on CUDA could pick Triton for them)
+    F, M, W, z, c = make_inputs(N=1, C=4, S=(3,), B=2, K=2, seed=15)
+    for name, args in (("assign_bias", (F, M, W, z.double(), c)), ("centers", (F, M, W, z, c.double()))):
+        with pytest.raises(ValueError, match=rf"^backend: 'triton' cannot run these inputs: .*; {name} is float64"):
+            person_vlad(*args, backend="triton")
+        assert ops.resolve_backend(args[0], args[1], args[2], "auto", assign_bias=args[3], centers=args[4]) == (
+            "cpu" if "cpu" in ops.available_backends("cpu") else "reference")
 
 
 @pytest.mark.parametrize("device", [pytest.param(d, marks=[pytest.mark.cuda] if d == "cuda" else []) for d in DEVICES])

@@ -348,7 +348,7 @@ PV_INLINE void normalize_backward_impl(const T* V, T* g, T* U, int64_t K, int64_
   }
   const T R = std::sqrt(usq);
   const int64_t KC = K * C;
-  if (R >= eps) {
+  if (!(R < eps)) {  // not `R >= eps`: a NaN norm must give NaN, not the clamped branch
     // out = U / R; du = (g - out (out . g)) / R = (g - U (U . g) / R^2) / R
     const T ug = row_dot(U, g, KC);
     const T coef = ug / (R * R);
@@ -362,7 +362,7 @@ PV_INLINE void normalize_backward_impl(const T* V, T* g, T* U, int64_t K, int64_
     T* du = g + k * C;
     const T* u = U + k * C;
     const T r = rk[k];
-    if (r >= eps) {
+    if (!(r < eps)) {  // NaN: the unclamped formula (NaN), as torch
       const T proj = row_dot(u, du, C);
       const T inv = T(1) / r;
       for (int64_t j = 0; j < C; ++j) du[j] = (du[j] - u[j] * proj) * inv;

@@ -115,6 +115,28 @@ __device__ __forceinline__ double vexp(double x) { return exp(x); }
 __device__ __forceinline__ float vsqrt(float x) { return sqrtf(x); }
 __device__ __forceinline__ double vsqrt(double x) { return sqrt(x); }
 
+// max(x, eps) for the normalisations' clamps, keeping NaN: device max() is
+// fmax, which returns eps for a NaN norm, and the output came out finite
+// (garbage) where torch's clamp_min gives NaN.  The clamped-or-not tests are
+// `x < eps` for the same reason (NaN: the unclamped formulas, NaN).
+template <typename acc_t>
+__device__ __forceinline__ acc_t clamp_eps(acc_t x, acc_t eps) {
+  return x < eps ? eps : x;
+}
+
+constexpr double kInvEps = 1e12;  // 1 / kEps
+
+// Row k's share of |u|^2, u = flatten(V_k / max(|V_k|, eps)), from the sums of
+// squares of V_k (ss) and of V_k / eps (sst): ss / |V_k|^2, or for a clamped
+// row sst, which, unlike ss / eps^2, does not underflow where V_k^2 does
+// (|V| ~ 1e-22 in float32; the output was then not a unit vector).  NaN
+// stays NaN.
+template <typename acc_t>
+__device__ __forceinline__ acc_t unit_row_sq(acc_t ss, acc_t sst, acc_t eps) {
+  const acc_t r = vsqrt(ss);
+  return r < eps ? sst : ss / (r * r);
+}
+
 template <typename acc_t>
 __device__ __forceinline__ acc_t warp_sum(acc_t v) {
 #pragma unroll
@@ -313,25 +335,28 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_forward_kernel(
   acc_t local = 0;  // sum over this warp's rows of |V_k / r_k|^2
   for (int64_t k = warp; k < K; k += nw) {
     const acc_t sk = S[n * K + k];
-    acc_t ss = 0;
+    acc_t ss = 0, sst = 0;
     for (int64_t c = lane; c < C; c += kWarp) {
       const acc_t v = vr[k * C + c] - sk * cen[k * C + c];
       if (normalize) {
+        const acc_t vt = v * acc_t(kInvEps);
         ss += v * v;
+        sst += vt * vt;
       } else {
         o[k * C + c] = static_cast<out_t>(v);
       }
     }
     if (normalize) {
       ss = warp_sum(ss);
-      const acc_t r = max(vsqrt(ss), eps);
+      sst = warp_sum(sst);
+      const acc_t r = clamp_eps(vsqrt(ss), eps);
       if (lane == 0) rn[n * K + k] = r;
-      local += ss / (r * r);
+      local += unit_row_sq(ss, sst, eps);
     }
   }
   if (!normalize) return;  // uniform over the block
   const acc_t total = block_sum_of_warps(local, smem);  // __syncthreads inside
-  const acc_t gn = max(vsqrt(total), eps);
+  const acc_t gn = clamp_eps(vsqrt(total), eps);
   for (int64_t k = warp; k < K; k += nw) {
     const acc_t sk = S[n * K + k];
     const acc_t r = rn[n * K + k];
@@ -379,24 +404,27 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
   acc_t local_ss = 0, local_pd = 0;
   for (int64_t k = warp; k < K; k += nw) {
     const acc_t sk = S[n * K + k];
-    acc_t ss = 0, pd = 0;
+    acc_t ss = 0, sst = 0, pd = 0;
     for (int64_t c = lane; c < C; c += kWarp) {
       const acc_t v = vr[k * C + c] - sk * cen[k * C + c];
+      const acc_t vt = v * acc_t(kInvEps);
       ss += v * v;
+      sst += vt * vt;
       pd += v * go[k * C + c];
     }
     ss = warp_sum(ss);
+    sst = warp_sum(sst);
     pd = warp_sum(pd);
     const acc_t nk = vsqrt(ss);
-    const acc_t r = max(nk, eps);
+    const acc_t r = clamp_eps(nk, eps);
     if (lane == 0) nrm[n * K + k] = nk;
-    local_ss += ss / (r * r);
+    local_ss += unit_row_sq(ss, sst, eps);
     local_pd += pd / r;
   }
   const acc_t tot_ss = block_sum_of_warps(local_ss, smem_a);
   const acc_t tot_pd = block_sum_of_warps(local_pd, smem_b);
   const acc_t graw = vsqrt(tot_ss);
-  const bool g_clamped = !(graw >= eps);
+  const bool g_clamped = graw < eps;  // NaN: not clamped, stays NaN
   const acc_t gn = g_clamped ? eps : graw;
   const acc_t od = tot_pd / gn;  // <out, dO>
 
@@ -404,7 +432,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
   for (int64_t k = warp; k < K; k += nw) {
     const acc_t sk = S[n * K + k];
     const acc_t nk = nrm[n * K + k];
-    const bool r_clamped = !(nk >= eps);
+    const bool r_clamped = nk < eps;
     const acc_t r = r_clamped ? eps : nk;
     acc_t udu = 0;  // <U_k, du_k>
     if (!r_clamped) {
@@ -467,7 +495,7 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
 //   chunk is computed twice (norms, then the scaled output), as the Triton
 //   one-program forward does.
 // Shared memory (acc_t elements, fused_smem_elems): A' (K*P), s and the row
-// sums of squares (2K), the block-sum scratch, then (16-byte aligned) a work
+// sums of squares of V and of V / eps (3K), the block-sum scratch, then (16-byte aligned) a work
 // area used by phase A (W chunk / G tile, F chunk, statistics) and then by
 // phase B (F chunk).  F is read in its own dtype and converted on load: no
 // float32 copy.  Indices within a sample are 32-bit (the host checks C*P,
@@ -507,11 +535,11 @@ constexpr int kTcFrags = kChunkCols / 2 / 16;                    // 8 16x16 tile
 // 4 (fewer bank conflicts when staging, 16-byte rows kept).
 __host__ __device__ inline int fused_ws_stride(int K) { return (K <= kGHalf ? kGHalf : 2 * kGHalf) + 4; }
 
-// Offset of the work area: after A', s, the row sums and the block-sum
+// Offset of the work area: after A', s, the two row sums and the block-sum
 // scratch, rounded up to 8 elements (32 bytes for float: the tensor-core
 // tiles' alignment; 64 for double).
 __host__ __device__ inline int64_t fused_work_offset(int64_t K, int64_t P) {
-  return (K * P + 2 * K + kFusedWarps + 7) / 8 * 8;
+  return (K * P + 3 * K + kFusedWarps + 7) / 8 * 8;
 }
 
 // Shared memory of fused_forward_kernel in acc_t elements; `tc`: its
@@ -1019,7 +1047,8 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x chunk
   acc_t* s_sum = Ap + K * chunk;                   // K
   acc_t* rowss = s_sum + K;                        // K
-  acc_t* red = rowss + K;                          // kFusedWarps
+  acc_t* rowsst = rowss + K;                       // K: the sums of squares of V / eps (unit_row_sq)
+  acc_t* red = rowsst + K;                         // kFusedWarps
   acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_work_offset(K, chunk);
   acc_t* Fb = work;                                // phase B: kFusedPC x kFbStride
   __shared__ int last_block;
@@ -1032,7 +1061,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   const m_t* Mn = (M != nullptr) ? M + n * B * P + p_begin : nullptr;
   const acc_t eps = acc_t(kEps);
 
-  for (int k = tid; k < K; k += kFusedThreads) rowss[k] = 0;  // read after phase A's barriers
+  for (int k = tid; k < K; k += kFusedThreads) rowss[k] = rowsst[k] = 0;  // read after phase A's barriers
   fused_assign<in_t, m_t, acc_t, TC>(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, Pj, B, K,
                                      P);  // ends with a barrier
 
@@ -1110,21 +1139,25 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
 #pragma unroll
         for (int i = 0; i < kVRows; ++i) {
           const int k = r0 + warp * kVRows + i;  // the same for the whole warp
-          acc_t ss = 0;
+          acc_t ss = 0, sst = 0;
 #pragma unroll
-          for (int jj = 0; jj < kVCols; ++jj) ss += v[i][jj] * v[i][jj];  // zero outside K x C
+          for (int jj = 0; jj < kVCols; ++jj) {  // zero outside K x C
+            const acc_t vt = v[i][jj] * acc_t(kInvEps);
+            ss += v[i][jj] * v[i][jj];
+            sst += vt * vt;
+          }
           ss = warp_sum(ss);
-          if (lane == 0 && k < K) rowss[k] += ss;  // column chunks in order: deterministic
+          sst = warp_sum(sst);
+          if (lane == 0 && k < K) {  // column chunks in order: deterministic
+            rowss[k] += ss;
+            rowsst[k] += sst;
+          }
         }
       }
     __syncthreads();
     acc_t local = 0;  // sum over this warp's rows of |V_k / r_k|^2
-    for (int k = warp; k < K; k += kFusedWarps) {
-      const acc_t ss = rowss[k];
-      const acc_t r = max(vsqrt(ss), eps);
-      local += ss / (r * r);
-    }
-    gn = max(vsqrt(block_sum_of_warps(local, red)), eps);  // __syncthreads inside
+    for (int k = warp; k < K; k += kFusedWarps) local += unit_row_sq(rowss[k], rowsst[k], eps);
+    gn = clamp_eps(vsqrt(block_sum_of_warps(local, red)), eps);  // __syncthreads inside
   }
   in_t* o = out + n * K * C;
   for (int r0 = 0; r0 < K; r0 += kChunkRows)
@@ -1134,7 +1167,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
       for (int i = 0; i < kVRows; ++i) {
         const int k = r0 + warp * kVRows + i;
         if (k >= K) continue;
-        const acc_t r = normalize ? max(vsqrt(rowss[k]), eps) : acc_t(1);
+        const acc_t r = normalize ? clamp_eps(vsqrt(rowss[k]), eps) : acc_t(1);
 #pragma unroll
         for (int jj = 0; jj < kVCols; ++jj) {
           const int c = c0 + lane + kWarp * jj;
@@ -1218,33 +1251,36 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
 #pragma unroll
     for (int i = 0; i < kVRows; ++i) {
       const int k = warp * kVRows + i;
-      acc_t ss = 0, pd = 0;
+      acc_t ss = 0, sst = 0, pd = 0;
 #pragma unroll
       for (int jj = 0; jj < kVCols; ++jj) {
         const int c = lane + kWarp * jj;
+        const acc_t vt = v[i][jj] * acc_t(kInvEps);
         ss += v[i][jj] * v[i][jj];
+        sst += vt * vt;
         if (k < K && c < C) pd += v[i][jj] * static_cast<acc_t>(gOn[k * C + c]);
       }
       ss = warp_sum(ss);
+      sst = warp_sum(sst);
       pd = warp_sum(pd);
       nrm[i] = vsqrt(ss);
-      const acc_t r = max(nrm[i], eps);
+      const acc_t r = clamp_eps(nrm[i], eps);
       if (k < K) {
-        loc_ss += ss / (r * r);
+        loc_ss += unit_row_sq(ss, sst, eps);
         loc_pd += pd / r;
       }
     }
     const acc_t tot_ss = block_sum_of_warps(loc_ss, red);
     const acc_t tot_pd = block_sum_of_warps(loc_pd, red + kFusedWarps);
     const acc_t graw = vsqrt(tot_ss);
-    g_clamped = !(graw >= eps);
+    g_clamped = graw < eps;
     gn = g_clamped ? eps : graw;
     od = tot_pd / gn;  // <out, dO>
   }
 #pragma unroll
   for (int i = 0; i < kVRows; ++i) {
     const int k = warp * kVRows + i;  // the same for the whole warp
-    const bool r_clamped = normalize && !(nrm[i] >= eps);
+    const bool r_clamped = normalize && nrm[i] < eps;
     const acc_t r = !normalize ? acc_t(1) : r_clamped ? eps : nrm[i];
     acc_t udu = 0;  // <U_k, du_k>
     if (normalize && !r_clamped) {
