@@ -1,7 +1,6 @@
 """Engine input validation: TrainConfig field checks, extraction of empty
 tracklets, and the atomic writer's temporary files and file modes."""
 import copy
-import math
 import os
 import stat
 import subprocess

@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from personvlad.models import (
-    C3D_MEAN, C3D_STD, HEADS, PART_MODES, ModelConfig, PersonVLADNet, UnsafePickleError, build_model,
+    C3D_MEAN, C3D_STD, HEADS, PART_MODES, ModelConfig, UnsafePickleError, build_model,
     collect_descriptors, feature_shape, fixed_part_maps, init_centers_from, load_c3d_weights, load_model,
     min_input_size, model_from_state, model_state, read_weight_file,
 )

@@ -9,7 +9,7 @@ adaptive pooling: part ``i`` of ``n`` along a length-``L`` axis covers
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 from torch import nn
