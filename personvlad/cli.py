@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from typing import List, Optional
 
@@ -45,7 +46,15 @@ def main(argv: Optional[List[str]] = None, modules: Optional[List[str]] = None) 
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    rc = args.func(args)
+    try:
+        rc = args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        # bad input (a missing file, a malformed config or data set): the
+        # message names it; no traceback.  PERSONVLAD_TRACEBACK=1 shows one.
+        if os.environ.get("PERSONVLAD_TRACEBACK") == "1":
+            raise
+        print(f"personvlad {args.command}: error: {e}", file=sys.stderr)
+        return 2
     return int(rc or 0)
 
 

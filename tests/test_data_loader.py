@@ -300,6 +300,49 @@ def test_shard_store_errors(shards, tmp_path):
         ShardStore(str(bad))
 
 
+def test_shard_store_refuses_a_damaged_index(shards, tmp_path):
+    """A damaged index.npz is a ValueError naming it, never a BadZipFile /
+    KeyError / TypeError, nor offsets that make clips read another split's
+    frames or past the end."""
+    import json
+
+    with np.load(os.path.join(shards, "index.npz"), allow_pickle=False) as z:
+        good = {k: z[k] for k in z.files}
+    n = int(json.loads(str(good["meta"]))["num_frames"])
+
+    def store_with(index=None, raw=None):
+        d = tmp_path / f"s{len(list(tmp_path.iterdir()))}"
+        d.mkdir()
+        os.link(os.path.join(shards, "frames.u8"), d / "frames.u8")
+        if raw is not None:
+            (d / "index.npz").write_bytes(raw)
+        else:
+            with open(d / "index.npz", "wb") as f:
+                np.savez(f, **index)
+        return str(d)
+
+    assert ShardStore(store_with(good)).split("train")["lengths"].sum() > 0  # the copy itself is fine
+    raw = open(os.path.join(shards, "index.npz"), "rb").read()
+    meta = json.loads(str(good["meta"]))
+    cases = {
+        "truncated": dict(raw=raw[: len(raw) // 2]),
+        "npy": dict(raw=open(os.path.join(shards, "frames.u8"), "rb").read()[:256]),
+        "no size": dict(index={**good, "meta": np.asarray(json.dumps({k: v for k, v in meta.items() if k != "size"}))}),
+        "no gallery_lengths": dict(index={k: v for k, v in good.items() if k != "gallery_lengths"}),
+        "train into query": dict(index={**good, "train_lengths": good["train_lengths"] + 5}),
+        "past the end": dict(index={**good, "gallery_lengths": good["gallery_lengths"] + n}),
+        "short offsets": dict(index={**good, "gallery_offsets": good["gallery_offsets"][:-1]}),
+    }
+    for what, kw in cases.items():
+        with pytest.raises(ValueError, match=r"index\.npz: (?:[a-z]+: )?expected"):
+            ShardStore(store_with(**kw))
+
+
+def test_a_single_path_is_not_a_tracklet(tmp_path):
+    with pytest.raises(ValueError, match="tracklets: expected frame_paths to be a sequence of paths, got one path"):
+        TrainClipDataset([(str(tmp_path / "f0.png"), 0, 0)], 4, (8, 4))
+
+
 # ----------------------------------------------------------------------------- GPU paths (run by bench/gpu_check.sh)
 
 
@@ -360,3 +403,19 @@ def test_pack_counts_bad_frames(tmp_path):
     assert st.split("query")["offsets"].tolist() == [4] and st.split("gallery")["lengths"].tolist() == [1]
     with pytest.raises(ValueError, match="size"):
         pack_dataset(ds, str(tmp_path / "x"), size="64by32")
+
+
+def test_cli_reports_bad_input_without_a_traceback(tmp_path, capsys, monkeypatch):
+    """`personvlad <command>` with bad input: exit status 2 and one error line
+    naming the problem (ValueError / FileNotFoundError), not a traceback;
+    PERSONVLAD_TRACEBACK=1 raises instead."""
+    from personvlad.cli import main
+
+    missing = str(tmp_path / "no-such-root")
+    argv = ["pack", "--dataset-root", missing, "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("personvlad pack: error: ") and "no-such-root" in err and "Traceback" not in err
+    monkeypatch.setenv("PERSONVLAD_TRACEBACK", "1")
+    with pytest.raises((ValueError, FileNotFoundError), match="no-such-root"):
+        main(argv)

@@ -8,7 +8,8 @@ The fast GPU path over pre-packed shards is in :mod:`personvlad.data.shards`.
 from __future__ import annotations
 
 import logging
-from typing import List, Optional, Sequence
+import os
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,6 +29,8 @@ def _check_tracklets(tracklets, name="tracklets"):
     for t in tracklets:
         if not (isinstance(t, (list, tuple)) and len(t) == 3):
             raise ValueError(f"{name}: expected (frame_paths, pid, camid) items; got {t!r:.80}")
+        if isinstance(t[0], (str, bytes, os.PathLike)):  # would be split into one-character "frames"
+            raise ValueError(f"{name}: expected frame_paths to be a sequence of paths, got one path {t[0]!r:.80}")
         if len(t[0]) == 0:
             dropped += 1
             continue

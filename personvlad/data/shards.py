@@ -19,9 +19,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
-import threading
 import time
+import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence
 
@@ -137,17 +136,44 @@ class ShardStore:
             with np.load(ip, allow_pickle=False) as z:
                 self.meta = json.loads(str(z["meta"]))
                 self._index = {k: z[k] for k in z.files if k != "meta"}
-        except (KeyError, ValueError, OSError) as e:
-            raise ValueError(f"{ip}: expected a shard index (.npz with meta and per-split arrays): {e}") from e
-        h, w = self.meta["size"]
-        self.size = (int(h), int(w))
-        n = int(self.meta["num_frames"])
+            h, w = self.meta["size"]
+            self.size = (int(h), int(w))
+            n = int(self.meta["num_frames"])
+        except (KeyError, ValueError, OSError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+            # a truncated file, a .npy under the name, meta without size/num_frames
+            raise ValueError(f"{ip}: expected a shard index (.npz with meta and per-split arrays): "
+                             f"{type(e).__name__}: {e}") from None
+        self._check_index(ip, n)
         expect = n * h * w * 3
         got = os.path.getsize(fp)
         if got != expect:
             raise ValueError(f"{fp}: expected {expect} bytes ({n} frames of {h}x{w}x3); got {got}")
         self.frames = np.memmap(fp, dtype=np.uint8, mode="r", shape=(n, h, w, 3))
         self.num_train_pids = int(self.meta.get("num_train_pids", 0))
+
+    def _check_index(self, ip: str, n: int) -> None:
+        """Every split's five arrays present, of one length, and its
+        tracklets inside the frame store: a damaged index must not make clips
+        silently read another split's frames (or fail later without a path)."""
+        for sp in SPLITS:
+            arrs = {}
+            for k in ("offsets", "lengths", "pids", "camids", "first_frame"):
+                key = f"{sp}_{k}"
+                if key not in self._index:
+                    raise ValueError(f"{ip}: expected the array {key!r} (pack it again with `personvlad pack`)")
+                arrs[k] = self._index[key]
+            if len({a.shape for a in arrs.values()}) != 1 or arrs["offsets"].ndim != 1:
+                raise ValueError(f"{ip}: {sp}: expected 1-D arrays of one length, got shapes "
+                                 f"{ {k: a.shape for k, a in arrs.items()} }")
+            o, ln = arrs["offsets"].astype(np.int64), arrs["lengths"].astype(np.int64)
+            if o.size and (ln.min() < 1 or o.min() < 0 or (o + ln).max() > n):
+                raise ValueError(f"{ip}: {sp}: expected tracklets of >= 1 frame inside the store's {n} frames "
+                                 f"(offsets + lengths <= {n})")
+        # the splits' tracklets do not overlap (pack_dataset writes them back to back)
+        spans = sorted((int(a), int(a) + int(b)) for sp in SPLITS
+                       for a, b in zip(self._index[f"{sp}_offsets"], self._index[f"{sp}_lengths"]))
+        if any(e0 > s1 for (_, e0), (s1, _) in zip(spans, spans[1:])):
+            raise ValueError(f"{ip}: expected non-overlapping tracklets (offsets/lengths are inconsistent)")
 
     def split(self, name: str) -> Dict[str, np.ndarray]:
         if name not in SPLITS:
