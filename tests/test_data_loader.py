@@ -184,6 +184,30 @@ def test_identity_balanced_sampler():
         IdentityBalancedSampler(tr, 2, 2, rank=2, world_size=2)
 
 
+def test_identity_balanced_sampler_uses_every_group_it_can():
+    """Uniform picks could strand an identity's groups: with 3 groups of id 0
+    and one of ids 1 and 2 (P=2), some epochs made 1 batch instead of 2, i.e.
+    none at all on 2 ranks.  Largest-first makes the most batches every epoch."""
+    pids = [0] * 6 + [1] * 2 + [2] * 2
+    tr = _tracks(pids)
+    for epoch in range(12):
+        s = IdentityBalancedSampler(tr, num_ids=2, num_per_id=2, seed=1, world_size=2, rank=epoch % 2)
+        s.set_epoch(epoch)
+        assert len(s) == 1 and len(list(s)) == 1, epoch
+    # an uneven set: every epoch has the same, largest possible count
+    pids = [p for p in range(10) for _ in range(1 + 3 * (p % 4))]  # 1, 4, 7 or 10 tracklets
+    tr = _tracks(pids)
+    groups = {p: max(1, pids.count(p) // 2) for p in set(pids)}
+    # b batches of 3 distinct ids fit iff sum_i min(g_i, b) >= 3 b (an id gives at most one group a batch)
+    most = max(b for b in range(1, 40) if sum(min(g, b) for g in groups.values()) >= 3 * b)
+    counts = set()
+    for epoch in range(8):
+        s = IdentityBalancedSampler(tr, num_ids=3, num_per_id=2, seed=5)
+        s.set_epoch(epoch)
+        counts.add(len(list(s)))
+    assert counts == {most}, (counts, most)
+
+
 def test_flip_probability(toy):
     tr = [toy.train[0]]
     n = len(tr[0][0])

@@ -60,7 +60,10 @@ class IdentityBalancedSampler(torch.utils.data.Sampler):
     One epoch: every identity contributes ``max(1, n_i // K)`` groups of K of
     its tracklets (shuffled; an identity with fewer than K tracklets is
     sampled with replacement), groups are drawn into batches of P distinct
-    identities until fewer than P identities have groups left.  The
+    identities -- the P with the most groups left, ties in a random order --
+    until fewer than P identities have groups left.  That uses as many
+    groups as any schedule can, so the number of batches per epoch does not
+    depend on the draws.  The
     permutation depends only on ``(seed, epoch)``; under DDP every rank builds
     the same list and takes batches ``rank::world_size`` (the same number on
     every rank).  ``infinite=True`` chains epochs forever.  Call
@@ -113,10 +116,18 @@ class IdentityBalancedSampler(torch.utils.data.Sampler):
         batches = []
         avail = [p for p in self.pids if groups[p]]
         while len(avail) >= P:
-            chosen = rng.choice(len(avail), size=P, replace=False)
+            # The P identities with the most groups left, ties in a random
+            # order; in the batch they keep that random order.  Largest-first
+            # makes the most batches any schedule can: uniform picks could
+            # strand one identity's groups, so the number of batches varied
+            # from epoch to epoch, down to fewer than the ranks (an epoch of
+            # no batches at all).
+            perm = rng.permutation(len(avail)).tolist()
+            top = set(sorted(perm, key=lambda i: -len(groups[avail[i]]))[:P])  # sorted() is stable
             batch = []
-            for c in chosen:
-                batch.extend(groups[avail[c]].pop())
+            for c in perm:
+                if c in top:
+                    batch.extend(groups[avail[c]].pop())
             batches.append(batch)
             avail = [p for p in avail if groups[p]]
         return batches
