@@ -264,14 +264,11 @@ def ranked_gallery(features: str, query_index: int, topk: int = 10, metric: str 
     with ``drop_same_camera`` the gallery entries with the query's id *and*
     camera are left out (as the standard protocol does).
     """
-    import numpy as np
-
     from .distance import compute_distmat
     from .modes import FeatureFile
-    from .protocols import stable_argsort_rows
+    from .protocols import check_positive_int, stable_argsort_rows
 
-    if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
-        raise ValueError(f"topk: expected a positive int, got {topk!r}")
+    check_positive_int("topk", topk)
     ff = FeatureFile(features)
     ff.require("query_first_frame", "needed for the ranked-list picture")
     ff.require("gallery_first_frame", "needed for the ranked-list picture")

@@ -5,6 +5,8 @@ from typing import Optional
 
 import numpy as np
 
+from .protocols import check_positive_int
+
 METRICS = ("euclidean", "sqeuclidean", "cosine")
 
 
@@ -46,8 +48,7 @@ def compute_distmat(qf, gf, metric: str = "euclidean", chunk: int = 4096,
 
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if isinstance(chunk, bool) or not isinstance(chunk, (int, np.integer)) or chunk < 1:
-        raise ValueError(f"chunk: expected a positive int, got {chunk!r}")
+    check_positive_int("chunk", chunk)
     q = _as_2d_float(qf, "qf")
     g = _as_2d_float(gf, "gf")
     if q.shape[1] != g.shape[1]:

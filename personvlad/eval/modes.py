@@ -29,7 +29,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 
 from .distance import compute_distmat
-from .protocols import PROTOCOLS, evaluate
+from .protocols import PROTOCOLS, check_positive_int, evaluate
 
 MODES = ("all/all", "all/random", "random/all", "random/random")
 METRICS = ("euclidean", "cosine", "xqda", "kissme")
@@ -167,8 +167,7 @@ def evaluate_feature_file(path_or_ff, protocols: Sequence[str] = ("standard",), 
             raise ValueError(f"protocols: expected items in {PROTOCOLS}, got {p!r}")
     if metric not in METRICS:
         raise ValueError(f"metric: expected one of {METRICS}, got {metric!r}")
-    if isinstance(repeats, bool) or not isinstance(repeats, (int, np.integer)) or repeats < 1:
-        raise ValueError(f"repeats: expected a positive int, got {repeats!r}")
+    check_positive_int("repeats", repeats)
     mode_list = _parse_modes(modes)
     ff = path_or_ff if isinstance(path_or_ff, FeatureFile) else FeatureFile(path_or_ff)
     learner = _fit_metric(ff, metric, metric_kwargs) if metric in ("xqda", "kissme") else None

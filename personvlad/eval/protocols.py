@@ -74,6 +74,13 @@ def _to_numpy(x, name: str) -> np.ndarray:
         raise ValueError(f"{name}: expected an array-like, got {type(x).__name__} ({exc})") from None
 
 
+def check_positive_int(name: str, v, what: str = "") -> None:
+    """ValueError naming ``name`` unless ``v`` is an int (numpy's too, not a
+    bool) >= 1; ``what`` is said after "a positive int"."""
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError(f"{name}: expected a positive int{what}, got {v!r}")
+
+
 def _check_ids(x, name: str, length: int, what: str) -> np.ndarray:
     a = _to_numpy(x, name)
     if a.ndim != 1:
@@ -93,8 +100,7 @@ def _check_ids(x, name: str, length: int, what: str) -> np.ndarray:
 def _validate(distmat, q_pids, g_pids, q_camids, g_camids, max_rank, protocol):
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol: expected one of {PROTOCOLS}, got {protocol!r}")
-    if isinstance(max_rank, bool) or not isinstance(max_rank, (int, np.integer)) or max_rank < 1:
-        raise ValueError(f"max_rank: expected a positive int, got {max_rank!r}")
+    check_positive_int("max_rank", max_rank)
     d = _to_numpy(distmat, "distmat")
     if d.ndim != 2:
         raise ValueError(f"distmat: expected a 2-D (num_query, num_gallery) array, got shape {d.shape}")

@@ -27,6 +27,8 @@ from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
+from .protocols import check_positive_int
+
 INDEX_TYPES = ("flat", "ivf")
 _FORMAT = "personvlad-index"
 
@@ -220,11 +222,9 @@ class GalleryIndex:
             q = q[None, :]
         if q.ndim != 2 or q.shape[1] != self.dim:
             raise ValueError(f"queries: expected shape (M, {self.dim}) or ({self.dim},), got {np.shape(queries)}")
-        if isinstance(topk, bool) or not isinstance(topk, (int, np.integer)) or topk < 1:
-            raise ValueError(f"topk: expected a positive int, got {topk!r}")
-        if nprobe is not None and (isinstance(nprobe, bool) or not isinstance(nprobe, (int, np.integer))
-                                   or nprobe < 1):
-            raise ValueError(f"nprobe: expected a positive int (IVF lists to visit), got {nprobe!r}")
+        check_positive_int("topk", topk)
+        if nprobe is not None:
+            check_positive_int("nprobe", nprobe, " (IVF lists to visit)")
         q = _l2n(q)
         k = min(int(topk), len(self))
         if self.faiss_index is None or exact:

@@ -18,6 +18,8 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
+from .protocols import _to_numpy  # torch tensors (any float dtype) or array-likes
+
 
 def _plt():
     import matplotlib
@@ -32,15 +34,6 @@ def _prepare_out(out_png: str) -> str:
     d = os.path.dirname(os.path.abspath(out_png))
     os.makedirs(d, exist_ok=True)
     return out_png
-
-
-def _to_numpy(x, name):
-    if hasattr(x, "detach") and hasattr(x, "cpu"):
-        x = x.detach().cpu()
-        if x.is_floating_point() and x.element_size() < 4 and str(x.dtype) != "torch.float16":
-            x = x.float()  # numpy has no bfloat16 / float8: widen (exactly)
-        x = x.numpy()
-    return np.asarray(x)
 
 
 def frames_to_thwc(frames, name: str = "frames") -> np.ndarray:
