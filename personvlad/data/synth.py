@@ -516,7 +516,8 @@ def ensure_generated(out_dir, preset="tiny", seed: int = 0, workers: int = 1, pr
     out_dir = os.fspath(out_dir)
     meta_path = os.path.join(out_dir, "synth.json")
     want = preset if isinstance(preset, str) else "custom"
-    if os.path.isfile(meta_path) and not os.path.exists(os.path.join(out_dir, INCOMPLETE)):
+    interrupted = os.path.exists(os.path.join(out_dir, INCOMPLETE))
+    if os.path.isfile(meta_path) and not interrupted:
         try:
             with open(meta_path) as f:
                 meta = json.load(f)
@@ -526,7 +527,7 @@ def ensure_generated(out_dir, preset="tiny", seed: int = 0, workers: int = 1, pr
             raise ValueError(f"out_dir: {out_dir} holds the synthetic set of preset {meta.get('preset')!r} seed "
                              f"{meta.get('seed')!r}, not {want!r} seed {int(seed)}; choose another folder")
         return False
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.exists(os.path.join(out_dir, INCOMPLETE)):
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not interrupted:
         raise ValueError(f"out_dir: {out_dir} is not empty and holds no complete synthetic set (no synth.json, "
                          f"no {INCOMPLETE} marker of an interrupted generation); choose an empty folder")
     generate(out_dir, preset=preset, seed=seed, workers=workers, progress=progress)
