@@ -289,6 +289,14 @@ def _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
 
 
 @triton.jit
+def _row_sq_sums(v):
+    """Per row of the fp32 tile ``v``: the sums of squares of ``v`` and of
+    ``v / eps`` (``ss``, ``sst``: :func:`_norms_and_scale` takes their totals)."""
+    vt = v * 1e12
+    return tl.sum(v * v, axis=1), tl.sum(vt * vt, axis=1)
+
+
+@triton.jit
 def _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk):
     """From the row sums of squares of V, ``ss`` (of V) and ``sst`` (of
     V * 1e12): store the K row norms and the norm of the intra-normalised
@@ -416,9 +424,9 @@ def _fwd_single_kernel(
         sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
         for c0 in range(0, C, BLOCK_C):
             v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
-            ss += tl.sum(v * v, axis=1)
-            vt = v * 1e12
-            sst += tl.sum(vt * vt, axis=1)
+            dss, dsst = _row_sq_sums(v)
+            ss += dss
+            sst += dsst
         scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
     else:
         scale = tl.full((BLOCK_K,), 1.0, tl.float32)
@@ -440,9 +448,9 @@ def _fwd_normalize_kernel(V_ptr, OUT_ptr, NORM_ptr, K, C,
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + tl.arange(0, BLOCK_C)
         v = _load_tile(Vn, offs_k, offs_c, C, mk, offs_c < C)
-        ss += tl.sum(v * v, axis=1)
-        vt = v * 1e12
-        sst += tl.sum(vt * vt, axis=1)
+        dss, dsst = _row_sq_sums(v)
+        ss += dss
+        sst += dsst
     scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
     On = OUT_ptr + n * K * C
     for c0 in range(0, C, BLOCK_C):

@@ -144,6 +144,22 @@ __device__ __forceinline__ acc_t warp_sum(acc_t v) {
   return v;  // every lane holds the (same) total
 }
 
+// One row's sums of squares of V_k (ss) and of V_k / eps (sst), the inputs
+// of unit_row_sq: every pass that normalises accumulates them the same way.
+template <typename acc_t>
+struct RowSq {
+  acc_t ss = 0, sst = 0;
+  __device__ __forceinline__ void add(acc_t v) {
+    const acc_t vt = v * acc_t(kInvEps);
+    ss += v * v;
+    sst += vt * vt;
+  }
+  __device__ __forceinline__ void warp_reduce() {  // every lane gets the warp's sums
+    ss = warp_sum(ss);
+    sst = warp_sum(sst);
+  }
+};
+
 // Sum over the block of one value per warp (all lanes of a warp pass the same
 // value).  Every thread returns the same total, summed in warp order.
 template <typename acc_t>
@@ -335,23 +351,20 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_forward_kernel(
   acc_t local = 0;  // sum over this warp's rows of |V_k / r_k|^2
   for (int64_t k = warp; k < K; k += nw) {
     const acc_t sk = S[n * K + k];
-    acc_t ss = 0, sst = 0;
+    RowSq<acc_t> sq;
     for (int64_t c = lane; c < C; c += kWarp) {
       const acc_t v = vr[k * C + c] - sk * cen[k * C + c];
       if (normalize) {
-        const acc_t vt = v * acc_t(kInvEps);
-        ss += v * v;
-        sst += vt * vt;
+        sq.add(v);
       } else {
         o[k * C + c] = static_cast<out_t>(v);
       }
     }
     if (normalize) {
-      ss = warp_sum(ss);
-      sst = warp_sum(sst);
-      const acc_t r = clamp_eps(vsqrt(ss), eps);
+      sq.warp_reduce();
+      const acc_t r = clamp_eps(vsqrt(sq.ss), eps);
       if (lane == 0) rn[n * K + k] = r;
-      local += unit_row_sq(ss, sst, eps);
+      local += unit_row_sq(sq.ss, sq.sst, eps);
     }
   }
   if (!normalize) return;  // uniform over the block
@@ -404,21 +417,19 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
   acc_t local_ss = 0, local_pd = 0;
   for (int64_t k = warp; k < K; k += nw) {
     const acc_t sk = S[n * K + k];
-    acc_t ss = 0, sst = 0, pd = 0;
+    RowSq<acc_t> sq;
+    acc_t pd = 0;
     for (int64_t c = lane; c < C; c += kWarp) {
       const acc_t v = vr[k * C + c] - sk * cen[k * C + c];
-      const acc_t vt = v * acc_t(kInvEps);
-      ss += v * v;
-      sst += vt * vt;
+      sq.add(v);
       pd += v * go[k * C + c];
     }
-    ss = warp_sum(ss);
-    sst = warp_sum(sst);
+    sq.warp_reduce();
     pd = warp_sum(pd);
-    const acc_t nk = vsqrt(ss);
+    const acc_t nk = vsqrt(sq.ss);
     const acc_t r = clamp_eps(nk, eps);
     if (lane == 0) nrm[n * K + k] = nk;
-    local_ss += unit_row_sq(ss, sst, eps);
+    local_ss += unit_row_sq(sq.ss, sq.sst, eps);
     local_pd += pd / r;
   }
   const acc_t tot_ss = block_sum_of_warps(local_ss, smem_a);
@@ -1139,18 +1150,13 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
 #pragma unroll
         for (int i = 0; i < kVRows; ++i) {
           const int k = r0 + warp * kVRows + i;  // the same for the whole warp
-          acc_t ss = 0, sst = 0;
+          RowSq<acc_t> sq;
 #pragma unroll
-          for (int jj = 0; jj < kVCols; ++jj) {  // zero outside K x C
-            const acc_t vt = v[i][jj] * acc_t(kInvEps);
-            ss += v[i][jj] * v[i][jj];
-            sst += vt * vt;
-          }
-          ss = warp_sum(ss);
-          sst = warp_sum(sst);
+          for (int jj = 0; jj < kVCols; ++jj) sq.add(v[i][jj]);  // zero outside K x C
+          sq.warp_reduce();
           if (lane == 0 && k < K) {  // column chunks in order: deterministic
-            rowss[k] += ss;
-            rowsst[k] += sst;
+            rowss[k] += sq.ss;
+            rowsst[k] += sq.sst;
           }
         }
       }
@@ -1251,22 +1257,20 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_backward_kernel(
 #pragma unroll
     for (int i = 0; i < kVRows; ++i) {
       const int k = warp * kVRows + i;
-      acc_t ss = 0, sst = 0, pd = 0;
+      RowSq<acc_t> sq;
+      acc_t pd = 0;
 #pragma unroll
       for (int jj = 0; jj < kVCols; ++jj) {
         const int c = lane + kWarp * jj;
-        const acc_t vt = v[i][jj] * acc_t(kInvEps);
-        ss += v[i][jj] * v[i][jj];
-        sst += vt * vt;
+        sq.add(v[i][jj]);
         if (k < K && c < C) pd += v[i][jj] * static_cast<acc_t>(gOn[k * C + c]);
       }
-      ss = warp_sum(ss);
-      sst = warp_sum(sst);
+      sq.warp_reduce();
       pd = warp_sum(pd);
-      nrm[i] = vsqrt(ss);
+      nrm[i] = vsqrt(sq.ss);
       const acc_t r = clamp_eps(nrm[i], eps);
       if (k < K) {
-        loc_ss += unit_row_sq(ss, sst, eps);
+        loc_ss += unit_row_sq(sq.ss, sq.sst, eps);
         loc_pd += pd / r;
       }
     }
