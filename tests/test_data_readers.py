@@ -213,7 +213,11 @@ def test_prid_reader(tmp_path):
     splits = [{"train": ["person_0001", "person_0003", "person_0005"], "test": ["person_0002", "person_0004"]},
               {"train": [2, 4], "test": [1, 3, 6]}]
     root = _prid_tree(str(tmp_path), splits, lengths={("cam_b", 5): 12, ("cam_a", 4): 26})
-    d = PRID2011(root, split_id=0)  # min_frames=27: person 5 (12 frames in cam_b) and 4 (26 in cam_a) dropped
+    # The default keeps everyone the split names (as torchreid and fast-reid do).
+    d = PRID2011(root, split_id=0)
+    assert d.num_train_pids == 3 and [t[1] for t in d.query] == [2, 4] and [t[1] for t in d.gallery] == [2, 4]
+    assert sorted(len(t[0]) for t in d.query + d.gallery) == [26, 30, 30, 30]
+    d = PRID2011(root, split_id=0, min_frames=27)  # person 5 (12 frames in cam_b) and 4 (26 in cam_a) dropped
     assert [(t[1], t[2]) for t in d.train] == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert [(t[1], t[2]) for t in d.query] == [(2, 0)] and [(t[1], t[2]) for t in d.gallery] == [(2, 1)]
     assert "person_0003" in d.train[2][0][0]
@@ -221,8 +225,9 @@ def test_prid_reader(tmp_path):
         assert _frame_numbers(paths) == list(range(1, 31))
     d = PRID2011(root, split_id=0, min_frames=5)
     assert d.num_train_pids == 3 and [t[1] for t in d.query] == [2, 4]
-    d = PRID2011(root, split_id=1)
+    d = PRID2011(root, split_id=1, min_frames=27)
     assert [t[1] for t in d.query] == [1, 3, 6] and d.num_train_pids == 1  # person 4 is short in cam_a
+    assert PRID2011(root, split_id=1).num_train_pids == 2
 
 
 def test_prid_errors(tmp_path):

@@ -313,14 +313,22 @@ class PRID2011(VideoDataset):
     directory names (``"person_0001"``, as in the file deep-person-reid uses)
     or person numbers (``1`` for ``person_0001``).  Only persons appearing in
     both cameras are usable: the first ``num_shared=200`` (person_0001 ..
-    person_0200); a split naming another person is an error.  Tracklets with
-    fewer than ``min_frames`` frames are dropped, and with them the person
-    (who would lack a camera), logged once.  Query = cam_a, gallery = cam_b.
+    person_0200); a split naming another person is an error.  Query = cam_a,
+    gallery = cam_b.
+
+    The split file decides who is used, as in torchreid and fast-reid (no
+    length filter): the standard file already holds the 178 persons the
+    literature keeps (89 train / 89 test per split), which is what a ">= 27
+    frames in both cameras" filter over persons 1-200 gives.  ``min_frames``
+    adds such a filter for other split files: a person with a tracklet of
+    fewer frames in either camera is dropped (logged once).  The default, 1,
+    drops nobody who has frames; an empty tracklet is always dropped, with a
+    warning.
     """
 
     name = "prid"
 
-    def __init__(self, root: str, split_id: int = 0, min_frames: int = 27, num_shared: int = 200):
+    def __init__(self, root: str, split_id: int = 0, min_frames: int = 1, num_shared: int = 200):
         self.root = root = os.fspath(root)
         if min_frames < 1:
             raise ValueError(f"min_frames: expected >= 1; got {min_frames}")
