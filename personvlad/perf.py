@@ -467,8 +467,17 @@ def cudnn_3d_known_problems(torch_version: str, cudnn_version: Optional[int],
     return out
 
 
+def _allocated_bytes_total(device: torch.device) -> int:
+    """Bytes the caching allocator has handed out on ``device`` since the
+    start (a running total, which the user's peak statistics do not touch)."""
+    return int(torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0))
+
+
 def _probe(device: torch.device) -> Dict[str, Any]:
-    """Time one small 3x3x3 Conv3d in fp32, bf16 NCDHW and bf16 channels_last_3d."""
+    """Time one small 3x3x3 Conv3d in fp32, bf16 NCDHW and bf16 channels_last_3d,
+    and count the memory each call allocates (output, workspace and any
+    fallback buffers) from the allocator's running total: resetting the peak
+    statistics instead would wipe the caller's ``max_memory_allocated``."""
     g = torch.Generator(device="cpu").manual_seed(0)
     x32 = torch.randn(8, 64, 8, 32, 32, generator=g).to(device)
     w32 = (torch.randn(64, 64, 3, 3, 3, generator=g) * 0.05).to(device)
@@ -484,8 +493,7 @@ def _probe(device: torch.device) -> Dict[str, Any]:
             for _ in range(2):
                 F.conv3d(x, w, padding=1)
             torch.cuda.synchronize(device)
-            base = torch.cuda.memory_allocated(device)
-            torch.cuda.reset_peak_memory_stats(device)
+            total0 = _allocated_bytes_total(device)
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             for _ in range(5):
@@ -493,7 +501,7 @@ def _probe(device: torch.device) -> Dict[str, Any]:
             end.record()
             torch.cuda.synchronize(device)
         res[name] = dict(ms=start.elapsed_time(end) / 5,
-                         extra_mem_mb=(torch.cuda.max_memory_allocated(device) - base) / 2 ** 20)
+                         alloc_mb_per_call=(_allocated_bytes_total(device) - total0) / 5 / 2 ** 20)
     return res
 
 
@@ -505,9 +513,11 @@ def check_cudnn_3d(warn: bool = True, probe: bool = True, device: Optional[Union
     checked or warned), ``"ok"`` or ``"bad"``, plus ``torch``, ``cudnn``
     (e.g. 91002), ``cudnn_enabled``, ``problems`` (see
     :func:`cudnn_3d_known_problems`) and, with ``probe=True``, ``probe``:
-    ms and extra memory of one small Conv3d in fp32 / bf16 / bf16
-    channels_last_3d.  A bf16 conv slower than fp32, or using over 4x its
-    memory, is reported as a problem too.  ``warn=True`` issues one
+    ms and MiB allocated per call (``alloc_mb_per_call``) of one small Conv3d
+    in fp32 / bf16 / bf16 channels_last_3d.  A bf16 conv slower than fp32, or
+    allocating over 4x its memory, is reported as a problem too.  The probe
+    leaves the CUDA memory statistics (peaks included) as they were, apart
+    from the running totals its convolutions add to.  ``warn=True`` issues one
     ``RuntimeWarning`` with the fixes when status is ``"bad"``.
     """
     cudnn = torch.backends.cudnn
@@ -522,12 +532,12 @@ def check_cudnn_3d(warn: bool = True, probe: bool = True, device: Optional[Union
         info["probe"] = p
         for name, layout in (("bf16", "ncdhw"), ("bf16_cl", "channels_last_3d")):
             slow = p[name]["ms"] > p["fp32"]["ms"]
-            fat = p[name]["extra_mem_mb"] > 4 * max(p["fp32"]["extra_mem_mb"], 1.0)
+            fat = p[name]["alloc_mb_per_call"] > 4 * max(p["fp32"]["alloc_mb_per_call"], 1.0)
             if slow or fat:
                 problems.append(dict(
                     problem=f"probe: bf16 Conv3d ({layout}) took {p[name]['ms']:.3f} ms and "
-                            f"{p[name]['extra_mem_mb']:.0f} MiB extra vs fp32 {p['fp32']['ms']:.3f} ms / "
-                            f"{p['fp32']['extra_mem_mb']:.0f} MiB",
+                            f"{p[name]['alloc_mb_per_call']:.0f} MiB allocated per call vs fp32 "
+                            f"{p['fp32']['ms']:.3f} ms / {p['fp32']['alloc_mb_per_call']:.0f} MiB",
                     layouts="ncdhw" if layout == "ncdhw" else "all",
                     fix="use channels_last_3d, upgrade torch / install cuDNN >= 9.15, or run the convs in fp32"))
     info["problems"] = problems

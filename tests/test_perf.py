@@ -567,11 +567,20 @@ def test_cudnn_known_problems(tv, cv, enabled, n, layouts):
 
 @pytest.mark.cuda
 def test_check_cudnn_3d_on_gpu_probes():
+    # The caller's peak statistics survive the probe (it used to reset them).
+    big = torch.empty(512 * 2 ** 20, dtype=torch.uint8, device="cuda")
+    del big
+    peak = torch.cuda.max_memory_allocated()
     with warnings.catch_warnings(record=True):
         r = perf.check_cudnn_3d(warn=True)
+    assert torch.cuda.max_memory_allocated() >= peak >= 512 * 2 ** 20
     assert r["status"] in ("ok", "bad")
     assert set(r["probe"]) == {"fp32", "bf16", "bf16_cl"}
     assert all(v["ms"] > 0 for v in r["probe"].values())
+    # Each call allocates at least its output: 8x64x8x32x32 elements.
+    out_mb = 8 * 64 * 8 * 32 * 32 / 2 ** 20
+    assert r["probe"]["fp32"]["alloc_mb_per_call"] >= 4 * out_mb
+    assert r["probe"]["bf16"]["alloc_mb_per_call"] >= 2 * out_mb
 
 
 # --------------------------------------------------------------------------
