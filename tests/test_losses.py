@@ -47,9 +47,29 @@ def test_oim_matches_hand_formula():
     assert abs(float(got) - total / 2) < 1e-4
 
 
-def test_oim_unfilled_queue_slots_are_excluded():
+def test_oim_unwritten_queue_slots_count_as_zeros():
+    # SPEC §4: logits against [LUT; queue], every slot of it; a fresh loss
+    # has an all-zero LUT and queue, so each logit is 0: loss = log(L + Q).
+    loss = OIMLoss(4, 3)
+    assert float(loss(torch.randn(2, 4), torch.tensor([0, 1]))) == pytest.approx(math.log(3 + 5000), rel=1e-6)
     torch.manual_seed(1)
     loss = OIMLoss(4, 3, queue_size=5)
+    lut = _unit(torch.randn(3, 4))
+    q = _unit(torch.randn(5, 4))
+    q[2:] = 0  # what a queue with 2 slots written holds
+    _set_buffers(loss, lut, q, filled=2)
+    loss.eval()  # no update
+    x = torch.randn(2, 4)
+    y = torch.tensor([0, 1])
+    exp = F.cross_entropy(_unit(x) @ torch.cat([lut, q]).t() / 0.1, y)
+    assert torch.allclose(loss(x, y), exp, atol=1e-6)
+    assert torch.equal(loss.table(), torch.cat([lut, q]))
+
+
+def test_oim_skip_unwritten_leaves_unwritten_slots_out():
+    torch.manual_seed(1)
+    loss = OIMLoss(4, 3, queue_size=5, skip_unwritten=True)
+    assert "skip_unwritten=True" in repr(loss)
     lut = _unit(torch.randn(3, 4))
     q = _unit(torch.randn(5, 4))
     _set_buffers(loss, lut, q, filled=2)
@@ -58,6 +78,14 @@ def test_oim_unfilled_queue_slots_are_excluded():
     y = torch.tensor([0, 1])
     exp = F.cross_entropy(_unit(x) @ torch.cat([lut, q[:2]]).t() / 0.1, y)
     assert torch.allclose(loss(x, y), exp, atol=1e-6)
+    assert torch.equal(loss.table(), torch.cat([lut, q[:2]]))
+    # sampled negatives come from the written entries only: with S = L - 1 + 2
+    # every written entry is drawn, so the loss is the full one
+    sampled = OIMLoss(4, 3, queue_size=5, num_sampled=4, skip_unwritten=True).eval()
+    _set_buffers(sampled, lut, q, filled=2)
+    assert torch.allclose(sampled(x, y), exp, atol=1e-6)
+    with pytest.raises(ValueError, match="skip_unwritten"):
+        OIMLoss(4, 3, skip_unwritten=1)
 
 
 def test_oim_gradient_flows_and_buffers_do_not_require_grad():

@@ -67,6 +67,7 @@ class LossConfig:
     temperature: float = 0.1
     momentum: float = 0.5
     num_sampled: Optional[int] = None
+    skip_unwritten: bool = False  # oim: leave never-written queue slots out (SPEC §4 counts them as zeros)
     margin: float = 0.3       # triplet
     triplet_weight: float = 0.0   # >0 adds a batch-hard triplet term to oim/softmax
 

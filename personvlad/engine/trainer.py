@@ -393,7 +393,8 @@ def _criterion(cfg: TrainConfig, dim: int, num_ids: int):
 
     lc = cfg.loss
     crit = build_loss(lc.name, dim, num_ids, queue_size=lc.queue_size, temperature=lc.temperature,
-                      momentum=lc.momentum, num_sampled=lc.num_sampled, margin=lc.margin)
+                      momentum=lc.momentum, num_sampled=lc.num_sampled, margin=lc.margin,
+                      skip_unwritten=lc.skip_unwritten)
     tri = BatchHardTripletLoss(lc.margin) if (lc.triplet_weight > 0 and lc.name != "triplet") else None
     return crit, tri
 

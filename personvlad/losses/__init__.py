@@ -8,7 +8,8 @@ __all__ = ["OIMLoss", "SoftmaxCELoss", "BatchHardTripletLoss", "build_loss"]
 
 
 def build_loss(name: str, num_features: int, num_labeled: int, **kwargs):
-    """``"oim"`` -> OIMLoss(num_features, num_labeled, queue_size, temperature, momentum, num_sampled);
+    """``"oim"`` -> OIMLoss(num_features, num_labeled, queue_size, temperature, momentum, num_sampled,
+    skip_unwritten);
     ``"softmax"`` -> SoftmaxCELoss(num_features, num_labeled, ...); ``"triplet"`` -> BatchHardTripletLoss(margin, ...).
     Keyword arguments not used by the chosen loss are ignored."""
     import inspect

@@ -20,8 +20,11 @@ Update rule (after the loss, no gradient), in batch order:
   unlabeled samples than the queue holds, only the last ``queue_size``
   remain, as a sequential write would leave them.
 
-Queue slots that were never written (``queue_filled < queue_size``) are left
-out of the logits rather than counted as all-zero features.
+Every queue slot takes part, as SPEC §4 writes the logits: a slot never
+written yet holds a zero feature (logit 0), as in the original OIM, whose
+queue starts at zero.  ``skip_unwritten=True`` leaves those slots out of the
+partition function instead (and out of the sampled negatives), so a fresh
+loss with a large queue is not dominated by ``queue_size`` zero logits.
 
 Under an initialised ``torch.distributed`` process group with more than one
 process the (detached, normalised) features and the labels of every rank are
@@ -106,6 +109,8 @@ class OIMLoss(nn.Module):
             function; ``S`` uses the target plus ``S`` negatives drawn
             uniformly without replacement from the other entries (per
             sample, from the global torch RNG of the features' device).
+        skip_unwritten: leave the queue slots never written yet out of the
+            loss (default ``False``: they count, as zero features, per SPEC §4).
 
     ``forward(features (N, D), labels (N,)) -> scalar``.
     Buffers: ``lut`` (L, D), ``queue`` (Q, D), ``queue_ptr`` (), ``queue_filled`` ().
@@ -119,6 +124,8 @@ class OIMLoss(nn.Module):
         temperature: float = 0.1,
         momentum: float = 0.5,
         num_sampled: Optional[int] = None,
+        *,
+        skip_unwritten: bool = False,
     ) -> None:
         super().__init__()
         num_features = _check_int("num_features", num_features, 1)
@@ -132,12 +139,15 @@ class OIMLoss(nn.Module):
             raise ValueError(f"momentum: expected a float in [0, 1], got {momentum!r}")
         if num_sampled is not None:
             num_sampled = _check_int("num_sampled", num_sampled, 1)
+        if not isinstance(skip_unwritten, bool):
+            raise ValueError(f"skip_unwritten: expected a bool, got {skip_unwritten!r}")
         self.num_features = num_features
         self.num_labeled = num_labeled
         self.queue_size = queue_size
         self.temperature = float(temperature)
         self.momentum = float(momentum)
         self.num_sampled = num_sampled
+        self.skip_unwritten = skip_unwritten
         self.register_buffer("lut", torch.zeros(num_labeled, num_features))
         self.register_buffer("queue", torch.zeros(queue_size, num_features))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
@@ -146,7 +156,8 @@ class OIMLoss(nn.Module):
     def extra_repr(self) -> str:
         return (f"num_features={self.num_features}, num_labeled={self.num_labeled}, "
                 f"queue_size={self.queue_size}, temperature={self.temperature}, "
-                f"momentum={self.momentum}, num_sampled={self.num_sampled}")
+                f"momentum={self.momentum}, num_sampled={self.num_sampled}"
+                + (", skip_unwritten=True" if self.skip_unwritten else ""))
 
     # ------------------------------------------------------------------ checks
     def _validate(self, features, labels) -> torch.Tensor:
@@ -180,8 +191,11 @@ class OIMLoss(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def table(self) -> torch.Tensor:
-        """The (L + filled, D) matrix the logits are taken against (a copy).
-        Reads ``queue_filled`` on the host; the loss itself does not."""
+        """The matrix the logits are taken against (a copy): (L + Q, D), or
+        with ``skip_unwritten`` (L + filled, D), which reads ``queue_filled``
+        on the host (the loss itself does not)."""
+        if not self.skip_unwritten:
+            return torch.cat([self.lut, self.queue], 0)
         filled = int(self.queue_filled)
         if filled == 0:
             return self.lut.clone()
@@ -204,17 +218,19 @@ class OIMLoss(nn.Module):
         return loss
 
     def _logits(self, xl: torch.Tensor, unfilled: Optional[torch.Tensor]) -> torch.Tensor:
-        """(n, L + Q) logits against [LUT; queue], the ``unfilled`` (never
-        written) queue slots at -inf (they add exactly 0 to the partition
-        function).  Both buffers are read through copies in ``xl``'s dtype:
+        """(n, L + Q) logits against [LUT; queue]; ``unfilled`` (the never
+        written queue slots, given with ``skip_unwritten``) at -inf: they add
+        exactly 0 to the partition function.  Both buffers are read through copies in ``xl``'s dtype:
         they are updated in place after this forward (and by any later one
         before a backward, e.g. two losses summed), while autograd keeps what
         it read."""
         lg = xl @ self.lut.to(xl.dtype, copy=True).t() / self.temperature
-        if unfilled is None:
+        if not self.queue_size:
             return lg
         queue = self.queue.to(xl.dtype, copy=True)
-        lq = (xl @ queue.t() / self.temperature).masked_fill(unfilled, float("-inf"))
+        lq = xl @ queue.t() / self.temperature
+        if unfilled is not None:
+            lq = lq.masked_fill(unfilled, float("-inf"))
         return torch.cat([lg, lq], 1)
 
     def _loss(self, x: torch.Tensor, host: torch.Tensor) -> torch.Tensor:
@@ -227,15 +243,19 @@ class OIMLoss(nn.Module):
         else:
             xl, yl_host = x.index_select(0, _to(rows, x.device)), host[rows]
         yl = _to(yl_host, x.device)
-        # queue slots never written (on the device: no sync); None without a queue
-        unfilled = (torch.arange(self.queue_size, device=x.device) >= self.queue_filled) if self.queue_size else None
+        # queue slots never written (on the device: no sync), to leave out;
+        # None without a queue or without skip_unwritten
+        unfilled = None
+        if self.queue_size and self.skip_unwritten:
+            unfilled = torch.arange(self.queue_size, device=x.device) >= self.queue_filled
         logits = self._logits(xl, unfilled)  # (n, L + Q)
         C = self.num_labeled + self.queue_size
         if self.num_sampled is None or self.num_sampled >= C - 1:
             return F.cross_entropy(logits, yl)
         # Target + S negatives drawn uniformly without replacement, per sample,
-        # among the written entries; unwritten queue slots (logit -inf, i.e.
-        # left out) come after every written one, the target never.
+        # among the other entries; with skip_unwritten, the unwritten queue
+        # slots (logit -inf, i.e. left out) come after every written one; the
+        # target never comes.
         n, S = xl.shape[0], self.num_sampled
         scores = torch.rand(n, C, device=x.device)
         if unfilled is not None:
