@@ -3,7 +3,8 @@
 // The Python door (personvlad.ops.validate) raises ValueError for malformed
 // input before any kernel runs; the TORCH_CHECKs here are the last line of
 // defence for callers that go straight to torch.ops.personvlad.* (or to the
-// dispatcher from C++), so they must never be weaker than the door.
+// dispatcher from C++), so they must never be weaker than the door, and they
+// raise the same ValueError (TORCH_CHECK_VALUE: c10::ValueError in C++).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -52,51 +53,51 @@ inline VladDims check_inputs(const at::Tensor& features,
                              const at::Tensor& W, const at::Tensor& z,
                              const at::Tensor& c, const char* what) {
   VladDims d;
-  TORCH_CHECK(features.defined(), what, ": features is undefined");
-  TORCH_CHECK(features.is_floating_point(), what,
+  TORCH_CHECK_VALUE(features.defined(), what, ": features is undefined");
+  TORCH_CHECK_VALUE(features.is_floating_point(), what,
               ": features: expected a floating-point dtype, got ", features.scalar_type());
-  TORCH_CHECK(features.dim() >= 3 && features.dim() <= 5, what,
+  TORCH_CHECK_VALUE(features.dim() >= 3 && features.dim() <= 5, what,
               ": features: expected shape (N, C, *S) with 1-3 spatial dims, got ",
               features.sizes());
   d.N = features.size(0);
   d.C = features.size(1);
-  TORCH_CHECK(d.C >= 1, what, ": features: expected C >= 1, got ", features.sizes());
+  TORCH_CHECK_VALUE(d.C >= 1, what, ": features: expected C >= 1, got ", features.sizes());
   d.P = 1;
   for (int64_t i = 2; i < features.dim(); ++i) d.P *= features.size(i);
-  TORCH_CHECK(d.P >= 1, what, ": features: expected a non-empty spatial grid, got ",
+  TORCH_CHECK_VALUE(d.P >= 1, what, ": features: expected a non-empty spatial grid, got ",
               features.sizes());
 
   d.has_parts = has_parts(parts);
   if (d.has_parts) {
     const at::Tensor& M = *parts;
-    TORCH_CHECK(M.is_floating_point(), what,
+    TORCH_CHECK_VALUE(M.is_floating_point(), what,
                 ": parts: expected a floating-point dtype, got ", M.scalar_type());
-    TORCH_CHECK(M.dim() == features.dim(), what, ": parts: expected rank ", features.dim(),
+    TORCH_CHECK_VALUE(M.dim() == features.dim(), what, ": parts: expected rank ", features.dim(),
                 " (N, B, *S), got ", M.sizes());
-    TORCH_CHECK(M.size(0) == d.N, what, ": parts: expected N=", d.N, ", got ", M.sizes());
-    TORCH_CHECK(M.size(1) >= 1, what, ": parts: expected B >= 1, got ", M.sizes());
+    TORCH_CHECK_VALUE(M.size(0) == d.N, what, ": parts: expected N=", d.N, ", got ", M.sizes());
+    TORCH_CHECK_VALUE(M.size(1) >= 1, what, ": parts: expected B >= 1, got ", M.sizes());
     for (int64_t i = 2; i < features.dim(); ++i) {
-      TORCH_CHECK(M.size(i) == features.size(i), what,
+      TORCH_CHECK_VALUE(M.size(i) == features.size(i), what,
                   ": parts: spatial grid must match features, got parts ", M.sizes(),
                   " and features ", features.sizes());
     }
-    TORCH_CHECK(M.device() == features.device(), what, ": parts: expected device ",
+    TORCH_CHECK_VALUE(M.device() == features.device(), what, ": parts: expected device ",
                 features.device(), ", got ", M.device());
     d.B = M.size(1);
   }
 
-  TORCH_CHECK(W.is_floating_point() && z.is_floating_point() && c.is_floating_point(), what,
+  TORCH_CHECK_VALUE(W.is_floating_point() && z.is_floating_point() && c.is_floating_point(), what,
               ": assign_weight, assign_bias and centers must be floating point, got ",
               W.scalar_type(), ", ", z.scalar_type(), ", ", c.scalar_type());
-  TORCH_CHECK(W.dim() == 2 && W.size(1) == d.C && W.size(0) >= 1, what,
+  TORCH_CHECK_VALUE(W.dim() == 2 && W.size(1) == d.C && W.size(0) >= 1, what,
               ": assign_weight: expected shape (K, C=", d.C, "), got ", W.sizes());
   d.K = W.size(0);
-  TORCH_CHECK(z.dim() == 1 && z.size(0) == d.K, what, ": assign_bias: expected shape (K=", d.K,
+  TORCH_CHECK_VALUE(z.dim() == 1 && z.size(0) == d.K, what, ": assign_bias: expected shape (K=", d.K,
               ",), got ", z.sizes());
-  TORCH_CHECK(c.dim() == 2 && c.size(0) == d.K && c.size(1) == d.C, what,
+  TORCH_CHECK_VALUE(c.dim() == 2 && c.size(0) == d.K && c.size(1) == d.C, what,
               ": centers: expected shape (K=", d.K, ", C=", d.C, "), got ", c.sizes());
   for (const at::Tensor* t : {&W, &z, &c}) {
-    TORCH_CHECK(t->device() == features.device(), what,
+    TORCH_CHECK_VALUE(t->device() == features.device(), what,
                 ": parameters must be on features' device ", features.device(), ", got ",
                 t->device());
   }

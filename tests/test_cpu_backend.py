@@ -558,15 +558,23 @@ def test_extension_tile_instance_switch_rejects_bad_values(monkeypatch):
 # the kernels' own checks (direct op calls bypass the Python door)
 # --------------------------------------------------------------------------
 def test_kernel_rejects_bad_input():
+    """The registered op raises ValueError naming the argument, as the
+    Python door does (SPEC §1), not TORCH_CHECK's RuntimeError."""
     F, M, W, z, c = make_inputs(N=2, C=4, S=(2, 3), B=2, K=3)
-    with pytest.raises(RuntimeError, match="assign_weight"):
+    with pytest.raises(ValueError, match=r"assign_weight: expected shape \(K, C=4\)"):
         OP(F, M, W[:, :3], z, c, True)
-    with pytest.raises(RuntimeError, match="parts"):
+    with pytest.raises(ValueError, match="parts"):
         OP(F, M[:, :, :1], W, z, c, True)
-    with pytest.raises(RuntimeError, match="centers"):
+    with pytest.raises(ValueError, match="centers"):
         OP(F, M, W, z, c[:2], True)
-    with pytest.raises(RuntimeError, match="features"):
+    with pytest.raises(ValueError, match="features"):
         OP(F.flatten(1), None, W, z, c, True)
+    with pytest.raises(ValueError, match="features: expected a floating-point dtype"):
+        OP(F.long(), M, W, z, c, True)
+    with pytest.raises(ValueError, match="parts: expected a floating-point dtype"):
+        OP(F, M.long(), W, z, c, True)
     out = OP(F, M, W, z, c, True)
-    with pytest.raises(RuntimeError, match="grad_output"):
+    with pytest.raises(ValueError, match="grad_output"):
         BWD(out[:, :5], F, M, W, z, c, True)
+    with pytest.raises(ValueError, match="grad_output"):
+        BWD(out.long(), F, M, W, z, c, True)

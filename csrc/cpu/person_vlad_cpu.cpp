@@ -287,7 +287,7 @@ Inputs prepare(const at::Tensor& features, const std::optional<at::Tensor>& part
                const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, const char* what) {
   Inputs in;
   in.d = check_inputs(features, parts, W, z, c, what);
-  TORCH_CHECK(features.device().is_cpu(), what, ": expected CPU tensors, got ", features.device());
+  TORCH_CHECK_VALUE(features.device().is_cpu(), what, ": expected CPU tensors, got ", features.device());
   in.cd = compute_dtype(features);
   const VladDims& d = in.d;
   in.F = flat_contig(features, in.cd, {d.N, d.C, d.P});
@@ -563,11 +563,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
   const NoAutocastGuard no_autocast;
   const Inputs in = prepare(features, parts, assign_weight, assign_bias, centers, what);
   const VladDims& d = in.d;
-  TORCH_CHECK(grad_output.defined() && grad_output.device().is_cpu(), what,
+  TORCH_CHECK_VALUE(grad_output.defined() && grad_output.device().is_cpu(), what,
               ": grad_output must be a CPU tensor");
-  TORCH_CHECK(grad_output.is_floating_point(), what,
+  TORCH_CHECK_VALUE(grad_output.is_floating_point(), what,
               ": grad_output: expected a floating-point dtype, got ", grad_output.scalar_type());
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(output_shape(d, normalize)), what,
+  TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(output_shape(d, normalize)), what,
               ": grad_output: expected shape ", at::IntArrayRef(output_shape(d, normalize)),
               ", got ", grad_output.sizes());
   const at::Tensor grad = flat_contig(grad_output, in.cd, {d.N, d.K, d.C});

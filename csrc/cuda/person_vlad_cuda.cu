@@ -1549,38 +1549,13 @@ at::Tensor gemm_with_F(const Flat& f, const at::Tensor& a, const at::Tensor& b) 
   return f.split ? bmm_split3(split3_rows(a), b) : at::bmm(a, b);
 }
 
+// The shared checks (person_vlad_common.h: ValueError naming the argument),
+// plus: the tensors are on a CUDA device.
 void check_inputs(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                   const at::Tensor& W, const at::Tensor& z, const at::Tensor& c) {
-  TORCH_CHECK(features.is_cuda(), "personvlad (CUDA): features must be a CUDA tensor, got ",
-              features.device());
-  TORCH_CHECK(features.dim() >= 3, "personvlad (CUDA): features: expected (N, C, *S), got shape ",
-              features.sizes());
-  TORCH_CHECK(at::isFloatingType(features.scalar_type()),
-              "personvlad (CUDA): features: expected a floating dtype, got ", features.scalar_type());
-  const int64_t N = features.size(0), C = features.size(1);
-  TORCH_CHECK(W.dim() == 2 && W.size(1) == C && W.size(0) >= 1,
-              "personvlad (CUDA): assign_weight: expected (K, C=", C, "), got ", W.sizes());
-  const int64_t K = W.size(0);
-  TORCH_CHECK(z.dim() == 1 && z.size(0) == K, "personvlad (CUDA): assign_bias: expected (K=", K,
-              ",), got ", z.sizes());
-  TORCH_CHECK(c.dim() == 2 && c.size(0) == K && c.size(1) == C,
-              "personvlad (CUDA): centers: expected (K=", K, ", C=", C, "), got ", c.sizes());
-  std::vector<std::pair<const char*, const at::Tensor*>> ts = {
-      {"assign_weight", &W}, {"assign_bias", &z}, {"centers", &c}};
-  if (parts.has_value()) {
-    const at::Tensor& M = *parts;
-    TORCH_CHECK(M.dim() == features.dim() && M.size(0) == N && M.size(1) >= 1 &&
-                    M.sizes().slice(2) == features.sizes().slice(2),
-                "personvlad (CUDA): parts: expected (N=", N, ", B, *S) matching features ",
-                features.sizes(), ", got ", M.sizes());
-    ts.push_back({"parts", &M});
-  }
-  for (const auto& nt : ts) {
-    TORCH_CHECK(nt.second->device() == features.device(), "personvlad (CUDA): ", nt.first,
-                ": expected device ", features.device(), ", got ", nt.second->device());
-    TORCH_CHECK(at::isFloatingType(nt.second->scalar_type()), "personvlad (CUDA): ", nt.first,
-                ": expected a floating dtype, got ", nt.second->scalar_type());
-  }
+  ::personvlad::check_inputs(features, parts, W, z, c, "personvlad (CUDA)");
+  TORCH_CHECK_VALUE(features.is_cuda(), "personvlad (CUDA): features: expected a CUDA tensor, got device ",
+                    features.device());
 }
 
 Flat flatten_inputs(const at::Tensor& features, const std::optional<at::Tensor>& parts,
@@ -1604,13 +1579,13 @@ Flat flatten_inputs(const at::Tensor& features, const std::optional<at::Tensor>&
 
 unsigned int flat_blocks(int64_t count) {
   const int64_t blocks = (count + kFlatThreads - 1) / kFlatThreads;
-  TORCH_CHECK(blocks <= std::numeric_limits<int32_t>::max(),
+  TORCH_CHECK_VALUE(blocks <= std::numeric_limits<int32_t>::max(),
               "personvlad (CUDA): problem too large (", count, " threads)");
   return static_cast<unsigned int>(blocks);
 }
 
 unsigned int sample_blocks(int64_t N) {
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), "personvlad (CUDA): batch too large, N=", N);
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), "personvlad (CUDA): batch too large, N=", N);
   return static_cast<unsigned int>(N);
 }
 
@@ -1958,13 +1933,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
     const std::optional<at::Tensor>& parts, const at::Tensor& assign_weight,
     const at::Tensor& assign_bias, const at::Tensor& centers, bool normalize) {
   check_inputs(features, parts, assign_weight, assign_bias, centers);
-  TORCH_CHECK(grad_output.device() == features.device(),
+  TORCH_CHECK_VALUE(grad_output.device() == features.device(),
               "personvlad (CUDA): grad_output: expected device ", features.device(), ", got ",
               grad_output.device());
   const at::cuda::OptionalCUDAGuard guard(at::device_of(features));
   const NoAutocastGuard no_autocast;  // the ATen GEMMs below stay fp32/fp64
   const int64_t N = features.size(0), C = features.size(1), K = assign_weight.size(0);
-  TORCH_CHECK(grad_output.numel() == N * K * C, "personvlad (CUDA): grad_output: expected ",
+  TORCH_CHECK_VALUE(grad_output.numel() == N * K * C, "personvlad (CUDA): grad_output: expected ",
               N * K * C, " elements (N=", N, ", K=", K, ", C=", C, "), got shape ",
               grad_output.sizes());
 

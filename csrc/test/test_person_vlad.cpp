@@ -6,6 +6,7 @@
 //   * personvlad::person_vlad_backward against central finite differences;
 //   * autograd through the op (csrc/autograd.cpp): torch::autograd::grad of
 //     <g, out> gives the backward op's gradients, on CPU and CUDA;
+//   * malformed input raises c10::ValueError naming the argument;
 //   * with CUDA kernels built: the CUDA op against the CPU op (SKIP when no
 //     device is present).
 // Exit status 0 iff every check passed.
@@ -20,6 +21,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
+#include <functional>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -190,6 +192,36 @@ void test_empty_batch() {
         "N=0 dW zero");
 }
 
+// Malformed input: c10::ValueError (Python's ValueError) naming the argument,
+// also for a C++ caller that goes straight to the dispatcher.
+bool raises_value_error(const std::function<void()>& f, const std::string& needle) {
+  try {
+    f();
+  } catch (const c10::ValueError& e) {
+    return std::string(e.what()).find(needle) != std::string::npos;
+  } catch (const std::exception&) {
+    return false;
+  }
+  return false;
+}
+
+void test_bad_input() {
+  Inputs in = make({"bad", 2, 4, {2, 3}, 2, 3}, at::kFloat);
+  check(raises_value_error([&] { op_forward(in.F, in.M, in.W.narrow(1, 0, 3), in.z, in.c, true); },
+                           "assign_weight"),
+        "bad assign_weight shape: c10::ValueError naming it");
+  check(raises_value_error([&] { op_forward(in.F, in.M, in.W, in.z, in.c.narrow(0, 0, 2), true); },
+                           "centers"),
+        "bad centers shape: c10::ValueError naming it");
+  check(raises_value_error([&] { op_forward(in.F.to(at::kLong), in.M, in.W, in.z, in.c, true); },
+                           "features"),
+        "integer features: c10::ValueError naming them");
+  const at::Tensor out = op_forward(in.F, in.M, in.W, in.z, in.c, true);
+  check(raises_value_error([&] { op_backward(out.narrow(1, 0, 5), in.F, in.M, in.W, in.z, in.c, true); },
+                           "grad_output"),
+        "bad grad_output shape: c10::ValueError naming it");
+}
+
 // Central finite differences of L = <g, f(inputs)> against person_vlad_backward.
 void test_backward_fd(const Case& cs, bool normalize) {
   Inputs in = make(cs, at::kDouble);
@@ -307,6 +339,7 @@ int main() {
     for (const Case& cs : cases) test_forward(cs);
     test_noncontiguous();
     test_empty_batch();
+    test_bad_input();
     test_backward_fd({"fd-2d-B2", 2, 3, {2, 2}, 2, 3}, true);
     test_backward_fd({"fd-1d-noparts", 2, 3, {3}, 0, 2}, false);
     test_autograd({"ag-2d-B2", 2, 3, {2, 2}, 2, 3}, true, at::kCPU);
