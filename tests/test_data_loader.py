@@ -236,6 +236,24 @@ def test_train_loader_shapes(toy, workers):
     assert n == len(dl) > 0 and dl.sampler.epoch == 1
 
 
+def test_train_loader_without_workers_follows_its_seed(toy):
+    """workers=0: the clips come from the loader's seed, not from torch's
+    global RNG (which they neither read nor advance)."""
+    def batches(seed, global_seed):
+        torch.manual_seed(global_seed)
+        dl = build_train_loader(toy.train, clip_len=2, size=SIZE, num_ids=2, num_per_id=3, workers=0, seed=seed)
+        out = [x for x, _, _ in dl]
+        return out, torch.rand(())
+
+    a, ra = batches(1, 0)
+    b, rb = batches(1, 123)
+    assert len(a) == len(b) > 0 and all(torch.equal(x, y) for x, y in zip(a, b))
+    torch.manual_seed(0)
+    assert torch.equal(ra, torch.rand(()))  # the global RNG was not advanced
+    c, _ = batches(2, 0)
+    assert not all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(a, c))
+
+
 def test_test_loader(toy):
     dl = build_test_loader(toy.gallery, clip_len=4, size=SIZE, stride=2, batch_size=5, workers=0)
     xs, ts = zip(*dl)

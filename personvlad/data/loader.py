@@ -43,10 +43,12 @@ def _check_tracklets(tracklets, name="tracklets"):
 class TrainClipDataset(Dataset):
     """Item ``i`` -> (random ``clip_len``-frame clip of tracklet ``i`` as uint8
     ``(3, T, H, W)``, pid, camid); horizontal flip with probability ``flip_p``.
-    Randomness comes from torch's RNG (seeded per DataLoader worker)."""
+    Randomness comes from torch's RNG in DataLoader workers (which the loader
+    seeds) and from ``generator`` in the main process (``workers=0``; None:
+    torch's global RNG)."""
 
     def __init__(self, tracklets, clip_len: int, size=(64, 32), flip_p: float = 0.5,
-                 stats: Optional[FrameStats] = None):
+                 stats: Optional[FrameStats] = None, generator: Optional[torch.Generator] = None):
         if not 0.0 <= float(flip_p) <= 1.0:
             raise ValueError(f"flip_p: expected a probability in [0, 1]; got {flip_p}")
         if not isinstance(clip_len, int) or clip_len < 1:
@@ -54,14 +56,16 @@ class TrainClipDataset(Dataset):
         self.tracklets = _check_tracklets(tracklets)
         self.clip_len, self.size, self.flip_p = clip_len, parse_size(size), float(flip_p)
         self.stats = stats if stats is not None else FrameStats()
+        self.generator = generator
 
     def __len__(self) -> int:
         return len(self.tracklets)
 
     def __getitem__(self, idx):
         paths, pid, camid = self.tracklets[int(idx)]
-        ind = train_clip_indices(len(paths), self.clip_len)
-        flip = bool(self.flip_p > 0 and float(torch.rand(())) < self.flip_p)
+        g = self.generator if torch.utils.data.get_worker_info() is None else None
+        ind = train_clip_indices(len(paths), self.clip_len, generator=g)
+        flip = bool(self.flip_p > 0 and float(torch.rand((), generator=g)) < self.flip_p)
         return read_clip(paths, ind, self.size, flip=flip, stats=self.stats), pid, camid
 
 
@@ -158,9 +162,14 @@ def build_train_loader(tracklets, clip_len: int, size=(64, 32), num_ids: int = 8
     ``(clips uint8 (P*K, 3, T, H, W), pids int64 (P*K,), camids int64 (P*K,))``;
     each pass is one epoch (the sampler's epoch advances automatically; or call
     ``set_epoch``) and ends with one warning line if frames were unreadable.
-    ``.stats`` is the :class:`FrameStats`, ``.sampler`` the batch sampler."""
+    ``.stats`` is the :class:`FrameStats`, ``.sampler`` the batch sampler.
+    ``seed`` fixes the batches and the clips drawn from them: workers are
+    seeded from it, and with ``workers=0`` the clips come from a generator
+    seeded from it (not torch's global RNG).  The clips depend on the number
+    of workers."""
     stats = FrameStats()
-    ds = TrainClipDataset(tracklets, clip_len, size, flip_p=flip_p, stats=stats)
+    main_gen = torch.Generator().manual_seed(int(seed) * 1000 + int(rank) + 1) if workers == 0 else None
+    ds = TrainClipDataset(tracklets, clip_len, size, flip_p=flip_p, stats=stats, generator=main_gen)
     sampler = IdentityBalancedSampler(ds.tracklets, num_ids, num_per_id, seed=seed, rank=rank,
                                       world_size=world_size, infinite=infinite)
     dl = DataLoader(ds, batch_sampler=sampler, collate_fn=collate_clips, **_loader_kwargs(workers, pin_memory, seed * 1000 + rank,
