@@ -163,7 +163,8 @@ want e2e_compile && step bench_e2e_compile 300 "${BENCH[@]}" bench/test_bench_e2
 want cmake && step cmake_cuda_test 300 bash -c 'cmake -S . -B /tmp/pv-cmake -DCMAKE_BUILD_TYPE=Release -DCMAKE_PREFIX_PATH="$('"$PY"' -c "import torch.utils; print(torch.utils.cmake_prefix_path)")" -DCMAKE_CUDA_ARCHITECTURES=90-real && cmake --build /tmp/pv-cmake -j 16 && cd /tmp/pv-cmake && ctest --output-on-failure'
 
 for j in bench_ops bench_e2e bench_schedule bench_epilogue bench_e2e_compile bench_model; do
-  [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.md" 2>&1 && cat "$OUT/$j.md"
+  [ -s "$OUT/$j.json" ] && $PY -m personvlad.cli bench report "$OUT/$j.json" --out "$OUT" > "$OUT/$j.report.log" 2>&1 \
+    && cat "$OUT/$j.md"  # the command writes $j.md itself; its own messages go to the log
 done
 echo "results in $OUT ($(( $(date +%s) - T0 )) s)"  # packed by the EXIT trap
 [ -n "$DEVICE_OUT" ] && cat "$OUT"/*.md > "$DEVICE_OUT/summary.md" 2>/dev/null

@@ -11,6 +11,7 @@ import functools
 import json
 import math
 import os
+import warnings
 from typing import Dict, Optional, Sequence
 
 import torch
@@ -37,11 +38,23 @@ def shape_class(C: int, P: int, K: int, B: int, dtype: torch.dtype) -> str:
 
 @functools.lru_cache(maxsize=1)
 def load_table(path: str = TABLE_PATH) -> Dict[str, str]:
+    """The table's ``classes``; {} (with a warning) for a missing classes
+    map or a file that is not such JSON: a damaged table must not break
+    ``import personvlad`` (nor ``personvlad bench table``, which rewrites it)."""
     if not os.path.exists(path):
         return {}
-    with open(path) as f:
-        data = json.load(f)
-    return {str(k): str(v) for k, v in data.get("classes", {}).items()}
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        classes = data["classes"]
+        if not isinstance(classes, dict):
+            raise TypeError(f"'classes' is a {type(classes).__name__}")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        warnings.warn(f"personvlad: {path}: expected a JSON object with a 'classes' map "
+                      f"({type(e).__name__}: {e}); backend='auto' uses its default order "
+                      "(rewrite the table with `personvlad bench table`)", RuntimeWarning, stacklevel=2)
+        return {}
+    return {str(k): str(v) for k, v in classes.items()}
 
 
 # Read once, at import: backend="auto" runs inside torch.compile'd models, and

@@ -91,7 +91,9 @@ def _labels(b: Dict[str, Any]) -> List[str]:
 
 def _find_baseline(b: Dict[str, Any], benches: Sequence[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
     """The benchmark of ``b``'s group that ``extra_info["baseline"]`` names;
-    a list of names means the fastest (smallest median) of those present."""
+    a list of names means the fastest (smallest median) of those present.
+    A baseline without a finite, positive median (an interrupted or broken
+    run) does not count."""
     base = (b.get("extra_info") or {}).get("baseline")
     if base is None:
         return None
@@ -100,17 +102,24 @@ def _find_baseline(b: Dict[str, Any], benches: Sequence[Dict[str, Any]]) -> Opti
     found = []
     for name in names:
         same = [x for x in benches if x.get("group") == group and name in _labels(x)]
-        if same:
+        if same and _positive(same[0]["stats"].get("median")):
             found.append(same[0])
     if not found:
         return None
     return min(found, key=lambda x: x["stats"]["median"])
 
 
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
+
+
 def _baseline_label(b: Dict[str, Any], base: Optional[Dict[str, Any]]) -> Optional[str]:
     ei = b.get("extra_info") or {}
     if base is None:
-        return None if ei.get("baseline") is None else str(ei["baseline"])
+        if ei.get("baseline") is None:
+            return None
+        names = ei["baseline"] if isinstance(ei["baseline"], (list, tuple)) else [ei["baseline"]]
+        return "/".join(str(n) for n in names)
     names = ei["baseline"] if isinstance(ei["baseline"], (list, tuple)) else [ei["baseline"]]
     return next(str(n) for n in names if str(n) in _labels(base))
 
@@ -157,10 +166,11 @@ def summarize(data: Dict[str, Any]) -> List[Dict[str, Any]]:
         st = b["stats"]
         base = _find_baseline(b, benches)
         speedup = None
-        if base is not None and st["median"] > 0:
+        if base is not None and _positive(st["median"]):
             speedup = base["stats"]["median"] / st["median"]
+        labels = _labels(b)
         rows.append(OrderedDict(
-            name=b["name"], group=b.get("group") or "(no group)", label=_labels(b)[0],
+            name=b["name"], group=b.get("group") or "(no group)", label=labels[0] if labels else "(unnamed)",
             mean=float(st["mean"]), median=float(st["median"]), min=float(st["min"]),
             ops=float(st.get("ops") or (1.0 / st["mean"] if st["mean"] > 0 else float("nan"))),
             rounds=st.get("rounds"),
@@ -211,28 +221,35 @@ def _verdict(ei: Dict[str, Any], row: Dict[str, Any]) -> Optional[str]:
 # --------------------------------------------------------------------------
 # Markdown + chart
 # --------------------------------------------------------------------------
+def _fmt_units(x: float, units: Sequence[Tuple[str, float]]) -> str:
+    """``x`` to 3 significant digits in the largest unit (``units`` from the
+    largest scale down) it reaches, moving up a unit where the rounding
+    reaches 1000 (999.6 ms is "1 s", never "1e+03 ms")."""
+    i = next((j for j, (_, scale) in enumerate(units) if x >= scale), len(units) - 1)
+    if i > 0 and float(f"{x / units[i][1]:.3g}") >= 1000:
+        i -= 1
+    return f"{x / units[i][1]:.3g} {units[i][0]}"
+
+
 def _fmt_time(s: float) -> str:
     if not math.isfinite(s):
         return "-"
-    for unit, scale in (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6)):
-        if s >= scale:
-            return f"{s / scale:.3g} {unit}"
-    return f"{s / 1e-9:.3g} ns"
+    return _fmt_units(s, (("s", 1.0), ("ms", 1e-3), ("µs", 1e-6), ("ns", 1e-9)))
 
 
 def _fmt_bytes(n: Optional[int]) -> str:
     if n is None:
         return "-"
-    for unit, scale in (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} B"
+    if n < 1000:
+        return f"{n} B"
+    return _fmt_units(n, (("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)))
 
 
 def _fmt_num(x: Optional[float]) -> str:
     if x is None or not math.isfinite(x):
         return "-"
-    return f"{x:.4g}" if x < 1e4 else f"{x:,.0f}"
+    s = f"{x:.4g}"
+    return f"{x:,.0f}" if abs(x) >= 1 and "e" in s else s
 
 
 def markdown_report(data: Dict[str, Any], title: Optional[str] = None, chart: Optional[str] = None) -> str:
@@ -446,8 +463,13 @@ def write_backend_table(results: Sequence[str], out: str, modes: Sequence[str] =
     table = reduce_backend_table(datas, modes)
     table["sources"] = [os.path.basename(p) for p in results]
     if merge and os.path.exists(out):
-        with open(out) as f:
-            old = json.load(f)
+        try:
+            with open(out) as f:
+                old = json.load(f)
+            if not isinstance(old, dict):
+                raise ValueError(f"a {type(old).__name__}, not an object")
+        except ValueError as e:
+            raise ValueError(f"{out}: cannot merge into it, expected a backend table (JSON object): {e}") from e
         classes = dict(old.get("classes", {}))
         classes.update(table["classes"])
         details = dict(old.get("details", {}))
@@ -458,9 +480,11 @@ def write_backend_table(results: Sequence[str], out: str, modes: Sequence[str] =
         return table  # nothing measured: leave any existing table alone
     d = os.path.dirname(os.path.abspath(out))
     os.makedirs(d, exist_ok=True)
-    with open(out, "w") as f:
+    tmp = out + ".tmp"  # then a rename: a killed write never leaves a truncated table
+    with open(tmp, "w") as f:
         json.dump(table, f, indent=1, sort_keys=True)
         f.write("\n")
+    os.replace(tmp, out)
     return table
 
 

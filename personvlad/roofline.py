@@ -98,6 +98,7 @@ _TABLE: Tuple[Tuple[str, DevicePeaks], ...] = tuple((pat, DevicePeaks(name=n, **
     (r"v100", "V100 SXM2", dict(gbps=900, fp32=15.7, fp16=125)),
     (r"\bt4\b", "T4", dict(gbps=320, fp32=8.1, fp16=65)),
     (r"titan xp", "TITAN Xp", dict(gbps=547.7, fp32=12.1)),
+    (r"gtx titan x", "GeForce GTX TITAN X (Maxwell)", dict(gbps=336.5, fp32=6.7)),
     (r"titan x", "TITAN X (Pascal)", dict(gbps=480, fp32=11.0)),
 ))
 

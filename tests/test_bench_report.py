@@ -353,3 +353,65 @@ def test_profile_op_runs_on_cpu(tmp_path):
     assert any(k[0] == "personvlad::person_vlad" for k in recs[("fused-cpu", "fwd")]["kernels"])
     assert not any(k[0].startswith("personvlad::") for k in recs[("unfused-eager", "fwd")]["kernels"])
     assert "| tiny | fp32 | fwd | fused-cpu |" in (tmp_path / "profile_op.md").read_text()
+
+
+def test_broken_baselines_and_unnamed_rows():
+    """A baseline without a finite positive median does not count (it used
+    to become 'the fastest' and give a NaN speed-up); an absent baseline is
+    named by its names, not a Python list; a row without any name gets a
+    placeholder label instead of an IndexError."""
+    def b(name, label, med, **ei):
+        return dict(name=name, group="g", stats=dict(mean=med, median=med, min=med, ops=1.0),
+                    extra_info=dict(label=label, **ei) if label else dict(ei))
+
+    data = {"benchmarks": [
+        b("e", "eager", float("nan")),
+        b("z", "zero", 0.0),
+        b("k", "compiled", 0.002),
+        b("f", "fused", 0.001, baseline=["eager", "zero", "compiled"], target_speedup=1.5),
+        b("g", "fused2", 0.001, baseline=["eager", "zero"]),
+        b("h", "fused3", 0.001, baseline=["missing", "gone"]),
+        b("", None, 0.001),
+    ]}
+    rows = {r["name"]: r for r in bench_report.summarize(data)}
+    assert rows["f"]["baseline"] == "compiled" and rows["f"]["speedup"] == pytest.approx(2.0)
+    assert rows["f"]["target"] == "met"
+    assert rows["g"]["speedup"] is None and rows["g"]["baseline"] == "eager/zero"
+    assert rows["h"]["baseline"] == "missing/gone"
+    assert rows[""]["label"] == "(unnamed)"
+    assert "nanx" not in bench_report.markdown_report(data)
+
+
+@pytest.mark.parametrize("fmt, value, text", [
+    ("_fmt_time", 0.9996, "1 s"), ("_fmt_time", 0.0009996, "1 ms"), ("_fmt_time", 0.148e-3, "148 µs"),
+    ("_fmt_time", 2.5, "2.5 s"), ("_fmt_time", 5e-10, "0.5 ns"),
+    ("_fmt_bytes", 1023 * 2 ** 10, "0.999 MiB"), ("_fmt_bytes", 1010 * 2 ** 20, "0.986 GiB"),
+    ("_fmt_bytes", 999, "999 B"), ("_fmt_bytes", 1000, "0.977 KiB"), ("_fmt_bytes", 3 * 2 ** 30, "3 GiB"),
+    ("_fmt_num", 9999.7, "10,000"), ("_fmt_num", 1795.2, "1795"), ("_fmt_num", 123456.0, "123,456"),
+    ("_fmt_num", 0.00012345, "0.0001234"), ("_fmt_num", 1e-7, "1e-07"),
+])
+def test_number_formats_never_print_1e3_of_a_unit(fmt, value, text):
+    assert getattr(bench_report, fmt)(value) == text
+
+
+def test_damaged_backend_table_warns_instead_of_breaking_import(tmp_path):
+    """A truncated or foreign backend_table.json (a killed write) gave
+    JSONDecodeError/AttributeError at `import personvlad`; it now warns and
+    falls back to the default order.  The writer goes through a rename."""
+    for text in ('{"classes": {"C256-P128', "[]", '{"classes": [1]}'):
+        p = tmp_path / "t.json"
+        p.write_text(text)
+        with pytest.warns(RuntimeWarning, match="backend='auto' uses its default order"):
+            assert _backend_table.load_table.__wrapped__(str(p)) == {}
+    p.write_text("[]")
+    with pytest.raises(ValueError, match="cannot merge"):
+        bench_report.write_backend_table([], str(p), merge=True)
+
+
+def test_titan_x_generations():
+    from personvlad import roofline
+
+    pascal = roofline.device_peaks("NVIDIA TITAN X (Pascal)")
+    maxwell = roofline.device_peaks("NVIDIA GeForce GTX TITAN X")
+    assert pascal.name == "TITAN X (Pascal)" and maxwell.name == "GeForce GTX TITAN X (Maxwell)"
+    assert maxwell.fp32 < pascal.fp32
