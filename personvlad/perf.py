@@ -16,9 +16,10 @@
   weights, zero input channels): same result, tensor-core friendly cuDNN
   kernels in channels_last_3d half precision.  Inference-only (changes the
   weight shape).
-- :func:`check_cudnn_3d` — startup guard against half-precision 3D-conv
-  configurations where PyTorch does not use cuDNN (several x slower, many x
-  more memory).
+- :func:`check_cudnn_3d` — detects half-precision 3D-conv configurations
+  where PyTorch does not use cuDNN (several x slower, many x more memory);
+  :func:`guard_cudnn_3d` runs it once per device at the start of training
+  and of :func:`optimize_for_inference` (bf16/fp16 on a GPU) and warns.
 - :func:`optimize_for_inference` — bf16 autocast + channels_last_3d + fused
   epilogues (+ padded conv1) + CUDA graph for a fixed input shape.
 """
@@ -43,6 +44,7 @@ __all__ = [
     "count_fused",
     "pad_input_channels",
     "check_cudnn_3d",
+    "guard_cudnn_3d",
     "cudnn_3d_known_problems",
     "optimize_for_inference",
     "InferenceRunner",
@@ -543,10 +545,38 @@ def check_cudnn_3d(warn: bool = True, probe: bool = True, device: Optional[Union
     info["problems"] = problems
     info["status"] = "bad" if problems else "ok"
     if warn and problems:
-        lines = "\n".join(f"  - {p['problem']}\n    fix: {p['fix']}" for p in problems)
-        warnings.warn(f"personvlad: slow half-precision 3D convolutions on this install:\n{lines}",
-                      RuntimeWarning, stacklevel=2)
+        _warn_cudnn(problems, stacklevel=3)
     return info
+
+
+def _warn_cudnn(problems: List[Dict[str, str]], stacklevel: int) -> None:
+    lines = "\n".join(f"  - {p['problem']}\n    fix: {p['fix']}" for p in problems)
+    warnings.warn(f"personvlad: slow half-precision 3D convolutions on this install:\n{lines}",
+                  RuntimeWarning, stacklevel=stacklevel)
+
+
+_CUDNN_GUARDED: set = set()
+
+
+def guard_cudnn_3d(device: Union[str, torch.device], channels_last: bool) -> List[Dict[str, str]]:
+    """The start-up guard the trainer and :func:`optimize_for_inference` run
+    before half-precision 3D convolutions on a GPU: :func:`check_cudnn_3d`
+    (with its probe) once per device and layout in this process, and one
+    ``RuntimeWarning`` for the problems that apply to that layout (an
+    NCDHW-only problem does not, with ``channels_last``).  Returns those
+    problems ([] off CUDA, or when already checked)."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return []
+    key = (dev.index if dev.index is not None else torch.cuda.current_device(), bool(channels_last))
+    if key in _CUDNN_GUARDED:
+        return []
+    _CUDNN_GUARDED.add(key)
+    info = check_cudnn_3d(warn=False, device=dev)
+    problems = [p for p in info.get("problems", []) if not (channels_last and p.get("layouts") == "ncdhw")]
+    if problems:
+        _warn_cudnn(problems, stacklevel=3)
+    return problems
 
 
 # --------------------------------------------------------------------------
@@ -633,6 +663,8 @@ def optimize_for_inference(model: nn.Module, example_clips: torch.Tensor, dtype:
         m = m.to(memory_format=torch.channels_last_3d)
     autocast = dtype is not None and dtype != torch.float32
     dev_type = device.type
+    if autocast:
+        guard_cudnn_3d(device, channels_last)
 
     fwd = torch.compile(m) if compile else m
 

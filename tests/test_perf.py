@@ -548,6 +548,38 @@ def test_check_cudnn_3d_on_cpu_is_silent():
     assert r["torch"] == torch.__version__
 
 
+def test_guard_cudnn_3d_warns_once_for_the_layout_in_use(monkeypatch):
+    """The start-up guard: NCDHW-only problems do not apply with
+    channels_last; each (device, layout) is checked once per process; off
+    CUDA it does nothing."""
+    assert perf.guard_cudnn_3d("cpu", True) == []
+    calls = []
+    problems = [dict(problem="ncdhw only", layouts="ncdhw", fix="use channels_last_3d"),
+                dict(problem="everywhere", layouts="all", fix="upgrade")]
+
+    def fake_check(warn=True, probe=True, device=None):
+        calls.append(device)
+        return dict(status="bad", problems=[dict(p) for p in problems])
+
+    monkeypatch.setattr(perf, "check_cudnn_3d", fake_check)
+    monkeypatch.setattr(perf, "_CUDNN_GUARDED", set())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.warns(RuntimeWarning) as rec:
+        got = perf.guard_cudnn_3d("cuda:0", channels_last=True)
+    assert [p["problem"] for p in got] == ["everywhere"] and len(rec) == 1
+    assert "everywhere" in str(rec[0].message) and "ncdhw only" not in str(rec[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert perf.guard_cudnn_3d("cuda:0", channels_last=True) == []  # once per process
+    with pytest.warns(RuntimeWarning, match="ncdhw only"):
+        assert len(perf.guard_cudnn_3d("cuda:0", channels_last=False)) == 2
+    assert len(calls) == 2
+    problems.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert perf.guard_cudnn_3d("cuda:1", channels_last=True) == []  # nothing wrong: silent
+
+
 @pytest.mark.parametrize("tv, cv, enabled, n, layouts", [
     ("2.9.0+cu128", 91002, True, 1, "all"),        # cuDNN disabled for half 3D convs
     ("2.9.0", 90701, True, 0, None),               # cuDNN before 9.8: fine

@@ -551,6 +551,10 @@ def _train(cfg: TrainConfig, out_dir: str, resume: bool, dinfo, progress, stop_a
         fuse_conv_relu_pool(model)
         log.info("fused the bias + ReLU (+ max pool) epilogues of %d convolutions", count_fused(model))
     amp_dtype = autocast_dtype(device, cfg.amp)
+    if amp_dtype is not None and device.type == "cuda":
+        from ..perf import guard_cudnn_3d
+
+        guard_cudnn_3d(device, cfg.channels_last)  # warns once where half 3D convs skip cuDNN
 
     s1, s2 = cfg.schedule.step1_iters, cfg.schedule.step2_iters
     total = s1 + s2
