@@ -395,42 +395,10 @@ def _is_gpu(ei: Dict[str, Any]) -> bool:
     return dev is not None and str(dev).lower() != "cpu"
 
 
-def reduce_backend_table(datas: Iterable[Dict[str, Any]], modes: Sequence[str] = ("fwd", "fwdbwd")
-                         ) -> Dict[str, Any]:
-    """GPU op benchmarks -> ``{"classes": {shape_class: "cuda"|"triton"}, "details": ...}``.
-
-    For every shape class the median times of the measurements that both
-    backends have (same N, C, P, K, B, dtype, mode) are summed per backend;
-    the smaller sum wins.  A class measured for only one backend maps to it.
-    """
-    import torch
-
-    from ._backend_table import shape_class
-
-    # (class, measurement key) -> backend -> median time
-    times: Dict[str, Dict[tuple, Dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
-    devices = set()
-    for data in datas:
-        for b in data["benchmarks"]:
-            ei = b.get("extra_info") or {}
-            backend = _OP_BACKENDS.get(str(ei.get("op_backend")))
-            if backend is None or not _is_gpu(ei) or ei.get("mode", "fwd") not in modes:
-                continue
-            try:
-                C, P, K, B = (int(ei[k]) for k in ("C", "P", "K", "B"))
-                dname = str(ei["dtype"]).replace("torch.", "")
-                dtype = getattr(torch, dname)
-            except (KeyError, TypeError, ValueError, AttributeError):
-                continue
-            if not isinstance(dtype, torch.dtype):
-                continue
-            cls = shape_class(C, P, K, B, dtype)
-            key = (ei.get("N"), C, P, K, B, dname, ei.get("mode", "fwd"))
-            t = float(b["stats"]["median"])
-            prev = times[cls][key].get(backend)
-            times[cls][key][backend] = t if prev is None else min(prev, t)
-            if ei.get("device"):
-                devices.add(str(ei["device"]))
+def _pick_winners(times: Dict[str, Dict[tuple, Dict[str, float]]]) -> Tuple[Dict[str, str], Dict[str, Any]]:
+    """Per shape class: the backend with the smaller sum of median times over
+    the measurements both have; a class measured for one backend only maps
+    to it."""
     classes: Dict[str, str] = {}
     details: Dict[str, Any] = {}
     for cls in sorted(times):
@@ -448,12 +416,63 @@ def reduce_backend_table(datas: Iterable[Dict[str, Any]], modes: Sequence[str] =
             winner = seen[0]
             details[cls] = dict(only=winner, measurements=len(times[cls]))
         classes[cls] = winner
+    return classes, details
+
+
+def reduce_backend_table(datas: Iterable[Dict[str, Any]], modes: Sequence[str] = ("fwd", "fwdbwd")
+                         ) -> Dict[str, Any]:
+    """GPU op benchmarks -> ``{"classes": {shape_class: "cuda"|"triton"},
+    "by_mode": {mode: {shape_class: ...}}, "details": ...}``.
+
+    For every shape class the median times of the measurements that both
+    backends have (same N, C, P, K, B, dtype, mode) are summed per backend;
+    the smaller sum wins.  A class measured for only one backend maps to it.
+    ``classes`` sums over all ``modes``; ``by_mode`` decides each mode on its
+    own (``backend="auto"`` uses ``fwd`` when no backward can follow, and
+    ``fwdbwd`` when one can).
+    """
+    import torch
+
+    from ._backend_table import shape_class
+
+    # mode -> class -> measurement key -> backend -> median time
+    times: Dict[str, Dict[str, Dict[tuple, Dict[str, float]]]] = defaultdict(
+        lambda: defaultdict(lambda: defaultdict(dict)))
+    devices = set()
+    for data in datas:
+        for b in data["benchmarks"]:
+            ei = b.get("extra_info") or {}
+            backend = _OP_BACKENDS.get(str(ei.get("op_backend")))
+            mode = ei.get("mode", "fwd")
+            if backend is None or not _is_gpu(ei) or mode not in modes:
+                continue
+            try:
+                C, P, K, B = (int(ei[k]) for k in ("C", "P", "K", "B"))
+                dname = str(ei["dtype"]).replace("torch.", "")
+                dtype = getattr(torch, dname)
+            except (KeyError, TypeError, ValueError, AttributeError):
+                continue
+            if not isinstance(dtype, torch.dtype):
+                continue
+            cls = shape_class(C, P, K, B, dtype)
+            key = (ei.get("N"), C, P, K, B, dname, mode)
+            t = float(b["stats"]["median"])
+            prev = times[mode][cls][key].get(backend)
+            times[mode][cls][key][backend] = t if prev is None else min(prev, t)
+            if ei.get("device"):
+                devices.add(str(ei["device"]))
+    merged: Dict[str, Dict[tuple, Dict[str, float]]] = defaultdict(dict)
+    for per_class in times.values():
+        for cls, keys in per_class.items():
+            merged[cls].update(keys)  # the keys hold the mode: no collisions
+    classes, details = _pick_winners(merged)
+    by_mode = {mode: _pick_winners(times[mode])[0] for mode in modes if times.get(mode)}
     return dict(
         generated=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         devices=sorted(devices), modes=list(modes),
         rule="per shape class, the backend with the smaller sum of median times over the measurements "
-             "both backends have",
-        classes=classes, details=details,
+             "both backends have (classes: over all modes; by_mode: per mode)",
+        classes=classes, by_mode=by_mode, details=details,
     )
 
 
@@ -472,6 +491,10 @@ def write_backend_table(results: Sequence[str], out: str, modes: Sequence[str] =
             raise ValueError(f"{out}: cannot merge into it, expected a backend table (JSON object): {e}") from e
         classes = dict(old.get("classes", {}))
         classes.update(table["classes"])
+        by_mode = {m: dict(v) for m, v in (old.get("by_mode") or {}).items()}
+        for m, v in table["by_mode"].items():
+            by_mode.setdefault(m, {}).update(v)
+        table["by_mode"] = by_mode
         details = dict(old.get("details", {}))
         details.update(table["details"])
         table["classes"], table["details"] = classes, details
@@ -514,10 +537,12 @@ def _cmd_table(args) -> int:
         print("personvlad bench table: no GPU op benchmarks with op_backend cuda/triton and C, P, K, B, dtype "
               f"in {args.results}; {args.out} left unchanged")
         return 1
+    fwd_only = table.get("by_mode", {}).get("fwd", {})
     for cls, be in table["classes"].items():
         det = table["details"].get(cls, {})
         sp = det.get("speedup")
-        print(f"{cls:40s} {be:7s}" + (f" ({sp:.2f}x)" if sp else " (only backend measured)"))
+        print(f"{cls:40s} {be:7s}" + (f" ({sp:.2f}x)" if sp else " (only backend measured)")
+              + (f"; forward alone: {fwd_only[cls]}" if fwd_only.get(cls, be) != be else ""))
     print(f"wrote {args.out} ({len(table['classes'])} classes)")
     return 0
 

@@ -5,14 +5,17 @@
 - ``"reference"`` — :func:`personvlad.reference.person_vlad_ref`, pure PyTorch,
   differentiable by autograd; the executable form of the spec.
 - ``"cpu"``       — the C++ extension (``personvlad._C``), registered as
-  ``torch.ops.personvlad.person_vlad`` for CPU tensors (float32/float64).
+  ``torch.ops.personvlad.person_vlad`` for CPU tensors (float32/float64;
+  float16/bfloat16 features are computed in float32).
 - ``"cuda"``      — the CUDA kernels of the same extension, same op, CUDA key.
 - ``"triton"``    — Triton kernels, registered as
   ``torch.ops.personvlad.person_vlad_triton`` through ``torch.library.triton_op``.
 - ``"auto"``      — CPU tensors: ``cpu`` when the extension is built, else
   ``reference``; CUDA tensors: the faster of ``cuda``/``triton`` for the shape
-  class, from the committed benchmark table (:mod:`personvlad._backend_table`),
-  falling back to whichever is available, else ``reference``.
+  class, from the committed benchmark table (:mod:`personvlad._backend_table`):
+  faster forward alone when no backward can follow (grad mode off, or no
+  input requires grad), faster forward + backward otherwise; falling back
+  to whichever is available, else ``reference``.
 
 ``torch.ops.personvlad.person_vlad`` always exists: when the extension is not
 built (or was built without CUDA) the missing device kernels are filled with
@@ -307,7 +310,10 @@ def _auto_backend(features: torch.Tensor, parts: Optional[torch.Tensor], W: torc
             candidates.remove("triton")  # outside the kernels' limits (B<=16, K<=128, C<=1024, dtypes)
         if not candidates:
             return "reference"
-        return pick_cuda_backend(features, parts, W.shape[0], candidates)
+        # the table's forward-only choice where no backward can follow (inference)
+        backward = torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (features, parts, W, z, c))
+        return pick_cuda_backend(features, parts, W.shape[0], candidates, backward=backward)
     return "reference"
 
 

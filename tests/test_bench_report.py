@@ -220,6 +220,34 @@ def test_auto_pick_traces_under_torch_compile_fullgraph(monkeypatch):
     assert _backend_table.pick_cuda_backend(F, None, 64, ["cuda", "triton"]) == _backend_table.DEFAULT_ORDER[0]
 
 
+def test_table_keeps_each_mode_apart_and_auto_uses_it(monkeypatch):
+    """by_mode decides fwd and fwdbwd on their own: a backend faster forward
+    only (the H200's Triton at the large shape) is picked where no backward
+    can follow; classes (both summed) stays the fallback."""
+    def b(backend, mode, med):
+        return dict(name=f"{backend}-{mode}", group=mode, stats=dict(mean=med, median=med, min=med),
+                    extra_info=dict(op_backend=backend, mode=mode, N=8, C=512, P=1568, K=64, B=8,
+                                    dtype="bfloat16", device="FakeGPU", device_type="cuda"))
+
+    data = {"benchmarks": [b("fused-cuda", "fwd", 0.5e-3), b("fused-triton", "fwd", 0.34e-3),
+                           b("fused-cuda", "fwdbwd", 2.03e-3), b("fused-triton", "fwdbwd", 2.39e-3)]}
+    t = bench_report.reduce_backend_table([data])
+    cls = _backend_table.shape_class(512, 1568, 64, 8, torch.bfloat16)
+    assert t["classes"] == {cls: "cuda"}  # 2.53 ms vs 2.73 ms summed
+    assert t["by_mode"] == {"fwd": {cls: "triton"}, "fwdbwd": {cls: "cuda"}}
+    monkeypatch.setattr(_backend_table, "_CLASSES", t["classes"])
+    monkeypatch.setattr(_backend_table, "_BY_MODE", t["by_mode"])
+    F = torch.randn(1, 512, 8, 14, 14, dtype=torch.bfloat16)
+    M = torch.rand(1, 8, 8, 14, 14, dtype=torch.bfloat16)
+    pick = _backend_table.pick_cuda_backend
+    assert pick(F, M, 64, ["cuda", "triton"], backward=False) == "triton"
+    assert pick(F, M, 64, ["cuda", "triton"], backward=True) == "cuda"
+    assert pick(F, M, 64, ["cuda", "triton"]) == "cuda"
+    assert pick(F, M, 64, ["cuda"], backward=False) == "cuda"  # only what is available
+    monkeypatch.setattr(_backend_table, "_BY_MODE", {})  # a table from before the modes were kept apart
+    assert pick(F, M, 64, ["cuda", "triton"], backward=False) == "cuda"
+
+
 def test_table_modes_and_merge(results, tmp_path):
     out = tmp_path / "t.json"
     out.write_text(json.dumps({"classes": {"C8-P8-K8-B1-float32": "cuda"}, "sources": ["old.json"]}))
