@@ -1002,12 +1002,17 @@ def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
     default = FWD(*args, True)
     monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
     atol, rtol = tolerance(dtype)
+    # split runs (more than one block per sample) add the tickets' memset;
+    # "auto" splits (fused_forward_split: max(1, SMs / N) blocks, A' fits
+    # one block here) only on a GPU with at least 2 * 64 SMs (H100 SXM: 132)
+    sms = torch.cuda.get_device_properties(args[0].device).multi_processor_count
+    split_run = {"1": False, "auto": sms // 64 >= 2, "4": True}
     for splits in ("1", "auto", "4"):
         monkeypatch.setenv("PERSONVLAD_CUDA_FWD_SPLITS", splits)
         names = _kernel_names(lambda: FWD(*args, True))
         kernels = [n for n in names if "memset" not in n.lower()]
         assert len(kernels) == 1 and "fused_forward_kernel" in kernels[0], names
-        assert len(names) - len(kernels) == (0 if splits == "1" else 1), names  # the tickets' memset
+        assert len(names) - len(kernels) == (1 if split_run[splits] else 0), (splits, sms, names)
         out = FWD(*args, True)
         torch.testing.assert_close(out.double(), _ref64(args, True), atol=atol, rtol=rtol)
         torch.testing.assert_close(out, default, atol=atol, rtol=rtol)
@@ -1037,7 +1042,8 @@ def test_fused_tc_forward_bfloat16(monkeypatch, shape):
     out = FWD(*args, True)
     atol, rtol = tolerance(torch.bfloat16)
     torch.testing.assert_close(out.double(), _ref64(args, True), atol=atol, rtol=rtol)
-    torch.testing.assert_close(out.float(), fma.float(), atol=1e-5 * fma.float().abs().max().item(), rtol=2.0 ** -8)
+    # one bf16 rounding step apart: neighbouring bf16 values differ by up to 2^-7 relative
+    torch.testing.assert_close(out.float(), fma.float(), atol=1e-5 * fma.float().abs().max().item(), rtol=2.0 ** -7)
     assert (out != fma).float().mean().item() <= 0.005
     assert torch.equal(out, FWD(*args, True))
     args32 = [t.float() for t in args]
