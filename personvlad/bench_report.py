@@ -487,6 +487,13 @@ def write_backend_table(results: Sequence[str], out: str, modes: Sequence[str] =
                 old = json.load(f)
             if not isinstance(old, dict):
                 raise ValueError(f"a {type(old).__name__}, not an object")
+            for key in ("classes", "details", "by_mode"):
+                if not isinstance(old.get(key, {}), dict):
+                    raise ValueError(f"its {key!r} is a {type(old[key]).__name__}, not an object")
+            if not all(isinstance(v, dict) for v in old.get("by_mode", {}).values()):
+                raise ValueError("its 'by_mode' is not a map of objects")
+            if not isinstance(old.get("sources", []), list):
+                raise ValueError("its 'sources' is not a list")
         except ValueError as e:
             raise ValueError(f"{out}: cannot merge into it, expected a backend table (JSON object): {e}") from e
         classes = dict(old.get("classes", {}))

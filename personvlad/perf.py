@@ -475,6 +475,10 @@ def _allocated_bytes_total(device: torch.device) -> int:
     return int(torch.cuda.memory_stats(device).get("allocated_bytes.all.allocated", 0))
 
 
+def _fmt_mb(mb: Optional[float]) -> str:
+    return "? MiB" if mb is None else f"{mb:.0f} MiB"
+
+
 def _probe(device: torch.device) -> Dict[str, Any]:
     """Time one small 3x3x3 Conv3d in fp32, bf16 NCDHW and bf16 channels_last_3d,
     and count the memory each call allocates (output, workspace and any
@@ -502,8 +506,11 @@ def _probe(device: torch.device) -> Dict[str, Any]:
                 F.conv3d(x, w, padding=1)
             end.record()
             torch.cuda.synchronize(device)
+        moved = _allocated_bytes_total(device) - total0
+        # None where the allocator keeps no running total (cudaMallocAsync
+        # reports only current and peak bytes): nothing to compare then
         res[name] = dict(ms=start.elapsed_time(end) / 5,
-                         alloc_mb_per_call=(_allocated_bytes_total(device) - total0) / 5 / 2 ** 20)
+                         alloc_mb_per_call=moved / 5 / 2 ** 20 if moved > 0 else None)
     return res
 
 
@@ -515,8 +522,9 @@ def check_cudnn_3d(warn: bool = True, probe: bool = True, device: Optional[Union
     checked or warned), ``"ok"`` or ``"bad"``, plus ``torch``, ``cudnn``
     (e.g. 91002), ``cudnn_enabled``, ``problems`` (see
     :func:`cudnn_3d_known_problems`) and, with ``probe=True``, ``probe``:
-    ms and MiB allocated per call (``alloc_mb_per_call``) of one small Conv3d
-    in fp32 / bf16 / bf16 channels_last_3d.  A bf16 conv slower than fp32, or
+    ms and MiB allocated per call (``alloc_mb_per_call``; None under an
+    allocator without a running total, e.g. cudaMallocAsync) of one small
+    Conv3d in fp32 / bf16 / bf16 channels_last_3d.  A bf16 conv slower than fp32, or
     allocating over 4x its memory, is reported as a problem too.  The probe
     leaves the CUDA memory statistics (peaks included) as they were, apart
     from the running totals its convolutions add to.  ``warn=True`` issues one
@@ -534,12 +542,13 @@ def check_cudnn_3d(warn: bool = True, probe: bool = True, device: Optional[Union
         info["probe"] = p
         for name, layout in (("bf16", "ncdhw"), ("bf16_cl", "channels_last_3d")):
             slow = p[name]["ms"] > p["fp32"]["ms"]
-            fat = p[name]["alloc_mb_per_call"] > 4 * max(p["fp32"]["alloc_mb_per_call"], 1.0)
+            mb, mb32 = p[name]["alloc_mb_per_call"], p["fp32"]["alloc_mb_per_call"]
+            fat = mb is not None and mb32 is not None and mb > 4 * max(mb32, 1.0)
             if slow or fat:
                 problems.append(dict(
                     problem=f"probe: bf16 Conv3d ({layout}) took {p[name]['ms']:.3f} ms and "
-                            f"{p[name]['alloc_mb_per_call']:.0f} MiB allocated per call vs fp32 "
-                            f"{p['fp32']['ms']:.3f} ms / {p['fp32']['alloc_mb_per_call']:.0f} MiB",
+                            f"{_fmt_mb(mb)} allocated per call vs fp32 "
+                            f"{p['fp32']['ms']:.3f} ms / {_fmt_mb(mb32)}",
                     layouts="ncdhw" if layout == "ncdhw" else "all",
                     fix="use channels_last_3d, upgrade torch / install cuDNN >= 9.15, or run the convs in fp32"))
     info["problems"] = problems

@@ -443,3 +443,28 @@ def test_titan_x_generations():
     maxwell = roofline.device_peaks("NVIDIA GeForce GTX TITAN X")
     assert pascal.name == "TITAN X (Pascal)" and maxwell.name == "GeForce GTX TITAN X (Maxwell)"
     assert maxwell.fp32 < pascal.fp32
+
+
+def test_auto_backend_asks_for_the_forward_choice_when_no_backward_can_follow(monkeypatch):
+    """ops._auto_backend on (fake) CUDA tensors passes backward=False with
+    grad mode off or no input requiring grad, True otherwise."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from personvlad import ops
+
+    if not ops._NATIVE_CUDA:
+        pytest.skip("needs the extension built with its CUDA kernels")
+    seen = []
+    monkeypatch.setattr(ops, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(ops, "pick_cuda_backend",
+                        lambda *a, backward=None, **k: seen.append(backward) or "cuda")
+    with FakeTensorMode():
+        F, M = torch.empty(2, 8, 3, 4, device="cuda"), torch.empty(2, 2, 3, 4, device="cuda")
+        W, z, c = torch.empty(5, 8, device="cuda"), torch.empty(5, device="cuda"), torch.empty(5, 8, device="cuda")
+        assert ops._auto_backend(F, M, W, z, c) == "cuda"
+        W.requires_grad_(True)
+        ops._auto_backend(F, M, W, z, c)
+        with torch.no_grad():
+            ops._auto_backend(F, M, W, z, c)
+        ops._auto_backend(F, None, W.detach(), z, c)
+    assert seen == [False, True, False, False]

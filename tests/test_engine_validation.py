@@ -142,6 +142,39 @@ def test_yaml_numbers_still_load(tmp_path):
         TrainConfig.from_yaml(str(p))
 
 
+def test_saved_configs_keep_how_they_trained(tmp_path, caplog):
+    """A run saved before loss.skip_unwritten existed left OIM's unwritten
+    queue slots out: read as a saved config (a checkpoint's, or its
+    config.yaml) it keeps doing so; a new config takes today's default; and
+    resuming such a checkpoint under a config that counts them is warned
+    about by name."""
+    import logging
+
+    from personvlad.engine.trainer import _warn_config_changes
+
+    old = _cfg_dict()
+    assert "skip_unwritten" not in old["loss"]
+    assert TrainConfig.from_dict(old, saved=True).loss.skip_unwritten is True
+    assert TrainConfig.from_dict(old).loss.skip_unwritten is False
+    explicit = _cfg_dict("loss.skip_unwritten", False)
+    assert TrainConfig.from_dict(explicit, saved=True).loss.skip_unwritten is False
+    p = tmp_path / "config.yaml"
+    TrainConfig.from_dict(old).save_yaml(str(p))
+    text = p.read_text().replace("  skip_unwritten: false\n", "")
+    assert "skip_unwritten" not in text
+    p.write_text(text)
+    assert TrainConfig.from_yaml(str(p), saved=True).loss.skip_unwritten is True
+    saved = TrainConfig.from_dict(old).to_dict()
+    del saved["loss"]["skip_unwritten"]
+    with caplog.at_level(logging.WARNING, logger="personvlad"):
+        _warn_config_changes(saved, TrainConfig.from_dict(old, saved=True))
+    assert not caplog.records  # the checkpoint's own config: nothing changes
+    with caplog.at_level(logging.WARNING, logger="personvlad"):
+        _warn_config_changes(saved, TrainConfig.from_dict(old))
+    text = caplog.text
+    assert "before loss.skip_unwritten existed" in text and "loss.skip_unwritten: True -> False" in text
+
+
 @pytest.mark.parametrize("override, key", [
     ("seed=-1", "seed"), ("device=cuda:abc", "device"), ("data.synth_preset=bogus", "data.synth_preset"),
     ("loss.triplet_weight=.nan", "loss.triplet_weight"), ("data.synth_seed=-2", "data.synth_seed"),

@@ -88,6 +88,18 @@ def test_oim_skip_unwritten_leaves_unwritten_slots_out():
         OIMLoss(4, 3, skip_unwritten=1)
 
 
+def test_oim_pickled_before_skip_unwritten_keeps_leaving_slots_out():
+    """An OIMLoss pickled before the option existed has no such attribute;
+    it goes on as it was trained (unwritten slots left out)."""
+    import pickle
+
+    old = OIMLoss(4, 3, queue_size=5)
+    del old.__dict__["skip_unwritten"]  # what such a pickle restores
+    loaded = pickle.loads(pickle.dumps(old))
+    assert loaded.skip_unwritten is True
+    assert float(loaded.eval()(torch.randn(2, 4), torch.tensor([0, 1]))) == pytest.approx(math.log(3), rel=1e-6)
+
+
 def test_oim_gradient_flows_and_buffers_do_not_require_grad():
     loss = OIMLoss(6, 3, queue_size=4)
     _set_buffers(loss, _unit(torch.randn(3, 6)))  # an all-zero LUT would give zero logits

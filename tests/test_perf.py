@@ -609,10 +609,12 @@ def test_check_cudnn_3d_on_gpu_probes():
     assert r["status"] in ("ok", "bad")
     assert set(r["probe"]) == {"fp32", "bf16", "bf16_cl"}
     assert all(v["ms"] > 0 for v in r["probe"].values())
-    # Each call allocates at least its output: 8x64x8x32x32 elements.
+    # Each call allocates at least its output: 8x64x8x32x32 elements (the
+    # native caching allocator counts it; cudaMallocAsync keeps no total).
     out_mb = 8 * 64 * 8 * 32 * 32 / 2 ** 20
-    assert r["probe"]["fp32"]["alloc_mb_per_call"] >= 4 * out_mb
-    assert r["probe"]["bf16"]["alloc_mb_per_call"] >= 2 * out_mb
+    if torch.cuda.get_allocator_backend() == "native":
+        assert r["probe"]["fp32"]["alloc_mb_per_call"] >= 4 * out_mb
+        assert r["probe"]["bf16"]["alloc_mb_per_call"] >= 2 * out_mb
 
 
 # --------------------------------------------------------------------------

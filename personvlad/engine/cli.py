@@ -105,9 +105,9 @@ def train_main(args) -> int:
         saved = os.path.join(args.out, "config.yaml")
         path = find_latest(args.out)
         if path is not None:
-            cfg = TrainConfig.from_dict(load_checkpoint(path)["config"])
+            cfg = TrainConfig.from_dict(load_checkpoint(path)["config"], saved=True)
         elif os.path.isfile(saved):
-            cfg = TrainConfig.from_yaml(saved)
+            cfg = TrainConfig.from_yaml(saved, saved=True)
         else:
             print(f"error: --resume without --config needs a checkpoint or {saved} in {args.out}", file=sys.stderr)
             return 2

@@ -108,6 +108,22 @@ class LogConfig:
     tensorboard: bool = True
 
 
+# Keys added after runs were first saved, with the value that reproduces how
+# such a run trained (TrainConfig.from_dict(..., saved=True)): OIM left the
+# unwritten queue slots out before loss.skip_unwritten existed (2026-12-07).
+SAVED_BEFORE_DEFAULTS: Dict[str, Any] = {"loss.skip_unwritten": True}
+
+
+def _with_saved_before_defaults(d: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(d)
+    for dotted, value in SAVED_BEFORE_DEFAULTS.items():
+        section, key = dotted.split(".")
+        sec = out.get(section)
+        if isinstance(sec, dict) and key not in sec:
+            out[section] = {**sec, key: value}
+    return out
+
+
 @dataclass
 class TrainConfig:
     name: str = "personvlad"
@@ -202,9 +218,15 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: Dict[str, Any], *, saved: bool = False) -> "TrainConfig":
+        """``saved=True``: ``d`` is the config a run was trained with (a
+        checkpoint's, or its out folder's config.yaml); a key added to the
+        config since then takes the value that reproduces how that run
+        trained (``SAVED_BEFORE_DEFAULTS``), not today's default."""
         if not isinstance(d, dict):
             raise ValueError(f"config: expected a mapping, got {type(d).__name__}")
+        if saved:
+            d = _with_saved_before_defaults(d)
         return _build(cls, d, "")
 
     def to_yaml(self) -> str:
@@ -215,9 +237,9 @@ class TrainConfig:
             f.write(self.to_yaml())
 
     @classmethod
-    def from_yaml(cls, path: str) -> "TrainConfig":
+    def from_yaml(cls, path: str, *, saved: bool = False) -> "TrainConfig":
         """The config in the YAML file ``path``; see also :func:`resolve_config`
-        for the shipped configs by name."""
+        for the shipped configs by name, and :meth:`from_dict` for ``saved``."""
         try:
             with open(path, "r", encoding="utf-8") as f:
                 d = yaml.safe_load(f)
@@ -226,7 +248,7 @@ class TrainConfig:
         except yaml.YAMLError as e:
             raise ValueError(f"{path}: expected a YAML training config, could not parse it: {e}") from None
         try:
-            return cls.from_dict(d or {})
+            return cls.from_dict(d or {}, saved=saved)
         except ValueError as e:
             raise ValueError(f"{path}: {e}") from None
 

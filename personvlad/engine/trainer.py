@@ -251,7 +251,14 @@ def _warn_config_changes(saved: Optional[Dict[str, Any]], cfg: TrainConfig) -> N
                 out[pre + k] = v
         return out
 
-    a, b = flat(saved), flat(cfg.to_dict())
+    from .config import _with_saved_before_defaults
+
+    a, b = flat(_with_saved_before_defaults(saved)), flat(cfg.to_dict())
+    if isinstance(saved.get("loss"), dict) and "skip_unwritten" not in saved["loss"] \
+            and cfg.loss.name == "oim" and not cfg.loss.skip_unwritten:
+        log.warning("the checkpoint was trained before loss.skip_unwritten existed, with OIM's unwritten queue "
+                    "slots left out; this run counts them (SPEC §4). Pass --override loss.skip_unwritten=true "
+                    "(or resume without --config) to go on as it was trained")
     changed = sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
     if changed:
         log.warning("resuming with a config that differs from the checkpoint's in %s: %s",

@@ -116,6 +116,10 @@ class OIMLoss(nn.Module):
     Buffers: ``lut`` (L, D), ``queue`` (Q, D), ``queue_ptr`` (), ``queue_filled`` ().
     """
 
+    # An OIMLoss pickled before the option existed has no instance attribute:
+    # it left the unwritten slots out, so it goes on doing so.
+    skip_unwritten = True
+
     def __init__(
         self,
         num_features: int,
