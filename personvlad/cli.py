@@ -48,7 +48,7 @@ def main(argv: Optional[List[str]] = None, modules: Optional[List[str]] = None) 
         return 2
     try:
         rc = args.func(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # OSError: a missing file, a directory given as a file, ...
         # bad input (a missing file, a malformed config or data set): the
         # message names it; no traceback.  PERSONVLAD_TRACEBACK=1 shows one.
         if os.environ.get("PERSONVLAD_TRACEBACK") == "1":

@@ -147,7 +147,9 @@ def run_pipeline(out_dir: str = "demo_out", fast: bool = False, seed: int = 0) -
     trained_vlad = None
     for name, head in runs.items():
         t0 = time.perf_counter()
-        run_dir = os.path.join(out_dir, "runs", head)
+        # one folder per budget and seed: resume=True continues an interrupted
+        # demo, never another budget's or seed's run (its data differ)
+        run_dir = os.path.join(out_dir, "runs", f"{head}-{'fast' if fast else 'full'}-seed{seed}")
         cfg = _demo_config(data_root, head, fast, seed)
         step1, step2 = cfg.schedule.step1_iters, cfg.schedule.step2_iters
         print(f"\ntraining {name}: {step1} + {step2} iterations, batch "

@@ -31,3 +31,6 @@ def test_demo_fast_pipeline(tmp_path, capsys):
     assert trained["mAP"] > untrained["mAP"], (trained, untrained)
     for pic in summary["pictures"]:
         assert os.path.getsize(pic) > 1000, pic
+    # each budget and seed trains in its own folder: a later full or
+    # other-seed demo in the same --out never resumes this run
+    assert sorted(os.listdir(out / "runs")) == ["avg-fast-seed0", "vlad-fast-seed0"]

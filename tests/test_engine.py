@@ -413,6 +413,18 @@ def test_extract_cli(short_run, tmp_path):
     assert rc == 0
     f = np.load(npz)
     assert f["query_feats"].shape[0] > 0 and "train_feats" not in f.files
+    # a bad output name is refused before any extraction; a directory is one too
+    from personvlad.engine.extract import extract_features, extract_split, load_model_from_checkpoint
+
+    model = load_model_from_checkpoint(str(out / "best.pt"))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    for bad in (str(tmp_path / "feats.txt"), str(tmp_path)):
+        with pytest.raises(ValueError, match="out_path"):
+            extract_features(model, None, bad)
+    assert not calls
+    with pytest.raises(ValueError, match="clip_len: expected None"):
+        extract_split(model, [(("frame.jpg",), 0, 0)], clip_len=0)  # was: the model's clip length, silently
 
 
 def _run_cli(args, **kw):
@@ -656,6 +668,13 @@ def test_estimate_cli_projects_without_evaluating(synth_root, tmp_path, capsys):
     assert st["iteration"] == 32  # the probe: 30 split 8:4 -> 20 + 10, at least 12 per step
     rc = main(["train", "--config", str(path), "--out", str(tmp_path / "bad"), "--estimate", "5"])
     assert rc == 2 and "iters: expected an int >= 24" in capsys.readouterr().err
+    # options that would be silently ignored, or a run of no iterations, are refused
+    for extra, msg in ((["--estimate", "30", "--stop-after", "5"], "does not take --stop-after"),
+                       (["--estimate-eval"], "--estimate-eval goes with --estimate"),
+                       (["--stop-after", "0"], "--stop-after: expected >= 1")):
+        rc = main(["train", "--config", str(path), "--out", str(tmp_path / "bad2")] + extra)
+        assert rc == 2 and msg in capsys.readouterr().err, extra
+    assert not (tmp_path / "bad2").exists()
 
 
 def test_shard_data_path_trains_and_resumes_bitwise(synth_root, tmp_path):

@@ -49,6 +49,11 @@ def test_save_load_roundtrip_without_faiss(tmp_path):
     assert loaded.backend == "exact" and np.array_equal(loaded.pids, pids)
     assert loaded.first_frame[3] == "f3.jpg"
     assert np.array_equal(loaded.search(q, 5)[1], index.search(q, 5)[1])
+    # a directory as the file: a ValueError naming it, no .tmp left behind
+    (tmp_path / "adir").mkdir()
+    with pytest.raises(ValueError, match="is a directory"):
+        index.save(str(tmp_path / "adir"))
+    assert not (tmp_path / "adir.tmp").exists()
 
 
 @needs_faiss

@@ -1,6 +1,7 @@
 """Pictures: PNGs are written, non-empty and of the documented size; CLI wrappers."""
 import argparse
 import json
+import os
 
 import numpy as np
 import pytest
@@ -33,6 +34,9 @@ def test_plot_part_maps_size_and_layouts(tmp_path):
     out2 = tmp_path / "parts2.png"
     plot_part_maps(torch.from_numpy(f).permute(0, 3, 1, 2), parts[None], str(out2), scale=2)
     assert np.array_equal(_png(out2)[1], a)
+    # a name without an extension gets .png, and the path returned is the file written
+    got = plot_part_maps(f, parts, str(tmp_path / "noext"), scale=1)
+    assert got == str(tmp_path / "noext.png") and os.path.isfile(got)
     # max_frames subsamples the columns
     out3 = tmp_path / "parts3.png"
     plot_part_maps(_frames(t=10), parts, str(out3), scale=1, max_frames=5)

@@ -91,6 +91,15 @@ def train_main(args) -> int:
     from .trainer import train
 
     _setup_logging()
+    if args.stop_after is not None and args.stop_after < 1:
+        print(f"error: --stop-after: expected >= 1 iterations, got {args.stop_after}", file=sys.stderr)
+        return 2
+    if args.estimate is None and args.estimate_eval:
+        print("error: --estimate-eval goes with --estimate ITERS", file=sys.stderr)
+        return 2
+    if args.estimate is not None and args.stop_after is not None:
+        print("error: --estimate runs its own ITERS-iteration probe; it does not take --stop-after", file=sys.stderr)
+        return 2
     if args.config:
         try:
             path = resolve_config(args.config)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
@@ -87,7 +88,11 @@ def extract_split(model, tracklets: Sequence, clip_len: Optional[int] = None, si
         if isinstance(t, (list, tuple)) and len(t) == 3 and len(t[0]) == 0:
             raise ValueError(f"tracklets[{i}]: empty tracklet (pid {t[1]}, cam {t[2]}): expected >= 1 frame")
     cfg = model.config
-    clip_len = clip_len or cfg.clip_len
+    if clip_len is None:
+        clip_len = cfg.clip_len
+    if isinstance(clip_len, bool) or not isinstance(clip_len, numbers.Integral) or clip_len < 1:
+        raise ValueError(f"clip_len: expected None (the model's) or an int >= 1, got {clip_len!r}")
+    clip_len = int(clip_len)
     size = size or (cfg.height, cfg.width)
     device = _device_of(model)
     dtype = autocast_dtype(device, amp)
@@ -151,6 +156,10 @@ def extract_features(model, dataset, out_path: str, *, include_train: bool = Fal
     Returns the arrays written."""
     from .checkpoint import _atomic
 
+    if not str(out_path).endswith(".npz"):  # before hours of extraction, not after
+        raise ValueError(f"out_path: expected a file name ending in .npz, got {out_path!r}")
+    if os.path.isdir(out_path):
+        raise ValueError(f"out_path: {out_path} is a directory; expected a .npz file name")
     splits = [("query", dataset.query), ("gallery", dataset.gallery)]
     if include_train:
         splits.append(("train", dataset.train))
@@ -164,8 +173,6 @@ def extract_features(model, dataset, out_path: str, *, include_train: bool = Fal
     info.setdefault("clip_len", int(clip_len or model.config.clip_len))
     info.setdefault("stride", int(stride))
     arrays["meta"] = np.asarray(json.dumps(info))
-    if not str(out_path).endswith(".npz"):
-        raise ValueError(f"out_path: expected a file name ending in .npz, got {out_path!r}")
 
     def write(f):
         np.savez(f, **arrays)

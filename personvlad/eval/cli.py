@@ -225,10 +225,10 @@ def _cmd_vis_cmc(args) -> int:
     try:
         curves = load_cmc_curves(args.inputs, protocol=args.protocol, mode=args.mode, labels=args.labels,
                                  max_rank=args.max_rank)
-        plot_cmc(curves, args.out, max_rank=args.max_rank, title=args.title)
+        written = plot_cmc(curves, args.out, max_rank=args.max_rank, title=args.title)
     except ValueError as exc:
         return _fail(str(exc))
-    print(f"wrote {args.out}")
+    print(f"wrote {written}")
     return 0
 
 
@@ -236,11 +236,11 @@ def _cmd_vis_parts(args) -> int:
     from .visualize import plot_part_maps
 
     try:
-        plot_part_maps(_load_frames(args.frames), _load_array(args.parts, "--parts"), args.out,
+        written = plot_part_maps(_load_frames(args.frames), _load_array(args.parts, "--parts"), args.out,
                        alpha=args.alpha, scale=args.scale, max_frames=args.max_frames)
     except ValueError as exc:
         return _fail(str(exc))
-    print(f"wrote {args.out}")
+    print(f"wrote {written}")
     return 0
 
 
@@ -248,11 +248,11 @@ def _cmd_vis_response(args) -> int:
     from .visualize import plot_feature_response
 
     try:
-        plot_feature_response(_load_frames(args.frames), _load_array(args.feature_map, "--feature-map"), args.out,
+        written = plot_feature_response(_load_frames(args.frames), _load_array(args.feature_map, "--feature-map"), args.out,
                               alpha=args.alpha, scale=args.scale, max_frames=args.max_frames)
     except ValueError as exc:
         return _fail(str(exc))
-    print(f"wrote {args.out}")
+    print(f"wrote {written}")
     return 0
 
 
@@ -292,10 +292,10 @@ def _cmd_vis_ranked(args) -> int:
     try:
         qf, gfs, flags, dists, _ = ranked_gallery(args.features, args.query_index, args.topk, args.metric,
                                                   drop_same_camera=not args.keep_same_camera)
-        plot_ranked_list(qf, gfs, flags, args.out, scores=dists)
+        written = plot_ranked_list(qf, gfs, flags, args.out, scores=dists)
     except ValueError as exc:
         return _fail(str(exc))
-    print(f"wrote {args.out} (rank-1 {'correct' if flags and flags[0] else 'wrong'})")
+    print(f"wrote {written} (rank-1 {'correct' if flags and flags[0] else 'wrong'})")
     return 0
 
 

@@ -172,10 +172,17 @@ class GalleryIndex:
         os.makedirs(d, exist_ok=True)
         buf = io.BytesIO()
         np.savez(buf, **arrays)
+        if os.path.isdir(path):
+            raise ValueError(f"path: {path} is a directory; expected an index file name")
         tmp = path + ".tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as fh:
+                fh.write(buf.getvalue())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
         return path
 
     @classmethod

@@ -31,6 +31,11 @@ def _plt():
 
 
 def _prepare_out(out_png: str) -> str:
+    """The path the figure is written to: ``out_png``, with ``.png`` added
+    where it has no extension (as matplotlib would), its folder created."""
+    out_png = os.fspath(out_png)
+    if not os.path.splitext(out_png)[1]:
+        out_png += ".png"
     d = os.path.dirname(os.path.abspath(out_png))
     os.makedirs(d, exist_ok=True)
     return out_png
@@ -80,7 +85,8 @@ def _grid(rows: int, cols: int, panel_w: int, panel_h: int, dpi: int = 100):
 
 def _save(fig, out_png: str, dpi: int = 100) -> str:
     plt = _plt()
-    fig.savefig(_prepare_out(out_png), dpi=dpi)
+    out_png = _prepare_out(out_png)
+    fig.savefig(out_png, dpi=dpi)
     plt.close(fig)
     return out_png
 
