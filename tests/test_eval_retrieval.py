@@ -165,8 +165,13 @@ def test_cli_search_errors(tmp_path, capsys):
 
 def test_cli_search_from_frames_plumbing(tmp_path, monkeypatch, capsys):
     """--query DIR --checkpoint: frames are listed in numeric order and passed to
-    personvlad.engine.extract.describe_frames (replaced here by a stub module)."""
+    personvlad.engine.extract.describe_frames (replaced here by a stub module),
+    with the clip length and stride the gallery was extracted with (kept in
+    the index from the feature file's meta)."""
     feats = _feature_file(tmp_path / "feats.npz")
+    z = dict(np.load(feats))
+    z["meta"] = np.asarray(json.dumps({"clip_len": 4, "stride": 3}))
+    np.savez(feats, **z)
     idx = str(tmp_path / "g.index")
     assert _run_cli(["index", "build", "--features", feats, "--out", idx]) == 0
     frames = tmp_path / "tracklet"
@@ -176,8 +181,9 @@ def test_cli_search_from_frames_plumbing(tmp_path, monkeypatch, capsys):
     seen = {}
     target = np.load(feats)["gallery_feats"][7]
 
-    def describe_frames(checkpoint, frame_paths):
+    def describe_frames(checkpoint, frame_paths, clip_len=None, stride=8):
         seen["args"] = (checkpoint, list(frame_paths))
+        seen["clip"] = (clip_len, stride)
         return target[None, :]
 
     stub = types.ModuleType("personvlad.engine.extract")
@@ -186,7 +192,12 @@ def test_cli_search_from_frames_plumbing(tmp_path, monkeypatch, capsys):
     assert _run_cli(["search", "--index", idx, "--query", str(frames), "--checkpoint", "ck.pt", "--topk", "1"]) == 0
     assert seen["args"][0] == "ck.pt"
     assert [p.split("/")[-1] for p in seen["args"][1]] == ["1.jpg", "2.jpg", "10.jpg"]
+    assert seen["clip"] == (4, 3)
     assert capsys.readouterr().out.splitlines()[-1].split()[1] == "7"
+    # an index without that meta: the model's clip length, stride 8
+    GalleryIndex.build(z["gallery_feats"], use_faiss=False).save(idx)
+    assert _run_cli(["search", "--index", idx, "--query", str(frames), "--checkpoint", "ck.pt", "--topk", "1"]) == 0
+    assert seen["clip"] == (None, 8)
 
 
 def test_search_from_frames_with_real_describe_frames(tmp_path, capsys):

@@ -115,7 +115,9 @@ def _cmd_search(args) -> int:
         else:
             if not args.checkpoint:
                 return _fail("--checkpoint is required with --query")
-            q = describe_query_frames(args.checkpoint, list_frames(args.query))
+            # described as the gallery was (the feature file's clip length and stride, kept in the index)
+            q = describe_query_frames(args.checkpoint, list_frames(args.query), clip_len=index.meta.get("clip_len"),
+                                      stride=int(index.meta.get("stride", 8)))
         scores, idx = index.search(q, topk=args.topk, nprobe=args.nprobe)
     except (ValueError, RuntimeError) as exc:
         return _fail(str(exc))

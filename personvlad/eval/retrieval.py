@@ -259,9 +259,19 @@ def build_index_from_features(features_path: str, split: str = "gallery", index_
     first = ff[f"{split}_first_frame"] if f"{split}_first_frame" in ff else None
     pids = ff[f"{split}_pids"] if f"{split}_pids" in ff else None
     camids = ff[f"{split}_camids"] if f"{split}_camids" in ff else None
+    extra = {"source": os.path.abspath(features_path), "split": split}
+    # how the gallery was described, so that a query given as frames is
+    # described the same way (personvlad search --query)
+    if "meta" in ff:
+        try:
+            fmeta = json.loads(str(ff["meta"]))
+        except ValueError:
+            fmeta = {}
+        for key in ("clip_len", "stride"):
+            if isinstance(fmeta, dict) and isinstance(fmeta.get(key), int) and fmeta[key] >= 1:
+                extra[key] = fmeta[key]
     return GalleryIndex.build(ff[f"{split}_feats"], pids, camids, first, index_type=index_type, nlist=nlist,
-                              nprobe=nprobe, use_faiss=use_faiss,
-                              extra_meta={"source": os.path.abspath(features_path), "split": split})
+                              nprobe=nprobe, use_faiss=use_faiss, extra_meta=extra)
 
 
 _IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp")
@@ -292,14 +302,16 @@ def list_frames(query: Sequence[str]) -> list:
     return paths
 
 
-def describe_query_frames(checkpoint: str, frame_paths: Sequence[str]) -> np.ndarray:
-    """Descriptor of a tracklet's frames via ``personvlad.engine.extract.describe_frames``."""
+def describe_query_frames(checkpoint: str, frame_paths: Sequence[str], clip_len: Optional[int] = None,
+                          stride: int = 8) -> np.ndarray:
+    """Descriptor of a tracklet's frames via ``personvlad.engine.extract.describe_frames``
+    (``clip_len`` None: the model's)."""
     try:
         from personvlad.engine.extract import describe_frames
     except ImportError as exc:
         raise RuntimeError("searching from frames needs personvlad.engine.extract.describe_frames "
                            f"(not available: {exc}); use --query-features instead") from None
-    desc = describe_frames(checkpoint, list(frame_paths))
+    desc = describe_frames(checkpoint, list(frame_paths), clip_len=clip_len, stride=stride)
     if hasattr(desc, "detach"):
         desc = desc.detach().cpu().numpy()
     desc = np.asarray(desc, dtype=np.float32)
