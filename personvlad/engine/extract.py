@@ -14,6 +14,7 @@ The ``.npz`` written by :func:`extract_features` holds, for split in
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import numbers
@@ -194,8 +195,8 @@ def describe_frames(checkpoint_or_model, frame_paths: Sequence[str], *, clip_len
         model = load_model_from_checkpoint(os.fspath(checkpoint_or_model), dev)
     else:
         model = checkpoint_or_model
-        if device is not None:
-            model = model.to(device)
+        if device is not None and torch.device(device) != _device_of(model):
+            model = copy.deepcopy(model).to(device)  # the caller's model stays where it is
     paths = [str(p) for p in frame_paths]
     if not paths:
         raise ValueError("frame_paths: expected at least one frame path, got none")
