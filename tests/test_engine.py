@@ -639,6 +639,11 @@ def test_projection_arithmetic_for_the_paper_schedule():
     t2 = dict(t, steady={"1": {"iterations": 90, "seconds": 1.8}, "2": {"iterations": 0, "seconds": 0.0}})
     p2 = project_schedule(t2, cfg)
     assert p2["s_per_iteration"]["2"] == pytest.approx(0.02) and any("step 2" in n for n in p2["notes"])
+    # a step measured at 0 s (a clock too coarse for it) prints without a rate (was a KeyError)
+    p3 = project_schedule(dict(t, steady={"1": {"iterations": 90, "seconds": 1.8}, "2": {"iterations": 30,
+                                                                                        "seconds": 0.0}}), cfg)
+    assert "2" not in p3["clips_per_s"] and "step 2: 0.0 ms/iteration (clips/s not measured)" in format_projection(
+        {"projection": p3})
     with pytest.raises(ValueError, match="no steady-state iteration"):
         project_schedule(dict(t, steady={"1": {"iterations": 0, "seconds": 0}, "2": {"iterations": 0, "seconds": 0}}),
                          cfg)

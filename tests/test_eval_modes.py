@@ -213,6 +213,15 @@ def test_metric_learning_validation():
         XQDA(pca_dim="half")
     with pytest.raises(RuntimeError, match="fit"):
         KISSME().distance(x, x)
+    # more dimensions than the samples span and no ridge: the covariances are
+    # singular; KISSME used to invert them anyway and return noise
+    rng = np.random.default_rng(0)
+    low = rng.standard_normal((12, 3)) @ rng.standard_normal((3, 10))  # rank 3 in 10-D
+    labels = np.repeat(np.arange(6), 2)
+    for learner in (KISSME(reg=0.0, pca_dim=None), XQDA(reg=0.0, pca_dim=None)):
+        with pytest.raises(ValueError, match="reg: .* singular"):
+            learner.fit(low, labels)
+    KISSME(reg=1e-3, pca_dim=None).fit(low, labels)  # the ridge makes it well posed
     m = KISSME().fit(np.random.default_rng(0).standard_normal((6, 3)), [0, 0, 1, 1, 2, 2])
     with pytest.raises(ValueError, match="gf"):
         m.distance(np.zeros((2, 3)), np.zeros((2, 4)))

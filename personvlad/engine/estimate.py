@@ -157,8 +157,9 @@ def format_projection(result: Dict[str, Any], name: str = "") -> str:
              f"= {p['clips']:,} clips"]
     for step in ("1", "2"):
         if step in p["s_per_iteration"] and it[step] > 0:
+            cps = p["clips_per_s"].get(step)  # absent for a step measured at 0 s (a clock too coarse)
             lines.append(f"  step {step}: {1e3 * p['s_per_iteration'][step]:.1f} ms/iteration "
-                         f"({p['clips_per_s'][step]:.0f} clips/s, steady state)")
+                         + (f"({cps:.0f} clips/s, steady state)" if cps is not None else "(clips/s not measured)"))
     for k, v in p["components"].items():
         lines.append(f"  {k:14s} " + ("not measured" if v is None else f"{v:9.1f} s"))
     total = p["total_s"]

@@ -89,6 +89,23 @@ def _ridge(c: np.ndarray, reg: float) -> np.ndarray:
     return c + (reg * scale) * np.eye(d)
 
 
+# Beyond this condition number a covariance's inverse is noise in float64
+# (np.linalg.inv returns it anyway, without an error).
+_MAX_COND = 1e12
+
+
+def _check_cond(c: np.ndarray, what: str, reg: float) -> np.ndarray:
+    cond = np.linalg.cond(c)
+    if not np.isfinite(cond) or cond > _MAX_COND:
+        raise ValueError(f"reg: {what} is singular or nearly so (condition number {cond:.3g}) with reg={reg:g}; "
+                         "expected reg > 0 (the default is 1e-3) or more samples than dimensions")
+    return c
+
+
+def _inv(c: np.ndarray, what: str, reg: float) -> np.ndarray:
+    return np.linalg.inv(_check_cond(c, what, reg))
+
+
 class _PCA:
     """PCA fitted on the training features (exact eigh or randomised SVD)."""
 
@@ -198,7 +215,8 @@ class KISSME(_QuadraticMetric):
         self.in_dim_ = x.shape[1]
         z = self._fit_pca(x)
         s_sim, s_dis = pair_covariances(z, inv, counts)
-        m = np.linalg.inv(_ridge(s_sim, self.reg)) - np.linalg.inv(_ridge(s_dis, self.reg))
+        m = (_inv(_ridge(s_sim, self.reg), "the same-identity covariance", self.reg)
+             - _inv(_ridge(s_dis, self.reg), "the different-identity covariance", self.reg))
         m = (m + m.T) / 2.0
         evals, evecs = np.linalg.eigh(m)
         evals = np.clip(evals, 0.0, None)
@@ -230,7 +248,7 @@ class XQDA(_QuadraticMetric):
         self.in_dim_ = x.shape[1]
         z = self._fit_pca(x)
         s_i, s_e = pair_covariances(z, inv, counts)
-        s_i = _ridge(s_i, self.reg)
+        s_i = _check_cond(_ridge(s_i, self.reg), "the same-identity covariance", self.reg)
         s_e = _ridge(s_e, self.reg)
         # generalised symmetric-definite problem  S_E w = lambda S_I w  (ascending)
         evals, evecs = scipy.linalg.eigh(s_e, s_i)
@@ -240,7 +258,8 @@ class XQDA(_QuadraticMetric):
         w = evecs[:, :r]
         si_p = w.T @ s_i @ w
         se_p = w.T @ s_e @ w
-        m = np.linalg.inv(si_p) - np.linalg.inv(se_p)
+        m = _inv(si_p, "the projected same-identity covariance", self.reg) - _inv(
+            se_p, "the projected different-identity covariance", self.reg)
         self.eigenvalues_ = evals
         self.proj_ = w
         self.kernel_ = (m + m.T) / 2.0
