@@ -230,3 +230,10 @@ def test_search_from_frames_with_real_describe_frames(tmp_path, capsys):
     assert _run_cli(["search", "--index", idx, "--query", str(frames), "--checkpoint", ckpt, "--topk", "2"]) == 0
     top1 = capsys.readouterr().out.splitlines()[2].split()
     assert top1[1] == "5" and float(top1[4]) == pytest.approx(1.0, abs=1e-4)
+    # frames none of which decodes: an error, not a ranked list of a zero-filled clip
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.jpg").write_bytes(b"not an image")
+    assert _run_cli(["search", "--index", idx, "--query", str(junk), "--checkpoint", ckpt, "--topk", "2"]) == 2
+    assert "none of the 3 frames could be decoded" in capsys.readouterr().err

@@ -56,7 +56,9 @@ def register(subparsers) -> None:
     p.add_argument("--dataset-root", required=True, help="dataset root in its official layout")
     p.add_argument("--dataset", default="mars", choices=["mars", "ilidsvid", "prid"], help="layout (default mars)")
     p.add_argument("--split-id", type=int, default=0, help="split for iLIDS-VID / PRID-2011")
-    p.add_argument("--min-frames", type=int, default=None, help="PRID-2011: also drop persons with a tracklet shorter than this (default 1: the split file decides)")
+    p.add_argument("--min-frames", type=int, default=None,
+                   help="PRID-2011: also drop persons with a tracklet shorter than this (default 1: the split "
+                        "file decides)")
     p.add_argument("--out", required=True, help="output directory for frames.u8 and index.npz")
     p.add_argument("--size", default="64x32", help="HxW of the packed frames (tiny model 64x32, paper 180x90)")
     p.add_argument("--workers", type=int, default=max(1, min(16, os.cpu_count() or 1)), help="decode processes")

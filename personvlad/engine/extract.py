@@ -72,10 +72,14 @@ def _descriptors(model, clips: torch.Tensor, device, dtype, channels_last: bool)
 @torch.no_grad()
 def extract_split(model, tracklets: Sequence, clip_len: Optional[int] = None, size=None, stride: int = 8,
                   batch_size: int = 32, workers: int = 2, amp: str = "auto", progress: bool = True,
-                  desc: str = "extract", channels_last: bool = True) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  desc: str = "extract", channels_last: bool = True,
+                  frame_stats: Optional[Dict[str, int]] = None) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(tracklet feats (n, D), clip feats (total, D), clip counts (n,)) for
     ``tracklets`` (list of (frame_paths, pid, camid)); row ``i`` is
-    ``tracklets[i]``.  An empty tracklet (no frames) is a ValueError."""
+    ``tracklets[i]``.  An empty tracklet (no frames) is a ValueError.
+    ``frame_stats``: a dict to receive the frame counts (``frames``,
+    ``bad_frames``, ``unreadable_clips``: clips with no decodable frame,
+    zero-filled)."""
     from ..data.loader import build_test_loader
 
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
@@ -132,6 +136,8 @@ def extract_split(model, tracklets: Sequence, clip_len: Optional[int] = None, si
             bar.close()
     if pos != total:
         raise RuntimeError(f"extract: expected {total} clips from the test loader, got {pos}")
+    if frame_stats is not None:  # frames / bad_frames / unreadable_clips, for the caller
+        frame_stats.update(loader.stats.totals())
     mean = sums / torch.from_numpy(counts).clamp_min(1).double()[:, None]
     feats = torch.nn.functional.normalize(mean, dim=1).float()
     return feats.numpy(), clip_feats.numpy(), counts
@@ -200,8 +206,13 @@ def describe_frames(checkpoint_or_model, frame_paths: Sequence[str], *, clip_len
     paths = [str(p) for p in frame_paths]
     if not paths:
         raise ValueError("frame_paths: expected at least one frame path, got none")
-    feats, _, _ = extract_split(model, [(tuple(paths), 0, 0)], clip_len=clip_len, stride=stride,
-                                batch_size=batch_size, workers=0, amp=amp, progress=False)
+    stats: Dict[str, int] = {}
+    feats, _, counts = extract_split(model, [(tuple(paths), 0, 0)], clip_len=clip_len, stride=stride,
+                                     batch_size=batch_size, workers=0, amp=amp, progress=False, frame_stats=stats)
+    if stats.get("unreadable_clips", 0) >= int(counts.sum()):
+        # every clip zero-filled: the descriptor would describe nothing
+        raise ValueError(f"frame_paths: none of the {len(paths)} frames could be decoded as an image "
+                         f"(e.g. {paths[0]})")
     return feats[0]
 
 

@@ -250,7 +250,8 @@ def _cmd_vis_response(args) -> int:
     from .visualize import plot_feature_response
 
     try:
-        written = plot_feature_response(_load_frames(args.frames), _load_array(args.feature_map, "--feature-map"), args.out,
+        written = plot_feature_response(_load_frames(args.frames), _load_array(args.feature_map, "--feature-map"),
+                                        args.out,
                               alpha=args.alpha, scale=args.scale, max_frames=args.max_frames)
     except ValueError as exc:
         return _fail(str(exc))

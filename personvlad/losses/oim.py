@@ -224,10 +224,10 @@ class OIMLoss(nn.Module):
     def _logits(self, xl: torch.Tensor, unfilled: Optional[torch.Tensor]) -> torch.Tensor:
         """(n, L + Q) logits against [LUT; queue]; ``unfilled`` (the never
         written queue slots, given with ``skip_unwritten``) at -inf: they add
-        exactly 0 to the partition function.  Both buffers are read through copies in ``xl``'s dtype:
-        they are updated in place after this forward (and by any later one
-        before a backward, e.g. two losses summed), while autograd keeps what
-        it read."""
+        exactly 0 to the partition function.  Both buffers are read through
+        copies in ``xl``'s dtype: they are updated in place after this forward
+        (and by any later one before a backward, e.g. two losses summed),
+        while autograd keeps what it read."""
         lg = xl @ self.lut.to(xl.dtype, copy=True).t() / self.temperature
         if not self.queue_size:
             return lg
