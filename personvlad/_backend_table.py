@@ -58,23 +58,20 @@ def _read(path: str) -> Dict[str, Any]:
     return data
 
 
-@functools.lru_cache(maxsize=1)
-def load_table(path: str = TABLE_PATH) -> Dict[str, str]:
-    """Shape class -> backend, over forward and forward+backward together."""
-    return {str(k): str(v) for k, v in _read(path).get("classes", {}).items()}
-
-
-def load_mode_tables(path: str = TABLE_PATH) -> Dict[str, Dict[str, str]]:
-    """``{"fwd": {class: backend}, "fwdbwd": {...}}``: each mode decided on its
-    own ({} for a table written before modes were kept apart)."""
-    return {str(m): {str(k): str(v) for k, v in t.items()} for m, t in _read(path).get("by_mode", {}).items()}
-
-
 def _load_all(path: str = TABLE_PATH) -> Tuple[Dict[str, str], Dict[str, Dict[str, str]]]:
+    """(shape class -> backend over forward and forward+backward together,
+    ``{"fwd": {class: backend}, "fwdbwd": {...}}`` each mode decided on its
+    own: {} for a table written before modes were kept apart)."""
     data = _read(path)
     classes = {str(k): str(v) for k, v in data.get("classes", {}).items()}
     by_mode = {str(m): {str(k): str(v) for k, v in t.items()} for m, t in data.get("by_mode", {}).items()}
     return classes, by_mode
+
+
+@functools.lru_cache(maxsize=1)
+def load_table(path: str = TABLE_PATH) -> Dict[str, str]:
+    """Shape class -> backend, over forward and forward+backward together."""
+    return _load_all(path)[0]
 
 
 # Read once, at import: backend="auto" runs inside torch.compile'd models, and
