@@ -55,51 +55,51 @@ inline VladDims check_inputs(const at::Tensor& features,
   VladDims d;
   TORCH_CHECK_VALUE(features.defined(), what, ": features is undefined");
   TORCH_CHECK_VALUE(features.is_floating_point(), what,
-              ": features: expected a floating-point dtype, got ", features.scalar_type());
+                    ": features: expected a floating-point dtype, got ", features.scalar_type());
   TORCH_CHECK_VALUE(features.dim() >= 3 && features.dim() <= 5, what,
-              ": features: expected shape (N, C, *S) with 1-3 spatial dims, got ",
-              features.sizes());
+                    ": features: expected shape (N, C, *S) with 1-3 spatial dims, got ",
+                    features.sizes());
   d.N = features.size(0);
   d.C = features.size(1);
   TORCH_CHECK_VALUE(d.C >= 1, what, ": features: expected C >= 1, got ", features.sizes());
   d.P = 1;
   for (int64_t i = 2; i < features.dim(); ++i) d.P *= features.size(i);
   TORCH_CHECK_VALUE(d.P >= 1, what, ": features: expected a non-empty spatial grid, got ",
-              features.sizes());
+                    features.sizes());
 
   d.has_parts = has_parts(parts);
   if (d.has_parts) {
     const at::Tensor& M = *parts;
     TORCH_CHECK_VALUE(M.is_floating_point(), what,
-                ": parts: expected a floating-point dtype, got ", M.scalar_type());
+                      ": parts: expected a floating-point dtype, got ", M.scalar_type());
     TORCH_CHECK_VALUE(M.dim() == features.dim(), what, ": parts: expected rank ", features.dim(),
-                " (N, B, *S), got ", M.sizes());
+                      " (N, B, *S), got ", M.sizes());
     TORCH_CHECK_VALUE(M.size(0) == d.N, what, ": parts: expected N=", d.N, ", got ", M.sizes());
     TORCH_CHECK_VALUE(M.size(1) >= 1, what, ": parts: expected B >= 1, got ", M.sizes());
     for (int64_t i = 2; i < features.dim(); ++i) {
       TORCH_CHECK_VALUE(M.size(i) == features.size(i), what,
-                  ": parts: spatial grid must match features, got parts ", M.sizes(),
-                  " and features ", features.sizes());
+                        ": parts: spatial grid must match features, got parts ", M.sizes(),
+                        " and features ", features.sizes());
     }
     TORCH_CHECK_VALUE(M.device() == features.device(), what, ": parts: expected device ",
-                features.device(), ", got ", M.device());
+                      features.device(), ", got ", M.device());
     d.B = M.size(1);
   }
 
   TORCH_CHECK_VALUE(W.is_floating_point() && z.is_floating_point() && c.is_floating_point(), what,
-              ": assign_weight, assign_bias and centers must be floating point, got ",
-              W.scalar_type(), ", ", z.scalar_type(), ", ", c.scalar_type());
+                    ": assign_weight, assign_bias and centers must be floating point, got ",
+                    W.scalar_type(), ", ", z.scalar_type(), ", ", c.scalar_type());
   TORCH_CHECK_VALUE(W.dim() == 2 && W.size(1) == d.C && W.size(0) >= 1, what,
-              ": assign_weight: expected shape (K, C=", d.C, "), got ", W.sizes());
+                    ": assign_weight: expected shape (K, C=", d.C, "), got ", W.sizes());
   d.K = W.size(0);
   TORCH_CHECK_VALUE(z.dim() == 1 && z.size(0) == d.K, what, ": assign_bias: expected shape (K=", d.K,
-              ",), got ", z.sizes());
+                    ",), got ", z.sizes());
   TORCH_CHECK_VALUE(c.dim() == 2 && c.size(0) == d.K && c.size(1) == d.C, what,
-              ": centers: expected shape (K=", d.K, ", C=", d.C, "), got ", c.sizes());
+                    ": centers: expected shape (K=", d.K, ", C=", d.C, "), got ", c.sizes());
   for (const at::Tensor* t : {&W, &z, &c}) {
     TORCH_CHECK_VALUE(t->device() == features.device(), what,
-                ": parameters must be on features' device ", features.device(), ", got ",
-                t->device());
+                      ": parameters must be on features' device ", features.device(), ", got ",
+                      t->device());
   }
   return d;
 }

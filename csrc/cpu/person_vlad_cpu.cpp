@@ -564,12 +564,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> person_vl
   const Inputs in = prepare(features, parts, assign_weight, assign_bias, centers, what);
   const VladDims& d = in.d;
   TORCH_CHECK_VALUE(grad_output.defined() && grad_output.device().is_cpu(), what,
-              ": grad_output must be a CPU tensor");
+                    ": grad_output must be a CPU tensor");
   TORCH_CHECK_VALUE(grad_output.is_floating_point(), what,
-              ": grad_output: expected a floating-point dtype, got ", grad_output.scalar_type());
+                    ": grad_output: expected a floating-point dtype, got ", grad_output.scalar_type());
   TORCH_CHECK_VALUE(grad_output.sizes() == at::IntArrayRef(output_shape(d, normalize)), what,
-              ": grad_output: expected shape ", at::IntArrayRef(output_shape(d, normalize)),
-              ", got ", grad_output.sizes());
+                    ": grad_output: expected shape ", at::IntArrayRef(output_shape(d, normalize)),
+                    ", got ", grad_output.sizes());
   const at::Tensor grad = flat_contig(grad_output, in.cd, {d.N, d.K, d.C});
   auto res = in.cd == at::kDouble ? backward_impl<double>(in, grad, normalize)
                                   : backward_impl<float>(in, grad, normalize);
