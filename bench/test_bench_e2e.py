@@ -5,14 +5,19 @@ GPU (``bench/gpu_check.sh``; skipped without CUDA), the paper model
 
 - inference, batch 64: ``eager-fp32`` (baseline), ``eager-bf16`` (autocast),
   ``bf16-cl`` (+ channels_last_3d), ``compile-bf16-cl`` (torch.compile
-  default mode of the latter), ``ofi`` (:func:`personvlad.perf.optimize_for_inference`:
-  bf16 + channels_last_3d + fused conv epilogues + padded conv1 + CUDA graph),
-  ``ofi-nograph`` (the same without the graph);
-- training step, batch 32 (8 ids x 4 clips, OIM loss, Adam):
-  ``train-fp32`` (baseline), ``train-bf16-cl`` (bf16 autocast,
-  channels_last_3d, fused Adam), ``train-bf16-cl-epilogue`` (+ fused conv
-  epilogues), ``train-bf16-cl-compile`` (the model torch.compile'd, as the
-  trainer's ``compile="default"``).
+  default mode of the latter), all four at PyTorch's defaults (cuDNN's
+  heuristics choose the convolution algorithms); ``ofi``
+  (:func:`personvlad.perf.optimize_for_inference`: bf16 + channels_last_3d +
+  fused conv epilogues + padded conv1 + cuDNN benchmark mode + CUDA graph),
+  ``ofi-nograph`` (the same without the graph), ``ofi-heuristic`` (``ofi``
+  without the benchmark mode);
+- training step, batch 32 (8 ids x 4 clips, OIM loss with the labels on the
+  host, Adam), as the trainer runs it: ``train-fp32`` (baseline, PyTorch's
+  defaults), ``train-bf16-cl`` (bf16 autocast, channels_last_3d, fused Adam,
+  cuDNN benchmark mode), ``train-bf16-cl-heuristic`` (the same without the
+  benchmark mode), ``train-bf16-cl-epilogue`` (+ fused conv epilogues),
+  ``train-bf16-cl-compile`` (the model torch.compile'd, as the trainer's
+  ``compile="default"``).
 
 - the conv epilogue alone at the conv1a / conv2a output shapes (batch 64,
   bf16, channels_last_3d), fwd and fwd+bwd: ``eager`` (baseline:
@@ -34,6 +39,7 @@ import pytest
 import torch
 
 from personvlad._memory import peak_bytes
+from personvlad.perf import cudnn_benchmark_scope
 from personvlad.roofline import model_work_info
 
 HAS_CUDA = torch.cuda.is_available()
@@ -67,7 +73,8 @@ def _inference_fn(variant: str, model, clips):
     if variant.startswith("ofi"):
         dtype = torch.float32 if variant == "ofi-fp32" else torch.bfloat16
         runner = optimize_for_inference(model, clips, dtype=dtype, channels_last=True,
-                                        cuda_graph=(variant == "ofi" and cuda))
+                                        cuda_graph=(variant in ("ofi", "ofi-heuristic") and cuda),
+                                        cudnn_benchmark=variant != "ofi-heuristic")
         fn = lambda: runner(clips)  # noqa: E731
     else:
         amp = variant != "eager-fp32"
@@ -76,8 +83,9 @@ def _inference_fn(variant: str, model, clips):
         x = clips.contiguous(memory_format=torch.channels_last_3d) if cl else clips
         fwd = torch.compile(m) if variant.startswith("compile") else m
 
-        def fn():
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        def fn():  # PyTorch's defaults: cuDNN's heuristics pick the algorithms
+            with torch.no_grad(), cudnn_benchmark_scope(False), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 return fwd(x)
 
     if not cuda:
@@ -107,17 +115,24 @@ def _train_fn(variant: str, model, clips, num_ids: int, per_id: int):
     if cl:
         model.to(memory_format=torch.channels_last_3d)
         clips = clips.contiguous(memory_format=torch.channels_last_3d)
-    labels = torch.arange(num_ids, device=device).repeat_interleave(per_id)
+    # labels on the host, as the trainer passes them: the OIM loss then takes
+    # its data-dependent decisions without a device-to-host sync mid-step
+    labels = torch.arange(num_ids).repeat_interleave(per_id)
     loss_fn = OIMLoss(model.output_dim, num_ids).to(device)
+    # cuDNN's benchmark mode where the trainer has it (every run that is not
+    # deterministic): the trainer-like variants; the fp32 baseline and
+    # *-heuristic keep PyTorch's default (off)
+    bench_mode = bf16 and not variant.endswith("heuristic")
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4, eps=1e-4,
                            fused=bool(cuda and bf16))
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            desc = model(clips)
-        loss = loss_fn(desc.float(), labels)
-        loss.backward()
+        with cudnn_benchmark_scope(bench_mode):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                desc = model(clips)
+            loss = loss_fn(desc.float(), labels)
+            loss.backward()
         opt.step()
         if cuda:
             torch.cuda.synchronize()
@@ -168,8 +183,9 @@ def test_e2e_train_cpu(benchmark, variant):
 # --------------------------------------------------------------------------
 # GPU: paper model
 # --------------------------------------------------------------------------
-INFER_GPU = ["eager-fp32", "eager-bf16", "bf16-cl", "compile-bf16-cl", "ofi-nograph", "ofi"]
-TRAIN_GPU = ["train-fp32", "train-bf16-cl", "train-bf16-cl-epilogue", "train-bf16-cl-compile"]
+INFER_GPU = ["eager-fp32", "eager-bf16", "bf16-cl", "compile-bf16-cl", "ofi-nograph", "ofi", "ofi-heuristic"]
+TRAIN_GPU = ["train-fp32", "train-bf16-cl", "train-bf16-cl-heuristic", "train-bf16-cl-epilogue",
+             "train-bf16-cl-compile"]
 
 
 @pytest.mark.cuda

@@ -20,11 +20,16 @@
   where PyTorch does not use cuDNN (several x slower, many x more memory);
   :func:`guard_cudnn_3d` runs it once per device at the start of training
   and of :func:`optimize_for_inference` (bf16/fp16 on a GPU) and warns.
+- :func:`cudnn_benchmark_scope` — a scope with ``torch.backends.cudnn.benchmark``
+  on (cuDNN times its algorithms once per shape and keeps the fastest), as
+  the trainer runs, unless the process asked for deterministic algorithms.
 - :func:`optimize_for_inference` — bf16 autocast + channels_last_3d + fused
-  epilogues (+ padded conv1) + CUDA graph for a fixed input shape.
+  epilogues (+ padded conv1) + cuDNN benchmark mode + CUDA graph for a fixed
+  input shape.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import os
@@ -45,6 +50,8 @@ __all__ = [
     "pad_input_channels",
     "check_cudnn_3d",
     "guard_cudnn_3d",
+    "cudnn_benchmark_scope",
+    "deterministic_requested",
     "cudnn_3d_known_problems",
     "optimize_for_inference",
     "InferenceRunner",
@@ -588,6 +595,37 @@ def guard_cudnn_3d(device: Union[str, torch.device], channels_last: bool) -> Lis
     return problems
 
 
+def deterministic_requested() -> bool:
+    """Whether this process asked for reproducible kernels
+    (``torch.use_deterministic_algorithms`` or ``torch.backends.cudnn.deterministic``)."""
+    return torch.are_deterministic_algorithms_enabled() or bool(torch.backends.cudnn.deterministic)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark_scope(on: bool = True):
+    """``torch.backends.cudnn.benchmark`` set to ``on`` inside, restored on exit.
+
+    In benchmark mode cuDNN times the candidate algorithms of each new
+    convolution shape once (the first call at that shape is slower; its
+    workspace comes from PyTorch's caching allocator) and runs the fastest
+    from then on; off, it takes its heuristics' first choice.  The trainer
+    turns it on for the whole run (``engine.trainer``); inference and feature
+    extraction take this scope, so that a library call leaves the process's
+    setting as it found it.  Where the process asked for deterministic
+    algorithms (:func:`deterministic_requested`) the setting is left alone:
+    which algorithm wins a timing can differ between runs, and with it the
+    last bits of the output.  The flag is process-wide: another thread's
+    convolutions inside the scope see it too."""
+    prev = torch.backends.cudnn.benchmark
+    if on and deterministic_requested():
+        on = prev
+    torch.backends.cudnn.benchmark = bool(on)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = prev
+
+
 # --------------------------------------------------------------------------
 # optimize_for_inference
 # --------------------------------------------------------------------------
@@ -635,13 +673,16 @@ class InferenceRunner:
 def optimize_for_inference(model: nn.Module, example_clips: torch.Tensor, dtype: Optional[torch.dtype] = torch.bfloat16,
                            channels_last: bool = True, cuda_graph: bool = True, compile: bool = False,
                            fuse: bool = True, pad_channels: Optional[int] = 8, inplace: bool = False,
-                           warmup: int = 3) -> InferenceRunner:
+                           warmup: int = 3, cudnn_benchmark: bool = True) -> InferenceRunner:
     """A fast inference callable for ``model`` at ``example_clips``'s shape.
 
     Applies, on a copy of ``model`` (``inplace=False``) in eval mode: the
     fused conv epilogues (``fuse``), conv1 input channels padded to
     ``pad_channels`` (None: off), ``channels_last_3d`` weights and inputs,
-    ``torch.autocast(dtype)`` (``dtype=None`` or float32: off), optional
+    ``torch.autocast(dtype)`` (``dtype=None`` or float32: off), the
+    convolutions in cuDNN's benchmark mode (``cudnn_benchmark``, see
+    :func:`cudnn_benchmark_scope`: each call runs inside that scope, and the
+    graph's warm-up calls are where cuDNN times its algorithms), optional
     ``torch.compile`` and, on CUDA with ``cuda_graph``, a CUDA graph captured
     for ``example_clips.shape`` / dtype (feed that dtype: uint8 clips keep the
     host-to-device copy 4x smaller; the model divides them by 255 inside
@@ -661,7 +702,8 @@ def optimize_for_inference(model: nn.Module, example_clips: torch.Tensor, dtype:
     m = model if inplace else copy.deepcopy(model)
     m.eval()
     info: Dict[str, Any] = dict(device=str(device), dtype=str(dtype).replace("torch.", ""),
-                                channels_last=bool(channels_last), compile=bool(compile))
+                                channels_last=bool(channels_last), compile=bool(compile),
+                                cudnn_benchmark=bool(cudnn_benchmark) and not deterministic_requested())
     if fuse:
         fuse_conv_relu_pool(m)
     info["fused_convs"] = count_fused(m)
@@ -680,7 +722,7 @@ def optimize_for_inference(model: nn.Module, example_clips: torch.Tensor, dtype:
     def run(x: torch.Tensor) -> torch.Tensor:
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        with torch.autocast(dev_type, dtype=dtype, enabled=autocast):
+        with cudnn_benchmark_scope(cudnn_benchmark), torch.autocast(dev_type, dtype=dtype, enabled=autocast):
             out = fwd(x)
         return out.float()
 

@@ -229,6 +229,25 @@ def test_extract_split_rows_follow_the_input_order(tmp_path, tiny_model):
     np.testing.assert_allclose(np.linalg.norm(f, axis=1), 1.0, atol=1e-5)
 
 
+def test_extract_split_runs_cudnn_benchmark_mode_and_restores_it(tmp_path, tiny_model):
+    # as the trainer does: each batch's convolutions in cuDNN's benchmark
+    # mode, the process's flag left as it was
+    from personvlad.engine.extract import extract_split
+
+    seen = []
+    hook = tiny_model.register_forward_pre_hook(lambda m, a: seen.append(torch.backends.cudnn.benchmark))
+    saved = torch.backends.cudnn.benchmark
+    try:
+        torch.backends.cudnn.benchmark = False
+        a = (_frames(str(tmp_path / "a"), 5, 1), 3, 1)
+        extract_split(tiny_model, [a], stride=4, batch_size=1, workers=0, progress=False)
+        assert seen and set(seen) == {True}
+        assert torch.backends.cudnn.benchmark is False
+    finally:
+        hook.remove()
+        torch.backends.cudnn.benchmark = saved
+
+
 def test_extract_features_refuses_an_empty_gallery_tracklet_and_writes_nothing(tmp_path, tiny_model):
     from types import SimpleNamespace
 

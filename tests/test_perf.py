@@ -659,6 +659,78 @@ def test_optimize_for_inference_cpu_equals_eager():
     assert (out16 - ref).abs().max() < 0.05
 
 
+class _FlagProbe(nn.Module):
+    """A 3D conv that records ``torch.backends.cudnn.benchmark`` at each call."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(3, 2, 1)
+        self.seen = []
+
+    def forward(self, x):
+        self.seen.append(torch.backends.cudnn.benchmark)
+        return self.conv(x).flatten(1)
+
+
+@pytest.fixture
+def cudnn_flags():
+    """The cuDNN / determinism settings a test changes, restored after it."""
+    saved = (torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic,
+             torch.are_deterministic_algorithms_enabled())
+    yield
+    torch.backends.cudnn.benchmark, torch.backends.cudnn.deterministic = saved[:2]
+    torch.use_deterministic_algorithms(saved[2])
+
+
+def test_cudnn_benchmark_scope_sets_and_restores(cudnn_flags):
+    torch.backends.cudnn.benchmark = False
+    with perf.cudnn_benchmark_scope():
+        assert torch.backends.cudnn.benchmark is True
+    assert torch.backends.cudnn.benchmark is False
+    torch.backends.cudnn.benchmark = True
+    with perf.cudnn_benchmark_scope(False):
+        assert torch.backends.cudnn.benchmark is False
+    assert torch.backends.cudnn.benchmark is True
+    torch.backends.cudnn.benchmark = False
+    with pytest.raises(KeyError):  # restored on an exception too
+        with perf.cudnn_benchmark_scope():
+            raise KeyError("x")
+    assert torch.backends.cudnn.benchmark is False
+    # a process that asked for reproducible kernels keeps its setting
+    for ask in ("cudnn", "torch"):
+        torch.backends.cudnn.deterministic = ask == "cudnn"
+        torch.use_deterministic_algorithms(ask == "torch")
+        assert perf.deterministic_requested()
+        with perf.cudnn_benchmark_scope():
+            assert torch.backends.cudnn.benchmark is False
+    torch.backends.cudnn.deterministic = False
+    torch.use_deterministic_algorithms(False)
+    assert not perf.deterministic_requested()
+
+
+@pytest.mark.parametrize("graph", [False, True] if torch.cuda.is_available() else [False])
+def test_optimize_for_inference_runs_cudnn_benchmark_mode(cudnn_flags, graph):
+    dev = "cuda" if graph else "cpu"
+    x = torch.rand(2, 3, 2, 4, 4, device=dev)
+    torch.backends.cudnn.benchmark = False
+    for on in (True, False):
+        model = _FlagProbe().to(dev)
+        runner = perf.optimize_for_inference(model, x, dtype=None, fuse=False, pad_channels=None,
+                                             cuda_graph=graph, inplace=True, warmup=1, cudnn_benchmark=on)
+        assert runner.info["cudnn_benchmark"] is on
+        runner(x)
+        # the warm-up (and, with a graph, the capture) and every eager call
+        # ran in the mode asked for; the process's flag is as it was
+        assert model.seen and set(model.seen) == {on}, model.seen
+        assert torch.backends.cudnn.benchmark is False
+    torch.backends.cudnn.deterministic = True
+    model = _FlagProbe().to(dev)
+    runner = perf.optimize_for_inference(model, x, dtype=None, fuse=False, pad_channels=None, cuda_graph=graph,
+                                         inplace=True, warmup=1)
+    runner(x)
+    assert runner.info["cudnn_benchmark"] is False and set(model.seen) == {False}
+
+
 def test_optimize_for_inference_bad_arguments():
     model = nn.Sequential(nn.Conv3d(3, 4, 3))
     with pytest.raises(ValueError, match="example_clips"):

@@ -24,6 +24,8 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..perf import cudnn_benchmark_scope
+
 log = logging.getLogger("personvlad.engine")
 
 __all__ = ["extract_split", "extract_features", "describe_frames", "load_model_from_checkpoint",
@@ -64,7 +66,10 @@ def _descriptors(model, clips: torch.Tensor, device, dtype, channels_last: bool)
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
     if channels_last and device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last_3d)
-    with torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+    # cuDNN's benchmark mode, as in training: the batches have one shape but
+    # the last, so each split costs two algorithm searches
+    with cudnn_benchmark_scope(), \
+            torch.autocast(device_type=device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
         d = model(x)
     return d.float()
 
