@@ -1,7 +1,8 @@
 """Training-step throughput of the engine (issue 8): clips/s of one full step.
 
-One step = forward (autocast bf16 + channels_last_3d on CUDA, fp32 on CPU) +
-OIM loss (LUT + queue update) + backward + Adam (eps 1e-4; fused on CUDA),
+One step = forward (autocast bf16 + channels_last_3d + cuDNN benchmark mode
+on CUDA, fp32 on CPU) + OIM loss (LUT + queue update) + backward + Adam
+(eps 1e-4; fused on CUDA),
 through the same ``_TrainModule`` / ``build_optimizer`` the trainer uses, on a
 fixed uint8 clip batch moved/normalised as the trainer does (so data loading
 is not measured; see bench/test_bench_data.py for that).
@@ -27,6 +28,7 @@ from personvlad.engine.config import TrainConfig
 from personvlad.engine.trainer import _TrainModule, _step_params, build_optimizer
 from personvlad.losses import OIMLoss
 from personvlad.models import build_model
+from personvlad.perf import cudnn_benchmark_scope
 
 HAS_CUDA = torch.cuda.is_available()
 
@@ -60,9 +62,12 @@ def _step_fn(preset: str, num_ids: int, per_id: int, device: str, step: int):
         x = clips_u8.to(dev, non_blocking=True).float().div_(255.0)
         if dev.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last_3d)
-        loss = net(x, pids)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        # cuDNN's benchmark mode on a GPU, which the trainer turns on for
+        # every run that is not deterministic
+        with cudnn_benchmark_scope(dev.type == "cuda"):
+            loss = net(x, pids)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         opt.step()
         if dev.type == "cuda":
             torch.cuda.synchronize()
