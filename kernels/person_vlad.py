@@ -135,8 +135,26 @@ if INTERPRET:
     def wrap_triton(kernel):  # interpreted kernels are plain Python callables
         return kernel
 
+    def _wrapping() -> bool:
+        return False
+
 else:
     from torch.library import wrap_triton
+
+    # Launch through wrap_triton only where it is on: while torch.compile /
+    # make_fx trace the op (launches become graph nodes).  In an eager call of
+    # a triton_op torch turns it off and wrap_triton hands back the kernel
+    # itself, but only after checks that cost ~8 us per autotuned kernel on a
+    # 2-core Xeon (it looks for an interpreted function under the autotuner);
+    # the call sites skip it then.  Each call site still spells
+    # ``wrap_triton(<kernel>)``: triton_op finds the op's kernels by scanning
+    # its source for that.
+    try:
+        from torch._library.triton import is_wrap_triton_enabled as _wrapping
+    except ImportError:  # pragma: no cover - torch without the switch: always wrap
+
+        def _wrapping() -> bool:
+            return True
 
 
 class UnsupportedInput(ValueError):
@@ -730,7 +748,7 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     if forward_path(P, K, prec) == "single":
         out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
         norms = torch.empty((N, K + 1 if normalize else 0), device=dev, dtype=torch.float32)
-        wrap_triton(_fwd_single_kernel)[(N,)](
+        (wrap_triton(_fwd_single_kernel) if _wrapping() else _fwd_single_kernel)[(N,)](
             F, Mp, W, z, c, out, norms, C, P, K, B, PB,
             HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
             BLOCK_K=BK, BLOCK_P=_pow2_at_least(P),
@@ -743,19 +761,20 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     kw = dict(HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, BLOCK_K=BK)
     grid = lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
     # each kernel named at its own call, so triton_op's source scan finds both
+    wrap = _wrapping()
     if _k128_lists(BK):
-        wrap_triton(_fwd_assign_kernel_k128)[grid](*args, **kw)
+        (wrap_triton(_fwd_assign_kernel_k128) if wrap else _fwd_assign_kernel_k128)[grid](*args, **kw)
     else:
-        wrap_triton(_fwd_assign_kernel)[grid](*args, **kw)
+        (wrap_triton(_fwd_assign_kernel) if wrap else _fwd_assign_kernel)[grid](*args, **kw)
     V = torch.empty((N, K, C), device=dev, dtype=torch.float32 if normalize else out_dtype)
-    wrap_triton(_gemm_kc_kernel)[
+    (wrap_triton(_gemm_kc_kernel) if wrap else _gemm_kc_kernel)[
         lambda meta: (N, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
     ](Ap, F, spart, c, V, N, C, P, K, 1, nslot, PB, SUB_SC=True, DOT_PREC=prec)
     if not normalize:
         return V, torch.empty((N, 0), device=dev, dtype=torch.float32)
     out = torch.empty((N, K * C), device=dev, dtype=out_dtype)
     norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
-    wrap_triton(_fwd_normalize_kernel)[(N,)](
+    (wrap_triton(_fwd_normalize_kernel) if wrap else _fwd_normalize_kernel)[(N,)](
         V, out, norms, K, C, BLOCK_K=BK, BLOCK_C=_block_c_rows(BK, C)
     )
     return out, norms
@@ -770,7 +789,8 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
     dV = torch.empty((N, K, C), device=dev, dtype=torch.float32)
     ds = torch.empty((N, K), device=dev, dtype=torch.float32)
     normp = norms if normalize else dV
-    wrap_triton(_bwd_normalize_kernel)[(N,)](
+    wrap = _wrapping()
+    (wrap_triton(_bwd_normalize_kernel) if wrap else _bwd_normalize_kernel)[(N,)](
         dy, y if normalize else dy, normp, c, dV, ds, K, C,
         NORMALIZE=normalize, BLOCK_K=BK, BLOCK_C=_block_c_rows(BK, C),
     )
@@ -785,14 +805,14 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
     kw = dict(HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, DOT_PREC=prec, BLOCK_K=BK)
     grid = lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
     if _k128_lists(BK):
-        wrap_triton(_bwd_main_kernel_k128)[grid](*args, **kw)
+        (wrap_triton(_bwd_main_kernel_k128) if wrap else _bwd_main_kernel_k128)[grid](*args, **kw)
     else:
-        wrap_triton(_bwd_main_kernel)[grid](*args, **kw)
+        (wrap_triton(_bwd_main_kernel) if wrap else _bwd_main_kernel)[grid](*args, **kw)
     groups = min(N, 16)
     npg = triton.cdiv(N, groups)
     groups = triton.cdiv(N, npg)
     dWpart = torch.empty((groups, K, C), device=dev, dtype=torch.float32)
-    wrap_triton(_gemm_kc_kernel)[
+    (wrap_triton(_gemm_kc_kernel) if wrap else _gemm_kc_kernel)[
         lambda meta: (groups, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
     ](dG, F, ds, c, dWpart, N, C, P, K, npg, 0, PB, SUB_SC=False, DOT_PREC=prec)
     dW = dWpart.sum(dim=0)

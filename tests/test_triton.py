@@ -484,6 +484,40 @@ try:
     raise AssertionError("plain tf32 accepted")
 except ValueError as e:
     assert "PERSONVLAD_TRITON_DOT" in str(e)
+del os.environ["PERSONVLAD_TRITON_DOT"]
+
+# 5. eager calls of the ops launch the kernels themselves, not through
+#    wrap_triton (torch has it off there, and returns the kernel only after
+#    ~8 us of checks per autotuned kernel); with wrapping on (tracing, or a
+#    body called outside its op) every launch goes through wrap_triton.
+#    Launches recorded, not run (CPU tensors, no GPU here).
+from triton.runtime.autotuner import Autotuner
+from triton.runtime.jit import JITFunction
+launched, wrapped = [], []
+Autotuner.run = lambda self, *a, **k: launched.append(self)
+JITFunction.run = lambda self, *a, **k: launched.append(self)
+tk.check_supported = lambda *a, **k: None
+real_wrap = tk.wrap_triton
+tk.wrap_triton = lambda k: (wrapped.append(k), k)[1]
+x = [torch.randn(s, dtype=torch.float64).float() for s in [(2, 8, 3, 5), (2, 2, 3, 5), (4, 8), (4,), (4, 8)]]
+x[0].requires_grad_()
+y = tk.person_vlad_triton(*x, True)
+assert launched == [tk._fwd_single_kernel] and wrapped == [], (launched, wrapped)
+y.backward(torch.ones_like(y))
+assert launched[1:] == [tk._bwd_normalize_kernel, tk._bwd_main_kernel, tk._gemm_kc_kernel], launched
+assert wrapped == []
+launched.clear()
+os.environ["PERSONVLAD_TRITON_FWD"] = "tiled"
+with torch.no_grad():
+    tk.person_vlad_triton(*x, True)
+    assert launched == [tk._fwd_assign_kernel, tk._gemm_kc_kernel, tk._fwd_normalize_kernel], launched
+    assert wrapped == []
+    launched.clear()
+    tk._forward_impl(*x, True)  # outside the op: wrapping is on
+del os.environ["PERSONVLAD_TRITON_FWD"]
+assert wrapped == [tk._fwd_assign_kernel, tk._gemm_kc_kernel, tk._fwd_normalize_kernel], wrapped
+assert launched == wrapped, launched
+tk.wrap_triton = real_wrap
 print("GPU-PATH-OK")
 """
 
@@ -517,7 +551,8 @@ def test_gpu_registration_path_without_gpu():
     fresh process without TRITON_INTERPRET: both ops know their kernels, the
     op bodies trace on fake CUDA tensors into triton_kernel_wrapper calls, and
     every kernel compiles (bf16) for sm_75/sm_80/sm_90 targets with the dot
-    precision the host picks there."""
+    precision the host picks there; eager calls of the ops launch the kernels
+    without wrap_triton, a body called outside its op through it."""
     import os
     import subprocess
     import sys
