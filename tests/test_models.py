@@ -602,3 +602,42 @@ def test_torch_compile_tiny_cpu():
     torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-4)
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], atol=1e-4, rtol=1e-3, msg=n)
+
+
+def test_torch_export_tiny_cpu(tmp_path):
+    """``torch.export`` of the whole model, for deployment: the fused op stays
+    one node (``personvlad.person_vlad``, traced through its fake kernel), the
+    program matches eager, survives ``torch.export.save``/``load`` (in a
+    process that has imported personvlad, which registers the op) and takes
+    a dynamic batch dimension."""
+    torch.manual_seed(3)
+    model = build_model("tiny").eval()
+    x = _clips(model, 2, seed=3)
+    batch = torch.export.Dim("batch", min=1, max=64)
+    ep = torch.export.export(model, (x,), dynamic_shapes={"clips": {0: batch}})
+    ops = [n.target for n in ep.graph.nodes if n.op == "call_function" and "personvlad" in str(n.target)]
+    assert ops == [torch.ops.personvlad.person_vlad.default], ops
+    path = str(tmp_path / "model.pt2")
+    torch.export.save(ep, path)
+    loaded = torch.export.load(path).module()
+    for n, seed in ((2, 3), (5, 4), (1, 5)):
+        clips = _clips(model, n, seed=seed)
+        with torch.no_grad():
+            ref = model(clips)
+            torch.testing.assert_close(ep.module()(clips), ref, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(loaded(clips), ref, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_aot_inductor_package_tiny_cpu(tmp_path):
+    """AOTInductor (export, compile to a shared library, package, load) with
+    the fused op inside: the compiled code calls the registered C++ op (or
+    its fallback kernel) and matches eager."""
+    torch.manual_seed(4)
+    model = build_model("tiny").eval()
+    x = _clips(model, 2, seed=4)
+    ep = torch.export.export(model, (x,))
+    path = torch._inductor.aoti_compile_and_package(ep, package_path=str(tmp_path / "model.pt2"))
+    runner = torch._inductor.aoti_load_package(path)
+    with torch.no_grad():
+        torch.testing.assert_close(runner(x), model(x), atol=1e-5, rtol=1e-4)
