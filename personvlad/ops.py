@@ -34,7 +34,7 @@ import torch
 from . import reference
 from ._backend_table import pick_cuda_backend
 
-__all__ = ["person_vlad", "available_backends", "BACKENDS", "extension_loaded"]
+__all__ = ["person_vlad", "available_backends", "BACKENDS", "extension_loaded", "functorch_active"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 OP_NAME = "personvlad::person_vlad"
@@ -424,6 +424,25 @@ _DISPATCH: Dict[str, Callable] = {
 }
 
 
+_PEEK_FUNCTORCH = getattr(getattr(torch._C, "_functorch", None), "peek_interpreter_stack", None)
+
+
+def functorch_active() -> bool:
+    """Whether a ``torch.func`` transform (``grad``, ``vjp``, ``jacrev``,
+    ``jacfwd``, ``jvp``, ``vmap``, ...) is running.
+
+    The compiled backends' autograd cannot run under one: the C++ autograd
+    of the ``cpu``/``cuda`` op ("cannot use C++ torch::autograd::Function
+    with functorch transforms", even where the op's own inputs are not
+    transformed) and the Triton op's.  :func:`person_vlad` then runs the
+    ``reference`` backend, whose PyTorch ops every transform supports (higher
+    derivatives and batching rules included).  Not consulted while
+    ``torch.compile`` traces."""
+    if _PEEK_FUNCTORCH is None or torch.compiler.is_compiling():
+        return False
+    return _PEEK_FUNCTORCH() is not None
+
+
 def resolve_backend(features, parts, assign_weight, backend: str = "auto", *, assign_bias=None,
                     centers=None) -> str:
     """The backend ``person_vlad`` would use for these tensors (pass
@@ -456,9 +475,13 @@ def person_vlad(
     (N, B, *S) or None, ``assign_weight`` (K, C), ``assign_bias`` (K,),
     ``centers`` (K, C).  Returns (N, K*C) with ``normalize=True`` else
     (N, K, C), in ``features.dtype``; differentiable in all five inputs.
+    Under a ``torch.func`` transform (``grad``, ``vmap``, ...) every backend
+    runs the reference (:func:`functorch_active`).
     """
     fs = _validate(features, parts, assign_weight, assign_bias, centers, normalize, backend)
     name = resolve_backend(features, parts, assign_weight, backend, assign_bias=assign_bias, centers=centers)
+    if name != "reference" and functorch_active():
+        name = "reference"  # the compiled backends' autograd cannot run under torch.func
     if fs[0] == 0:
         # Empty batch: nothing to compute; keep all five inputs in the graph,
         # so each gets its (empty or zero) gradient, as from the op itself.

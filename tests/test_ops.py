@@ -183,6 +183,44 @@ def test_create_graph_first_order_then_double_backward_refused(backend, device):
             penalty.backward()
 
 
+@pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
+def test_torch_func_transforms(backend, device):
+    """torch.func grad / jacrev / jacfwd / vmap(grad) (per-sample gradients)
+    through person_vlad with any backend.  The compiled backends' autograd
+    cannot run under a transform (C++ autograd::Function, the Triton op's), so
+    the op runs the reference there: the results equal plain autograd through
+    the requested backend."""
+    dt = torch.float32 if backend == "triton" else torch.float64
+    tol = dict(atol=1e-4, rtol=1e-3) if dt == torch.float32 else dict(atol=1e-10, rtol=1e-8)
+    F, M, W, z, c = make_inputs(N=3, C=4, S=(2, 3), B=2, K=3, dtype=dt, device=device, seed=11)
+
+    def loss(W_, F_=F, M_=M):
+        return person_vlad(F_, M_, W_, z, c, backend=backend).pow(3).sum()
+
+    assert not ops.functorch_active()
+    Wg = W.clone().requires_grad_()
+    (ref,) = torch.autograd.grad(loss(Wg), [Wg])
+    torch.testing.assert_close(torch.func.grad(loss)(W), ref, **tol)
+    # the Jacobian of the output w.r.t. the features, both modes
+    def out(F_):
+        return person_vlad(F_, M, W, z, c, backend=backend)
+
+    jr = torch.func.jacrev(out)(F)
+    torch.testing.assert_close(torch.func.jacfwd(out)(F), jr, **tol)
+    Fg = F.clone().requires_grad_()
+    y = out(Fg)
+    row = torch.autograd.grad(y[1, 5], [Fg])[0]
+    torch.testing.assert_close(jr[1, 5], row, **tol)
+    # per-sample gradients: vmap over grad
+    per = torch.func.vmap(torch.func.grad(lambda W_, f, m: loss(W_, f[None], m[None])),
+                          in_dims=(None, 0, 0))(W, F, M)
+    for i in range(F.shape[0]):
+        Wi = W.clone().requires_grad_()
+        (gi,) = torch.autograd.grad(loss(Wi, F[i:i + 1], M[i:i + 1]), [Wi])
+        torch.testing.assert_close(per[i], gi, **tol)
+    assert not ops.functorch_active()
+
+
 @pytest.mark.parametrize("K,C", [(1, 5), (4, 1), (1, 1)])
 @pytest.mark.parametrize("backend,device", backend_device_params(exclude=()))
 def test_degenerate_sizes(backend, device, K, C):
