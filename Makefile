@@ -26,7 +26,8 @@ install: $(STAMP)
 $(STAMP_DEPS): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel
-	$(PIP) install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow faiss-cpu
+	$(PIP) install -q torch==$(TORCH_VERSION) numpy ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow faiss-cpu \
+	  onnx onnxscript onnxruntime
 	touch $@
 
 $(STAMP): $(STAMP_DEPS) $(EXT_SOURCES)
@@ -66,7 +67,8 @@ COMPAT_PY := $(abspath $(COMPAT_VENV))/bin/python
 $(COMPAT_VENV)/.deps-installed:
 	@test -x $(COMPAT_PY) || $(PYTHON) -m venv $(COMPAT_VENV)
 	$(COMPAT_PY) -m pip install -q --upgrade pip setuptools wheel
-	$(COMPAT_PY) -m pip install -q torch==$(COMPAT_TORCH) "$(COMPAT_NUMPY)" ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow
+	$(COMPAT_PY) -m pip install -q torch==$(COMPAT_TORCH) "$(COMPAT_NUMPY)" ninja pytest pytest-benchmark pyyaml tqdm scipy matplotlib pillow \
+	  onnx onnxscript onnxruntime
 	touch $@
 
 compat-test: $(COMPAT_VENV)/.deps-installed

@@ -18,6 +18,7 @@ COMMAND_MODULES = [
     "personvlad.engine.cli",    # personvlad train | extract
     "personvlad.eval.cli",      # personvlad evaluate | index | search | visualize
     "personvlad.bench_report",  # personvlad bench report | table
+    "personvlad.deploy",        # personvlad export
 ]
 
 
