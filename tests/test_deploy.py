@@ -184,3 +184,21 @@ def test_export_cli(tmp_path, capsys):
     if all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxscript")):
         assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "reid.onnx")]) == 0
         assert os.path.isfile(str(tmp_path / "reid.onnx"))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_export_on_cuda_and_decompose():
+    """On a GPU the program holds the op backend="auto" picked there (the CUDA
+    extension's person_vlad or the Triton op); both run as exported and
+    decompose to the reference."""
+    model = _model(8).cuda()
+    ep = deploy.export_program(model, _clips(model, 2, 8).cuda())
+    assert _vlad_nodes(ep) in (["personvlad.person_vlad.default"], ["personvlad.person_vlad_triton.default"])
+    portable = deploy.decompose(ep)
+    assert _vlad_nodes(portable) == []
+    x = _clips(model, 3, 9).cuda()
+    with torch.no_grad():
+        ref = model(x)
+        torch.testing.assert_close(ep.module()(x), ref, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(portable.module()(x), ref, atol=1e-4, rtol=1e-3)

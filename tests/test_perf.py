@@ -708,7 +708,8 @@ def test_cudnn_benchmark_scope_sets_and_restores(cudnn_flags):
     assert not perf.deterministic_requested()
 
 
-@pytest.mark.parametrize("graph", [False, True] if torch.cuda.is_available() else [False])
+@pytest.mark.parametrize("graph", [False] + ([pytest.param(True, marks=pytest.mark.cuda)]
+                                              if torch.cuda.is_available() else []))
 def test_optimize_for_inference_runs_cudnn_benchmark_mode(cudnn_flags, graph):
     dev = "cuda" if graph else "cpu"
     x = torch.rand(2, 3, 2, 4, 4, device=dev)
