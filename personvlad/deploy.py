@@ -35,13 +35,14 @@ import argparse
 import importlib.util
 import os
 import sys
+import tempfile
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from . import reference
 
-__all__ = ["export_program", "decompose", "export_onnx", "VLAD_OPS", "register"]
+__all__ = ["export_program", "decompose", "export_onnx", "save_program", "onnx_opset", "VLAD_OPS", "register"]
 
 
 def _vlad_decomp(features, parts, assign_weight, assign_bias, centers, normalize=True):
@@ -157,14 +158,58 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, *, dyn
     if missing:
         raise ImportError(f"export_onnx needs the onnx and onnxscript packages (missing: {', '.join(missing)}); "
                           f"pip install 'personvlad[onnx]'")
+    if opset is not None and (not isinstance(opset, int) or isinstance(opset, bool) or opset < 1):
+        raise ValueError(f"opset: expected None or a positive int, got {opset!r}")
     ep = decompose(export_program(model, example, dynamic_batch=dynamic_batch, max_batch=max_batch))
     kw: Dict[str, Any] = dict(dynamo=True, input_names=list(input_names), output_names=list(output_names))
     if opset is not None:
-        kw["opset_version"] = int(opset)
+        kw["opset_version"] = opset
     prog = torch.onnx.export(ep, (example,), **kw)
-    tmp = path + ".tmp"
-    prog.save(tmp)
-    os.replace(tmp, path)
+    got = onnx_opset(prog.model_proto)
+    if opset is not None and got != opset:
+        # the exporter falls back to its own opset (with a logged traceback)
+        # where it cannot convert to the one asked for
+        raise ValueError(f"opset: the ONNX exporter could not produce opset {opset}; it gave {got}")
+    _write_atomically(path, prog.save, ".onnx")
+    return path
+
+
+def onnx_opset(model_proto) -> Optional[int]:
+    """The default-domain (``ai.onnx``) opset version of an ONNX ModelProto."""
+    for imp in model_proto.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return int(imp.version)
+    return None
+
+
+def _write_atomically(path: str, save: Callable[[str], Any], suffix: str) -> None:
+    """``save(tmp)`` to a fresh temporary file beside ``path`` (its parent
+    folder created), then renamed to ``path``; the temporary file is removed
+    if anything fails.  The temporary name keeps ``suffix`` (the writers
+    check it)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_program(ep, path: str) -> str:
+    """``torch.export.save(ep, path)`` through a temporary file beside
+    ``path`` (its folder created; nothing left behind on failure)."""
+    if not isinstance(path, str) or not path:
+        raise ValueError(f"path: expected a file name, got {path!r}")
+    if os.path.isdir(path):
+        raise ValueError(f"path: {path} is a directory; expected a file name")
+    _write_atomically(path, lambda tmp: torch.export.save(ep, tmp), ".pt2")
     return path
 
 
@@ -211,8 +256,17 @@ def export_main(args) -> int:
         raise ValueError(f"--out: expected a .pt2 or .onnx file name, got {args.out!r}")
     if os.path.isdir(args.out):
         raise ValueError(f"--out: {args.out} is a directory; expected a file name")
-    if args.batch < 1:
-        raise ValueError(f"--batch: expected >= 1, got {args.batch}")
+    lo = 1 if args.static_batch else 2
+    if args.batch < lo:
+        why = "" if args.static_batch else " (a dynamic batch needs an example of >= 2: torch.export fixes size-1 dims)"
+        raise ValueError(f"--batch: expected >= {lo}{why}, got {args.batch}")
+    if args.max_batch is not None:
+        if args.static_batch:
+            raise ValueError("--max-batch goes with a dynamic batch, not with --static-batch")
+        if args.max_batch < args.batch:
+            raise ValueError(f"--max-batch: expected >= --batch ({args.batch}), got {args.max_batch}")
+    if args.opset is not None and ext != ".onnx":
+        raise ValueError("--opset goes with an .onnx --out")
     if args.portable and ext == ".onnx":
         print("note: --portable is implied for .onnx", file=sys.stderr)
     device = resolve_device(args.device)
@@ -226,9 +280,7 @@ def export_main(args) -> int:
         ep = export_program(model, example, dynamic_batch=dyn, max_batch=args.max_batch)
         if args.portable:
             ep = decompose(ep)
-        tmp = args.out + ".tmp"
-        torch.export.save(ep, tmp)
-        os.replace(tmp, args.out)
+        save_program(ep, args.out)
         kind = "torch.export, " + ("portable (fused op decomposed)" if args.portable
                                    else "fused op (load after importing personvlad)")
     c = model.config

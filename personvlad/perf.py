@@ -612,18 +612,26 @@ def cudnn_benchmark_scope(on: bool = True):
     turns it on for the whole run (``engine.trainer``); inference and feature
     extraction take this scope, so that a library call leaves the process's
     setting as it found it.  Where the process asked for deterministic
-    algorithms (:func:`deterministic_requested`) the setting is left alone:
-    which algorithm wins a timing can differ between runs, and with it the
-    last bits of the output.  The flag is process-wide: another thread's
+    algorithms (:func:`deterministic_requested`) the scope does not turn it
+    on (it keeps the process's setting): which algorithm wins a timing can
+    differ between runs, and with it the last bits of the output.  Turning
+    it off is always honoured.  The flag is process-wide: another thread's
     convolutions inside the scope see it too."""
     prev = torch.backends.cudnn.benchmark
-    if on and deterministic_requested():
-        on = prev
-    torch.backends.cudnn.benchmark = bool(on)
+    torch.backends.cudnn.benchmark = _benchmark_flag(on)
     try:
         yield
     finally:
         torch.backends.cudnn.benchmark = prev
+
+
+def _benchmark_flag(on: bool) -> bool:
+    """The flag :func:`cudnn_benchmark_scope` sets for ``on``: off when asked,
+    on when asked unless deterministic algorithms were requested (then the
+    process's current setting)."""
+    if on and deterministic_requested():
+        return bool(torch.backends.cudnn.benchmark)
+    return bool(on)
 
 
 # --------------------------------------------------------------------------
@@ -703,7 +711,7 @@ def optimize_for_inference(model: nn.Module, example_clips: torch.Tensor, dtype:
     m.eval()
     info: Dict[str, Any] = dict(device=str(device), dtype=str(dtype).replace("torch.", ""),
                                 channels_last=bool(channels_last), compile=bool(compile),
-                                cudnn_benchmark=bool(cudnn_benchmark) and not deterministic_requested())
+                                cudnn_benchmark=_benchmark_flag(cudnn_benchmark))
     if fuse:
         fuse_conv_relu_pool(m)
     info["fused_convs"] = count_fused(m)

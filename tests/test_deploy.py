@@ -156,6 +156,36 @@ def test_export_onnx_runs_in_onnxruntime(tmp_path):
             torch.testing.assert_close(torch.from_numpy(out), model(x), atol=1e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="path: .* is a directory"):
         deploy.export_onnx(model, _clips(model, 2, 6), str(tmp_path))
+    # a new folder is created; an opset the exporter cannot produce is an error, not a silent fallback
+    import onnx
+
+    default = deploy.onnx_opset(onnx.load(path))  # the exporter's own (18 on torch 2.11)
+    nested = str(tmp_path / "new" / "dir" / "m.onnx")
+    deploy.export_onnx(model, _clips(model, 2, 6), nested, opset=default)
+    assert deploy.onnx_opset(onnx.load(nested)) == default
+    with pytest.raises(ValueError, match="opset: the ONNX exporter could not produce opset 5"):
+        deploy.export_onnx(model, _clips(model, 2, 6), str(tmp_path / "m5.onnx"), opset=5)
+    assert not os.path.exists(str(tmp_path / "m5.onnx"))
+    assert sorted(os.listdir(tmp_path)) == ["new", "reid.onnx"]  # no temporary file left anywhere
+
+
+def test_save_program_is_atomic(tmp_path, monkeypatch):
+    model = _model(9)
+    ep = deploy.export_program(model, _clips(model, 2, 0))
+    path = str(tmp_path / "a" / "b.pt2")
+    assert deploy.save_program(ep, path) == path and os.path.isfile(path)
+    real = torch.export.save
+
+    def broken(ep_, f, *a, **k):
+        real(ep_, f, *a, **k)
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch.export, "save", broken)
+    with pytest.raises(OSError, match="No space"):
+        deploy.save_program(ep, str(tmp_path / "a" / "c.pt2"))
+    assert sorted(os.listdir(tmp_path / "a")) == ["b.pt2"]
+    with pytest.raises(ValueError, match="is a directory"):
+        deploy.save_program(ep, str(tmp_path))
 
 
 def test_export_cli(tmp_path, capsys):
@@ -177,13 +207,24 @@ def test_export_cli(tmp_path, capsys):
                  "--batch", "3"]) == 0
     fused = torch.export.load(str(tmp_path / "fused.pt2"))
     assert _vlad_nodes(fused) == ["personvlad.person_vlad.default"]
+    y = str(tmp_path / "y.pt2")
     for bad, why in ((["--out", str(tmp_path / "x.onnx.txt")], "expected a .pt2 or .onnx"),
-                     (["--out", str(tmp_path / "y.pt2"), "--batch", "0"], "--batch: expected >= 1")):
+                     (["--out", y, "--batch", "0", "--static-batch"], "--batch: expected >= 1"),
+                     (["--out", y, "--batch", "1"], "--batch: expected >= 2"),
+                     (["--out", y, "--static-batch", "--max-batch", "8"], "--max-batch goes with a dynamic batch"),
+                     (["--out", y, "--batch", "4", "--max-batch", "3"], "--max-batch: expected >= --batch (4)"),
+                     (["--out", y, "--opset", "17"], "--opset goes with an .onnx --out")):
         assert main(["export", "--checkpoint", ckpt] + bad) == 2
         assert why in capsys.readouterr().err
+    assert not os.path.exists(y)
     if all(__import__("importlib").util.find_spec(m) for m in ("onnx", "onnxscript")):
-        assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "reid.onnx")]) == 0
-        assert os.path.isfile(str(tmp_path / "reid.onnx"))
+        out = str(tmp_path / "sub" / "reid.onnx")
+        assert main(["export", "--checkpoint", ckpt, "--out", out]) == 0
+        assert os.path.isfile(out)
+        assert main(["export", "--checkpoint", ckpt, "--out", str(tmp_path / "r5.onnx"), "--opset", "5"]) == 2
+        assert "could not produce opset 5" in capsys.readouterr().err
+    # no temporary files left beside the outputs
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".")]
 
 
 @pytest.mark.cuda

@@ -724,12 +724,16 @@ def test_optimize_for_inference_runs_cudnn_benchmark_mode(cudnn_flags, graph):
         # ran in the mode asked for; the process's flag is as it was
         assert model.seen and set(model.seen) == {on}, model.seen
         assert torch.backends.cudnn.benchmark is False
+    # deterministic algorithms asked for: not turned on; the process's own
+    # setting stays, and info reports what the calls ran with
     torch.backends.cudnn.deterministic = True
-    model = _FlagProbe().to(dev)
-    runner = perf.optimize_for_inference(model, x, dtype=None, fuse=False, pad_channels=None, cuda_graph=graph,
-                                         inplace=True, warmup=1)
-    runner(x)
-    assert runner.info["cudnn_benchmark"] is False and set(model.seen) == {False}
+    for proc in (False, True):
+        torch.backends.cudnn.benchmark = proc
+        model = _FlagProbe().to(dev)
+        runner = perf.optimize_for_inference(model, x, dtype=None, fuse=False, pad_channels=None,
+                                             cuda_graph=graph, inplace=True, warmup=1)
+        runner(x)
+        assert runner.info["cudnn_benchmark"] is proc and set(model.seen) == {proc}, (proc, model.seen)
 
 
 def test_optimize_for_inference_bad_arguments():
