@@ -35,12 +35,12 @@ import argparse
 import importlib.util
 import os
 import sys
-import tempfile
 from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 
 from . import reference
+from .engine.checkpoint import _atomic, atomic_write_bytes
 
 __all__ = ["export_program", "decompose", "export_onnx", "save_program", "onnx_opset", "VLAD_OPS", "register"]
 
@@ -73,9 +73,9 @@ def _vlad_triton_decomp(features, parts, assign_weight, assign_bias, centers, no
 
 def _vlad_ops() -> Dict[Any, Callable]:
     table = {torch.ops.personvlad.person_vlad.default: _vlad_decomp}
-    from . import ops
-
-    if ops._triton_module() is not None and hasattr(torch.ops.personvlad, "person_vlad_triton"):
+    # registered when personvlad.kernels imported (a program can hold the op
+    # only then): nothing to import here
+    if hasattr(torch.ops.personvlad, "person_vlad_triton"):
         table[torch.ops.personvlad.person_vlad_triton.default] = _vlad_triton_decomp
     return table
 
@@ -150,10 +150,7 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, *, dyn
     then ``torch.onnx.export(program, dynamo=True)`` (``opset``: its
     ``opset_version``; None: the exporter's default).  Needs the ``onnx``
     and ``onnxscript`` packages."""
-    if not isinstance(path, str) or not path:
-        raise ValueError(f"path: expected a file name, got {path!r}")
-    if os.path.isdir(path):
-        raise ValueError(f"path: {path} is a directory; expected a file name")
+    _check_path(path)
     missing = [m for m in ("onnx", "onnxscript") if importlib.util.find_spec(m) is None]
     if missing:
         raise ImportError(f"export_onnx needs the onnx and onnxscript packages (missing: {', '.join(missing)}); "
@@ -164,13 +161,15 @@ def export_onnx(model: torch.nn.Module, example: torch.Tensor, path: str, *, dyn
     kw: Dict[str, Any] = dict(dynamo=True, input_names=list(input_names), output_names=list(output_names))
     if opset is not None:
         kw["opset_version"] = opset
-    prog = torch.onnx.export(ep, (example,), **kw)
-    got = onnx_opset(prog.model_proto)
+    proto = torch.onnx.export(ep, (example,), **kw).model_proto  # serialised once: checked, then written
+    got = onnx_opset(proto)
     if opset is not None and got != opset:
         # the exporter falls back to its own opset (with a logged traceback)
         # where it cannot convert to the one asked for
         raise ValueError(f"opset: the ONNX exporter could not produce opset {opset}; it gave {got}")
-    _write_atomically(path, prog.save, ".onnx")
+    # one self-contained file (weights inside; protobuf caps it at 2 GB),
+    # written as the package's checkpoints are
+    atomic_write_bytes(path, proto.SerializeToString())
     return path
 
 
@@ -182,36 +181,21 @@ def onnx_opset(model_proto) -> Optional[int]:
     return None
 
 
-def _write_atomically(path: str, save: Callable[[str], Any], suffix: str) -> None:
-    """``save(tmp)`` to a fresh temporary file beside ``path`` (its parent
-    folder created), then renamed to ``path``; the temporary file is removed
-    if anything fails.  The temporary name keeps ``suffix`` (the writers
-    check it)."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=suffix, dir=directory)
-    os.close(fd)
-    try:
-        save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def save_program(ep, path: str) -> str:
-    """``torch.export.save(ep, path)`` through a temporary file beside
-    ``path`` (its folder created; nothing left behind on failure)."""
+def _check_path(path) -> None:
     if not isinstance(path, str) or not path:
         raise ValueError(f"path: expected a file name, got {path!r}")
     if os.path.isdir(path):
         raise ValueError(f"path: {path} is a directory; expected a file name")
-    _write_atomically(path, lambda tmp: torch.export.save(ep, tmp), ".pt2")
-    return path
 
+
+def save_program(ep, path: str) -> str:
+    """``torch.export.save(ep, path)``, written as the package's checkpoints
+    are (``engine.checkpoint._atomic``: a temporary file
+    beside ``path``, its folder created, fsync, rename; nothing left behind on
+    failure)."""
+    _check_path(path)
+    _atomic(path, lambda f: torch.export.save(ep, f))
+    return path
 
 
 # --------------------------------------------------------------------------
