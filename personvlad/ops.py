@@ -446,17 +446,24 @@ def functorch_active() -> bool:
 def resolve_backend(features, parts, assign_weight, backend: str = "auto", *, assign_bias=None,
                     centers=None) -> str:
     """The backend ``person_vlad`` would use for these tensors (pass
-    ``assign_bias`` and ``centers`` too: their dtypes matter to Triton)."""
+    ``assign_bias`` and ``centers`` too: their dtypes matter to Triton):
+    ``"reference"`` inside a ``torch.func`` transform (:func:`functorch_active`),
+    once an explicitly named backend has been checked."""
     if backend == "auto":
-        return _auto_backend(features, parts, assign_weight, assign_bias, centers)
-    ok, why = _backend_usable(backend, features.device)
-    if not ok:
-        raise ValueError(f"backend: {backend!r} is not available here: {why}; available: {available_backends(features.device)}")
-    if backend == "triton":
-        ok, why = _triton_module().supports(features, parts, assign_weight, assign_bias, centers)
+        name = _auto_backend(features, parts, assign_weight, assign_bias, centers)
+    else:
+        ok, why = _backend_usable(backend, features.device)
         if not ok:
-            raise ValueError(f"backend: 'triton' cannot run these inputs: {why}")
-    return backend
+            raise ValueError(f"backend: {backend!r} is not available here: {why}; "
+                             f"available: {available_backends(features.device)}")
+        if backend == "triton":
+            ok, why = _triton_module().supports(features, parts, assign_weight, assign_bias, centers)
+            if not ok:
+                raise ValueError(f"backend: 'triton' cannot run these inputs: {why}")
+        name = backend
+    if name != "reference" and functorch_active():
+        return "reference"  # the compiled backends' autograd cannot run under torch.func
+    return name
 
 
 def person_vlad(
@@ -480,8 +487,6 @@ def person_vlad(
     """
     fs = _validate(features, parts, assign_weight, assign_bias, centers, normalize, backend)
     name = resolve_backend(features, parts, assign_weight, backend, assign_bias=assign_bias, centers=centers)
-    if name != "reference" and functorch_active():
-        name = "reference"  # the compiled backends' autograd cannot run under torch.func
     if fs[0] == 0:
         # Empty batch: nothing to compute; keep all five inputs in the graph,
         # so each gets its (empty or zero) gradient, as from the op itself.

@@ -198,6 +198,10 @@ def test_torch_func_transforms(backend, device):
         return person_vlad(F_, M_, W_, z, c, backend=backend).pow(3).sum()
 
     assert not ops.functorch_active()
+    # resolve_backend says what person_vlad runs, inside a transform too
+    seen = []
+    torch.func.grad(lambda W_: seen.append(ops.resolve_backend(F, M, W_, backend)) or loss(W_))(W)
+    assert seen == ["reference"]
     Wg = W.clone().requires_grad_()
     (ref,) = torch.autograd.grad(loss(Wg), [Wg])
     torch.testing.assert_close(torch.func.grad(loss)(W), ref, **tol)
