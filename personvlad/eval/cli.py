@@ -251,8 +251,7 @@ def _cmd_vis_response(args) -> int:
 
     try:
         written = plot_feature_response(_load_frames(args.frames), _load_array(args.feature_map, "--feature-map"),
-                                        args.out,
-                              alpha=args.alpha, scale=args.scale, max_frames=args.max_frames)
+                                        args.out, alpha=args.alpha, scale=args.scale, max_frames=args.max_frames)
     except ValueError as exc:
         return _fail(str(exc))
     print(f"wrote {written}")
