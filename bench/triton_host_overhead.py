@@ -1,0 +1,92 @@
+"""Host-side cost of one eager call of the Triton op, kernel launches stubbed.
+
+Runs without a GPU and without TRITON_INTERPRET: the Triton launchers
+(``Autotuner.run``, ``JITFunction.run``) are replaced by no-ops and the
+inputs are CPU tensors, so what is timed is everything the host does around
+the launches: ``person_vlad_triton``'s checks, the ``triton_op`` /
+``custom_op`` dispatch and autograd wrapper, the op body (shapes, dot
+precisions, allocations -- CPU ``torch.empty`` here, the caching allocator
+on a GPU) and the ``wrap_triton`` calls.  Not timed: Triton's own launcher
+and the kernels (``bench/profile_op.py`` on a GPU has those).
+
+    python bench/triton_host_overhead.py                # forward, tiled path (3 launches)
+    python bench/triton_host_overhead.py --wrap         # every launch through wrap_triton, as before 208c2e7
+    python bench/triton_host_overhead.py --layers       # also: the op body alone, person_vlad's checks
+
+Prints microseconds per call: the best of --repeats timings of --calls calls.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.pop("TRITON_INTERPRET", None)
+os.environ.setdefault("PERSONVLAD_QUIET_EXT", "1")
+
+import torch  # noqa: E402
+from triton.runtime.autotuner import Autotuner  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+def _best_us(fn, calls: int, repeats: int) -> float:
+    for _ in range(min(50, calls)):
+        fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t0) / calls * 1e6)
+    return best
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--wrap", action="store_true", help="launch through wrap_triton in eager calls too")
+    p.add_argument("--layers", action="store_true", help="also time the op body alone and person_vlad's checks")
+    p.add_argument("--calls", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=7)
+    a = p.parse_args(argv)
+
+    launches = []
+    Autotuner.run = lambda self, *args, **kw: launches.append(self)
+    JITFunction.run = lambda self, *args, **kw: launches.append(self)
+    from personvlad import ops
+    from personvlad.kernels import person_vlad as tk
+
+    tk.check_supported = lambda *args, **kw: None  # CPU tensors outside the interpreter
+    if a.wrap:
+        tk._wrapping = lambda: True
+    # the paper's channels, clusters and parts; P = 200 > 128 takes the tiled path
+    N, C, P, B, K = 8, 256, 200, 6, 64
+    g = torch.Generator().manual_seed(0)
+    F, M = torch.randn(N, C, P, generator=g), torch.rand(N, B, P, generator=g)
+    W, z, c = torch.randn(K, C, generator=g), torch.randn(K, generator=g), torch.randn(K, C, generator=g)
+
+    def op():
+        with torch.no_grad():
+            tk.person_vlad_triton(F, M, W, z, c, True)
+
+    launches.clear()
+    op()
+    names = [getattr(k, "fn", k).__name__ for k in launches]
+    print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; "
+          f"launches per call: {len(names)} ({', '.join(names)}); wrap_triton in eager: {a.wrap}")
+    print(f"person_vlad_triton, forward: {_best_us(op, a.calls, a.repeats):.1f} us/call")
+    if a.layers:
+        def body():
+            with torch.no_grad():
+                tk._forward_impl(F, M, W, z, c, True, False)
+
+        from torch._library.triton import set_wrap_triton_enabled
+
+        with set_wrap_triton_enabled(False):  # as triton_op's eager call runs the body
+            print(f"op body alone (_forward_impl): {_best_us(body, a.calls, a.repeats):.1f} us/call")
+        print(f"ops.person_vlad checks (_validate): "
+              f"{_best_us(lambda: ops._validate(F, M, W, z, c, True, 'auto'), a.calls * 10, a.repeats):.2f} us/call")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
