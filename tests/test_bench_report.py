@@ -11,6 +11,7 @@ import json
 import os
 import pathlib
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -56,9 +57,19 @@ SUITE = textwrap.dedent('''
 ''')
 
 
+def _default_sigint():
+    # A shell without job control starts background commands with SIGINT
+    # ignored, and Python then installs no KeyboardInterrupt handler: a suite
+    # run from such a shell would never see the interrupt the test sends.
+    # GNU timeout (gpu_check.sh's) gives its child the default disposition;
+    # so does this.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run_suite(d, suite):
     """Run the benchmark suite text in folder ``d`` (its own rootdir) in a
-    subprocess; returns (the finished process, the --benchmark-json path)."""
+    subprocess, SIGINT at its default disposition (as under ``timeout``);
+    returns (the finished process, the --benchmark-json path)."""
     (d / "test_suite.py").write_text(suite)
     (d / "pytest.ini").write_text("[pytest]\n")
     out = d / "results.json"
@@ -66,7 +77,7 @@ def _run_suite(d, suite):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--rootdir", str(d),
          "-c", str(d / "pytest.ini"), f"--benchmark-json={out}", str(d / "test_suite.py")],
         cwd=str(d), env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"), capture_output=True, text=True,
-        timeout=120)
+        timeout=120, preexec_fn=_default_sigint)
     return proc, out
 
 
