@@ -27,7 +27,9 @@
 # the one-kernel forward splits samples over blocks), fused-cuda-1k-whole and
 # floor rows; then fused-cuda-1k-tc (bf16, 4 cases: limit 110 -> 130 s).
 # The e2e step gained ofi-heuristic and train-bf16-cl-heuristic (cuDNN
-# benchmark mode off, against the default on): limit 130 -> 160 s.
+# benchmark mode off, against the default on): limit 130 -> 160 s.  The
+# ablation step gained fused-triton-viaop (eager calls through the op, as
+# before the direct path; 4 bf16 cases): limit 90 -> 110 s.
 # The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
 # limit, capped by what is left of the budget (counted from the script's
@@ -128,7 +130,7 @@ want tests && step gpu_tests 200 env PERSONVLAD_TRITON_AUTOTUNE=0 \
 #    variant's time goes (bench/profile_op.py: wall vs device-busy time and
 #    the kernels).  All op files are merged into bench_ops.json for the report.
 want ops && step bench_ops 130 "${BENCH[@]}" bench/test_bench_ops.py \
-  -k "(gpu and not compile and not ieee and not tiled) or (dispatch and cuda)" \
+  -k "(gpu and not compile and not ieee and not tiled and not viaop) or (dispatch and cuda)" \
   --benchmark-json="$OUT/bench_ops_fused.json"
 [ -s "$OUT/bench_ops_fused.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops_fused.json" --out "$OUT/backend_table.json"
 # The Triton backend's GPU tests (its op benchmark rows above check their
@@ -161,8 +163,8 @@ for f in bench/test_bench_model.py bench/test_bench_train.py bench/test_bench_da
 done
 want model && step bench_model 70 "${BENCH[@]}" "${models[@]}" -k "(gpu or cuda) and not schedule" \
   --benchmark-json="$OUT/bench_model.json"
-want ablation && step bench_ops_ablation 90 "${BENCH[@]}" bench/test_bench_ops.py \
-  -k "gpu and (ieee or tiled)" --benchmark-json="$OUT/bench_ops_ablation.json"
+want ablation && step bench_ops_ablation 110 "${BENCH[@]}" bench/test_bench_ops.py \
+  -k "gpu and (ieee or tiled or viaop)" --benchmark-json="$OUT/bench_ops_ablation.json"
 $PY - "$OUT" <<'EOF'
 import json, os, sys
 out = sys.argv[1]

@@ -127,8 +127,12 @@ def _variants(device):
 # to measure what the split buys at the paper shape; fused-cuda-1k-tc runs the
 # one-kernel forward with both products on bf16 tensor cores (W as three bf16
 # pieces, A' as two; bf16 only, sm_80+), against fused-cuda-1k's FMA products.
+# fused-triton-viaop: every eager call through the registered op (triton_op,
+# custom_op, its autograd wrapper), as before the direct eager path: what
+# that machinery costs a call on the GPU machine's host.
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
+    "fused-triton-viaop": {"PERSONVLAD_TRITON_DIRECT": "0"},
     "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
     "fused-cuda-split3": {"PERSONVLAD_CUDA_BF16_GEMM": "split3"},
     "fused-cuda-1k": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused"},
@@ -255,7 +259,7 @@ CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"
                 "fused-cpu-baseline", "floor"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
                 "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-whole", "fused-cuda-1k-tc", "fused-triton-ieee",
-                "fused-triton-tiled", "floor"]
+                "fused-triton-tiled", "fused-triton-viaop", "floor"]
 
 
 @pytest.mark.parametrize("shape_name", list(CPU_SHAPES))

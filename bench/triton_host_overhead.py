@@ -3,15 +3,17 @@
 Runs without a GPU and without TRITON_INTERPRET: the Triton launchers
 (``Autotuner.run``, ``JITFunction.run``) are replaced by no-ops and the
 inputs are CPU tensors, so what is timed is everything the host does around
-the launches: ``person_vlad_triton``'s checks, the ``triton_op`` /
-``custom_op`` dispatch and autograd wrapper, the op body (shapes, dot
+the launches: ``person_vlad_triton``'s checks, the op body (shapes, dot
 precisions, allocations -- CPU ``torch.empty`` here, the caching allocator
-on a GPU) and the ``wrap_triton`` calls.  Not timed: Triton's own launcher
-and the kernels (``bench/profile_op.py`` on a GPU has those).
+on a GPU) and, where they are on, the ``triton_op`` / ``custom_op`` dispatch
+and autograd wrapper and the ``wrap_triton`` calls.  Not timed: Triton's own
+launcher and the kernels (``bench/profile_op.py`` on a GPU has those).
 
-    python bench/triton_host_overhead.py                # forward, tiled path (3 launches)
+    python bench/triton_host_overhead.py                # forward, tiled path (3 launches), direct eager call
+    PERSONVLAD_TRITON_DIRECT=0 python bench/triton_host_overhead.py   # through the op, as before the direct path
     python bench/triton_host_overhead.py --wrap         # every launch through wrap_triton, as before 208c2e7
     python bench/triton_host_overhead.py --layers       # also: the op body alone, person_vlad's checks
+    python bench/triton_host_overhead.py --backward     # also: forward + backward (features require grad)
 
 Prints microseconds per call: the best of --repeats timings of --calls calls.
 """
@@ -45,6 +47,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--wrap", action="store_true", help="launch through wrap_triton in eager calls too")
     p.add_argument("--layers", action="store_true", help="also time the op body alone and person_vlad's checks")
+    p.add_argument("--backward", action="store_true", help="also time forward + backward (5 more launches)")
     p.add_argument("--calls", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=7)
     a = p.parse_args(argv)
@@ -56,6 +59,9 @@ def main(argv=None) -> int:
     from personvlad.kernels import person_vlad as tk
 
     tk.check_supported = lambda *args, **kw: None  # CPU tensors outside the interpreter
+    # the stubbed kernels leave the buffers uninitialised: denormals there would
+    # slow the host-side reductions of the backward down at random
+    torch.set_flush_denormal(True)
     if a.wrap:
         tk._wrapping = lambda: True
     # the paper's channels, clusters and parts; P = 200 > 128 takes the tiled path
@@ -72,8 +78,28 @@ def main(argv=None) -> int:
     op()
     names = [getattr(k, "fn", k).__name__ for k in launches]
     print(f"device: CPU ({torch.get_num_threads()} threads), torch {torch.__version__}; "
-          f"launches per call: {len(names)} ({', '.join(names)}); wrap_triton in eager: {a.wrap}")
+          f"launches per call: {len(names)} ({', '.join(names)}); wrap_triton in eager: {a.wrap}; "
+          f"through the op: {not tk.direct_call_ok()}")
     print(f"person_vlad_triton, forward: {_best_us(op, a.calls, a.repeats):.1f} us/call")
+    if a.backward:
+        # The backward's last steps are PyTorch reductions (dW, dz, dc), which
+        # on CPU tensors compute for real: at a small N, C, K they cost little,
+        # as the asynchronous launches they are on a GPU.  Same P and B.
+        n, ch, k = 2, 16, 8
+        Fs = torch.randn(n, ch, P, generator=g).requires_grad_(True)
+        Ms, Ws, zs, cs = M[:n], W[:k, :ch].contiguous(), z[:k].contiguous(), c[:k, :ch].contiguous()
+        dy = torch.ones(n, k * ch)
+
+        def fwd_small():
+            with torch.no_grad():
+                tk.person_vlad_triton(Fs, Ms, Ws, zs, cs, True)
+
+        def fwd_bwd():
+            tk.person_vlad_triton(Fs, Ms, Ws, zs, cs, True).backward(dy)
+            Fs.grad = None
+
+        print(f"N={n}, C={ch}, K={k}: forward {_best_us(fwd_small, a.calls, a.repeats):.1f} us/call, "
+              f"forward + backward {_best_us(fwd_bwd, a.calls, a.repeats):.1f} us/call")
     if a.layers:
         def body():
             with torch.no_grad():

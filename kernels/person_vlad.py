@@ -738,7 +738,7 @@ def forward_path(P, K=64, dot_prec="tf32x3") -> str:
     return "single"
 
 
-def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
+def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
     dev = F.device
     B = 1 if M is None else M.shape[1]
     BK = _block_k(K)
@@ -748,7 +748,7 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     if forward_path(P, K, prec) == "single":
         out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
         norms = torch.empty((N, K + 1 if normalize else 0), device=dev, dtype=torch.float32)
-        (wrap_triton(_fwd_single_kernel) if _wrapping() else _fwd_single_kernel)[(N,)](
+        (wrap_triton(_fwd_single_kernel) if wrap else _fwd_single_kernel)[(N,)](
             F, Mp, W, z, c, out, norms, C, P, K, B, PB,
             HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
             BLOCK_K=BK, BLOCK_P=_pow2_at_least(P),
@@ -761,7 +761,6 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     kw = dict(HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, BLOCK_K=BK)
     grid = lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
     # each kernel named at its own call, so triton_op's source scan finds both
-    wrap = _wrapping()
     if _k128_lists(BK):
         (wrap_triton(_fwd_assign_kernel_k128) if wrap else _fwd_assign_kernel_k128)[grid](*args, **kw)
     else:
@@ -780,7 +779,7 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype):
     return out, norms
 
 
-def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
+def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize, wrap):
     dev = F.device
     B = 1 if M is None else M.shape[1]
     BK = _block_k(K)
@@ -789,7 +788,6 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize):
     dV = torch.empty((N, K, C), device=dev, dtype=torch.float32)
     ds = torch.empty((N, K), device=dev, dtype=torch.float32)
     normp = norms if normalize else dV
-    wrap = _wrapping()
     (wrap_triton(_bwd_normalize_kernel) if wrap else _bwd_normalize_kernel)[(N,)](
         dy, y if normalize else dy, normp, c, dV, ds, K, C,
         NORMALIZE=normalize, BLOCK_K=BK, BLOCK_C=_block_c_rows(BK, C),
@@ -834,6 +832,12 @@ def _forward_impl(
     normalize: bool,
     keep_f32: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # the schema torch 2.11 infers from these annotations
+    return _forward_body(features, parts, assign_weight, assign_bias, centers, normalize, keep_f32, _wrapping())
+
+
+def _forward_body(features, parts, assign_weight, assign_bias, centers, normalize, keep_f32, wrap):
+    """The forward op's body; ``wrap``: launch through ``wrap_triton`` (while
+    torch.compile / make_fx trace the op), else launch the kernels directly."""
     check_supported(features, parts, assign_weight, assign_bias, centers)
     F, M, N, C, P = _flatten(features, parts)
     K = assign_weight.shape[0]
@@ -843,9 +847,9 @@ def _forward_impl(
     z = assign_bias.contiguous()
     c = centers.contiguous()
     if _keeps_f32_output(features.dtype, normalize, keep_f32):
-        y32, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, torch.float32)
+        y32, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, torch.float32, wrap)
         return y32.to(features.dtype), norms, y32
-    out, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, features.dtype)
+    out, norms = _run_forward(F, M, W, z, c, N, C, P, K, normalize, features.dtype, wrap)
     return out, norms, features.new_empty((N, 0), dtype=torch.float32)
 
 
@@ -866,6 +870,12 @@ def _backward_impl(
     norms: torch.Tensor,
     normalize: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward_body(grad_out, features, parts, assign_weight, assign_bias, centers, out, norms, normalize,
+                          _wrapping())
+
+
+def _backward_body(grad_out, features, parts, assign_weight, assign_bias, centers, out, norms, normalize, wrap):
+    """The backward op's body (``wrap`` as in :func:`_forward_body`)."""
     F, M, N, C, P = _flatten(features, parts)
     K = assign_weight.shape[0]
     if N == 0:
@@ -880,7 +890,7 @@ def _backward_impl(
     c = centers.contiguous()
     dy = grad_out.reshape(N, K, C).contiguous()
     y = out.reshape(N, K, C).contiguous()
-    dF, dM, dW, dz, dc = _run_backward(dy, F, M, W, z, c, y, norms.contiguous(), N, C, P, K, normalize)
+    dF, dM, dW, dz, dc = _run_backward(dy, F, M, W, z, c, y, norms.contiguous(), N, C, P, K, normalize, wrap)
     dF = dF.view(features.shape)
     dM = dM.view(parts.shape) if parts is not None else dM
     return (dF, dM, dW.to(assign_weight.dtype), dz.to(assign_bias.dtype), dc.to(centers.dtype))
@@ -957,6 +967,71 @@ def _backward(ctx, grad_out, grad_norms, grad_out_f32):
 torch.library.register_autograd(_FWD_NAME, _backward, setup_context=_setup_context)
 
 
+# --------------------------------------------------------------------------
+# Eager calls: the op bodies without the custom-op machinery
+# --------------------------------------------------------------------------
+# In an eager call, triton_op -> custom_op -> the autograd wrapper cost ~30 us
+# of host time around the ~40 us op body (bench/triton_host_overhead.py,
+# 2-core Xeon) -- per call of a kernel that runs ~10-100 us on a GPU.  Where
+# nothing can observe the op as an op, person_vlad_triton runs the same
+# bodies directly (an autograd.Function with the op's setup_context, for the
+# same saved tensors and gradients).  It goes through the op whenever
+# something could: torch.compile / make_fx / export tracing, any
+# TorchDispatchMode (FlopCounterMode, FakeTensorMode, DebugMode, ...), a
+# TorchFunctionMode, the JIT tracer, the autograd profiler (whose trace shows
+# the op), tensor subclasses; and with PERSONVLAD_TRITON_DIRECT=0 (the
+# benchmarks' fused-triton-viaop ablation).
+_DIRECT_ENV = "PERSONVLAD_TRITON_DIRECT"
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+_dispatch_modes = torch._C._len_torch_dispatch_stack
+_function_modes = torch._C._is_torch_function_mode_enabled
+_jit_tracing = torch._C._get_tracing_state
+_profiling = torch._C._autograd._profiler_enabled
+
+
+def _direct_env() -> bool:
+    v = os.environ.get(_DIRECT_ENV, "1")
+    if v not in ("0", "1"):
+        raise ValueError(f"{_DIRECT_ENV}: expected 0 or 1, got {v!r}")
+    return v == "1"
+
+
+def direct_call_ok(*tensors) -> bool:
+    """Whether an eager call may run the op bodies directly (see above)."""
+    if (torch.compiler.is_compiling() or _dispatch_modes() or _function_modes() or _profiling()
+            or _jit_tracing() is not None or not _direct_env()):
+        return False
+    for t in tensors:
+        if t is not None and type(t) not in _PLAIN_TENSORS:
+            return False
+    return True
+
+
+class _DirectFn(torch.autograd.Function):
+    """The forward op's body and its registered autograd, minus the op.  (The
+    op's setup_context is called from forward: a Function that defines
+    setup_context has each call's arguments bound by inspect.signature, ~40 us.)"""
+
+    @staticmethod
+    def forward(ctx, features, parts, W, z, c, normalize, keep_f32):
+        output = _forward_body(features, parts, W, z, c, normalize, keep_f32, False)
+        _setup_context(ctx, (features, parts, W, z, c, normalize, keep_f32), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_norms, grad_out_f32):
+        features, parts, W, z, c, out, norms = ctx.saved_tensors
+        parts = parts if ctx.has_parts else None
+        if torch.is_grad_enabled() or not direct_call_ok(grad_out, features, parts, W, z, c, out, norms):
+            # create_graph=True (the op's backward has no autograd formula:
+            # differentiating it raises, as through the op), or an observer
+            return _backward(ctx, grad_out, grad_norms, grad_out_f32)
+        if grad_out is None:
+            grad_out = torch.zeros(out.shape, dtype=features.dtype, device=out.device)
+        dF, dM, dW, dz, dc = _backward_body(grad_out, features, parts, W, z, c, out, norms, ctx.normalize, False)
+        return dF, (dM if ctx.has_parts else None), dW, dz, dc, None, None
+
+
 def person_vlad_triton(
     features: torch.Tensor,
     parts: Optional[torch.Tensor],
@@ -972,5 +1047,11 @@ def person_vlad_triton(
     ins = (features, parts, assign_weight, assign_bias, centers)
     keep_f32 = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ins)
     with on_tensor_device(features):
-        out, _, _ = torch.ops.personvlad.person_vlad_triton(*ins, normalize, keep_f32)
+        if direct_call_ok(*ins):
+            if keep_f32:
+                out, _, _ = _DirectFn.apply(*ins, normalize, keep_f32)
+            else:
+                out, _, _ = _forward_body(*ins, normalize, False, False)
+        else:
+            out, _, _ = torch.ops.personvlad.person_vlad_triton(*ins, normalize, keep_f32)
     return out

@@ -248,6 +248,127 @@ def test_float32_output_kept_only_when_a_backward_can_follow():
             assert all(t.grad is not None for t in leaves)
 
 
+# ---------------------------------------------------------------------------
+# eager calls without the custom-op machinery, where nothing observes the op
+# ---------------------------------------------------------------------------
+class _BodyCallers:
+    """Who called the op bodies: ``_forward_body`` from ``_forward_impl`` (the
+    op), ``person_vlad_triton`` (direct, no autograd) or ``forward``
+    (``_DirectFn``); ``_backward_body`` from ``_backward_impl`` or ``backward``."""
+
+    def __init__(self, monkeypatch):
+        import sys
+
+        self.fwd, self.bwd = [], []
+        for name, log in (("_forward_body", self.fwd), ("_backward_body", self.bwd)):
+            real = getattr(tk, name)
+
+            def wrapped(*a, _real=real, _log=log):
+                _log.append(sys._getframe(1).f_code.co_name)
+                return _real(*a)
+
+            monkeypatch.setattr(tk, name, wrapped)
+
+    def clear(self):
+        self.fwd.clear()
+        self.bwd.clear()
+
+
+def test_eager_calls_run_the_op_bodies_directly(monkeypatch):
+    """A plain eager call runs the op bodies without triton_op/custom_op and
+    the autograd wrapper (~30 us of host time a call), with the same values
+    and gradients, bit for bit, as through the op (PERSONVLAD_TRITON_DIRECT=0);
+    differentiating its gradients fails as through the op."""
+    rec = _BodyCallers(monkeypatch)
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, seed=11)
+    go = torch.randn(2, 32, generator=torch.Generator().manual_seed(12), dtype=torch.float32).to(DEV)
+    results = {}
+    for direct in ("1", "0"):
+        monkeypatch.setenv("PERSONVLAD_TRITON_DIRECT", direct)
+        rec.clear()
+        with torch.no_grad():
+            y = _triton(*ins)
+        leaves = [t.detach().requires_grad_(True) for t in ins]
+        out = _triton(*leaves)
+        grads = torch.autograd.grad(out, leaves, go)
+        if direct == "1":
+            assert rec.fwd == ["person_vlad_triton", "forward"] and rec.bwd == ["backward"], (rec.fwd, rec.bwd)
+            assert type(out.grad_fn).__name__ == "_DirectFnBackward"
+        else:
+            assert rec.fwd == ["_forward_impl", "_forward_impl"] and rec.bwd == ["_backward_impl"], (rec.fwd, rec.bwd)
+        results[direct] = (y, out.detach(), grads)
+    for a, b in zip(results["1"][:2] + results["1"][2], results["0"][:2] + results["0"][2]):
+        assert torch.equal(a, b)
+    torch.testing.assert_close(results["1"][0].double(), _oracle(ins, True), atol=2e-5, rtol=2e-4)
+    # no double backward: the same error either way
+    for direct in ("1", "0"):
+        monkeypatch.setenv("PERSONVLAD_TRITON_DIRECT", direct)
+        leaves = [t.detach().requires_grad_(True) for t in ins]
+        (gF,) = torch.autograd.grad(_triton(*leaves), leaves[:1], go, create_graph=True)
+        with pytest.raises(RuntimeError, match="no autograd formula"):
+            torch.autograd.grad(gF.sum(), leaves[2])
+    monkeypatch.setenv("PERSONVLAD_TRITON_DIRECT", "yes")
+    with pytest.raises(ValueError, match="PERSONVLAD_TRITON_DIRECT: expected 0 or 1"):
+        _triton(*ins)
+
+
+def test_observed_calls_go_through_the_op(monkeypatch):
+    """Whatever can see ops sees the op: a TorchDispatchMode (FlopCounterMode
+    counts its products), the autograd profiler (its events name the op), a
+    TorchFunctionMode, a tensor subclass, torch.compile (its graph holds the
+    op), the backward under a mode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    rec = _BodyCallers(monkeypatch)
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, seed=13)
+    with FlopCounterMode(display=False) as fc, torch.no_grad():
+        _triton(*ins)
+    assert rec.fwd == ["_forward_impl"] and fc.get_total_flops() > 0, rec.fwd
+    rec.clear()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+        _triton(*ins)
+    assert rec.fwd == ["_forward_impl"], rec.fwd
+    assert any(e.name == "personvlad::person_vlad_triton" for e in prof.events())
+    rec.clear()
+
+    class _Mode(torch.overrides.TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return func(*args, **(kwargs or {}))
+
+    with _Mode(), torch.no_grad():
+        _triton(*ins)
+    assert rec.fwd == ["_forward_impl"], rec.fwd
+    rec.clear()
+
+    class _Sub(torch.Tensor):
+        pass
+
+    with torch.no_grad():
+        tk.person_vlad_triton(ins[0].as_subclass(_Sub), *ins[1:], True)
+    assert rec.fwd == ["_forward_impl"], rec.fwd
+    rec.clear()
+    # forward direct, backward under a dispatch mode: the backward op
+    leaves = [t.detach().requires_grad_(True) for t in ins]
+    out = _triton(*leaves)
+    with FlopCounterMode(display=False) as fc:
+        out.sum().backward()
+    assert rec.fwd == ["forward"] and rec.bwd == ["_backward_impl"] and fc.get_total_flops() > 0, (rec.fwd, rec.bwd)
+    rec.clear()
+    torch._dynamo.reset()
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        torch.compile(_triton, backend=backend, fullgraph=True)(*ins)
+    assert any(n.op == "call_function" and n.target in (torch.ops.personvlad.person_vlad_triton,
+                                                        torch.ops.personvlad.person_vlad_triton.default)
+               for g in graphs for n in g.graph.nodes), [str(g.graph) for g in graphs]
+    torch._dynamo.reset()
+
+
 def test_gradients_half_match_float32_reference():
     """fp16 everywhere at a grid large enough (P=72, B=4) that the
     ``assign_bias`` gradient, a sum over positions and parts that cancels,
@@ -299,14 +420,14 @@ def test_no_per_part_intermediate_is_allocated():
     F, M, W, z, c = make_inputs(N=N, C=C, S=S, B=B, K=K, device=DEV)
     # once outside the recording: on a GPU, autotuning's first call allocates
     # Triton's cache-flush buffer (256 MB), which is not the op's
-    out, norms = tk._run_forward(F, M, W, z, c, N, C, P, K, True, F.dtype)
+    out, norms = tk._run_forward(F, M, W, z, c, N, C, P, K, True, F.dtype, False)
     tk._run_backward(torch.ones_like(out).reshape(N, K, C), F, M, W, z, c, out.reshape(N, K, C), norms,
-                     N, C, P, K, True)
+                     N, C, P, K, True, False)
     rec = _RecordAllocs()
     with rec:
-        out, norms = tk._run_forward(F, M, W, z, c, N, C, P, K, True, F.dtype)
+        out, norms = tk._run_forward(F, M, W, z, c, N, C, P, K, True, F.dtype, False)
         dy = torch.ones_like(out).reshape(N, K, C)
-        tk._run_backward(dy, F, M, W, z, c, out.reshape(N, K, C), norms, N, C, P, K, True)
+        tk._run_backward(dy, F, M, W, z, c, out.reshape(N, K, C), norms, N, C, P, K, True, False)
     assert rec.sizes
     biggest = max(rec.sizes)
     assert biggest[0] <= N * K * P < N * B * K * P, biggest
@@ -501,12 +622,16 @@ real_wrap = tk.wrap_triton
 tk.wrap_triton = lambda k: (wrapped.append(k), k)[1]
 x = [torch.randn(s, dtype=torch.float64).float() for s in [(2, 8, 3, 5), (2, 2, 3, 5), (4, 8), (4,), (4, 8)]]
 x[0].requires_grad_()
-y = tk.person_vlad_triton(*x, True)
-assert launched == [tk._fwd_single_kernel] and wrapped == [], (launched, wrapped)
-y.backward(torch.ones_like(y))
-assert launched[1:] == [tk._bwd_normalize_kernel, tk._bwd_main_kernel, tk._gemm_kc_kernel], launched
-assert wrapped == []
-launched.clear()
+for direct in ("1", "0"):  # the op bodies run directly, and through the op
+    os.environ["PERSONVLAD_TRITON_DIRECT"] = direct
+    y = tk.person_vlad_triton(*x, True)
+    assert launched == [tk._fwd_single_kernel] and wrapped == [], (direct, launched, wrapped)
+    assert ("_DirectFn" in type(y.grad_fn).__name__) == (direct == "1"), type(y.grad_fn)
+    y.backward(torch.ones_like(y))
+    assert launched[1:] == [tk._bwd_normalize_kernel, tk._bwd_main_kernel, tk._gemm_kc_kernel], launched
+    assert wrapped == []
+    launched.clear()
+del os.environ["PERSONVLAD_TRITON_DIRECT"]
 os.environ["PERSONVLAD_TRITON_FWD"] = "tiled"
 with torch.no_grad():
     tk.person_vlad_triton(*x, True)
@@ -551,8 +676,9 @@ def test_gpu_registration_path_without_gpu():
     fresh process without TRITON_INTERPRET: both ops know their kernels, the
     op bodies trace on fake CUDA tensors into triton_kernel_wrapper calls, and
     every kernel compiles (bf16) for sm_75/sm_80/sm_90 targets with the dot
-    precision the host picks there; eager calls of the ops launch the kernels
-    without wrap_triton, a body called outside its op through it."""
+    precision the host picks there; eager calls launch the kernels without
+    wrap_triton, both the direct ones and those through the ops, a body
+    called outside its op through it."""
     import os
     import subprocess
     import sys
