@@ -103,6 +103,7 @@ import triton
 import triton.language as tl
 
 from ..ops import _capability  # the compute capability, looked up once per device
+from ..ops import functorch_active
 from ._device import on_tensor_device
 
 __all__ = [
@@ -979,8 +980,9 @@ torch.library.register_autograd(_FWD_NAME, _backward, setup_context=_setup_conte
 # something could: torch.compile / make_fx / export tracing, any
 # TorchDispatchMode (FlopCounterMode, FakeTensorMode, DebugMode, ...), a
 # TorchFunctionMode, the JIT tracer, the autograd profiler (whose trace shows
-# the op), tensor subclasses; and with PERSONVLAD_TRITON_DIRECT=0 (the
-# benchmarks' fused-triton-viaop ablation).
+# the op), tensor subclasses, torch.func transforms (vmap's batched tensors
+# have no storage; the op runs under vmap's per-sample fallback); and with
+# PERSONVLAD_TRITON_DIRECT=0 (the benchmarks' fused-triton-viaop ablation).
 _DIRECT_ENV = "PERSONVLAD_TRITON_DIRECT"
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
@@ -999,7 +1001,7 @@ def _direct_env() -> bool:
 def direct_call_ok(*tensors) -> bool:
     """Whether an eager call may run the op bodies directly (see above)."""
     if (torch.compiler.is_compiling() or _dispatch_modes() or _function_modes() or _profiling()
-            or _jit_tracing() is not None or not _direct_env()):
+            or _jit_tracing() is not None or functorch_active() or not _direct_env()):
         return False
     for t in tensors:
         if t is not None and type(t) not in _PLAIN_TENSORS:

@@ -6,6 +6,8 @@ and the dtypes are float32/float16 (the interpreter has no bfloat16).  The
 ``cuda``-marked tests exercise the real kernels, bf16 included, at the paper
 shape and a large shape.
 """
+import warnings
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -346,6 +348,15 @@ def test_observed_calls_go_through_the_op(monkeypatch):
     with torch.no_grad():
         tk.person_vlad_triton(ins[0].as_subclass(_Sub), *ins[1:], True)
     assert rec.fwd == ["_forward_impl"], rec.fwd
+    rec.clear()
+    # vmap called on the kernels' own entry point (ops.person_vlad runs the
+    # reference under torch.func): the op, through vmap's per-sample fallback
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "no batching rule ... performance drop"
+        got = torch.vmap(lambda f, m: tk.person_vlad_triton(f[None], m[None], *ins[2:], True)[0])(ins[0], ins[1])
+        want = tk.person_vlad_triton(*ins, True)
+    assert "_forward_impl" in rec.fwd and "person_vlad_triton" in rec.fwd, rec.fwd
+    assert torch.equal(got, want)
     rec.clear()
     # forward direct, backward under a dispatch mode: the backward op
     leaves = [t.detach().requires_grad_(True) for t in ins]
