@@ -979,16 +979,33 @@ torch.library.register_autograd(_FWD_NAME, _backward, setup_context=_setup_conte
 # same saved tensors and gradients).  It goes through the op whenever
 # something could: torch.compile / make_fx / export tracing, any
 # TorchDispatchMode (FlopCounterMode, FakeTensorMode, DebugMode, ...), a
-# TorchFunctionMode, the JIT tracer, the autograd profiler (whose trace shows
-# the op), tensor subclasses, torch.func transforms (vmap's batched tensors
-# have no storage; the op runs under vmap's per-sample fallback); and with
-# PERSONVLAD_TRITON_DIRECT=0 (the benchmarks' fused-triton-viaop ablation).
+# TorchFunctionMode other than torch.device's (which only fills in the
+# device of factory calls; the bodies name theirs), the JIT tracer, the
+# autograd profiler (whose trace shows the op), tensor subclasses, torch.func
+# transforms (vmap's batched tensors have no storage; the op runs under
+# vmap's per-sample fallback); and with PERSONVLAD_TRITON_DIRECT=0 (the
+# benchmarks' fused-triton-viaop ablation).  Also plain tensors whose memory
+# is not what they hold until the dispatcher's fallbacks resolve them: a
+# lazily negated view (neg bit), a ZeroTensor (no memory), a functional
+# tensor.  Not detected: an ExecutionTraceObserver on its own (no profiler);
+# set PERSONVLAD_TRITON_DIRECT=0 to record the op there.  The autograd node
+# is PersonVLADTritonBackward, not the op's generated one.
 _DIRECT_ENV = "PERSONVLAD_TRITON_DIRECT"
 _PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_modes = torch._C._is_torch_function_mode_enabled
 _jit_tracing = torch._C._get_tracing_state
 _profiling = torch._C._autograd._profiler_enabled
+_function_mode_stack = torch.overrides._get_current_function_mode_stack
+_is_functional = torch._is_functional_tensor
+
+
+def _only_device_modes() -> bool:
+    """Whether every active TorchFunctionMode is ``torch.device``'s context
+    (``with torch.device(...)``, ``torch.set_default_device``)."""
+    from torch.utils._device import DeviceContext
+
+    return all(isinstance(m, DeviceContext) for m in _function_mode_stack())
 
 
 def _direct_env() -> bool:
@@ -1000,16 +1017,19 @@ def _direct_env() -> bool:
 
 def direct_call_ok(*tensors) -> bool:
     """Whether an eager call may run the op bodies directly (see above)."""
-    if (torch.compiler.is_compiling() or _dispatch_modes() or _function_modes() or _profiling()
+    if (torch.compiler.is_compiling() or _dispatch_modes() or _profiling()
             or _jit_tracing() is not None or functorch_active() or not _direct_env()):
         return False
+    if _function_modes() and not _only_device_modes():
+        return False
     for t in tensors:
-        if t is not None and type(t) not in _PLAIN_TENSORS:
+        if t is not None and (type(t) not in _PLAIN_TENSORS or t.is_neg() or t._is_zerotensor()
+                              or _is_functional(t)):
             return False
     return True
 
 
-class _DirectFn(torch.autograd.Function):
+class PersonVLADTriton(torch.autograd.Function):
     """The forward op's body and its registered autograd, minus the op.  (The
     op's setup_context is called from forward: a Function that defines
     setup_context has each call's arguments bound by inspect.signature, ~40 us.)"""
@@ -1051,7 +1071,7 @@ def person_vlad_triton(
     with on_tensor_device(features):
         if direct_call_ok(*ins):
             if keep_f32:
-                out, _, _ = _DirectFn.apply(*ins, normalize, keep_f32)
+                out, _, _ = PersonVLADTriton.apply(*ins, normalize, keep_f32)
             else:
                 out, _, _ = _forward_body(*ins, normalize, False, False)
         else:

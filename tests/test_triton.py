@@ -256,7 +256,7 @@ def test_float32_output_kept_only_when_a_backward_can_follow():
 class _BodyCallers:
     """Who called the op bodies: ``_forward_body`` from ``_forward_impl`` (the
     op), ``person_vlad_triton`` (direct, no autograd) or ``forward``
-    (``_DirectFn``); ``_backward_body`` from ``_backward_impl`` or ``backward``."""
+    (``PersonVLADTriton``); ``_backward_body`` from ``_backward_impl`` or ``backward``."""
 
     def __init__(self, monkeypatch):
         import sys
@@ -279,30 +279,44 @@ class _BodyCallers:
 def test_eager_calls_run_the_op_bodies_directly(monkeypatch):
     """A plain eager call runs the op bodies without triton_op/custom_op and
     the autograd wrapper (~30 us of host time a call), with the same values
-    and gradients, bit for bit, as through the op (PERSONVLAD_TRITON_DIRECT=0);
-    differentiating its gradients fails as through the op."""
+    and gradients, bit for bit, as through the op (PERSONVLAD_TRITON_DIRECT=0):
+    float32 and float16 features (whose forward keeps a float32 output for the
+    backward), with and without parts, normalised or not, with only some
+    inputs requiring grad; differentiating its gradients fails as through
+    the op."""
     rec = _BodyCallers(monkeypatch)
-    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, seed=11)
-    go = torch.randn(2, 32, generator=torch.Generator().manual_seed(12), dtype=torch.float32).to(DEV)
-    results = {}
-    for direct in ("1", "0"):
-        monkeypatch.setenv("PERSONVLAD_TRITON_DIRECT", direct)
-        rec.clear()
-        with torch.no_grad():
-            y = _triton(*ins)
-        leaves = [t.detach().requires_grad_(True) for t in ins]
-        out = _triton(*leaves)
-        grads = torch.autograd.grad(out, leaves, go)
-        if direct == "1":
-            assert rec.fwd == ["person_vlad_triton", "forward"] and rec.bwd == ["backward"], (rec.fwd, rec.bwd)
-            assert type(out.grad_fn).__name__ == "_DirectFnBackward"
-        else:
-            assert rec.fwd == ["_forward_impl", "_forward_impl"] and rec.bwd == ["_backward_impl"], (rec.fwd, rec.bwd)
-        results[direct] = (y, out.detach(), grads)
-    for a, b in zip(results["1"][:2] + results["1"][2], results["0"][:2] + results["0"][2]):
-        assert torch.equal(a, b)
-    torch.testing.assert_close(results["1"][0].double(), _oracle(ins, True), atol=2e-5, rtol=2e-4)
+    cases = [(torch.float32, 2, True, 5), (torch.float16, 2, True, 5), (torch.float32, None, True, 2),
+             (torch.float16, 3, False, 1), (torch.float32, 2, False, 3)]  # dtype, B, normalize, inputs needing grad
+    for dtype, B, normalize, n_req in cases:
+        ins = make_inputs(N=2, C=8, S=(3, 5), B=B, K=4, dtype=dtype, device=DEV, seed=11)
+        shape = (2, 32) if normalize else (2, 4, 8)
+        go = torch.randn(shape, generator=torch.Generator().manual_seed(12), dtype=torch.float32).to(DEV, dtype)
+        results = {}
+        for direct in ("1", "0"):
+            monkeypatch.setenv("PERSONVLAD_TRITON_DIRECT", direct)
+            rec.clear()
+            with torch.no_grad():
+                y = _triton(*ins, normalize=normalize)
+            leaves = [None if t is None else t.detach().requires_grad_(i < n_req) for i, t in enumerate(ins)]
+            out = _triton(*leaves, normalize=normalize)
+            req = [t for t in leaves if t is not None and t.requires_grad]
+            grads = torch.autograd.grad(out, req, go)
+            if direct == "1":
+                assert rec.fwd == ["person_vlad_triton", "forward"] and rec.bwd == ["backward"], (rec.fwd, rec.bwd)
+                assert type(out.grad_fn).__name__ == "PersonVLADTritonBackward"
+            else:
+                assert rec.fwd == ["_forward_impl", "_forward_impl"] and rec.bwd == ["_backward_impl"], \
+                    (rec.fwd, rec.bwd)
+            results[direct] = [y, out.detach(), *grads]
+        case = (dtype, B, normalize, n_req)
+        assert len(results["1"]) == len(results["0"]) == 2 + n_req - (B is None and n_req > 1), case
+        for a, b in zip(results["1"], results["0"]):
+            assert a.dtype == b.dtype and torch.equal(a, b), case
+        atol, rtol = tolerance(dtype)
+        torch.testing.assert_close(results["1"][0].double(), _oracle(ins, normalize), atol=atol, rtol=rtol)
     # no double backward: the same error either way
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, seed=11)
+    go = torch.randn(2, 32, generator=torch.Generator().manual_seed(12)).to(DEV)
     for direct in ("1", "0"):
         monkeypatch.setenv("PERSONVLAD_TRITON_DIRECT", direct)
         leaves = [t.detach().requires_grad_(True) for t in ins]
@@ -312,6 +326,43 @@ def test_eager_calls_run_the_op_bodies_directly(monkeypatch):
     monkeypatch.setenv("PERSONVLAD_TRITON_DIRECT", "yes")
     with pytest.raises(ValueError, match="PERSONVLAD_TRITON_DIRECT: expected 0 or 1"):
         _triton(*ins)
+
+
+def test_direct_path_leaves_unresolved_tensors_to_the_op(monkeypatch):
+    """Plain tensors whose memory is not yet what they hold take the op, whose
+    dispatcher fallbacks resolve them: a lazily negated view (neg bit; the
+    kernels read raw memory: the direct path gave wrong values), a ZeroTensor
+    gradient (no memory), functional tensors; and torch.device's function
+    mode keeps the direct path (it only fills in factory calls' devices)."""
+    rec = _BodyCallers(monkeypatch)
+    ins = make_inputs(N=2, C=8, S=(3, 5), B=2, K=4, device=DEV, seed=14)
+    with torch.no_grad():
+        want = _triton(*ins, normalize=False)
+        neg = torch._neg_view(ins[0].neg())
+        assert neg.is_neg() and neg.is_contiguous()
+        rec.clear()
+        got = _triton(neg, *ins[1:], normalize=False)
+    assert rec.fwd == ["_forward_impl"] and torch.equal(got, want), rec.fwd
+    leaves = [t.detach().requires_grad_(True) for t in ins]
+    out = _triton(*leaves)
+    rec.clear()
+    zero = torch._efficientzerotensor(out.shape, dtype=out.dtype, device=out.device)
+    grads = torch.autograd.grad(out, leaves, zero)
+    assert rec.bwd == ["_backward_impl"] and all(torch.count_nonzero(g) == 0 for g in grads), rec.bwd
+    rec.clear()
+    fins = [torch._to_functional_tensor(t) for t in ins]  # C++ functionalization, a plain Tensor type
+    torch._enable_functionalization(reapply_views=True)
+    try:
+        with torch.no_grad():
+            fout = _triton(*fins, normalize=False)
+    finally:
+        torch._disable_functionalization()
+    torch._sync(fout)
+    assert rec.fwd == ["_forward_impl"] and torch.equal(torch._from_functional_tensor(fout), want), rec.fwd
+    rec.clear()
+    with torch.device(DEV), torch.no_grad():
+        got = _triton(*ins, normalize=False)
+    assert rec.fwd == ["person_vlad_triton"] and torch.equal(got, want), rec.fwd
 
 
 def test_observed_calls_go_through_the_op(monkeypatch):
@@ -637,7 +688,7 @@ for direct in ("1", "0"):  # the op bodies run directly, and through the op
     os.environ["PERSONVLAD_TRITON_DIRECT"] = direct
     y = tk.person_vlad_triton(*x, True)
     assert launched == [tk._fwd_single_kernel] and wrapped == [], (direct, launched, wrapped)
-    assert ("_DirectFn" in type(y.grad_fn).__name__) == (direct == "1"), type(y.grad_fn)
+    assert (type(y.grad_fn).__name__ == "PersonVLADTritonBackward") == (direct == "1"), type(y.grad_fn)
     y.backward(torch.ones_like(y))
     assert launched[1:] == [tk._bwd_normalize_kernel, tk._bwd_main_kernel, tk._gemm_kc_kernel], launched
     assert wrapped == []
