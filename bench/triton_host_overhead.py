@@ -11,7 +11,7 @@ launcher and the kernels (``bench/profile_op.py`` on a GPU has those).
 
     python bench/triton_host_overhead.py                # forward, tiled path (3 launches), direct eager call
     PERSONVLAD_TRITON_DIRECT=0 python bench/triton_host_overhead.py   # through the op, as before the direct path
-    python bench/triton_host_overhead.py --wrap         # every launch through wrap_triton, as before 208c2e7
+    python bench/triton_host_overhead.py --wrap         # through the op, every launch through wrap_triton, as before 208c2e7
     python bench/triton_host_overhead.py --layers       # also: the op body alone, person_vlad's checks
     python bench/triton_host_overhead.py --backward     # also: forward + backward (features require grad)
 
@@ -45,7 +45,8 @@ def _best_us(fn, calls: int, repeats: int) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--wrap", action="store_true", help="launch through wrap_triton in eager calls too")
+    p.add_argument("--wrap", action="store_true",
+                   help="through the op, each launch through wrap_triton (as before 208c2e7)")
     p.add_argument("--layers", action="store_true", help="also time the op body alone and person_vlad's checks")
     p.add_argument("--backward", action="store_true", help="also time forward + backward (5 more launches)")
     p.add_argument("--calls", type=int, default=1000)
@@ -62,7 +63,8 @@ def main(argv=None) -> int:
     # the stubbed kernels leave the buffers uninitialised: denormals there would
     # slow the host-side reductions of the backward down at random
     torch.set_flush_denormal(True)
-    if a.wrap:
+    if a.wrap:  # before 208c2e7 every eager call went through the op, and each launch through wrap_triton
+        os.environ["PERSONVLAD_TRITON_DIRECT"] = "0"
         tk._wrapping = lambda: True
     # the paper's channels, clusters and parts; P = 200 > 128 takes the tiled path
     N, C, P, B, K = 8, 256, 200, 6, 64
