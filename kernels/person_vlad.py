@@ -955,13 +955,20 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(features, parts, W, z, c, y, norms)
 
 
-def _backward(ctx, grad_out, grad_norms, grad_out_f32):
+def _backward(ctx, grad_out, grad_norms, grad_out_f32, direct=False):
+    """The op's autograd formula: the backward op.  ``direct`` (the eager
+    Function below): the backward body itself where direct_call_ok allows and
+    no graph of the gradients is being built (create_graph=True: the backward
+    op has no autograd formula, so differentiating it raises, as through the op)."""
     features, parts, W, z, c, out, norms = ctx.saved_tensors
+    parts = parts if ctx.has_parts else None
     if grad_out is None:
         grad_out = torch.zeros(out.shape, dtype=features.dtype, device=out.device)
-    dF, dM, dW, dz, dc = torch.ops.personvlad.person_vlad_triton_backward(
-        grad_out, features, parts if ctx.has_parts else None, W, z, c, out, norms, ctx.normalize
-    )
+    args = (grad_out, features, parts, W, z, c, out, norms, ctx.normalize)
+    if direct and not torch.is_grad_enabled() and direct_call_ok(*args[:-1]):
+        dF, dM, dW, dz, dc = _backward_body(*args, False)
+    else:
+        dF, dM, dW, dz, dc = torch.ops.personvlad.person_vlad_triton_backward(*args)
     return dF, (dM if ctx.has_parts else None), dW, dz, dc, None, None
 
 
@@ -1042,16 +1049,7 @@ class PersonVLADTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, grad_norms, grad_out_f32):
-        features, parts, W, z, c, out, norms = ctx.saved_tensors
-        parts = parts if ctx.has_parts else None
-        if torch.is_grad_enabled() or not direct_call_ok(grad_out, features, parts, W, z, c, out, norms):
-            # create_graph=True (the op's backward has no autograd formula:
-            # differentiating it raises, as through the op), or an observer
-            return _backward(ctx, grad_out, grad_norms, grad_out_f32)
-        if grad_out is None:
-            grad_out = torch.zeros(out.shape, dtype=features.dtype, device=out.device)
-        dF, dM, dW, dz, dc = _backward_body(grad_out, features, parts, W, z, c, out, norms, ctx.normalize, False)
-        return dF, (dM if ctx.has_parts else None), dW, dz, dc, None, None
+        return _backward(ctx, grad_out, grad_norms, grad_out_f32, direct=True)
 
 
 def person_vlad_triton(

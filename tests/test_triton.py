@@ -256,7 +256,7 @@ def test_float32_output_kept_only_when_a_backward_can_follow():
 class _BodyCallers:
     """Who called the op bodies: ``_forward_body`` from ``_forward_impl`` (the
     op), ``person_vlad_triton`` (direct, no autograd) or ``forward``
-    (``PersonVLADTriton``); ``_backward_body`` from ``_backward_impl`` or ``backward``."""
+    (``PersonVLADTriton``); ``_backward_body`` from ``_backward_impl`` (the op) or ``_backward`` (direct)."""
 
     def __init__(self, monkeypatch):
         import sys
@@ -302,7 +302,7 @@ def test_eager_calls_run_the_op_bodies_directly(monkeypatch):
             req = [t for t in leaves if t is not None and t.requires_grad]
             grads = torch.autograd.grad(out, req, go)
             if direct == "1":
-                assert rec.fwd == ["person_vlad_triton", "forward"] and rec.bwd == ["backward"], (rec.fwd, rec.bwd)
+                assert rec.fwd == ["person_vlad_triton", "forward"] and rec.bwd == ["_backward"], (rec.fwd, rec.bwd)
                 assert type(out.grad_fn).__name__ == "PersonVLADTritonBackward"
             else:
                 assert rec.fwd == ["_forward_impl", "_forward_impl"] and rec.bwd == ["_backward_impl"], \
