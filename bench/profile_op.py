@@ -44,8 +44,8 @@ from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _op_step, _skip_r
 
 SHAPES = dict(GPU_SHAPES, tiny=dict(N=2, C=16, S=(2, 3, 2), B=2, K=4))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-tc",
-                "unfused-compile", "unfused-eager", "floor")
+GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-triton-split", "fused-cuda-split3", "fused-cuda-1k",
+                "fused-cuda-1k-tc", "unfused-compile", "unfused-eager", "floor")
 CPU_VARIANTS = ("fused-cpu", "unfused-eager")
 
 

@@ -130,10 +130,14 @@ def _variants(device):
 # fused-triton-viaop: every eager call through the registered op (triton_op,
 # custom_op, its autograd wrapper), as before the direct eager path: what
 # that machinery costs a call on the GPU machine's host.
+# fused-triton-split: the one-program forward spread over C slices (one
+# launch, 4x the programs at the paper shape; the sample's last program
+# normalises): a candidate default where the one-program forward applies.
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
     "fused-triton-viaop": {"PERSONVLAD_TRITON_DIRECT": "0"},
     "fused-triton-tiled": {"PERSONVLAD_TRITON_FWD": "tiled"},
+    "fused-triton-split": {"PERSONVLAD_TRITON_FWD": "split"},
     "fused-cuda-split3": {"PERSONVLAD_CUDA_BF16_GEMM": "split3"},
     "fused-cuda-1k": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused"},
     "fused-cuda-1k-whole": {"PERSONVLAD_CUDA_FWD": "fused", "PERSONVLAD_CUDA_BWD": "fused",
@@ -148,7 +152,7 @@ _CPU_ABLATION_ENV = {
     "fused-cpu-baseline": {"PERSONVLAD_CPU_TILES": "baseline"},
 }
 # Candidate defaults, measured in every dtype with the main op step.
-_CANDIDATES = ("fused-cuda-1k",)
+_CANDIDATES = ("fused-cuda-1k", "fused-triton-split")
 
 
 def _op_step(fn, args, mode, sync=None):
@@ -193,6 +197,8 @@ def _skip_reason(variant, shape_name, shape, dtype):
         return f"{variant}: an ablation, measured in bf16 only"
     if variant == "fused-triton-tiled" and math.prod(shape["S"]) > 128:
         return "the tiled forward is already the default at this P"
+    if variant == "fused-triton-split" and math.prod(shape["S"]) > 128:
+        return "the split forward applies where the one-program one does (P <= 128)"
     if variant == "fused-cuda-1k-whole" and math.prod(shape["S"]) > 128:
         return "a block per sample: all of A' is over a block's shared memory at this P"
     return None
@@ -259,7 +265,7 @@ CPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cpu"
                 "fused-cpu-baseline", "floor"]
 GPU_VARIANTS = ["unfused-eager", "unfused-naive", "unfused-compile", "fused-cuda", "fused-triton",
                 "fused-cuda-split3", "fused-cuda-1k", "fused-cuda-1k-whole", "fused-cuda-1k-tc", "fused-triton-ieee",
-                "fused-triton-tiled", "fused-triton-viaop", "floor"]
+                "fused-triton-tiled", "fused-triton-split", "fused-triton-viaop", "floor"]
 
 
 @pytest.mark.parametrize("shape_name", list(CPU_SHAPES))

@@ -59,6 +59,12 @@ forward, P <= SINGLE_MAX_P (the paper's 2x11x5 grid): one launch
   ``_fwd_single``  grid (N,): one program per sample does all of the below
      on chip (G, soft-assignments, A', s), then V in C chunks twice -- row
      norms first, then the scaled output -- rather than writing V to memory.
+  (``PERSONVLAD_TRITON_FWD=split``: ``_fwd_split`` grid (N, C slices), one
+     launch: each program recomputes G and A' and computes V once for its
+     C slice; normalised, the sample's last program (a ticket counter) sums
+     the slices' row norms and writes the scaled output from an fp32 V.  An
+     ablation: 4x the programs and half the dependent steps at the paper
+     shape, for the price of G computed once per slice.)
 forward, larger P (tiled; ``PERSONVLAD_TRITON_FWD=tiled`` forces it)
   1. ``_fwd_assign``  grid (N, cdiv(P, BLOCK_P)).  G = W F for a P tile
      (tl.dot over C chunks), then for each part b the max-subtracted softmax
@@ -455,6 +461,81 @@ def _fwd_single_kernel(
                  mask=mk[:, None] & mc[None, :])
 
 
+@triton.autotune(configs=_cfgs(_SMALL, ("BLOCK_C",)),
+                 key=["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "LOGIT_PREC", "DOT_PREC", "SPLIT_C"])
+@triton.jit
+def _fwd_split_kernel(
+    F_ptr, M_ptr, W_ptr, Z_ptr, CEN_ptr, OUT_ptr, V_ptr, SS_ptr, CNT_ptr, NORM_ptr,
+    C, P, K, B, P_BUCKET,
+    HAS_PARTS: tl.constexpr, NORMALIZE: tl.constexpr, LOGIT_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, FIN_C: tl.constexpr, SPLIT_C: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """The one-program forward spread over ``cdiv(C, SPLIT_C)`` programs per
+    sample (grid (N, slices); SPLIT_C from :func:`split_channels`, a
+    multiple of BLOCK_C), for P <= BLOCK_P: each program computes G,
+    the soft-assignments, A' and s on chip (as ``_fwd_single``), then V for
+    its own C slice, once.  Unnormalised, that is the output.  Normalised,
+    it writes the slice in fp32 to ``V`` (the output itself where that is
+    fp32) and its per-row sums of squares to ``SS[n, slice]``, and takes a
+    ticket from ``CNT[n]``: the sample's last program sums the slices' sums
+    in slice order (deterministic), stores the norms and writes the scaled
+    output, then resets ``CNT[n]`` to 0 (autotuning reruns the kernel).
+
+    Memory order: the barrier makes the program's stores happen before its
+    ticket (an acq_rel atomic at GPU scope, cumulative over the block); the
+    last program's loads are ``.cg`` (L2), so no stale L1 line is read."""
+    n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_P)
+    mk = offs_k < K
+    mp = offs_p < P
+    Fn = F_ptr + n * C * P
+    Ap, s = _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
+                         HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
+    c_lo = sp * SPLIT_C
+    if NORMALIZE:
+        Vn = V_ptr + n * K * C
+        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        for c1 in range(0, SPLIT_C, BLOCK_C):
+            v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c_lo + c1, C, P, mk, mp,
+                                     DOT_PREC, BLOCK_C)
+            tl.store(Vn + offs_k[:, None] * C + offs_c[None, :], v, mask=mk[:, None] & mc[None, :])
+            dss, dsst = _row_sq_sums(v)
+            ss += dss
+            sst += dsst
+        nsplit = tl.cdiv(C, SPLIT_C)
+        SSn = SS_ptr + n * nsplit * 2 * BLOCK_K
+        tl.store(SSn + sp * 2 * BLOCK_K + offs_k, ss)
+        tl.store(SSn + sp * 2 * BLOCK_K + BLOCK_K + offs_k, sst)
+        tl.debug_barrier()
+        ticket = tl.atomic_add(CNT_ptr + n, 1)
+        if ticket == nsplit - 1:
+            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for j in range(0, nsplit):
+                ss += tl.load(SSn + j * 2 * BLOCK_K + offs_k, cache_modifier=".cg")
+                sst += tl.load(SSn + j * 2 * BLOCK_K + BLOCK_K + offs_k, cache_modifier=".cg")
+            scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
+            On = OUT_ptr + n * K * C
+            for c0 in range(0, C, FIN_C):
+                offs_c = c0 + tl.arange(0, FIN_C)
+                msk = mk[:, None] & (offs_c < C)[None, :]
+                off = offs_k[:, None] * C + offs_c[None, :]
+                v = tl.load(Vn + off, mask=msk, other=0.0, cache_modifier=".cg")
+                tl.store(On + off, (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=msk)
+            tl.atomic_xchg(CNT_ptr + n, 0)
+    else:
+        On = OUT_ptr + n * K * C
+        for c1 in range(0, SPLIT_C, BLOCK_C):
+            v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c_lo + c1, C, P, mk, mp,
+                                     DOT_PREC, BLOCK_C)
+            tl.store(On + offs_k[:, None] * C + offs_c[None, :], v.to(OUT_ptr.dtype.element_ty),
+                     mask=mk[:, None] & mc[None, :])
+
+
 @triton.jit
 def _fwd_normalize_kernel(V_ptr, OUT_ptr, NORM_ptr, K, C,
                           BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -692,6 +773,36 @@ def _pow2_at_least(n, lo=16, hi=None):
     return b
 
 
+_SM_COUNT = {}
+# Stand-ins for the multiprocessor count: the interpreter's (several C slices
+# at the tests' tiny shapes) and, tracing on fake CUDA tensors without a
+# device, an H100's.
+_INTERPRET_SMS = 8
+_TRACE_SMS = 132
+
+
+def _sm_count(device) -> int:
+    """The device's multiprocessor count, looked up once per device."""
+    if INTERPRET or device.type != "cuda":
+        return _INTERPRET_SMS
+    if not torch.cuda.is_available():
+        return _TRACE_SMS
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _SM_COUNT:
+        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return _SM_COUNT[idx]
+
+
+def split_channels(N, C, sms) -> int:
+    """SPLIT_C, the channels per program of the split forward: as many C
+    slices per sample as one wave of ``sms`` multiprocessors holds (a program
+    takes 130-250 registers a thread over 8 warps, one program per SM:
+    bench/kernel_resources.py), at least 16 channels, a power of two (one
+    compiled kernel per value)."""
+    slices = max(1, sms // max(N, 1))
+    return min(_pow2_at_least(triton.cdiv(C, slices)), _pow2_at_least(C))
+
+
 def _block_k(K):
     return _pow2_at_least(K)
 
@@ -721,7 +832,7 @@ SINGLE_MAX_P = 128
 # registers spill (bench/kernel_resources.py): the tensor-core (tf32x3) build
 # holds a 64 x 128 tile, the FMA (ieee, sm_7x) build a 64 x 64 one.
 SINGLE_MAX_TILE = {"tf32x3": 64 * 128, "ieee": 64 * 64}
-FORWARD_PATHS = ("auto", "single", "tiled")
+FORWARD_PATHS = ("auto", "single", "split", "tiled")
 _FWD_ENV = "PERSONVLAD_TRITON_FWD"
 
 
@@ -729,14 +840,16 @@ def forward_path(P, K=64, dot_prec="tf32x3") -> str:
     """``"single"`` (one program per sample, :func:`_fwd_single_kernel`) when
     the whole grid fits one tile (P <= SINGLE_MAX_P, and BLOCK_K * BLOCK_P
     <= SINGLE_MAX_TILE[dot_prec]), else ``"tiled"`` (three kernels).
-    ``PERSONVLAD_TRITON_FWD=tiled`` forces the tiled path (``single`` is
-    honoured only where the tile fits)."""
+    ``PERSONVLAD_TRITON_FWD=tiled`` forces the tiled path; ``single`` and
+    ``split`` (:func:`_fwd_split_kernel`: the one-program forward spread over
+    C slices, one launch; an ablation until GPU benchmarks decide) are
+    honoured only where the tile fits."""
     env = os.environ.get(_FWD_ENV, "") or "auto"
     if env not in FORWARD_PATHS:
         raise ValueError(f"{_FWD_ENV}: expected one of {FORWARD_PATHS}, got {env!r}")
     if env == "tiled" or P > SINGLE_MAX_P or _block_k(K) * _pow2_at_least(P) > SINGLE_MAX_TILE[dot_prec]:
         return "tiled"
-    return "single"
+    return "split" if env == "split" else "single"
 
 
 def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
@@ -746,13 +859,33 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
     PB = _p_bucket(P)
     Mp = F if M is None else M
     logit_prec, prec = dot_precisions(dev, F.dtype)
-    if forward_path(P, K, prec) == "single":
+    path = forward_path(P, K, prec)
+    if path == "single":
         out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
         norms = torch.empty((N, K + 1 if normalize else 0), device=dev, dtype=torch.float32)
         (wrap_triton(_fwd_single_kernel) if wrap else _fwd_single_kernel)[(N,)](
             F, Mp, W, z, c, out, norms, C, P, K, B, PB,
             HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
             BLOCK_K=BK, BLOCK_P=_pow2_at_least(P),
+        )
+        return out, norms
+    if path == "split":
+        split_c = split_channels(N, C, _sm_count(dev))
+        out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
+        if normalize:
+            norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
+            # V in fp32 (the output itself when that is fp32), the slices' row
+            # sums of squares (room for the most slices a config makes), tickets
+            V = out if out_dtype == torch.float32 else torch.empty((N, K, C), device=dev, dtype=torch.float32)
+            ss = torch.empty((N, triton.cdiv(C, split_c) * 2 * BK), device=dev, dtype=torch.float32)
+            cnt = torch.zeros((N,), device=dev, dtype=torch.int32)
+        else:
+            norms = torch.empty((N, 0), device=dev, dtype=torch.float32)
+            V = ss = cnt = norms  # not touched
+        (wrap_triton(_fwd_split_kernel) if wrap else _fwd_split_kernel)[(N, triton.cdiv(C, split_c))](
+            F, Mp, W, z, c, out, V, ss, cnt, norms, C, P, K, B, PB,
+            HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
+            BLOCK_K=BK, BLOCK_P=_pow2_at_least(P), FIN_C=_block_c_rows(BK, C), SPLIT_C=split_c,
         )
         return out, norms
     nslot = triton.cdiv(P, _SLOT)

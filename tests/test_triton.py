@@ -66,10 +66,12 @@ FWD_CASES = [
 ]
 
 
-@pytest.fixture(params=["single", "tiled"])
+@pytest.fixture(params=["single", "split", "tiled"])
 def fwd_path(request, monkeypatch):
-    """Both forward paths: one program per sample (the default for P <= 128)
-    and the three tiled kernels (forced)."""
+    """The forward paths: one program per sample (the default for P <= 128),
+    the same spread over C slices (forced; one slice at C = 12 under the
+    interpreter, see test_split_forward_over_several_slices) and the three
+    tiled kernels (forced)."""
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", request.param)
     return request.param
 
@@ -98,9 +100,72 @@ def test_forward_path_choice(monkeypatch):
     assert tk.forward_path(tk.SINGLE_MAX_P + 1) == "tiled"
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "tiled")
     assert tk.forward_path(8) == "tiled"
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")  # honoured where the single-program tile fits
+    assert tk.forward_path(tk.SINGLE_MAX_P) == "split"
+    assert tk.forward_path(tk.SINGLE_MAX_P + 1) == "tiled"
+    assert tk.forward_path(100, K=64, dot_prec="ieee") == "tiled"
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "fast")
     with pytest.raises(ValueError, match="PERSONVLAD_TRITON_FWD"):
         tk.forward_path(8)
+
+
+@pytest.mark.parametrize("B,normalize,dtype", [
+    (3, True, torch.float32), (None, True, torch.float16), (2, False, torch.float32), (None, False, torch.float16)],
+    ids=["B3-norm-f32", "noparts-norm-f16", "B2-raw-f32", "noparts-raw-f16"])
+def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
+    """C = 40 over slices of SPLIT_C channels, the last one ragged (32 + 8
+    under the interpreter, 16 x 2 + 8 on an H100): the output and the norms match float64, a
+    second call is bit-identical (the last program sums the slices' norms in
+    slice order, whichever finishes last), and the ticket counter is left at
+    zero.  Then the gradients through the split forward equal the
+    single-program forward's."""
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
+    N, C, K, S = 3, 40, 5, (3, 4)
+    split_c = tk.split_channels(N, C, tk._sm_count(torch.device(DEV)))
+    assert C // split_c >= 1 and C % split_c != 0  # two or more slices, the last one ragged
+    ins = make_inputs(N=N, C=C, S=S, B=B, K=K, dtype=dtype, device=DEV, seed=7)
+    counters = []
+    real_zeros = torch.zeros
+
+    def zeros(*a, **kw):  # the op body's ticket counters
+        t = real_zeros(*a, **kw)
+        if kw.get("dtype") == torch.int32:
+            counters.append(t)
+        return t
+
+    monkeypatch.setattr(torch, "zeros", zeros)
+    out, norms, _ = torch.ops.personvlad.person_vlad_triton(*ins, normalize)
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    assert len(counters) == (1 if normalize else 0)
+    assert all(int(c.abs().sum()) == 0 for c in counters)
+    atol, rtol = tolerance(dtype)
+    torch.testing.assert_close(out.double(), _oracle(ins, normalize).reshape(out.shape), atol=atol, rtol=rtol)
+    again, norms2, _ = torch.ops.personvlad.person_vlad_triton(*ins, normalize)
+    assert torch.equal(out, again) and torch.equal(norms, norms2)
+    if normalize:
+        V = _oracle(ins, False)
+        r = V.norm(dim=2)
+        g = (V / r[..., None]).flatten(1).norm(dim=1)
+        torch.testing.assert_close(norms.double(), torch.cat([r, g[:, None]], 1), atol=1e-4, rtol=1e-3)
+    if dtype == torch.float32:
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+        grads = _grads(_triton, ins, normalize, gout)
+        monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "single")
+        for a, b in zip(grads, _grads(_triton, ins, normalize, gout)):
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_split_channels_fill_one_wave():
+    """The split forward's C slices: as many per sample as one wave of SMs
+    holds (one program an SM), powers of two of at least 16 channels."""
+    assert tk.split_channels(64, 256, 132) == 128  # the paper's batch on an H100/H200: 2 slices
+    assert tk.split_channels(32, 256, 132) == 64
+    assert tk.split_channels(256, 256, 132) == 256  # more samples than SMs: one slice
+    assert tk.split_channels(1, 1024, 132) == 16
+    assert tk.split_channels(2, 40, 8) == 16  # 4 slices wanted, 10 channels each: 16
+    assert tk.split_channels(64, 40, 132) == 32
+    assert tk.split_channels(0, 256, 132) == 16
 
 
 def test_forward_large_grid_takes_tiled_path(monkeypatch):
@@ -603,7 +668,7 @@ assert not tk.INTERPRET
 #    assignment and main backward kernels twice: K <= 64 and K = 128 lists)
 fwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton")
 bwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton_backward")
-assert len(fwd_k) == 5 and tk._fwd_assign_kernel_k128 in fwd_k, fwd_k
+assert len(fwd_k) == 6 and tk._fwd_assign_kernel_k128 in fwd_k and tk._fwd_split_kernel in fwd_k, fwd_k
 assert len(bwd_k) == 4 and tk._bwd_main_kernel_k128 in bwd_k, bwd_k
 
 # 2. the op body traces on fake CUDA tensors into visible Triton kernel calls
@@ -612,6 +677,12 @@ with FakeTensorMode():
     gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)  # P=15: the single-program path
     hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(hops) == 1, gm.code
+    os.environ["PERSONVLAD_TRITON_FWD"] = "split"  # one launch, as the single-program path
+    gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)
+    hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+    from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
+    assert len(hops) == 1 and kernel_side_table.get_kernel(hops[0].kwargs["kernel_idx"]) is tk._fwd_split_kernel, \
+        gm.code
     os.environ["PERSONVLAD_TRITON_FWD"] = "tiled"
     gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)
     del os.environ["PERSONVLAD_TRITON_FWD"]
@@ -646,6 +717,9 @@ comp(tk._gemm_kc_kernel.fn, dict(ints, X_ptr=f32, F_ptr=f, S_ptr=f32, CEN_ptr=f3
      dict(SUB_SC=True, BLOCK_K=64, BLOCK_C=64, BLOCK_P=32), 4, 3)
 comp(tk._fwd_single_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f, NORM_ptr=f32),
      dict(HAS_PARTS=True, NORMALIZE=True, BLOCK_K=64, BLOCK_P=128, BLOCK_C=32), 8, 2)
+comp(tk._fwd_split_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f, V_ptr=f32,
+     SS_ptr=f32, CNT_ptr="*i32", NORM_ptr=f32),
+     dict(HAS_PARTS=True, NORMALIZE=True, BLOCK_K=64, BLOCK_P=128, FIN_C=64, BLOCK_C=16, SPLIT_C=64), 8, 1)
 comp(tk._fwd_normalize_kernel, dict(ints, V_ptr=f32, OUT_ptr=f, NORM_ptr=f32), dict(BLOCK_K=64, BLOCK_C=64), 4, 1)
 comp(tk._bwd_normalize_kernel, dict(ints, DY_ptr=f, Y_ptr=f, NORM_ptr=f32, CEN_ptr=f32, DV_ptr=f32, DS_ptr=f32),
      dict(NORMALIZE=True, BLOCK_K=64, BLOCK_C=64), 4, 1)
@@ -704,6 +778,13 @@ with torch.no_grad():
 del os.environ["PERSONVLAD_TRITON_FWD"]
 assert wrapped == [tk._fwd_assign_kernel, tk._gemm_kc_kernel, tk._fwd_normalize_kernel], wrapped
 assert launched == wrapped, launched
+launched.clear()
+wrapped.clear()
+os.environ["PERSONVLAD_TRITON_FWD"] = "split"
+with torch.no_grad():
+    tk.person_vlad_triton(*x, True)
+del os.environ["PERSONVLAD_TRITON_FWD"]
+assert launched == [tk._fwd_split_kernel] and wrapped == [], (launched, wrapped)
 tk.wrap_triton = real_wrap
 print("GPU-PATH-OK")
 """
@@ -910,6 +991,37 @@ def test_cuda_forward_at_support_limits(dtype, grid, path):
                       dtype=dtype, device="cuda", seed=12)
     for normalize in (True, False):
         _assert_forward_accurate(tk.person_vlad_triton(*ins, normalize), ins, normalize)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_split_forward(monkeypatch, dtype):
+    """PERSONVLAD_TRITON_FWD=split on the GPU, where its programs run
+    concurrently and the ticket decides which one normalises: the paper
+    shape (2 C slices a sample on an H100/H200), three samples at the
+    support limits (32-channel slices: 32 programs a sample) and
+    a compiled call; accurate against float64 and bit-identical from call
+    to call."""
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
+    cases = [make_inputs(N=64, C=256, S=(2, 11, 5), B=6, K=64, dtype=dtype, device="cuda", seed=21),
+             make_inputs(N=3, C=tk.MAX_CHANNELS, S=(3, 4, 5), B=tk.MAX_PARTS, K=tk.MAX_CLUSTERS, dtype=dtype,
+                         device="cuda", seed=22)]
+    for i, ins in enumerate(cases):
+        P, K = ins[0][0, 0].numel(), ins[2].shape[0]
+        path = tk.forward_path(P, K, tk.dot_precision(torch.device("cuda")))
+        if i == 1 and path == "tiled":  # sm_7x (FMA dots): a 128 x 64 tile would spill there
+            continue
+        assert path == "split"
+        for normalize in (True, False):
+            out = tk.person_vlad_triton(*ins, normalize)
+            _assert_forward_accurate(out, ins, normalize)
+            for _ in range(3):
+                assert torch.equal(tk.person_vlad_triton(*ins, normalize), out)
+    torch._dynamo.reset()
+    ins = cases[0]
+    cf = torch.compile(lambda *a: ops.person_vlad(*a, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(cf(*ins), tk.person_vlad_triton(*ins, True))
+    torch._dynamo.reset()
 
 
 @pytest.mark.cuda
