@@ -92,7 +92,7 @@ def cases(dtype: str, cap: int, block_k: int):
                              SS_ptr=f32, CNT_ptr="*i32", NORM_ptr=f32),
                         dict(HAS_PARTS=True, NORMALIZE=True, LOGIT_PREC=logit, DOT_PREC=gemm, BLOCK_K=block_k,
                              BLOCK_P=bp, FIN_C=tk._block_c_rows(block_k, tk.MAX_CHANNELS), SPLIT_C=128),
-                        cfgs(tk._fwd_split_kernel)))
+                        cfgs(tk._fwd_split_kernel if cap != 90 else tk._fwd_split_kernel_sm90)))
     out.append(("fwd_assign", tk.assign_kernel(block_k).fn,
                 dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, AP_ptr=f32, SPART_ptr=f32),
                 dict(HAS_PARTS=True, LOGIT_PREC=logit, BLOCK_K=block_k), cfgs(tk.assign_kernel(block_k))))

@@ -668,7 +668,8 @@ assert not tk.INTERPRET
 #    assignment and main backward kernels twice: K <= 64 and K = 128 lists)
 fwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton")
 bwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton_backward")
-assert len(fwd_k) == 6 and tk._fwd_assign_kernel_k128 in fwd_k and tk._fwd_split_kernel in fwd_k, fwd_k
+assert len(fwd_k) == 7 and tk._fwd_assign_kernel_k128 in fwd_k and tk._fwd_split_kernel in fwd_k, fwd_k
+assert tk._fwd_split_kernel_sm90 in fwd_k, fwd_k
 assert len(bwd_k) == 4 and tk._bwd_main_kernel_k128 in bwd_k, bwd_k
 
 # 2. the op body traces on fake CUDA tensors into visible Triton kernel calls
