@@ -653,10 +653,17 @@ def test_optimize_for_inference_cpu_equals_eager():
     assert perf.count_fused(model) == 0
     for k, v in model.state_dict().items():
         assert torch.equal(v, before[k])
-    # bf16 autocast: close, not equal
+    # bf16 autocast: close, not equal -- within 2x eager bf16 autocast's own
+    # error against float32.  That error depends on the CPU's bf16 path: a
+    # fixed bound of 0.05 held on CPUs without native bf16 and failed on a
+    # Xeon with AMX, where eager autocast itself is 0.066 off (ofi: 0.076).
     out16 = perf.optimize_for_inference(model, x)(x)
     assert out16.dtype == torch.float32
-    assert (out16 - ref).abs().max() < 0.05
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        eager16 = model(x).float()
+    eager16_err = (eager16 - ref).abs().max().item()
+    assert 0 < eager16_err < 0.5  # bf16 really ran, and the descriptors (unit vectors) are not garbage
+    assert (out16 - ref).abs().max().item() <= 2 * eager16_err
 
 
 class _FlagProbe(nn.Module):
