@@ -111,6 +111,7 @@ import triton.language as tl
 from ..ops import _capability  # the compute capability, looked up once per device
 from ..ops import functorch_active
 from ._device import on_tensor_device
+from ._launch import tuned
 
 __all__ = [
     "person_vlad_triton",
@@ -880,7 +881,7 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
     if path == "single":
         out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
         norms = torch.empty((N, K + 1 if normalize else 0), device=dev, dtype=torch.float32)
-        (wrap_triton(_fwd_single_kernel) if wrap else _fwd_single_kernel)[(N,)](
+        (wrap_triton(_fwd_single_kernel) if wrap else tuned(_fwd_single_kernel))[(N,)](
             F, Mp, W, z, c, out, norms, C, P, K, B, PB,
             HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
             BLOCK_K=BK, BLOCK_P=_pow2_at_least(P),
@@ -904,9 +905,9 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
                   BLOCK_K=BK, BLOCK_P=_pow2_at_least(P), FIN_C=_block_c_rows(BK, C), SPLIT_C=split_c)
         grid = (N, triton.cdiv(C, split_c))
         if _is_sm90(dev):  # each kernel named at its own call (triton_op's source scan)
-            (wrap_triton(_fwd_split_kernel_sm90) if wrap else _fwd_split_kernel_sm90)[grid](*args, **kw)
+            (wrap_triton(_fwd_split_kernel_sm90) if wrap else tuned(_fwd_split_kernel_sm90))[grid](*args, **kw)
         else:
-            (wrap_triton(_fwd_split_kernel) if wrap else _fwd_split_kernel)[grid](*args, **kw)
+            (wrap_triton(_fwd_split_kernel) if wrap else tuned(_fwd_split_kernel))[grid](*args, **kw)
         return out, norms
     nslot = triton.cdiv(P, _SLOT)
     Ap = torch.empty((N, K, P), device=dev, dtype=torch.float32)
@@ -916,18 +917,18 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
     grid = lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
     # each kernel named at its own call, so triton_op's source scan finds both
     if _k128_lists(BK):
-        (wrap_triton(_fwd_assign_kernel_k128) if wrap else _fwd_assign_kernel_k128)[grid](*args, **kw)
+        (wrap_triton(_fwd_assign_kernel_k128) if wrap else tuned(_fwd_assign_kernel_k128))[grid](*args, **kw)
     else:
-        (wrap_triton(_fwd_assign_kernel) if wrap else _fwd_assign_kernel)[grid](*args, **kw)
+        (wrap_triton(_fwd_assign_kernel) if wrap else tuned(_fwd_assign_kernel))[grid](*args, **kw)
     V = torch.empty((N, K, C), device=dev, dtype=torch.float32 if normalize else out_dtype)
-    (wrap_triton(_gemm_kc_kernel) if wrap else _gemm_kc_kernel)[
+    (wrap_triton(_gemm_kc_kernel) if wrap else tuned(_gemm_kc_kernel))[
         lambda meta: (N, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
     ](Ap, F, spart, c, V, N, C, P, K, 1, nslot, PB, SUB_SC=True, DOT_PREC=prec)
     if not normalize:
         return V, torch.empty((N, 0), device=dev, dtype=torch.float32)
     out = torch.empty((N, K * C), device=dev, dtype=out_dtype)
     norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
-    (wrap_triton(_fwd_normalize_kernel) if wrap else _fwd_normalize_kernel)[(N,)](
+    (wrap_triton(_fwd_normalize_kernel) if wrap else tuned(_fwd_normalize_kernel))[(N,)](
         V, out, norms, K, C, BLOCK_K=BK, BLOCK_C=_block_c_rows(BK, C)
     )
     return out, norms
@@ -942,7 +943,7 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize, wrap):
     dV = torch.empty((N, K, C), device=dev, dtype=torch.float32)
     ds = torch.empty((N, K), device=dev, dtype=torch.float32)
     normp = norms if normalize else dV
-    (wrap_triton(_bwd_normalize_kernel) if wrap else _bwd_normalize_kernel)[(N,)](
+    (wrap_triton(_bwd_normalize_kernel) if wrap else tuned(_bwd_normalize_kernel))[(N,)](
         dy, y if normalize else dy, normp, c, dV, ds, K, C,
         NORMALIZE=normalize, BLOCK_K=BK, BLOCK_C=_block_c_rows(BK, C),
     )
@@ -957,14 +958,14 @@ def _run_backward(dy, F, M, W, z, c, y, norms, N, C, P, K, normalize, wrap):
     kw = dict(HAS_PARTS=M is not None, LOGIT_PREC=logit_prec, DOT_PREC=prec, BLOCK_K=BK)
     grid = lambda meta: (N, triton.cdiv(P, meta["BLOCK_P"]))  # noqa: E731
     if _k128_lists(BK):
-        (wrap_triton(_bwd_main_kernel_k128) if wrap else _bwd_main_kernel_k128)[grid](*args, **kw)
+        (wrap_triton(_bwd_main_kernel_k128) if wrap else tuned(_bwd_main_kernel_k128))[grid](*args, **kw)
     else:
-        (wrap_triton(_bwd_main_kernel) if wrap else _bwd_main_kernel)[grid](*args, **kw)
+        (wrap_triton(_bwd_main_kernel) if wrap else tuned(_bwd_main_kernel))[grid](*args, **kw)
     groups = min(N, 16)
     npg = triton.cdiv(N, groups)
     groups = triton.cdiv(N, npg)
     dWpart = torch.empty((groups, K, C), device=dev, dtype=torch.float32)
-    (wrap_triton(_gemm_kc_kernel) if wrap else _gemm_kc_kernel)[
+    (wrap_triton(_gemm_kc_kernel) if wrap else tuned(_gemm_kc_kernel))[
         lambda meta: (groups, triton.cdiv(K, meta["BLOCK_K"]), triton.cdiv(C, meta["BLOCK_C"]))
     ](dG, F, ds, c, dWpart, N, C, P, K, npg, 0, PB, SUB_SC=False, DOT_PREC=prec)
     dW = dWpart.sum(dim=0)

@@ -751,9 +751,17 @@ del os.environ["PERSONVLAD_TRITON_DOT"]
 #    Launches recorded, not run (CPU tensors, no GPU here).
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
-launched, wrapped = [], []
-Autotuner.run = lambda self, *a, **k: launched.append(self)
-JITFunction.run = lambda self, *a, **k: launched.append(self)
+launched, wrapped, jit_kwargs = [], [], []
+def autotuner_run(self, *a, **k):  # as Autotuner.run: settles on a config, which kernels.tuned reads
+    launched.append(self)
+    self.best_config = self.configs[0]
+def jit_run(self, *a, **k):
+    launched.append(self)
+    jit_kwargs.append(k)
+Autotuner.run = autotuner_run
+JITFunction.run = jit_run
+def K(ks):  # a launch, by kernel: the autotuner, or the JITFunction an eager launch calls past it
+    return [k.fn if isinstance(k, Autotuner) else k for k in ks]
 tk.check_supported = lambda *a, **k: None
 real_wrap = tk.wrap_triton
 tk.wrap_triton = lambda k: (wrapped.append(k), k)[1]
@@ -762,17 +770,27 @@ x[0].requires_grad_()
 for direct in ("1", "0"):  # the op bodies run directly, and through the op
     os.environ["PERSONVLAD_TRITON_DIRECT"] = direct
     y = tk.person_vlad_triton(*x, True)
-    assert launched == [tk._fwd_single_kernel] and wrapped == [], (direct, launched, wrapped)
+    assert K(launched) == K([tk._fwd_single_kernel]) and wrapped == [], (direct, launched, wrapped)
     assert (type(y.grad_fn).__name__ == "PersonVLADTritonBackward") == (direct == "1"), type(y.grad_fn)
     y.backward(torch.ones_like(y))
-    assert launched[1:] == [tk._bwd_normalize_kernel, tk._bwd_main_kernel, tk._gemm_kc_kernel], launched
+    assert K(launched[1:]) == K([tk._bwd_normalize_kernel, tk._bwd_main_kernel, tk._gemm_kc_kernel]), launched
     assert wrapped == []
+    # kernels.tuned: the first launch of a key goes through the autotuner, the
+    # next ones straight to its JITFunction with the config it chose
+    if direct == "1":
+        assert launched[0] is tk._fwd_single_kernel and launched[2] is tk._bwd_main_kernel, launched
+    else:
+        assert launched[0] is tk._fwd_single_kernel.fn and launched[2] is tk._bwd_main_kernel.fn, launched
+        cfg = tk._fwd_single_kernel.configs[0]
+        assert all(jit_kwargs[0][n] == v for n, v in cfg.all_kwargs().items()), jit_kwargs[0]
+        assert jit_kwargs[0]["grid"] == (2,) and jit_kwargs[0]["warmup"] is False, jit_kwargs[0]
     launched.clear()
+    jit_kwargs.clear()
 del os.environ["PERSONVLAD_TRITON_DIRECT"]
 os.environ["PERSONVLAD_TRITON_FWD"] = "tiled"
 with torch.no_grad():
     tk.person_vlad_triton(*x, True)
-    assert launched == [tk._fwd_assign_kernel, tk._gemm_kc_kernel, tk._fwd_normalize_kernel], launched
+    assert K(launched) == K([tk._fwd_assign_kernel, tk._gemm_kc_kernel, tk._fwd_normalize_kernel]), launched
     assert wrapped == []
     launched.clear()
     tk._forward_impl(*x, True)  # outside the op: wrapping is on
@@ -785,7 +803,7 @@ os.environ["PERSONVLAD_TRITON_FWD"] = "split"
 with torch.no_grad():
     tk.person_vlad_triton(*x, True)
 del os.environ["PERSONVLAD_TRITON_FWD"]
-assert launched == [tk._fwd_split_kernel] and wrapped == [], (launched, wrapped)
+assert K(launched) == K([tk._fwd_split_kernel]) and wrapped == [], (launched, wrapped)
 tk.wrap_triton = real_wrap
 print("GPU-PATH-OK")
 """
@@ -1101,3 +1119,51 @@ def test_interpreter_k_above_64_runs_the_k128_kernels(monkeypatch):
     for name, gt, g64 in zip(NAMES, g_tri, g_64):
         torch.testing.assert_close(gt.double(), g64, atol=atol * max(1.0, g64.abs().max().item()), rtol=rtol,
                                    msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ---------------------------------------------------------------------------
+# kernels._launch.tuned: eager launches past Autotuner.run
+# ---------------------------------------------------------------------------
+def test_tuned_launch_skips_the_autotuner_once_it_has_chosen(monkeypatch):
+    """A key's first launch goes through Autotuner.run (which chooses); the
+    next ones call the JITFunction with that config, same results; a new key
+    (another key argument, another dtype) goes through the autotuner again.
+    Autotuners with hooks, and plain JITFunctions, are launched as they are."""
+    import triton
+    from triton.runtime.autotuner import Autotuner
+
+    from personvlad.kernels._launch import _Tuned, tuned
+
+    assert isinstance(tuned(tk._fwd_single_kernel), _Tuned)
+    assert tuned(tk._fwd_single_kernel) is tuned(tk._fwd_single_kernel)  # made once
+    assert tuned(tk._fwd_normalize_kernel) is tk._fwd_normalize_kernel  # not autotuned
+    hooked = triton.autotune(configs=[triton.Config({})], key=["C"], reset_to_zero=["OUT_ptr"])(
+        tk._fwd_normalize_kernel)
+    assert tuned(hooked) is hooked
+
+    calls = []
+    real_run = Autotuner.run
+
+    def counting_run(self, *a, **k):
+        calls.append(self)
+        return real_run(self, *a, **k)
+
+    monkeypatch.setattr(Autotuner, "run", counting_run)
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "single")
+    fresh = triton.autotune(configs=list(tk._fwd_single_kernel.configs), key=list(tk._fwd_single_kernel.keys))(
+        tk._fwd_single_kernel.fn)
+    monkeypatch.setattr(tk, "_fwd_single_kernel", fresh)  # a tuner no other test has launched
+    ins = make_inputs(N=2, C=12, S=(3, 4), B=2, K=5, device=DEV, seed=3)
+    first = _triton(*ins)
+    assert calls == [fresh]
+    for _ in range(2):
+        assert torch.equal(_triton(*ins), first)
+    assert calls == [fresh]  # looked up, not re-run through the autotuner
+    torch.testing.assert_close(first.double(), _oracle(ins, True), atol=2e-5, rtol=2e-4)
+    _triton(*make_inputs(N=2, C=16, S=(3, 4), B=2, K=5, device=DEV, seed=3))  # key argument C
+    assert calls == [fresh, fresh]
+    half = make_inputs(N=2, C=12, S=(3, 4), B=2, K=5, dtype=torch.float16, device=DEV, seed=3)
+    _triton(*half)  # the features' dtype
+    assert calls == [fresh, fresh, fresh]
+    _triton(*half)
+    assert calls == [fresh, fresh, fresh]
