@@ -131,8 +131,9 @@ def _variants(device):
 # custom_op, its autograd wrapper), as before the direct eager path: what
 # that machinery costs a call on the GPU machine's host.
 # fused-triton-split: the one-program forward spread over C slices (one
-# launch, 4x the programs at the paper shape; the sample's last program
-# normalises): a candidate default where the one-program forward applies.
+# launch, 2x the programs at the paper shape on an H100/H200; the sample's
+# last program normalises): a candidate default where the one-program
+# forward applies.
 _ABLATION_ENV = {
     "fused-triton-ieee": {"PERSONVLAD_TRITON_DOT": "ieee"},
     "fused-triton-viaop": {"PERSONVLAD_TRITON_DIRECT": "0"},

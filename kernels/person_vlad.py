@@ -63,8 +63,9 @@ forward, P <= SINGLE_MAX_P (the paper's 2x11x5 grid): one launch
      launch: each program recomputes G and A' and computes V once for its
      C slice; normalised, the sample's last program (a ticket counter) sums
      the slices' row norms and writes the scaled output from an fp32 V.  An
-     ablation: 4x the programs and half the dependent steps at the paper
-     shape, for the price of G computed once per slice.)
+     ablation: at the paper shape on a 132-SM GPU, 2x the programs (one
+     wave) and half the dependent steps, for the price of G computed once
+     per slice.)
 forward, larger P (tiled; ``PERSONVLAD_TRITON_FWD=tiled`` forces it)
   1. ``_fwd_assign``  grid (N, cdiv(P, BLOCK_P)).  G = W F for a P tile
      (tl.dot over C chunks), then for each part b the max-subtracted softmax
@@ -893,7 +894,7 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
         if normalize:
             norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
             # V in fp32 (the output itself when that is fp32), the slices' row
-            # sums of squares (room for the most slices a config makes), tickets
+            # sums of squares, one ticket counter per sample
             V = out if out_dtype == torch.float32 else torch.empty((N, K, C), device=dev, dtype=torch.float32)
             ss = torch.empty((N, triton.cdiv(C, split_c) * 2 * BK), device=dev, dtype=torch.float32)
             cnt = torch.zeros((N,), device=dev, dtype=torch.int32)
