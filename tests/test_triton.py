@@ -1019,7 +1019,7 @@ def test_cuda_split_forward(monkeypatch, dtype):
     concurrently and the ticket decides which one normalises: the paper
     shape (2 C slices a sample on an H100/H200), three samples at the
     support limits (32-channel slices: 32 programs a sample) and
-    a compiled call; accurate against float64 and bit-identical from call
+    a compiled call (bf16); accurate against float64 and bit-identical from call
     to call."""
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
     cases = [make_inputs(N=64, C=256, S=(2, 11, 5), B=6, K=64, dtype=dtype, device="cuda", seed=21),
@@ -1036,11 +1036,12 @@ def test_cuda_split_forward(monkeypatch, dtype):
             _assert_forward_accurate(out, ins, normalize)
             for _ in range(3):
                 assert torch.equal(tk.person_vlad_triton(*ins, normalize), out)
-    torch._dynamo.reset()
-    ins = cases[0]
-    cf = torch.compile(lambda *a: ops.person_vlad(*a, backend="triton"), fullgraph=True)
-    torch.testing.assert_close(cf(*ins), tk.person_vlad_triton(*ins, True))
-    torch._dynamo.reset()
+    if dtype == torch.bfloat16:  # one compilation is enough for the traced launch (compiling costs step time)
+        torch._dynamo.reset()
+        ins = cases[0]
+        cf = torch.compile(lambda *a: ops.person_vlad(*a, backend="triton"), fullgraph=True)
+        torch.testing.assert_close(cf(*ins), tk.person_vlad_triton(*ins, True))
+        torch._dynamo.reset()
 
 
 @pytest.mark.cuda
