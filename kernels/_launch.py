@@ -54,7 +54,9 @@ class _Tuned:
         if cfg is None:
             with self._lock:  # best_config belongs to this launch's key until the lock is released
                 ret = self.tuner[grid](*args, **kw)
-                self._best[key] = dict(self.tuner.best_config.all_kwargs())
+                best = getattr(self.tuner, "best_config", None)
+                if best is not None:  # else (a Triton that does not say): through the autotuner every time
+                    self._best[key] = dict(best.all_kwargs())
             return ret
         return self._run(*args, grid=grid, warmup=False, **kw, **cfg)
 

@@ -1129,7 +1129,8 @@ def test_tuned_launch_skips_the_autotuner_once_it_has_chosen(monkeypatch):
     """A key's first launch goes through Autotuner.run (which chooses); the
     next ones call the JITFunction with that config, same results; a new key
     (another key argument, another dtype) goes through the autotuner again.
-    Autotuners with hooks, and plain JITFunctions, are launched as they are."""
+    Autotuners with hooks, and plain JITFunctions, are launched as they are;
+    an autotuner that records no best_config is called every time."""
     import triton
     from triton.runtime.autotuner import Autotuner
 
@@ -1168,3 +1169,18 @@ def test_tuned_launch_skips_the_autotuner_once_it_has_chosen(monkeypatch):
     assert calls == [fresh, fresh, fresh]
     _triton(*half)
     assert calls == [fresh, fresh, fresh]
+
+    def silent_run(self, *a, **k):  # a Triton whose autotuner does not record best_config
+        calls.append(self)
+        ret = real_run(self, *a, **k)
+        del self.best_config
+        return ret
+
+    monkeypatch.setattr(Autotuner, "run", silent_run)
+    silent = triton.autotune(configs=list(tk._fwd_single_kernel.configs), key=list(tk._fwd_single_kernel.keys))(
+        tk._fwd_single_kernel.fn)
+    monkeypatch.setattr(tk, "_fwd_single_kernel", silent)
+    calls.clear()
+    for _ in range(3):
+        assert torch.equal(_triton(*ins), first)
+    assert calls == [silent] * 3  # nothing to look up: through the autotuner every time
