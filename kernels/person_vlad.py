@@ -425,6 +425,23 @@ def _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp,
     return tl.dot(Ap, tl.trans(f), input_precision=DOT_PREC) - s[:, None] * cen, offs_c, mc
 
 
+@triton.jit
+def _whole_sample_assign(F_ptr, M_ptr, W_ptr, Z_ptr, n, C, P, K, B,
+                         HAS_PARTS: tl.constexpr, LOGIT_PREC: tl.constexpr,
+                         BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Sample n's whole grid as one P tile (P <= BLOCK_P): the row/column
+    offsets and masks, its features' base pointer, and A' and s
+    (:func:`_assign_tile`) -- the one-program forwards' common start."""
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_p = tl.arange(0, BLOCK_P)
+    mk = offs_k < K
+    mp = offs_p < P
+    Fn = F_ptr + n * C * P
+    Ap, s = _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
+                         HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
+    return offs_k, offs_p, mk, mp, Fn, Ap, s
+
+
 @triton.autotune(configs=_cfgs(_SMALL, ("BLOCK_C",)), key=["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE",
                                                                "LOGIT_PREC", "DOT_PREC"])
 @triton.jit
@@ -439,13 +456,8 @@ def _fwd_single_kernel(
     V is computed twice per C chunk (row norms, then the scaled output)
     instead of going through memory.  Writes the output and the K+1 norms."""
     n = tl.program_id(0).to(tl.int64)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_p = tl.arange(0, BLOCK_P)
-    mk = offs_k < K
-    mp = offs_p < P
-    Fn = F_ptr + n * C * P
-    Ap, s = _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
-                         HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
+    offs_k, offs_p, mk, mp, Fn, Ap, s = _whole_sample_assign(
+        F_ptr, M_ptr, W_ptr, Z_ptr, n, C, P, K, B, HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
 
     On = OUT_ptr + n * K * C
     if NORMALIZE:
@@ -493,13 +505,8 @@ def _fwd_split_kernel(
     last program's loads are ``.cg`` (L2), so no stale L1 line is read."""
     n = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
-    offs_k = tl.arange(0, BLOCK_K)
-    offs_p = tl.arange(0, BLOCK_P)
-    mk = offs_k < K
-    mp = offs_p < P
-    Fn = F_ptr + n * C * P
-    Ap, s = _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
-                         HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
+    offs_k, offs_p, mk, mp, Fn, Ap, s = _whole_sample_assign(
+        F_ptr, M_ptr, W_ptr, Z_ptr, n, C, P, K, B, HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
     c_lo = sp * SPLIT_C
     if NORMALIZE:
         Vn = V_ptr + n * K * C
