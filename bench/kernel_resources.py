@@ -37,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from personvlad.kernels import person_vlad as tk  # noqa: E402
 
-_INTS = ("C", "P", "K", "B", "NSLOT", "P_BUCKET", "N", "NPG")
+_INTS = ("C", "P", "K", "B", "NSLOT", "P_BUCKET", "N", "NPG", "NCHUNK")
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 

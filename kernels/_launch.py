@@ -9,11 +9,15 @@ merges the config's kwargs and checks its hooks before it calls the
 (``bench/triton_host_overhead.py --launcher``, profiled).  :func:`tuned`
 wraps an autotuner so that an eager launch looks the chosen config up by a
 tuple of the same key values (the tuner's key arguments, then the dtypes of
-the tensor arguments) and calls ``JITFunction.run`` with it directly.  A key
+the tensor arguments, positional and keyword) and calls ``JITFunction.run`` with it directly.  A key
 it has not seen goes through the autotuner (which benchmarks, or takes its
 own cache) and remembers ``best_config``.  The kernel that runs, its
 config and its specialisation (left to ``JITFunction.run``) are the ones
-``Autotuner.run`` would use.
+``Autotuner.run`` would use.  (``best_config`` is read under the launcher's
+lock right after its own call; a launch of the same autotuner from outside
+:func:`tuned` on another thread in between -- none in this package -- could
+leave another key's config there: a slower launch, or one rounded
+differently, not a wrong one -- every config of a kernel computes the op.)
 
 Only autotuners without hooks qualify (no ``reset_to_zero`` /
 ``restore_value``, no config ``pre_hook``, no pruning); anything else, or a
@@ -49,7 +53,8 @@ class _Tuned:
     def launch(self, grid, args, kw):
         n = len(args)
         key = tuple(args[i] if i < n else kw.get(k) for i, k in self._key_at) + tuple(
-            a.dtype for a in args if isinstance(a, torch.Tensor))
+            a.dtype for a in args if isinstance(a, torch.Tensor)) + tuple(
+            v.dtype for v in kw.values() if isinstance(v, torch.Tensor))
         cfg = self._best.get(key)
         if cfg is None:
             with self._lock:  # best_config belongs to this launch's key until the lock is released
@@ -79,13 +84,18 @@ def _qualifies(tuner) -> bool:
 
 
 _TUNED = {}
+_TUNED_LOCK = threading.Lock()
 
 
 def tuned(kernel):
     """The eager launcher for ``kernel``: a :class:`_Tuned` for an autotuner
-    that qualifies (made once per autotuner), else ``kernel`` itself."""
+    that qualifies (one per autotuner, so one lock guards its choices), else
+    ``kernel`` itself."""
     t = _TUNED.get(id(kernel))
     if t is None or (t is not kernel and t.tuner is not kernel):
-        t = _Tuned(kernel) if _qualifies(kernel) else kernel
-        _TUNED[id(kernel)] = t
+        with _TUNED_LOCK:
+            t = _TUNED.get(id(kernel))
+            if t is None or (t is not kernel and t.tuner is not kernel):
+                t = _Tuned(kernel) if _qualifies(kernel) else kernel
+                _TUNED[id(kernel)] = t
     return t

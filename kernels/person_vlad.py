@@ -62,7 +62,9 @@ forward, P <= SINGLE_MAX_P (the paper's 2x11x5 grid): one launch
   (``PERSONVLAD_TRITON_FWD=split``: ``_fwd_split`` grid (N, C slices), one
      launch: each program recomputes G and A' and computes V once for its
      C slice; normalised, the sample's last program (a ticket counter) sums
-     the slices' row norms and writes the scaled output from an fp32 V.  An
+     the chunks' row sums of squares in chunk order and writes the scaled
+     output from an fp32 V: the same bits as ``_fwd_single`` at the same
+     BLOCK_C, whatever the batch.  An
      ablation: at the paper shape on a 132-SM GPU, 2x the programs (one
      wave) and half the dependent steps, for the price of G computed once
      per slice.)
@@ -90,8 +92,9 @@ backward
      fixed number of sample groups, summed by torch (deterministic).
   dz, dc = ``-sum_n s dV`` are small torch reductions.
 
-Everything is deterministic for a given autotuned configuration (no
-atomics).  Tiles are loaded as fp32 and every ``tl.dot`` takes a constexpr
+Everything is deterministic for a given autotuned configuration: no
+atomic accumulation (the split forward's only atomic is a per-sample
+ticket counter; its norms are summed in a fixed order).  Tiles are loaded as fp32 and every ``tl.dot`` takes a constexpr
 input precision (see :func:`dot_precisions`): ``"tf32x3"`` on sm_80+ (three
 TF32 tensor-core products, a ~fp32-accurate split) and ``"ieee"`` (fp32 FMA)
 on sm_7x and under the interpreter; the logit GEMM ``G = W F``
@@ -477,14 +480,16 @@ def _fwd_single_kernel(
                  mask=mk[:, None] & mc[None, :])
 
 
-_SPLIT_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "LOGIT_PREC", "DOT_PREC", "SPLIT_C"]
+# No SPLIT_C in the key: one config per shape class whatever the batch, so a
+# sample's bits do not depend on how many samples share its launch.
+_SPLIT_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "LOGIT_PREC", "DOT_PREC"]
 
 
 @triton.autotune(configs=_cfgs(_SMALL, ("BLOCK_C",)), key=_SPLIT_KEY)
 @triton.jit
 def _fwd_split_kernel(
     F_ptr, M_ptr, W_ptr, Z_ptr, CEN_ptr, OUT_ptr, V_ptr, SS_ptr, CNT_ptr, NORM_ptr,
-    C, P, K, B, P_BUCKET,
+    C, P, K, B, P_BUCKET, NCHUNK,
     HAS_PARTS: tl.constexpr, NORMALIZE: tl.constexpr, LOGIT_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr, FIN_C: tl.constexpr, SPLIT_C: tl.constexpr,
     BLOCK_C: tl.constexpr,
@@ -494,15 +499,18 @@ def _fwd_split_kernel(
     multiple of BLOCK_C), for P <= BLOCK_P: each program computes G,
     the soft-assignments, A' and s on chip (as ``_fwd_single``), then V for
     its own C slice, once.  Unnormalised, that is the output.  Normalised,
-    it writes the slice in fp32 to ``V`` (the output itself where that is
-    fp32) and its per-row sums of squares to ``SS[n, slice]``, and takes a
-    ticket from ``CNT[n]``: the sample's last program sums the slices' sums
-    in slice order (deterministic), stores the norms and writes the scaled
-    output, then resets ``CNT[n]`` to 0 (autotuning reruns the kernel).
+    it writes the slice to the fp32 workspace ``V`` and each BLOCK_C chunk's
+    row sums of squares to ``SS[n, chunk]`` (NCHUNK slots a sample), and
+    takes a ticket from ``CNT[n]``: the sample's last program sums the
+    chunks' sums in chunk order -- the order ``_fwd_single`` adds them in, so
+    with the same BLOCK_C the output and norms are the same bits as its, for
+    any SPLIT_C -- stores the norms, writes the scaled output and resets
+    ``CNT[n]`` to 0 (autotuning reruns the kernel).
 
     Memory order: the barrier makes the program's stores happen before its
     ticket (an acq_rel atomic at GPU scope, cumulative over the block); the
     last program's loads are ``.cg`` (L2), so no stale L1 line is read."""
+    tl.static_assert(SPLIT_C % BLOCK_C == 0, "SPLIT_C must be a multiple of BLOCK_C")
     n = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
     offs_k, offs_p, mk, mp, Fn, Ap, s = _whole_sample_assign(
@@ -510,27 +518,24 @@ def _fwd_split_kernel(
     c_lo = sp * SPLIT_C
     if NORMALIZE:
         Vn = V_ptr + n * K * C
-        ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-        sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
+        SSn = SS_ptr + n * NCHUNK * 2 * BLOCK_K
         for c1 in range(0, SPLIT_C, BLOCK_C):
-            v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c_lo + c1, C, P, mk, mp,
-                                     DOT_PREC, BLOCK_C)
+            c0 = c_lo + c1
+            v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
             tl.store(Vn + offs_k[:, None] * C + offs_c[None, :], v, mask=mk[:, None] & mc[None, :])
             dss, dsst = _row_sq_sums(v)
-            ss += dss
-            sst += dsst
-        nsplit = tl.cdiv(C, SPLIT_C)
-        SSn = SS_ptr + n * nsplit * 2 * BLOCK_K
-        tl.store(SSn + sp * 2 * BLOCK_K + offs_k, ss)
-        tl.store(SSn + sp * 2 * BLOCK_K + BLOCK_K + offs_k, sst)
+            live = (offs_k * 0 + c0) < C  # a chunk past C (the last slice's tail) has no slot
+            q = c0 // BLOCK_C
+            tl.store(SSn + q * 2 * BLOCK_K + offs_k, dss, mask=live)
+            tl.store(SSn + q * 2 * BLOCK_K + BLOCK_K + offs_k, dsst, mask=live)
         tl.debug_barrier()
         ticket = tl.atomic_add(CNT_ptr + n, 1)
-        if ticket == nsplit - 1:
+        if ticket == tl.cdiv(C, SPLIT_C) - 1:
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for j in range(0, nsplit):
-                ss += tl.load(SSn + j * 2 * BLOCK_K + offs_k, cache_modifier=".cg")
-                sst += tl.load(SSn + j * 2 * BLOCK_K + BLOCK_K + offs_k, cache_modifier=".cg")
+            for q in range(0, tl.cdiv(C, BLOCK_C)):
+                ss += tl.load(SSn + q * 2 * BLOCK_K + offs_k, cache_modifier=".cg")
+                sst += tl.load(SSn + q * 2 * BLOCK_K + BLOCK_K + offs_k, cache_modifier=".cg")
             scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
             On = OUT_ptr + n * K * C
             for c0 in range(0, C, FIN_C):
@@ -719,10 +724,14 @@ _bwd_main_kernel_k128 = triton.autotune(configs=_cfgs(_BWD_K128, ("BLOCK_P", "BL
                                         key=_BWD_KEY)(_bwd_main_kernel.fn)
 # The split forward on sm_90 (wgmma) also gets BLOCK_C = 32 (half the dependent
 # dot steps), which holds the paper's 64 x 128 tile there without spilling
-# (bench/kernel_resources.py: 240 registers in bf16, 226 in fp32); on sm_80
+# (bench/kernel_resources.py: 238 registers in bf16, 224 in fp32); on sm_80
 # the same config spills 664 bytes, on sm_75 344.
 _fwd_split_kernel_sm90 = triton.autotune(configs=_cfgs(_SPLIT_SM90, ("BLOCK_C",)),
                                          key=_SPLIT_KEY)(_fwd_split_kernel.fn)
+# SPLIT_C >= every BLOCK_C of the list the host launches (sm_9x or not); the
+# row-sum slots are sized for the smallest
+_SPLIT_MAX_BLOCK_C = {False: max(e[0] for e in _SMALL), True: max(e[0] for e in _SPLIT_SM90)}
+_SPLIT_MIN_BLOCK_C = min(e[0] for e in _SMALL + _SPLIT_SM90)
 
 
 def _k128_lists(block_k) -> bool:
@@ -819,14 +828,15 @@ def _is_sm90(device) -> bool:
     return _capability(device)[0] == 9
 
 
-def split_channels(N, C, sms) -> int:
+def split_channels(N, C, sms, min_c=16) -> int:
     """SPLIT_C, the channels per program of the split forward: as many C
     slices per sample as one wave of ``sms`` multiprocessors holds (a program
     takes 130-250 registers a thread over 8 warps, one program per SM:
-    bench/kernel_resources.py), at least 16 channels, a power of two (one
-    compiled kernel per value)."""
+    bench/kernel_resources.py), a power of two (one compiled kernel per
+    value) of at least ``min_c`` (the largest BLOCK_C of the kernel's
+    configs, which must divide it)."""
     slices = max(1, sms // max(N, 1))
-    return min(_pow2_at_least(triton.cdiv(C, slices)), _pow2_at_least(C))
+    return min(_pow2_at_least(triton.cdiv(C, slices), min_c), _pow2_at_least(C, min_c))
 
 
 def _block_k(K):
@@ -896,23 +906,26 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
         )
         return out, norms
     if path == "split":
-        split_c = split_channels(N, C, _sm_count(dev))
+        sm90 = _is_sm90(dev)
+        split_c = split_channels(N, C, _sm_count(dev), _SPLIT_MAX_BLOCK_C[sm90])
         out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
+        nchunk = triton.cdiv(C, _SPLIT_MIN_BLOCK_C)  # row-sum slots a sample: room for the smallest BLOCK_C
         if normalize:
             norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
-            # V in fp32 (the output itself when that is fp32), the slices' row
+            # V in fp32 (never the output itself, even in fp32: a kernel argument
+            # aliasing another is lost in functionalization), the chunks' row
             # sums of squares, one ticket counter per sample
-            V = out if out_dtype == torch.float32 else torch.empty((N, K, C), device=dev, dtype=torch.float32)
-            ss = torch.empty((N, triton.cdiv(C, split_c) * 2 * BK), device=dev, dtype=torch.float32)
+            V = torch.empty((N, K, C), device=dev, dtype=torch.float32)
+            ss = torch.empty((N, nchunk * 2 * BK), device=dev, dtype=torch.float32)
             cnt = torch.zeros((N,), device=dev, dtype=torch.int32)
         else:
             norms = torch.empty((N, 0), device=dev, dtype=torch.float32)
-            V = ss = cnt = norms  # not touched
-        args = (F, Mp, W, z, c, out, V, ss, cnt, norms, C, P, K, B, PB)
+            V, ss, cnt = (torch.empty(0, device=dev, dtype=dt) for dt in (torch.float32, torch.float32, torch.int32))
+        args = (F, Mp, W, z, c, out, V, ss, cnt, norms, C, P, K, B, PB, nchunk)
         kw = dict(HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
                   BLOCK_K=BK, BLOCK_P=_pow2_at_least(P), FIN_C=_block_c_rows(BK, C), SPLIT_C=split_c)
         grid = (N, triton.cdiv(C, split_c))
-        if _is_sm90(dev):  # each kernel named at its own call (triton_op's source scan)
+        if sm90:  # each kernel named at its own call (triton_op's source scan)
             (wrap_triton(_fwd_split_kernel_sm90) if wrap else tuned(_fwd_split_kernel_sm90))[grid](*args, **kw)
         else:
             (wrap_triton(_fwd_split_kernel) if wrap else tuned(_fwd_split_kernel))[grid](*args, **kw)

@@ -114,11 +114,11 @@ def test_forward_path_choice(monkeypatch):
     ids=["B3-norm-f32", "noparts-norm-f16", "B2-raw-f32", "noparts-raw-f16"])
 def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
     """C = 40 over slices of SPLIT_C channels, the last one ragged (32 + 8
-    under the interpreter, 16 x 2 + 8 on an H100): the output and the norms match float64, a
-    second call is bit-identical (the last program sums the slices' norms in
-    slice order, whichever finishes last), and the ticket counter is left at
-    zero.  Then the gradients through the split forward equal the
-    single-program forward's."""
+    under the interpreter, 16 x 2 + 8 on an H100): the output and the norms
+    match float64, a second call is bit-identical (the last program sums the
+    chunks' norms in chunk order, whichever program finishes last), the
+    ticket counter is left at zero, and output, norms and gradients are the
+    same bits as the one-program forward's and as a sample's alone."""
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
     N, C, K, S = 3, 40, 5, (3, 4)
     split_c = tk.split_channels(N, C, tk._sm_count(torch.device(DEV)))
@@ -147,13 +147,24 @@ def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
         r = V.norm(dim=2)
         g = (V / r[..., None]).flatten(1).norm(dim=1)
         torch.testing.assert_close(norms.double(), torch.cat([r, g[:, None]], 1), atol=1e-4, rtol=1e-3)
+    # the same bits as the one-program forward (same BLOCK_C under the
+    # interpreter): each chunk's row sums are added in chunk order, as there;
+    # and so the same bits for a sample alone (8 slices of 16 channels here)
+    # as in the batch of 3 (2 slices of 32)
+    alone = [None if t is None else (t[:1] if t.dim() > 2 else t) for t in ins]
+    assert tk.split_channels(1, C, tk._sm_count(torch.device(DEV))) != split_c
+    out1, norms1, _ = torch.ops.personvlad.person_vlad_triton(*alone, normalize)
+    assert torch.equal(out1, out[:1]) and torch.equal(norms1, norms[:1])
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "single")
+    single, snorms, _ = torch.ops.personvlad.person_vlad_triton(*ins, normalize)
+    assert torch.equal(single, out) and torch.equal(snorms, norms)
     if dtype == torch.float32:
         gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
         grads = _grads(_triton, ins, normalize, gout)
-        monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "single")
+        monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
         for a, b in zip(grads, _grads(_triton, ins, normalize, gout)):
             if a is not None:
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+                assert torch.equal(a, b)
 
 
 def test_split_channels_fill_one_wave():
@@ -166,6 +177,8 @@ def test_split_channels_fill_one_wave():
     assert tk.split_channels(2, 40, 8) == 16  # 4 slices wanted, 10 channels each: 16
     assert tk.split_channels(64, 40, 132) == 32
     assert tk.split_channels(0, 256, 132) == 16
+    assert tk.split_channels(8, 256, 132, 32) == 32  # the sm_90 list's BLOCK_C = 32 must divide it
+    assert tk.split_channels(64, 16, 132, 32) == 32
 
 
 def test_forward_large_grid_takes_tiled_path(monkeypatch):
@@ -684,6 +697,14 @@ with FakeTensorMode():
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
     assert len(hops) == 1 and kernel_side_table.get_kernel(hops[0].kwargs["kernel_idx"]) is tk._fwd_split_kernel, \
         gm.code
+    # functionalized (aot_eager, AOTAutograd), the op's output is the kernel's
+    # OUT_ptr: no other argument aliases it (one that did, an fp32 V written in
+    # place, came back as the output unnormalised)
+    for path in ("split", "single"):
+        os.environ["PERSONVLAD_TRITON_FWD"] = path
+        gm = make_fx(torch.func.functionalize(lambda *a: tk._forward_impl(*a, True)))(*ins)
+        first = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0]
+        assert first.args[1] == "OUT_ptr", (path, gm.code)
     os.environ["PERSONVLAD_TRITON_FWD"] = "tiled"
     gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)
     del os.environ["PERSONVLAD_TRITON_FWD"]
@@ -710,7 +731,7 @@ def comp(fn, sig, consts, warps, stages):
         if cap >= 80 and ("DOT_PREC" in names or "LOGIT_PREC" in names):
             assert "tf32" in k.asm["ptx"], f"{fn.__name__} sm_{cap}: no TF32 tensor-core instruction"
 
-ints = {n: "i32" for n in ("C", "P", "K", "B", "NSLOT", "P_BUCKET", "N", "NPG")}
+ints = {n: "i32" for n in ("C", "P", "K", "B", "NSLOT", "P_BUCKET", "N", "NPG", "NCHUNK")}
 f, f32 = "*bf16", "*fp32"
 comp(tk._fwd_assign_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, AP_ptr=f32, SPART_ptr=f32),
      dict(HAS_PARTS=True, BLOCK_K=64, BLOCK_P=64, BLOCK_C=32), 4, 3)
