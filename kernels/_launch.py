@@ -5,8 +5,9 @@ Once an autotuner has chosen a config for a key, every further
 ``Autotuner.run`` still rebuilds that key from a dict of all the arguments
 (a comprehension over the argument names, ``str()`` of every tensor's dtype),
 merges the config's kwargs and checks its hooks before it calls the
-``JITFunction``: ~30 us of a ~100 us launch on a 2-core Xeon
-(``bench/triton_host_overhead.py --launcher``, profiled).  :func:`tuned`
+``JITFunction``.  Skipping that saves 10-12 us per autotuned launch on a
+2-core Xeon (medians of ``bench/triton_host_overhead.py --launcher
+--ab-tuned``; a one-program forward's host time is ~70 us there).  :func:`tuned`
 wraps an autotuner so that an eager launch looks the chosen config up by a
 tuple of the same key values (the tuner's key arguments, then the dtypes of
 the tensor arguments, positional and keyword) and calls ``JITFunction.run`` with it directly.  A key
