@@ -112,7 +112,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..ops import _capability  # the compute capability, looked up once per device
+from ..ops import _capability, _device_props  # looked up once per device
 from ..ops import functorch_active
 from ._device import on_tensor_device
 from ._launch import tuned
@@ -515,19 +515,23 @@ def _fwd_split_kernel(
     sp = tl.program_id(1)
     offs_k, offs_p, mk, mp, Fn, Ap, s = _whole_sample_assign(
         F_ptr, M_ptr, W_ptr, Z_ptr, n, C, P, K, B, HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
-    c_lo = sp * SPLIT_C
-    if NORMALIZE:
-        Vn = V_ptr + n * K * C
-        SSn = SS_ptr + n * NCHUNK * 2 * BLOCK_K
-        for c1 in range(0, SPLIT_C, BLOCK_C):
-            c0 = c_lo + c1
-            v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
-            tl.store(Vn + offs_k[:, None] * C + offs_c[None, :], v, mask=mk[:, None] & mc[None, :])
+    On = OUT_ptr + n * K * C
+    Vn = V_ptr + n * K * C
+    SSn = SS_ptr + n * NCHUNK * 2 * BLOCK_K
+    for c1 in range(0, SPLIT_C, BLOCK_C):
+        c0 = sp * SPLIT_C + c1
+        v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c0, C, P, mk, mp, DOT_PREC, BLOCK_C)
+        off = offs_k[:, None] * C + offs_c[None, :]
+        if NORMALIZE:
+            tl.store(Vn + off, v, mask=mk[:, None] & mc[None, :])
             dss, dsst = _row_sq_sums(v)
             live = (offs_k * 0 + c0) < C  # a chunk past C (the last slice's tail) has no slot
             q = c0 // BLOCK_C
             tl.store(SSn + q * 2 * BLOCK_K + offs_k, dss, mask=live)
             tl.store(SSn + q * 2 * BLOCK_K + BLOCK_K + offs_k, dsst, mask=live)
+        else:  # unnormalised, V is the output
+            tl.store(On + off, v.to(OUT_ptr.dtype.element_ty), mask=mk[:, None] & mc[None, :])
+    if NORMALIZE:
         tl.debug_barrier()
         ticket = tl.atomic_add(CNT_ptr + n, 1)
         if ticket == tl.cdiv(C, SPLIT_C) - 1:
@@ -537,7 +541,6 @@ def _fwd_split_kernel(
                 ss += tl.load(SSn + q * 2 * BLOCK_K + offs_k, cache_modifier=".cg")
                 sst += tl.load(SSn + q * 2 * BLOCK_K + BLOCK_K + offs_k, cache_modifier=".cg")
             scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
-            On = OUT_ptr + n * K * C
             for c0 in range(0, C, FIN_C):
                 offs_c = c0 + tl.arange(0, FIN_C)
                 msk = mk[:, None] & (offs_c < C)[None, :]
@@ -545,13 +548,6 @@ def _fwd_split_kernel(
                 v = tl.load(Vn + off, mask=msk, other=0.0, cache_modifier=".cg")
                 tl.store(On + off, (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=msk)
             tl.atomic_xchg(CNT_ptr + n, 0)
-    else:
-        On = OUT_ptr + n * K * C
-        for c1 in range(0, SPLIT_C, BLOCK_C):
-            v, offs_c, mc = _v_chunk(Ap, s, Fn, CEN_ptr, offs_k, offs_p, c_lo + c1, C, P, mk, mp,
-                                     DOT_PREC, BLOCK_C)
-            tl.store(On + offs_k[:, None] * C + offs_c[None, :], v.to(OUT_ptr.dtype.element_ty),
-                     mask=mk[:, None] & mc[None, :])
 
 
 @triton.jit
@@ -724,7 +720,7 @@ _bwd_main_kernel_k128 = triton.autotune(configs=_cfgs(_BWD_K128, ("BLOCK_P", "BL
                                         key=_BWD_KEY)(_bwd_main_kernel.fn)
 # The split forward on sm_90 (wgmma) also gets BLOCK_C = 32 (half the dependent
 # dot steps), which holds the paper's 64 x 128 tile there without spilling
-# (bench/kernel_resources.py: 238 registers in bf16, 224 in fp32); on sm_80
+# (bench/kernel_resources.py: 236 registers in bf16, 222 in fp32); on sm_80
 # the same config spills 664 bytes, on sm_75 344.
 _fwd_split_kernel_sm90 = triton.autotune(configs=_cfgs(_SPLIT_SM90, ("BLOCK_C",)),
                                          key=_SPLIT_KEY)(_fwd_split_kernel.fn)
@@ -801,7 +797,6 @@ def _pow2_at_least(n, lo=16, hi=None):
     return b
 
 
-_SM_COUNT = {}
 # Stand-ins for the multiprocessor count: the interpreter's (several C slices
 # at the tests' tiny shapes) and, tracing on fake CUDA tensors without a
 # device, an H100's.
@@ -810,15 +805,12 @@ _TRACE_SMS = 132
 
 
 def _sm_count(device) -> int:
-    """The device's multiprocessor count, looked up once per device."""
+    """The device's multiprocessor count."""
     if INTERPRET or device.type != "cuda":
         return _INTERPRET_SMS
     if not torch.cuda.is_available():
         return _TRACE_SMS
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _SM_COUNT:
-        _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return _SM_COUNT[idx]
+    return _device_props(device).multi_processor_count
 
 
 def _is_sm90(device) -> bool:
@@ -918,9 +910,9 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
             V = torch.empty((N, K, C), device=dev, dtype=torch.float32)
             ss = torch.empty((N, nchunk * 2 * BK), device=dev, dtype=torch.float32)
             cnt = torch.zeros((N,), device=dev, dtype=torch.int32)
-        else:
+        else:  # V, the row sums and the counter are not touched: one empty stands in for all three
             norms = torch.empty((N, 0), device=dev, dtype=torch.float32)
-            V, ss, cnt = (torch.empty(0, device=dev, dtype=dt) for dt in (torch.float32, torch.float32, torch.int32))
+            V = ss = cnt = torch.empty(0, device=dev, dtype=torch.float32)
         args = (F, Mp, W, z, c, out, V, ss, cnt, norms, C, P, K, B, PB, nchunk)
         kw = dict(HAS_PARTS=M is not None, NORMALIZE=normalize, LOGIT_PREC=logit_prec, DOT_PREC=prec,
                   BLOCK_K=BK, BLOCK_P=_pow2_at_least(P), FIN_C=_block_c_rows(BK, C), SPLIT_C=split_c)

@@ -234,16 +234,22 @@ def _triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-_CAPABILITY: Dict[int, Tuple[int, int]] = {}
+_DEVICE_PROPS: Dict[int, "torch._C._CudaDeviceProperties"] = {}
+
+
+def _device_props(device: torch.device):
+    """The CUDA device's properties, looked up once per device (this runs on
+    every call of the op)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    if idx not in _DEVICE_PROPS:
+        _DEVICE_PROPS[idx] = torch.cuda.get_device_properties(idx)
+    return _DEVICE_PROPS[idx]
 
 
 def _capability(device: torch.device) -> Tuple[int, int]:
-    """The device's compute capability, looked up once per device (this runs
-    on every call of the op)."""
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    if idx not in _CAPABILITY:
-        _CAPABILITY[idx] = tuple(torch.cuda.get_device_capability(idx))
-    return _CAPABILITY[idx]
+    """The device's compute capability (major, minor)."""
+    props = _device_props(device)
+    return props.major, props.minor
 
 
 def _triton_usable(device: torch.device) -> Tuple[bool, str]:

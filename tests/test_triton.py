@@ -149,7 +149,7 @@ def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
         torch.testing.assert_close(norms.double(), torch.cat([r, g[:, None]], 1), atol=1e-4, rtol=1e-3)
     # the same bits as the one-program forward (same BLOCK_C under the
     # interpreter): each chunk's row sums are added in chunk order, as there;
-    # and so the same bits for a sample alone (8 slices of 16 channels here)
+    # and so the same bits for a sample alone (3 slices of 16 channels here)
     # as in the batch of 3 (2 slices of 32)
     alone = [None if t is None else (t[:1] if t.dim() > 2 else t) for t in ins]
     assert tk.split_channels(1, C, tk._sm_count(torch.device(DEV))) != split_c
