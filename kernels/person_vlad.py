@@ -720,8 +720,9 @@ _bwd_main_kernel_k128 = triton.autotune(configs=_cfgs(_BWD_K128, ("BLOCK_P", "BL
                                         key=_BWD_KEY)(_bwd_main_kernel.fn)
 # The split forward on sm_90 (wgmma) also gets BLOCK_C = 32 (half the dependent
 # dot steps), which holds the paper's 64 x 128 tile there without spilling
-# (bench/kernel_resources.py: 236 registers in bf16, 222 in fp32); on sm_80
-# the same config spills 664 bytes, on sm_75 344.
+# (bench/kernel_resources.py: 236 registers in bf16, 222 in fp32).  On sm_80
+# and sm_75 the same config spilled hundreds of bytes in an ad-hoc compile
+# (kernel_resources.py compiles only the lists the host launches there).
 _fwd_split_kernel_sm90 = triton.autotune(configs=_cfgs(_SPLIT_SM90, ("BLOCK_C",)),
                                          key=_SPLIT_KEY)(_fwd_split_kernel.fn)
 # SPLIT_C >= every BLOCK_C of the list the host launches (sm_9x or not); the
