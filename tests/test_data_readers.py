@@ -107,6 +107,24 @@ def test_mars_malformed_files(tmp_path):
         MARS(os.path.join(root, "nope"))
 
 
+def test_mars_queries_follow_query_idx_order(tmp_path):
+    """query[k] is test track query_IDX[k] (track_test_info[query_IDX], as
+    the benchmark's code indexes it), not the test tracks' order."""
+    root = _mars_tree(str(tmp_path))
+    savemat(os.path.join(root, "info", "query_IDX.mat"), {"query_IDX": np.asarray([[5.0, 3.0]])})
+    d = MARS(root)
+    assert [(len(p), pid, cam) for p, pid, cam in d.query] == [(5, 9, 0), (12, 5, 0)]
+    assert [(pid, cam) for _, pid, cam in d.gallery] == [(-1, 0), (0, 1), (5, 1), (9, 2), (9, 2)]
+
+
+def test_mars_name_list_not_text(tmp_path):
+    root = _mars_tree(str(tmp_path))
+    with open(os.path.join(root, "info", "test_name.txt"), "wb") as f:
+        f.write(b"\xff\xfe\x00bad")
+    with pytest.raises(ValueError, match=r"test_name.txt.*one MARS frame name per line"):
+        MARS(root)
+
+
 def test_mars_check_frames_names_missing_frame(tmp_path):
     root = _mars_tree(str(tmp_path))
     os.remove(os.path.join(root, "bbox_test", "0009", "0009C3T0001F003.jpg"))
@@ -190,6 +208,11 @@ def test_ilidsvid_errors(tmp_path, caplog):
     os.remove(os.path.join(root, ILIDSVID.SPLIT_REL))
     with pytest.raises(FileNotFoundError, match="train_test_splits_ilidsvid.mat"):
         ILIDSVID(root)
+    # a row that is not a permutation: person001 in both test and train, or twice in the test half
+    for k, row in enumerate(([1, 2, 3, 1, 5, 6], [1, 1, 3, 4, 5, 6])):
+        root = _ilids_tree(str(tmp_path / f"dup{k}"), [row])
+        with pytest.raises(ValueError, match=r"train_test_splits_ilidsvid.mat.*each person once.*\[1\]"):
+            ILIDSVID(root)
 
 
 # ----------------------------------------------------------------------------- PRID-2011
@@ -247,6 +270,27 @@ def test_prid_errors(tmp_path):
         PRID2011(root, min_frames=0)
     os.remove(os.path.join(root, "splits_prid2011.json"))
     with pytest.raises(FileNotFoundError, match="splits_prid2011.json"):
+        PRID2011(root)
+
+
+def test_prid_ignores_directories_not_named_person(tmp_path, caplog):
+    """A stray "copy_of_person_0003" or "person_0002_old" is not a person:
+    before, the last number of any directory name picked the person, and
+    which of two directories won depended on os.listdir's order."""
+    splits = [{"train": [1, 3, 5], "test": [2, 4]}]
+    root = _prid_tree(str(tmp_path), splits)
+    want = PRID2011(root)
+    for cam in ("cam_a", "cam_b"):
+        for stray in ("copy_of_person_0003", "person_0002_old", "backup"):
+            os.makedirs(os.path.join(root, "prid_2011", "multi_shot", cam, stray), exist_ok=True)
+    with caplog.at_level(logging.WARNING):
+        got = PRID2011(root)
+    for split in ("train", "query", "gallery"):
+        assert getattr(got, split) == getattr(want, split), split
+    assert any("not named person_NNNN" in r.getMessage() and "copy_of_person_0003" in r.getMessage()
+               for r in caplog.records)
+    os.makedirs(os.path.join(root, "prid_2011", "multi_shot", "cam_a", "person_03"))
+    with pytest.raises(ValueError, match=r"cam_a: two directories for person 3"):
         PRID2011(root)
 
 

@@ -23,6 +23,7 @@ Tracklet = Tuple[Tuple[str, ...], int, int]
 
 _NUM_RE = re.compile(r"(\d+)")
 _ILIDS_PERSON_RE = re.compile(r"person\d+")
+_PRID_PERSON_RE = re.compile(r"person_(\d+)")
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -73,8 +74,11 @@ def _as_int(arr: np.ndarray, path: str, what: str) -> np.ndarray:
 
 def _read_lines(path: str, what: str) -> List[str]:
     _require_file(path, what)
-    with open(path, "r", encoding="utf-8") as f:
-        return [ln.strip() for ln in f if ln.strip()]
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            return [ln.strip() for ln in f if ln.strip()]
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: expected UTF-8 text ({what}): {e}") from e
 
 
 def list_images(directory: str) -> List[str]:
@@ -168,7 +172,9 @@ class MARS(VideoDataset):
         train = self._process(train_names, tr_info, "bbox_train", os.path.join(info, "tracks_train_info.mat"))
         test = self._process(test_names, te_info, "bbox_test", os.path.join(info, "tracks_test_info.mat"))
         qset = set((q - 1).tolist())
-        query = [t for i, t in enumerate(test) if i in qset and t is not None]
+        # the queries in query_IDX's order (track_test_info[query_IDX], as the
+        # benchmark's own code indexes them); the gallery in test-track order
+        query = [test[i] for i in (q - 1).tolist() if test[i] is not None]
         gallery = [t for i, t in enumerate(test) if i not in qset and t is not None]
         train = [t for t in train if t is not None]
         n_empty = sum(t is None for t in test)
@@ -273,6 +279,10 @@ class ILIDSVID(VideoDataset):
         if row.min() < 1 or row.max() > len(persons):
             raise ValueError(f"{split_path}: ls_set values must be 1-based indices in [1, {len(persons)}] "
                              f"(person directories found); got range [{row.min()}, {row.max()}]")
+        if len(np.unique(row)) != len(row):  # a person in both halves, or twice in one
+            vals, counts = np.unique(row, return_counts=True)
+            raise ValueError(f"{split_path}: ls_set row {split_id} must list each person once (a permutation of "
+                             f"person indices); repeated: {vals[counts > 1][:5].tolist()}")
         half = ls.shape[1] // 2
         first, second = sorted((row[:half] - 1).tolist()), sorted((row[half:] - 1).tolist())
         train_idx, test_idx = (first, second) if train_first else (second, first)
@@ -373,10 +383,23 @@ class PRID2011(VideoDataset):
         if set(train_nums) & set(test_nums):
             raise ValueError(f"{split_path}: split {split_id} has persons in both train and test: "
                              f"{sorted(set(train_nums) & set(test_nums))[:5]}")
+        # person_NNNN directories only: a stray "copy_of_person_0003" or
+        # "person_0002_old" must not stand in for a person (which of two
+        # directories won depended on os.listdir's order)
         dirs = []
         for c in cams:
-            dirs.append({int(_NUM_RE.findall(d)[-1]): d for d in os.listdir(c)
-                         if os.path.isdir(os.path.join(c, d)) and _NUM_RE.search(d)})
+            subdirs = [d for d in os.listdir(c) if os.path.isdir(os.path.join(c, d))]
+            other = sorted(d for d in subdirs if not _PRID_PERSON_RE.fullmatch(d))
+            if other:
+                log.warning("PRID-2011: %s: ignoring %d directorie(s) not named person_NNNN: %s", c, len(other),
+                            other[:5])
+            found: Dict[int, str] = {}
+            for d in natural_sorted(d for d in subdirs if _PRID_PERSON_RE.fullmatch(d)):
+                num = int(_PRID_PERSON_RE.fullmatch(d).group(1))
+                if num in found:
+                    raise ValueError(f"{c}: two directories for person {num}: {found[num]!r} and {d!r}")
+                found[num] = d
+            dirs.append(found)
 
         short: List[str] = []
 
