@@ -88,6 +88,9 @@ _NATIVE_CUDA = _has_kernel(OP_NAME, "CUDA") and _has_kernel(BWD_NAME, "CUDA")
 
 
 def _ref_forward_impl(features, parts, assign_weight, assign_bias, centers, normalize=True):
+    # the op called directly (not through person_vlad) validates as the C++
+    # kernels do: the reference alone would broadcast a (1, C) centers
+    _validate(features, parts, assign_weight, assign_bias, centers, normalize, "reference")
     with torch.no_grad():
         return reference.person_vlad_ref(
             features, parts, assign_weight, assign_bias, centers, normalize
@@ -95,6 +98,8 @@ def _ref_forward_impl(features, parts, assign_weight, assign_bias, centers, norm
 
 
 def _ref_backward_impl(grad_output, features, parts, assign_weight, assign_bias, centers, normalize):
+    _validate(features, parts, assign_weight, assign_bias, centers, normalize, "reference")
+    _check_grad_output("person_vlad_backward", grad_output, features, assign_weight, normalize)
     return tuple(
         g.contiguous()
         for g in reference.person_vlad_backward_ref(
@@ -131,17 +136,28 @@ def _check_same_device(op, features, **others):
             raise ValueError(f"{prefix}{name}: expected device {dev} (features' device), got {t.device}")
 
 
+def _check_grad_output(op, grad_output, features, assign_weight, normalize):
+    """ValueError unless ``grad_output`` is a floating tensor of the op's
+    output shape on the features' device (as the C++ backward checks)."""
+    gs = _check_tensor(f"{op}: grad_output", grad_output)
+    want = tuple(_out_shape(features, assign_weight, normalize))
+    if gs != want:
+        raise ValueError(f"{op}: grad_output: expected shape {_fmt_shape(want)}, got {_fmt_shape(gs)}")
+    _check_same_device(op, features, grad_output=grad_output)
+
+
 @torch.library.register_fake(OP_NAME)
 def _person_vlad_fake(features, parts, assign_weight, assign_bias, centers, normalize=True):
-    _check_same_device("person_vlad", features, parts=parts, assign_weight=assign_weight,
-                       assign_bias=assign_bias, centers=centers)
+    # the only kernel that runs on meta tensors (and while tracing): it checks
+    # what the device kernels would, shapes included
+    _validate(features, parts, assign_weight, assign_bias, centers, normalize, "reference")
     return features.new_empty(_out_shape(features, assign_weight, normalize))
 
 
 @torch.library.register_fake(BWD_NAME)
 def _person_vlad_backward_fake(grad_output, features, parts, assign_weight, assign_bias, centers, normalize):
-    _check_same_device("person_vlad_backward", features, grad_output=grad_output, parts=parts,
-                       assign_weight=assign_weight, assign_bias=assign_bias, centers=centers)
+    _validate(features, parts, assign_weight, assign_bias, centers, normalize, "reference")
+    _check_grad_output("person_vlad_backward", grad_output, features, assign_weight, normalize)
     dparts = features.new_empty(0) if parts is None else torch.empty_like(parts)
     return (
         torch.empty_like(features),
@@ -294,6 +310,8 @@ def available_backends(device: Optional[torch.device | str] = None) -> Tuple[str
     """
     if device is not None:
         dev = torch.device(device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            return ()  # no CUDA tensor can exist here
         return tuple(b for b in BACKENDS if _backend_usable(b, dev)[0])
     devices = [torch.device("cpu")]
     if torch.cuda.is_available():

@@ -538,6 +538,37 @@ def test_autograd_formula_is_the_extensions():
     assert all(g is not None and g.shape == t.shape for g, t in zip(grads, (F, W, z, c)))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without CUDA")
+def test_available_backends_for_cuda_without_a_device():
+    """No CUDA device: nothing runs on CUDA tensors (it used to raise the
+    driver's RuntimeError from the capability lookup)."""
+    assert ops.available_backends("cuda") == ()
+    assert ops.available_backends(torch.device("cuda", 0)) == ()
+    assert "cuda" not in ops.available_backends() and "reference" in ops.available_backends("cpu")
+
+
+def test_registered_op_checks_shapes_on_meta_tensors():
+    """On the meta device only the fake kernels run: they check the shapes
+    the device kernels would (a (7, 9) centers used to come back as a
+    (2, 20) output), and the backward's grad_output."""
+    m = dict(device="meta")
+    F, M = torch.empty(2, 4, 3, 2, **m), torch.empty(2, 2, 3, 2, **m)
+    W, z, c = torch.empty(5, 4, **m), torch.empty(5, **m), torch.empty(5, 4, **m)
+    assert torch.ops.personvlad.person_vlad(F, M, W, z, c, True).shape == (2, 20)
+    with pytest.raises(ValueError, match=r"^centers: expected shape \(K=5, C=4\)"):
+        torch.ops.personvlad.person_vlad(F, M, W, z, torch.empty(7, 9, **m), True)
+    with pytest.raises(ValueError, match=r"^parts: expected spatial grid"):
+        torch.ops.personvlad.person_vlad(F, M[..., :1], W, z, c, True)
+    with pytest.raises(ValueError, match=r"^features: expected a floating-point dtype"):
+        torch.ops.personvlad.person_vlad(F.long(), M, W, z, c, True)
+    g = torch.empty(2, 20, **m)
+    assert torch.ops.personvlad.person_vlad_backward(g, F, M, W, z, c, True)[0].shape == F.shape
+    with pytest.raises(ValueError, match=r"grad_output: expected shape \(2, 5, 4\), got \(2, 20\)"):
+        torch.ops.personvlad.person_vlad_backward(g, F, M, W, z, c, False)
+    with pytest.raises(ValueError, match=r"^assign_weight: expected device meta"):
+        torch.ops.personvlad.person_vlad(F, M, torch.empty(5, 4), z, c, True)
+
+
 def test_package_works_without_compiled_extension():
     """With personvlad._C unavailable the op, its autograd and the layer run
     on the pure-PyTorch fallback, with one warning saying how to rebuild."""
@@ -568,6 +599,21 @@ F_ref = F.detach().clone().requires_grad_()
 personvlad.reference.person_vlad_ref(F_ref, M, W, z, c).sum().backward()
 assert torch.allclose(F.grad, F_ref.grad)
 assert personvlad.PersonVLAD(4, num_clusters=3, num_parts=2)(torch.randn(2, 4, 5)).shape == (2, 12)
+# the fallback kernels validate as the C++ ones do: no silent broadcast
+bad = {"features": (F.detach()[:, :, 0, 0], M, W, z, c), "centers": (F, M, W, z, c[:1]),
+       "assign_bias": (F, M, W, z[:1], c), "parts": (F, M[:, :, :2], W, z, c)}
+for name, args in bad.items():
+    try:
+        torch.ops.personvlad.person_vlad(*args, True)
+        raise AssertionError(f"{name}: accepted")
+    except ValueError as e:
+        assert str(e).startswith(name), (name, str(e))
+g = torch.ones(2, 12, dtype=torch.float64)
+try:
+    torch.ops.personvlad.person_vlad_backward(g[:, :5], F.detach(), M, W, z, c, True)
+    raise AssertionError("grad_output: accepted")
+except ValueError as e:
+    assert "grad_output: expected shape (2, 12)" in str(e), str(e)
 print("ok")
 """
     env = dict(os.environ, PERSONVLAD_QUIET_EXT="0")
