@@ -31,7 +31,9 @@
 # ablation step gained fused-triton-viaop (eager calls through the op, as
 # before the direct path; 4 bf16 cases): limit 90 -> 110 s.  The op step
 # gained fused-triton-split (the one-program Triton forward over C slices,
-# a candidate default: paper shape, bf16 and fp32, 4 cases): 130 -> 145 s.
+# a candidate default: paper shape, bf16 and fp32, 4 cases): 130 -> 145 s;
+# then fused-triton-stream (the whole forward in one launch at any P, no A'
+# in memory: large shape, forward, bf16 and fp32, 2 cases): 145 -> 160 s.
 # The GPU machine already has torch and triton: nothing
 # is pip-installed but this package (--no-deps).  Each step has its own time
 # limit, capped by what is left of the budget (counted from the script's
@@ -131,7 +133,7 @@ want tests && step gpu_tests 200 env PERSONVLAD_TRITON_AUTOTUNE=0 \
 #    torch.compile'd unfused baseline (8 compilations), then where each
 #    variant's time goes (bench/profile_op.py: wall vs device-busy time and
 #    the kernels).  All op files are merged into bench_ops.json for the report.
-want ops && step bench_ops 145 "${BENCH[@]}" bench/test_bench_ops.py \
+want ops && step bench_ops 160 "${BENCH[@]}" bench/test_bench_ops.py \
   -k "(gpu and not compile and not ieee and not tiled and not viaop) or (dispatch and cuda)" \
   --benchmark-json="$OUT/bench_ops_fused.json"
 [ -s "$OUT/bench_ops_fused.json" ] && $PY -m personvlad.cli bench table "$OUT/bench_ops_fused.json" --out "$OUT/backend_table.json"

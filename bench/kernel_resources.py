@@ -37,7 +37,7 @@ from triton.compiler import ASTSource  # noqa: E402
 
 from personvlad.kernels import person_vlad as tk  # noqa: E402
 
-_INTS = ("C", "P", "K", "B", "NSLOT", "P_BUCKET", "N", "NPG", "NCHUNK")
+_INTS = ("C", "P", "K", "B", "NSLOT", "P_BUCKET", "N", "NPG", "NCHUNK", "NSLICE")
 _RES = re.compile(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -93,6 +93,15 @@ def cases(dtype: str, cap: int, block_k: int):
                         dict(HAS_PARTS=True, NORMALIZE=True, LOGIT_PREC=logit, DOT_PREC=gemm, BLOCK_K=block_k,
                              BLOCK_P=bp, FIN_C=tk._block_c_rows(block_k, tk.MAX_CHANNELS), SPLIT_C=128),
                         cfgs(tk._fwd_split_kernel if cap != 90 else tk._fwd_split_kernel_sm90)))
+    # the streamed forward (any P), normalised: V in the float32 output, or in
+    # an fp32 workspace beside a half output, as the host launches it
+    out.append(("fwd_stream", tk._fwd_stream_kernel.fn,
+                dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f, V_ptr=f32,
+                     CNT_ptr="*i32", NORM_ptr=f32),
+                dict(HAS_PARTS=True, NORMALIZE=True, V_IS_OUT=(dtype == "fp32"), LOGIT_PREC=logit, DOT_PREC=gemm,
+                     BLOCK_K=block_k, FIN_C=tk._block_c_rows(block_k, tk.MAX_CHANNELS),
+                     STREAM_C=tk.stream_channels(block_k, tk.MAX_CHANNELS)),
+                cfgs(tk._fwd_stream_kernel)))
     out.append(("fwd_assign", tk.assign_kernel(block_k).fn,
                 dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, AP_ptr=f32, SPART_ptr=f32),
                 dict(HAS_PARTS=True, LOGIT_PREC=logit, BLOCK_K=block_k), cfgs(tk.assign_kernel(block_k))))
@@ -109,8 +118,8 @@ def cases(dtype: str, cap: int, block_k: int):
     return (logit, gemm), out
 
 
-# --scan: every combination, for the two kernels whose tiles grow with BLOCK_K
-SCAN_KERNELS = ("fwd_assign", "bwd_main")
+# --scan: every combination, for the kernels whose tiles grow with BLOCK_K
+SCAN_KERNELS = ("fwd_assign", "bwd_main", "fwd_stream")
 SCAN_GRID = [(dict(BLOCK_P=bp, BLOCK_C=bc), w, st)
              for bp in (16, 32, 64) for bc in (16, 32) for w in (4, 8) for st in (1, 2)]
 

@@ -5,6 +5,7 @@ kernels (``torch.profiler``), at the op benchmarks' shapes.
     python bench/profile_op.py --device cpu --shapes tiny --out DIR   # (what the test runs)
 
 For each shape, dtype, variant (``fused-cuda``, ``fused-triton``,
+``fused-triton-split`` (paper shape), ``fused-triton-stream`` (large shape, forward),
 ``fused-cuda-split3`` (bf16), ``fused-cuda-1k`` (samples split over blocks at both shapes),
 ``fused-cuda-1k-tc`` (bf16: its products on tensor cores), ``unfused-compile``,
 ``floor`` (no VLAD work: the harness's own cost), ``unfused-eager``; on CPU ``fused-cpu`` and
@@ -44,8 +45,8 @@ from test_bench_ops import _ABLATION_ENV, GPU_SHAPES, _inputs, _op_step, _skip_r
 
 SHAPES = dict(GPU_SHAPES, tiny=dict(N=2, C=16, S=(2, 3, 2), B=2, K=4))
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-triton-split", "fused-cuda-split3", "fused-cuda-1k",
-                "fused-cuda-1k-tc", "unfused-compile", "unfused-eager", "floor")
+GPU_VARIANTS = ("fused-cuda", "fused-triton", "fused-triton-split", "fused-triton-stream", "fused-cuda-split3",
+                "fused-cuda-1k", "fused-cuda-1k-tc", "unfused-compile", "unfused-eager", "floor")
 CPU_VARIANTS = ("fused-cpu", "unfused-eager")
 
 
@@ -118,7 +119,7 @@ def run(device, shapes, dtypes, variants, modes, rounds, top, save=None):
                 for v in variants:
                     if v not in table:
                         continue
-                    if _skip_reason(v, shape_name, shape, dtype):
+                    if _skip_reason(v, shape_name, shape, dtype, mode):
                         continue  # as in the op benchmarks
                     torch.manual_seed(0)
                     args = _inputs(shape, dtype, device, requires_grad=(mode == "fwdbwd"))

@@ -14,10 +14,12 @@ Public entry points
 ``dot_precision(device)`` / ``dot_precisions(device, dtype)``
     The ``tl.dot`` input precision(s) the kernels use there (see below).
 ``forward_path(P, K, dot_prec)``
-    ``"single"`` (one program per sample) or ``"tiled"`` (three kernels).
+    ``"single"`` (one program per sample) or ``"tiled"`` (three kernels) by
+    default; ``"split"`` or ``"stream"`` when asked for.
 
 Environment: ``PERSONVLAD_TRITON_DOT=ieee|tf32x3`` forces one dot precision;
-``PERSONVLAD_TRITON_FWD=tiled`` forces the tiled forward;
+``PERSONVLAD_TRITON_FWD=tiled`` forces the tiled forward, ``split`` and
+``stream`` the two candidate one-launch forwards (below);
 ``PERSONVLAD_TRITON_AUTOTUNE=0`` (read at import) runs each kernel's first
 config without autotuning.
 
@@ -68,6 +70,16 @@ forward, P <= SINGLE_MAX_P (the paper's 2x11x5 grid): one launch
      ablation: at the paper shape on a 132-SM GPU, 2x the programs (one
      wave) and half the dependent steps, for the price of G computed once
      per slice.)
+forward, any P, ``PERSONVLAD_TRITON_FWD=stream``: one launch
+  ``_fwd_stream``  grid (N, C slices of STREAM_C = 8192 / BLOCK_K channels):
+     each program streams the sample's grid through in BLOCK_P tiles -- G
+     over all C, the soft-assignments, A' and s on chip -- and accumulates
+     its slice ``V_j += A' F_j^T`` in registers.  Nothing of size K x P is
+     written (the tiled forward's A' workspace); G is computed once per
+     slice.  Normalised, V goes to an fp32 workspace (the output itself when
+     that is float32) and the sample's last program normalises, as in the
+     split forward.  An ablation until GPU benchmarks decide; at the large
+     shape its extra memory is at most 2x the output (issue 4's bound).
 forward, larger P (tiled; ``PERSONVLAD_TRITON_FWD=tiled`` forces it)
   1. ``_fwd_assign``  grid (N, cdiv(P, BLOCK_P)).  G = W F for a P tile
      (tl.dot over C chunks), then for each part b the max-subtracted softmax
@@ -93,8 +105,8 @@ backward
   dz, dc = ``-sum_n s dV`` are small torch reductions.
 
 Everything is deterministic for a given autotuned configuration: no
-atomic accumulation (the split forward's only atomic is a per-sample
-ticket counter; its norms are summed in a fixed order).  Tiles are loaded as fp32 and every ``tl.dot`` takes a constexpr
+atomic accumulation (the split and streamed forwards' only atomic is a
+per-sample ticket counter; their norms are summed in a fixed order).  Tiles are loaded as fp32 and every ``tl.dot`` takes a constexpr
 input precision (see :func:`dot_precisions`): ``"tf32x3"`` on sm_80+ (three
 TF32 tensor-core products, a ~fp32-accurate split) and ``"ieee"`` (fp32 FMA)
 on sm_7x and under the interpreter; the logit GEMM ``G = W F``
@@ -237,6 +249,7 @@ if INTERPRET:
     _ASSIGN = [(16, 16, 1, 1)]
     _BWD = [(16, 16, 1, 1)]
     _GEMM = [(16, 16, 16, 1, 1)]
+    _STREAM = [(16, 16, 1, 1)]
 else:
     #           BLOCK_C, warps, stages
     # Chosen so that no config spills registers at BLOCK_K=64 on sm_90 or
@@ -251,6 +264,13 @@ else:
     #          BLOCK_K, BLOCK_C, BLOCK_P, warps, stages
     _GEMM = [(64, 64, 32, 4, 3), (64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3),
              (64, 32, 32, 4, 3)]
+    #            BLOCK_P, BLOCK_C, warps, stages: the streamed forward.  Its V
+    # tile (BLOCK_K x STREAM_C = 8192 fp32) is a register accumulator of its
+    # own, so it takes 8 warps and P tiles of 16-32: every 4-warp config and
+    # every BLOCK_P = 64 one spilled at sm_90 in bf16 (`kernel_resources.py
+    # --scan`, 24-1056 bytes).  These spill nothing at sm_90 or sm_75 in bf16
+    # or fp32 at BLOCK_K = 64 or 128; at sm_80, up to 80 bytes.
+    _STREAM = [(32, 32, 8, 1), (32, 16, 8, 2), (16, 32, 8, 1)]
 
 # K > 64 (BLOCK_K = 128) holds twice the (BLOCK_K, BLOCK_P) fp32 tiles: the
 # assignment and backward kernels get their own lists, scanned the same way.
@@ -480,6 +500,52 @@ def _fwd_single_kernel(
                  mask=mk[:, None] & mc[None, :])
 
 
+@triton.jit
+def _is_last_program(CNT_ptr, n, NPROG):
+    """Ticket of a program of sample n, which ``NPROG`` programs share:
+    whether it is the last of them to get here.
+
+    Memory order: the barrier makes the program's stores happen before its
+    ticket (an acq_rel atomic at GPU scope, cumulative over the block); the
+    last program then reads the others' stores with ``.cg`` loads (L2), so
+    no stale L1 line is read.  Whoever gets True resets ``CNT[n]`` to 0 when
+    done (autotuning reruns the kernel)."""
+    tl.debug_barrier()
+    return tl.atomic_add(CNT_ptr + n, 1) == NPROG - 1
+
+
+@triton.jit
+def _write_scaled(OUT_ptr, Vn, scale, n, K, C, offs_k, mk, FIN_C: tl.constexpr, CACHE: tl.constexpr):
+    """OUT[n] = V * scale (per row) from sample n's fp32 V at ``Vn``, in FIN_C
+    chunks, loading with ``cache_modifier=CACHE``."""
+    On = OUT_ptr + n * K * C
+    for c0 in range(0, C, FIN_C):
+        offs_c = c0 + tl.arange(0, FIN_C)
+        msk = mk[:, None] & (offs_c < C)[None, :]
+        off = offs_k[:, None] * C + offs_c[None, :]
+        v = tl.load(Vn + off, mask=msk, other=0.0, cache_modifier=CACHE)
+        tl.store(On + off, (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=msk)
+
+
+@triton.jit
+def _normalize_sample(OUT_ptr, Vn, NORM_ptr, n, K, C, offs_k, mk,
+                      BLOCK_K: tl.constexpr, FIN_C: tl.constexpr, CACHE: tl.constexpr):
+    """Sample n's raw fp32 V (at ``Vn``) to its norms and the scaled output:
+    the rows' sums of squares over FIN_C chunks in chunk order, then the
+    output (:func:`_write_scaled`)."""
+    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for c0 in range(0, C, FIN_C):
+        offs_c = c0 + tl.arange(0, FIN_C)
+        msk = mk[:, None] & (offs_c < C)[None, :]
+        v = tl.load(Vn + offs_k[:, None] * C + offs_c[None, :], mask=msk, other=0.0, cache_modifier=CACHE)
+        dss, dsst = _row_sq_sums(v)
+        ss += dss
+        sst += dsst
+    scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
+    _write_scaled(OUT_ptr, Vn, scale, n, K, C, offs_k, mk, FIN_C, CACHE)
+
+
 # No SPLIT_C in the key: one config per shape class whatever the batch, so a
 # sample's bits do not depend on how many samples share its launch.
 _SPLIT_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "LOGIT_PREC", "DOT_PREC"]
@@ -501,15 +567,11 @@ def _fwd_split_kernel(
     its own C slice, once.  Unnormalised, that is the output.  Normalised,
     it writes the slice to the fp32 workspace ``V`` and each BLOCK_C chunk's
     row sums of squares to ``SS[n, chunk]`` (NCHUNK slots a sample), and
-    takes a ticket from ``CNT[n]``: the sample's last program sums the
-    chunks' sums in chunk order -- the order ``_fwd_single`` adds them in, so
-    with the same BLOCK_C the output and norms are the same bits as its, for
-    any SPLIT_C -- stores the norms, writes the scaled output and resets
-    ``CNT[n]`` to 0 (autotuning reruns the kernel).
-
-    Memory order: the barrier makes the program's stores happen before its
-    ticket (an acq_rel atomic at GPU scope, cumulative over the block); the
-    last program's loads are ``.cg`` (L2), so no stale L1 line is read."""
+    takes a ticket (:func:`_is_last_program`): the sample's last program
+    sums the chunks' sums in chunk order -- the order
+    ``_fwd_single`` adds them in, so with the same BLOCK_C the output and
+    norms are the same bits as its, for any SPLIT_C -- and writes the
+    norms and the scaled output."""
     tl.static_assert(SPLIT_C % BLOCK_C == 0, "SPLIT_C must be a multiple of BLOCK_C")
     n = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1)
@@ -532,22 +594,80 @@ def _fwd_split_kernel(
         else:  # unnormalised, V is the output
             tl.store(On + off, v.to(OUT_ptr.dtype.element_ty), mask=mk[:, None] & mc[None, :])
     if NORMALIZE:
-        tl.debug_barrier()
-        ticket = tl.atomic_add(CNT_ptr + n, 1)
-        if ticket == tl.cdiv(C, SPLIT_C) - 1:
+        last = _is_last_program(CNT_ptr, n, tl.cdiv(C, SPLIT_C))
+        if last:  # the chunks' row sums in chunk order, as _fwd_single adds them
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for q in range(0, tl.cdiv(C, BLOCK_C)):
                 ss += tl.load(SSn + q * 2 * BLOCK_K + offs_k, cache_modifier=".cg")
                 sst += tl.load(SSn + q * 2 * BLOCK_K + BLOCK_K + offs_k, cache_modifier=".cg")
             scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
-            for c0 in range(0, C, FIN_C):
-                offs_c = c0 + tl.arange(0, FIN_C)
-                msk = mk[:, None] & (offs_c < C)[None, :]
-                off = offs_k[:, None] * C + offs_c[None, :]
-                v = tl.load(Vn + off, mask=msk, other=0.0, cache_modifier=".cg")
-                tl.store(On + off, (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=msk)
+            _write_scaled(OUT_ptr, Vn, scale, n, K, C, offs_k, mk, FIN_C, ".cg")
             tl.atomic_xchg(CNT_ptr + n, 0)
+
+
+# STREAM_C is a function of (C, K) alone: one config and one slicing per
+# shape class whatever the batch, so a sample's bits do not depend on how
+# many samples share its launch.
+_STREAM_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "V_IS_OUT", "LOGIT_PREC", "DOT_PREC"]
+
+
+@triton.autotune(configs=_cfgs(_STREAM, ("BLOCK_P", "BLOCK_C")), key=_STREAM_KEY)
+@triton.jit
+def _fwd_stream_kernel(
+    F_ptr, M_ptr, W_ptr, Z_ptr, CEN_ptr, OUT_ptr, V_ptr, CNT_ptr, NORM_ptr,
+    C, P, K, B, P_BUCKET, NSLICE,
+    HAS_PARTS: tl.constexpr, NORMALIZE: tl.constexpr, V_IS_OUT: tl.constexpr,
+    LOGIT_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
+    BLOCK_K: tl.constexpr, FIN_C: tl.constexpr, STREAM_C: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """The whole forward in one launch for any P: grid (N, NSLICE), program
+    (n, j) owns the channels [j STREAM_C, (j+1) STREAM_C) of sample n and
+    streams the sample's grid through in BLOCK_P tiles: for each tile, G
+    = W F over all C (:func:`_assign_tile`), the part soft-assignments, A'
+    and s on chip, then ``V_j += A' F_j^T`` into a (BLOCK_K, STREAM_C) fp32
+    accumulator that stays in registers.  Neither A' nor G is ever written
+    to memory (the tiled forward's (N, K, P) A' workspace); the price is G
+    computed once per slice.  At the end ``V_j -= s c_j``.  Unnormalised,
+    V_j is the output.  Normalised, the program writes V_j to the fp32 V
+    (the output itself when that is float32, ``V_IS_OUT``) and takes a
+    ticket (:func:`_is_last_program`); the sample's last program reads all
+    of V back from L2 for the norms and the scaled output, in a fixed chunk
+    order (:func:`_normalize_sample`; no per-slice partial sums, so nothing
+    but V is allocated beside the output)."""
+    n = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1)
+    offs_k = tl.arange(0, BLOCK_K)
+    mk = offs_k < K
+    offs_s = sp * STREAM_C + tl.arange(0, STREAM_C)
+    ms = offs_s < C
+    Fn = F_ptr + n * C * P
+    V = tl.zeros((BLOCK_K, STREAM_C), dtype=tl.float32)
+    s = tl.zeros((BLOCK_K,), dtype=tl.float32)
+    for p0 in range(0, P, BLOCK_P):
+        offs_p = p0 + tl.arange(0, BLOCK_P)
+        mp = offs_p < P
+        Ap, ds = _assign_tile(Fn, M_ptr, W_ptr, Z_ptr, n, C, P, B, offs_k, offs_p, mk, mp,
+                              HAS_PARTS, LOGIT_PREC, BLOCK_K, BLOCK_P, BLOCK_C)
+        s += ds
+        f = _load_tile(Fn, offs_s, offs_p, P, ms, mp)
+        V += tl.dot(Ap, tl.trans(f), input_precision=DOT_PREC)
+    V -= s[:, None] * _load_tile(CEN_ptr, offs_k, offs_s, C, mk, ms)
+    off = offs_k[:, None] * C + offs_s[None, :]
+    msk = mk[:, None] & ms[None, :]
+    if NORMALIZE:
+        if V_IS_OUT:
+            Vn = OUT_ptr + n * K * C
+        else:
+            Vn = V_ptr + n * K * C
+        tl.store(Vn + off, V, mask=msk)
+        last = _is_last_program(CNT_ptr, n, NSLICE)
+        if last:
+            _normalize_sample(OUT_ptr, Vn, NORM_ptr, n, K, C, offs_k, mk, BLOCK_K, FIN_C, ".cg")
+            tl.atomic_xchg(CNT_ptr + n, 0)
+    else:
+        tl.store(OUT_ptr + n * K * C + off, V.to(OUT_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
@@ -555,24 +675,7 @@ def _fwd_normalize_kernel(V_ptr, OUT_ptr, NORM_ptr, K, C,
                           BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
-    mk = offs_k < K
-    Vn = V_ptr + n * K * C
-    ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        v = _load_tile(Vn, offs_k, offs_c, C, mk, offs_c < C)
-        dss, dsst = _row_sq_sums(v)
-        ss += dss
-        sst += dsst
-    scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
-    On = OUT_ptr + n * K * C
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
-        mc = offs_c < C
-        v = _load_tile(Vn, offs_k, offs_c, C, mk, mc)
-        tl.store(On + offs_k[:, None] * C + offs_c[None, :],
-                 (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=mk[:, None] & mc[None, :])
+    _normalize_sample(OUT_ptr, V_ptr + n * K * C, NORM_ptr, n, K, C, offs_k, offs_k < K, BLOCK_K, BLOCK_C, "")
 
 
 @triton.jit
@@ -832,6 +935,14 @@ def split_channels(N, C, sms, min_c=16) -> int:
     return min(_pow2_at_least(triton.cdiv(C, slices), min_c), _pow2_at_least(C, min_c))
 
 
+def stream_channels(K, C) -> int:
+    """STREAM_C, the channels per program of the streamed forward: as many
+    as its fp32 V accumulator holds (``STREAM_TILE // BLOCK_K``), a power of
+    two of at least 16 and at most C's.  A function of (K, C) alone, so the
+    slicing and the bits are the same whatever the batch."""
+    return min(_pow2_at_least(C), max(16, STREAM_TILE // _block_k(K)))
+
+
 def _block_k(K):
     return _pow2_at_least(K)
 
@@ -861,7 +972,11 @@ SINGLE_MAX_P = 128
 # registers spill (bench/kernel_resources.py): the tensor-core (tf32x3) build
 # holds a 64 x 128 tile, the FMA (ieee, sm_7x) build a 64 x 64 one.
 SINGLE_MAX_TILE = {"tf32x3": 64 * 128, "ieee": 64 * 64}
-FORWARD_PATHS = ("auto", "single", "split", "tiled")
+FORWARD_PATHS = ("auto", "single", "split", "stream", "tiled")
+# Elements of the streamed forward's (BLOCK_K, STREAM_C) fp32 accumulator:
+# 64 x 128, 32 registers a thread over 8 warps.  The interpreter takes
+# 16-channel slices, so that the tests' tiny shapes run several.
+STREAM_TILE = 16 * 16 if INTERPRET else 64 * 128
 _FWD_ENV = "PERSONVLAD_TRITON_FWD"
 
 
@@ -872,10 +987,15 @@ def forward_path(P, K=64, dot_prec="tf32x3") -> str:
     ``PERSONVLAD_TRITON_FWD=tiled`` forces the tiled path; ``single`` and
     ``split`` (:func:`_fwd_split_kernel`: the one-program forward spread over
     C slices, one launch; an ablation until GPU benchmarks decide) are
-    honoured only where the tile fits."""
+    honoured only where the tile fits.  ``stream``
+    (:func:`_fwd_stream_kernel`: one launch for any P, the grid streamed
+    through each C slice's program in tiles, no A' in memory; an ablation
+    until GPU benchmarks decide) is honoured everywhere."""
     env = os.environ.get(_FWD_ENV, "") or "auto"
     if env not in FORWARD_PATHS:
         raise ValueError(f"{_FWD_ENV}: expected one of {FORWARD_PATHS}, got {env!r}")
+    if env == "stream":
+        return "stream"
     if env == "tiled" or P > SINGLE_MAX_P or _block_k(K) * _pow2_at_least(P) > SINGLE_MAX_TILE[dot_prec]:
         return "tiled"
     return "split" if env == "split" else "single"
@@ -922,6 +1042,27 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
             (wrap_triton(_fwd_split_kernel_sm90) if wrap else tuned(_fwd_split_kernel_sm90))[grid](*args, **kw)
         else:
             (wrap_triton(_fwd_split_kernel) if wrap else tuned(_fwd_split_kernel))[grid](*args, **kw)
+        return out, norms
+    if path == "stream":
+        stream_c = stream_channels(K, C)
+        nslice = triton.cdiv(C, stream_c)
+        out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
+        # normalised: V in fp32 -- the output itself where that is float32
+        # (V_IS_OUT: rescaled in place, no second argument aliasing it) --
+        # and one ticket counter per sample
+        v_is_out = normalize and out_dtype == torch.float32
+        if normalize:
+            norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
+            V = torch.empty(0 if v_is_out else (N, K, C), device=dev, dtype=torch.float32)
+            cnt = torch.zeros((N,), device=dev, dtype=torch.int32)
+        else:  # V and the counter are not touched: one empty stands in for both
+            norms = torch.empty((N, 0), device=dev, dtype=torch.float32)
+            V = cnt = torch.empty(0, device=dev, dtype=torch.float32)
+        (wrap_triton(_fwd_stream_kernel) if wrap else tuned(_fwd_stream_kernel))[(N, nslice)](
+            F, Mp, W, z, c, out, V, cnt, norms, C, P, K, B, PB, nslice,
+            HAS_PARTS=M is not None, NORMALIZE=normalize, V_IS_OUT=v_is_out, LOGIT_PREC=logit_prec,
+            DOT_PREC=prec, BLOCK_K=BK, FIN_C=_block_c_rows(BK, C), STREAM_C=stream_c,
+        )
         return out, norms
     nslot = triton.cdiv(P, _SLOT)
     Ap = torch.empty((N, K, P), device=dev, dtype=torch.float32)

@@ -66,12 +66,14 @@ FWD_CASES = [
 ]
 
 
-@pytest.fixture(params=["single", "split", "tiled"])
+@pytest.fixture(params=["single", "split", "stream", "tiled"])
 def fwd_path(request, monkeypatch):
     """The forward paths: one program per sample (the default for P <= 128),
     the same spread over C slices (forced; one slice at C = 12 under the
-    interpreter, see test_split_forward_over_several_slices) and the three
-    tiled kernels (forced)."""
+    interpreter, see test_split_forward_over_several_slices), the streamed
+    one-launch forward (forced; C = 12 is one slice of 16, see
+    test_stream_forward_over_several_slices) and the three tiled kernels
+    (forced)."""
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", request.param)
     return request.param
 
@@ -104,26 +106,19 @@ def test_forward_path_choice(monkeypatch):
     assert tk.forward_path(tk.SINGLE_MAX_P) == "split"
     assert tk.forward_path(tk.SINGLE_MAX_P + 1) == "tiled"
     assert tk.forward_path(100, K=64, dot_prec="ieee") == "tiled"
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "stream")  # honoured everywhere
+    for P, K, prec in ((8, 64, "tf32x3"), (tk.SINGLE_MAX_P + 1, 64, "tf32x3"), (1568, 128, "ieee")):
+        assert tk.forward_path(P, K, prec) == "stream"
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "fast")
     with pytest.raises(ValueError, match="PERSONVLAD_TRITON_FWD"):
         tk.forward_path(8)
 
 
-@pytest.mark.parametrize("B,normalize,dtype", [
-    (3, True, torch.float32), (None, True, torch.float16), (2, False, torch.float32), (None, False, torch.float16)],
-    ids=["B3-norm-f32", "noparts-norm-f16", "B2-raw-f32", "noparts-raw-f16"])
-def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
-    """C = 40 over slices of SPLIT_C channels, the last one ragged (32 + 8
-    under the interpreter, 16 x 2 + 8 on an H100): the output and the norms
-    match float64, a second call is bit-identical (the last program sums the
-    chunks' norms in chunk order, whichever program finishes last), the
-    ticket counter is left at zero, and output, norms and gradients are the
-    same bits as the one-program forward's and as a sample's alone."""
-    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
-    N, C, K, S = 3, 40, 5, (3, 4)
-    split_c = tk.split_channels(N, C, tk._sm_count(torch.device(DEV)))
-    assert C // split_c >= 1 and C % split_c != 0  # two or more slices, the last one ragged
-    ins = make_inputs(N=N, C=C, S=S, B=B, K=K, dtype=dtype, device=DEV, seed=7)
+def _ticketed_forward(monkeypatch, ins, normalize, dtype):
+    """The forward op on ``ins`` with the path the environment asks for (one
+    whose programs share a sample through a ticket counter): output and
+    norms against float64, a second call bit-identical (whichever program
+    finishes last), and its counter (normalised only) left at zero."""
     counters = []
     real_zeros = torch.zeros
 
@@ -147,6 +142,25 @@ def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
         r = V.norm(dim=2)
         g = (V / r[..., None]).flatten(1).norm(dim=1)
         torch.testing.assert_close(norms.double(), torch.cat([r, g[:, None]], 1), atol=1e-4, rtol=1e-3)
+    return out, norms
+
+
+@pytest.mark.parametrize("B,normalize,dtype", [
+    (3, True, torch.float32), (None, True, torch.float16), (2, False, torch.float32), (None, False, torch.float16)],
+    ids=["B3-norm-f32", "noparts-norm-f16", "B2-raw-f32", "noparts-raw-f16"])
+def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
+    """C = 40 over slices of SPLIT_C channels, the last one ragged (32 + 8
+    under the interpreter, 16 x 2 + 8 on an H100): the output and the norms
+    match float64, a second call is bit-identical (the last program sums the
+    chunks' norms in chunk order, whichever program finishes last), the
+    ticket counter is left at zero, and output, norms and gradients are the
+    same bits as the one-program forward's and as a sample's alone."""
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
+    N, C, K, S = 3, 40, 5, (3, 4)
+    split_c = tk.split_channels(N, C, tk._sm_count(torch.device(DEV)))
+    assert C // split_c >= 1 and C % split_c != 0  # two or more slices, the last one ragged
+    ins = make_inputs(N=N, C=C, S=S, B=B, K=K, dtype=dtype, device=DEV, seed=7)
+    out, norms = _ticketed_forward(monkeypatch, ins, normalize, dtype)
     # the same bits as the one-program forward (same BLOCK_C under the
     # interpreter): each chunk's row sums are added in chunk order, as there;
     # and so the same bits for a sample alone (3 slices of 16 channels here)
@@ -165,6 +179,78 @@ def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
         for a, b in zip(grads, _grads(_triton, ins, normalize, gout)):
             if a is not None:
                 assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("B,normalize,dtype", [
+    (3, True, torch.float32), (None, True, torch.float16), (2, False, torch.float32), (None, False, torch.float16)],
+    ids=["B3-norm-f32", "noparts-norm-f16", "B2-raw-f32", "noparts-raw-f16"])
+def test_stream_forward_over_several_slices(monkeypatch, B, normalize, dtype):
+    """The streamed forward at C = 40 (three slices of 16 channels under the
+    interpreter, the last one ragged) and P = 21 (two tiles of 16, the last
+    one ragged): output and norms match float64, a second call is
+    bit-identical whichever program finishes last, the ticket counter is
+    left at zero, a sample alone gives the same bits as in the batch, and
+    the gradients (the shared backward, from this forward's output and
+    norms) match the tiled forward's."""
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "stream")
+    N, C, K, S = 3, 40, 5, (3, 7)
+    assert tk.stream_channels(K, C) == 16 and tk.forward_path(21, K) == "stream"
+    ins = make_inputs(N=N, C=C, S=S, B=B, K=K, dtype=dtype, device=DEV, seed=11)
+    out, norms = _ticketed_forward(monkeypatch, ins, normalize, dtype)
+    alone = [None if t is None else (t[1:2] if t.dim() > 2 else t) for t in ins]
+    out1, norms1, _ = torch.ops.personvlad.person_vlad_triton(*alone, normalize)
+    assert torch.equal(out1, out[1:2]) and torch.equal(norms1, norms[1:2])
+    if dtype == torch.float32:
+        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
+        grads = _grads(_triton, ins, normalize, gout)
+        monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "tiled")
+        for a, b in zip(grads, _grads(_triton, ins, normalize, gout)):
+            if a is not None:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("path", ["stream", "tiled"])
+def test_forward_extra_memory(monkeypatch, dtype, path):
+    """What the forward allocates besides its output and norms (issue 4: at
+    most 2x the output).  The streamed forward: nothing of size K x P, no
+    partial sums; in float32 no V beside the output (V is written into it
+    and rescaled in place), in half precision one float32 V (2x the output),
+    and a ticket counter per sample.  The tiled
+    forward keeps its (N, K, P) A' and an fp32 V: over the bound at this P,
+    so the bound fails where it should."""
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", path)
+    N, C, K, S, B = 2, 24, 5, (5, 9), 2
+    P = 45
+    ins = make_inputs(N=N, C=C, S=S, B=B, K=K, dtype=dtype, device=DEV, seed=3)
+    sizes = []
+    real_empty, real_zeros = torch.empty, torch.zeros
+
+    def record(real):
+        def alloc(*a, **kw):
+            t = real(*a, **kw)
+            sizes.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
+            return t
+        return alloc
+
+    monkeypatch.setattr(torch, "empty", record(real_empty))
+    monkeypatch.setattr(torch, "zeros", record(real_zeros))
+    with torch.no_grad():
+        out = ops.person_vlad(*ins, backend="triton")
+    monkeypatch.setattr(torch, "empty", real_empty)
+    monkeypatch.setattr(torch, "zeros", real_zeros)
+    torch.testing.assert_close(out.double(), _oracle(ins, True), atol=tolerance(dtype)[0], rtol=tolerance(dtype)[1])
+    out_bytes = out.numel() * out.element_size()
+    ours = [x for x in sizes if x[0] not in ((N, K * C), (N, K + 1))]  # the output and the norms
+    extra = sum(x[2] for x in ours)
+    kp = [x for x in sizes if x[0] == (N, K, P)]
+    if path == "stream":
+        assert kp == [], sizes
+        assert extra <= 2 * out_bytes + 4 * N, (extra, out_bytes, sizes)  # and a ticket counter a sample
+        v = [x for x in ours if x[0] == (N, K, C)]
+        assert len(v) == (0 if dtype == torch.float32 else 1), sizes
+    else:
+        assert kp and extra > 2 * out_bytes, (extra, out_bytes, sizes)
 
 
 def test_split_channels_fill_one_wave():
@@ -681,8 +767,8 @@ assert not tk.INTERPRET
 #    assignment and main backward kernels twice: K <= 64 and K = 128 lists)
 fwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton")
 bwd_k = get_triton_kernels_for_op("personvlad::person_vlad_triton_backward")
-assert len(fwd_k) == 7 and tk._fwd_assign_kernel_k128 in fwd_k and tk._fwd_split_kernel in fwd_k, fwd_k
-assert tk._fwd_split_kernel_sm90 in fwd_k, fwd_k
+assert len(fwd_k) == 8 and tk._fwd_assign_kernel_k128 in fwd_k and tk._fwd_split_kernel in fwd_k, fwd_k
+assert tk._fwd_split_kernel_sm90 in fwd_k and tk._fwd_stream_kernel in fwd_k, fwd_k
 assert len(bwd_k) == 4 and tk._bwd_main_kernel_k128 in bwd_k, bwd_k
 
 # 2. the op body traces on fake CUDA tensors into visible Triton kernel calls
@@ -691,16 +777,16 @@ with FakeTensorMode():
     gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)  # P=15: the single-program path
     hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     assert len(hops) == 1, gm.code
-    os.environ["PERSONVLAD_TRITON_FWD"] = "split"  # one launch, as the single-program path
-    gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)
-    hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
     from torch._higher_order_ops.triton_kernel_wrap import kernel_side_table
-    assert len(hops) == 1 and kernel_side_table.get_kernel(hops[0].kwargs["kernel_idx"]) is tk._fwd_split_kernel, \
-        gm.code
+    for path, kern in (("split", tk._fwd_split_kernel), ("stream", tk._fwd_stream_kernel)):
+        os.environ["PERSONVLAD_TRITON_FWD"] = path  # one launch, as the single-program path
+        gm = make_fx(lambda *a: tk._forward_impl(*a, True))(*ins)
+        hops = [n for n in gm.graph.nodes if "triton_kernel_wrapper" in str(n.target)]
+        assert len(hops) == 1 and kernel_side_table.get_kernel(hops[0].kwargs["kernel_idx"]) is kern, gm.code
     # functionalized (aot_eager, AOTAutograd), the op's output is the kernel's
     # OUT_ptr: no other argument aliases it (one that did, an fp32 V written in
     # place, came back as the output unnormalised)
-    for path in ("split", "single"):
+    for path in ("split", "stream", "single"):
         os.environ["PERSONVLAD_TRITON_FWD"] = path
         gm = make_fx(torch.func.functionalize(lambda *a: tk._forward_impl(*a, True)))(*ins)
         first = [n for n in gm.graph.nodes if n.op == "output"][0].args[0][0]
@@ -742,6 +828,11 @@ comp(tk._fwd_single_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32
 comp(tk._fwd_split_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f, V_ptr=f32,
      SS_ptr=f32, CNT_ptr="*i32", NORM_ptr=f32),
      dict(HAS_PARTS=True, NORMALIZE=True, BLOCK_K=64, BLOCK_P=128, FIN_C=64, BLOCK_C=16, SPLIT_C=64), 8, 1)
+for v_is_out in (False, True):
+    comp(tk._fwd_stream_kernel.fn, dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32,
+         OUT_ptr=f32 if v_is_out else f, V_ptr=f32, CNT_ptr="*i32", NORM_ptr=f32, NSLICE="i32"),
+         dict(HAS_PARTS=True, NORMALIZE=True, V_IS_OUT=v_is_out, BLOCK_K=64, FIN_C=64, STREAM_C=128,
+              BLOCK_P=64, BLOCK_C=32), 8, 2)
 comp(tk._fwd_normalize_kernel, dict(ints, V_ptr=f32, OUT_ptr=f, NORM_ptr=f32), dict(BLOCK_K=64, BLOCK_C=64), 4, 1)
 comp(tk._bwd_normalize_kernel, dict(ints, DY_ptr=f, Y_ptr=f, NORM_ptr=f32, CEN_ptr=f32, DV_ptr=f32, DS_ptr=f32),
      dict(NORMALIZE=True, BLOCK_K=64, BLOCK_C=64), 4, 1)
@@ -820,11 +911,13 @@ assert wrapped == [tk._fwd_assign_kernel, tk._gemm_kc_kernel, tk._fwd_normalize_
 assert launched == wrapped, launched
 launched.clear()
 wrapped.clear()
-os.environ["PERSONVLAD_TRITON_FWD"] = "split"
-with torch.no_grad():
-    tk.person_vlad_triton(*x, True)
-del os.environ["PERSONVLAD_TRITON_FWD"]
-assert K(launched) == K([tk._fwd_split_kernel]) and wrapped == [], (launched, wrapped)
+for path, kern in (("split", tk._fwd_split_kernel), ("stream", tk._fwd_stream_kernel)):
+    os.environ["PERSONVLAD_TRITON_FWD"] = path
+    with torch.no_grad():
+        tk.person_vlad_triton(*x, True)
+    del os.environ["PERSONVLAD_TRITON_FWD"]
+    assert K(launched) == K([kern]) and wrapped == [], (path, launched, wrapped)
+    launched.clear()
 tk.wrap_triton = real_wrap
 print("GPU-PATH-OK")
 """
