@@ -71,7 +71,8 @@ forward, P <= SINGLE_MAX_P (the paper's 2x11x5 grid): one launch
      wave) and half the dependent steps, for the price of G computed once
      per slice.)
 forward, any P, ``PERSONVLAD_TRITON_FWD=stream``: one launch
-  ``_fwd_stream``  grid (N, C slices of STREAM_C = 8192 / BLOCK_K channels):
+  ``_fwd_stream``  grid (N x C slices of STREAM_C = min(8192 / BLOCK_K, 256)
+     channels, a sample's slices side by side):
      each program streams the sample's grid through in BLOCK_P tiles -- G
      over all C, the soft-assignments, A' and s on chip -- and accumulates
      its slice ``V_j += A' F_j^T`` in registers.  Nothing of size K x P is
@@ -269,7 +270,8 @@ else:
     # own, so it takes 8 warps and P tiles of 16-32: every 4-warp config and
     # every BLOCK_P = 64 one spilled at sm_90 in bf16 (`kernel_resources.py
     # --scan`, 24-1056 bytes).  These spill nothing at sm_90 or sm_75 in bf16
-    # or fp32 at BLOCK_K = 64 or 128; at sm_80, up to 80 bytes.
+    # or fp32 at BLOCK_K = 16, 64 or 128 (at 32, with 256-channel slices, 16
+    # bytes in one sm_90 config); at sm_80, up to 200 bytes.
     _STREAM = [(32, 32, 8, 1), (32, 16, 8, 2), (16, 32, 8, 1)]
 
 # K > 64 (BLOCK_K = 128) holds twice the (BLOCK_K, BLOCK_P) fp32 tiles: the
@@ -622,8 +624,10 @@ def _fwd_stream_kernel(
     BLOCK_K: tl.constexpr, FIN_C: tl.constexpr, STREAM_C: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """The whole forward in one launch for any P: grid (N, NSLICE), program
-    (n, j) owns the channels [j STREAM_C, (j+1) STREAM_C) of sample n and
+    """The whole forward in one launch for any P: grid (N * NSLICE,), program
+    n * NSLICE + j (a sample's slices side by side, so they run in the same
+    wave and share its features in L2) owns the channels [j STREAM_C,
+    (j+1) STREAM_C) of sample n and
     streams the sample's grid through in BLOCK_P tiles: for each tile, G
     = W F over all C (:func:`_assign_tile`), the part soft-assignments, A'
     and s on chip, then ``V_j += A' F_j^T`` into a (BLOCK_K, STREAM_C) fp32
@@ -636,8 +640,9 @@ def _fwd_stream_kernel(
     of V back from L2 for the norms and the scaled output, in a fixed chunk
     order (:func:`_normalize_sample`; no per-slice partial sums, so nothing
     but V is allocated beside the output)."""
-    n = tl.program_id(0).to(tl.int64)
-    sp = tl.program_id(1)
+    pid = tl.program_id(0)
+    n = (pid // NSLICE).to(tl.int64)
+    sp = pid % NSLICE
     offs_k = tl.arange(0, BLOCK_K)
     mk = offs_k < K
     offs_s = sp * STREAM_C + tl.arange(0, STREAM_C)
@@ -658,6 +663,7 @@ def _fwd_stream_kernel(
     msk = mk[:, None] & ms[None, :]
     if NORMALIZE:
         if V_IS_OUT:
+            tl.static_assert(OUT_ptr.dtype.element_ty == tl.float32, "V_IS_OUT needs a float32 output")
             Vn = OUT_ptr + n * K * C
         else:
             Vn = V_ptr + n * K * C
@@ -935,12 +941,17 @@ def split_channels(N, C, sms, min_c=16) -> int:
     return min(_pow2_at_least(triton.cdiv(C, slices), min_c), _pow2_at_least(C, min_c))
 
 
+STREAM_MAX_C = 256
+
+
 def stream_channels(K, C) -> int:
     """STREAM_C, the channels per program of the streamed forward: as many
     as its fp32 V accumulator holds (``STREAM_TILE // BLOCK_K``), a power of
-    two of at least 16 and at most C's.  A function of (K, C) alone, so the
-    slicing and the bits are the same whatever the batch."""
-    return min(_pow2_at_least(C), max(16, STREAM_TILE // _block_k(K)))
+    two of at least 16 and at most C's and STREAM_MAX_C (its (STREAM_C,
+    BLOCK_P) feature tile: 512 channels at K <= 16 spilled at sm_90 and
+    took more shared memory than sm_75 has).  A function of (K, C) alone,
+    so the slicing and the bits are the same whatever the batch."""
+    return min(_pow2_at_least(C), max(16, STREAM_TILE // _block_k(K)), STREAM_MAX_C)
 
 
 def _block_k(K):
@@ -1058,7 +1069,7 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
         else:  # V and the counter are not touched: one empty stands in for both
             norms = torch.empty((N, 0), device=dev, dtype=torch.float32)
             V = cnt = torch.empty(0, device=dev, dtype=torch.float32)
-        (wrap_triton(_fwd_stream_kernel) if wrap else tuned(_fwd_stream_kernel))[(N, nslice)](
+        (wrap_triton(_fwd_stream_kernel) if wrap else tuned(_fwd_stream_kernel))[(N * nslice,)](
             F, Mp, W, z, c, out, V, cnt, norms, C, P, K, B, PB, nslice,
             HAS_PARTS=M is not None, NORMALIZE=normalize, V_IS_OUT=v_is_out, LOGIT_PREC=logit_prec,
             DOT_PREC=prec, BLOCK_K=BK, FIN_C=_block_c_rows(BK, C), STREAM_C=stream_c,
