@@ -115,6 +115,11 @@ def test_mars_queries_follow_query_idx_order(tmp_path):
     d = MARS(root)
     assert [(len(p), pid, cam) for p, pid, cam in d.query] == [(5, 9, 0), (12, 5, 0)]
     assert [(pid, cam) for _, pid, cam in d.gallery] == [(-1, 0), (0, 1), (5, 1), (9, 2), (9, 2)]
+    # the MATLAB kit's gallery: every test track, the queries included, in test order
+    kit = MARS(root, kit_gallery=True)
+    assert kit.query == d.query
+    assert [(pid, cam) for _, pid, cam in kit.gallery] == [(-1, 0), (0, 1), (5, 0), (5, 1), (9, 0), (9, 2), (9, 2)]
+    assert kit.gallery[2] == d.query[1] and kit.gallery[4] == d.query[0]
 
 
 def test_mars_name_list_not_text(tmp_path):

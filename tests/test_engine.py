@@ -413,6 +413,17 @@ def test_extract_cli(short_run, tmp_path):
     assert rc == 0
     f = np.load(npz)
     assert f["query_feats"].shape[0] > 0 and "train_feats" not in f.files
+    # the MATLAB kit's MARS gallery: the queries are gallery tracks too
+    kit = str(tmp_path / "kit.npz")
+    assert main(["extract", "--checkpoint", str(out / "best.pt"), "--dataset", "mars", "--root", cfg.data.root,
+                 "--out", kit, "--workers", "0", "--no-progress", "--device", "cpu", "--mars-kit-gallery"]) == 0
+    k = np.load(kit)
+    nq, ng = f["query_feats"].shape[0], f["gallery_feats"].shape[0]
+    assert k["gallery_feats"].shape[0] == ng + nq and json.loads(str(k["meta"]))["mars_kit_gallery"] is True
+    np.testing.assert_array_equal(k["query_feats"], f["query_feats"])
+    with pytest.raises(SystemExit, match="MARS only"):
+        main(["extract", "--checkpoint", str(out / "best.pt"), "--dataset", "prid", "--root", cfg.data.root,
+              "--out", kit, "--mars-kit-gallery"])
     # a bad output name is refused before any extraction; a directory is one too
     from personvlad.engine.extract import extract_features, extract_split, load_model_from_checkpoint
 

@@ -140,14 +140,18 @@ class MARS(VideoDataset):
 
     ``start``/``end`` are 1-based inclusive indices into the name list; camid
     in the .mat is 1-based (made 0-based here).  Query = test tracks at
-    ``query_IDX``, gallery = the other test tracks; junk (-1) and distractor
-    (0) ids are kept.  Frame names look like ``0001C1T0001F001.jpg``.
-    ``check_frames=True`` also stats every frame file (slow on MARS itself).
+    ``query_IDX`` (in its order), gallery = the other test tracks, as the
+    Python ports build them; ``kit_gallery=True``: every test track, the
+    queries included, as the MATLAB kit (``test_mars.m``) ranks them -- a
+    query's own track is same id and camera, junk under both protocols.
+    Junk (-1) and distractor (0) ids are kept.  Frame names look like
+    ``0001C1T0001F001.jpg``.  ``check_frames=True`` also stats every frame
+    file (slow on MARS itself).
     """
 
     name = "mars"
 
-    def __init__(self, root: str, check_frames: bool = False):
+    def __init__(self, root: str, check_frames: bool = False, kit_gallery: bool = False):
         self.root = root = os.fspath(root)
         _require_dir(root, "MARS root with bbox_train/, bbox_test/, info/")
         info = os.path.join(root, "info")
@@ -175,7 +179,7 @@ class MARS(VideoDataset):
         # the queries in query_IDX's order (track_test_info[query_IDX], as the
         # benchmark's own code indexes them); the gallery in test-track order
         query = [test[i] for i in (q - 1).tolist() if test[i] is not None]
-        gallery = [t for i, t in enumerate(test) if i not in qset and t is not None]
+        gallery = [t for i, t in enumerate(test) if (kit_gallery or i not in qset) and t is not None]
         train = [t for t in train if t is not None]
         n_empty = sum(t is None for t in test)
         if n_empty:

@@ -74,6 +74,9 @@ def register(subparsers) -> None:
     e.add_argument("--split-id", type=int, default=0, help="split for iLIDS-VID / PRID-2011 (default 0)")
     e.add_argument("--out", required=True, help="output .npz")
     e.add_argument("--include-train", action="store_true", help="also extract the training split (XQDA/KISSME)")
+    e.add_argument("--mars-kit-gallery", action="store_true",
+                   help="MARS: every test track in the gallery, the queries included, as the MATLAB kit "
+                        "ranks them (default: the other test tracks, as the Python ports)")
     e.add_argument("--batch-size", type=int, default=32, help="clips per forward pass (default 32)")
     e.add_argument("--clip-len", type=int, default=None, help="frames per clip (default: the model's)")
     e.add_argument("--stride", type=int, default=8, help="frames between clip starts (default 8)")
@@ -160,9 +163,12 @@ def extract_main(args) -> int:
     model = load_model_from_checkpoint(args.checkpoint, device)
     if device.type == "cuda":
         model.to(memory_format=torch.channels_last_3d)
-    dataset = build_dataset(args.dataset, args.root, split_id=args.split_id)
+    if args.mars_kit_gallery and args.dataset != "mars":
+        raise SystemExit(f"--mars-kit-gallery: MARS only, got --dataset {args.dataset}")
+    kw = {"kit_gallery": True} if args.mars_kit_gallery else {}
+    dataset = build_dataset(args.dataset, args.root, split_id=args.split_id, **kw)
     meta = {"dataset": args.dataset, "root": os.path.abspath(args.root), "split_id": args.split_id,
-            "checkpoint": os.path.abspath(args.checkpoint)}
+            "checkpoint": os.path.abspath(args.checkpoint), "mars_kit_gallery": bool(args.mars_kit_gallery)}
     arrays = extract_features(model, dataset, args.out, include_train=args.include_train, batch_size=args.batch_size,
                               clip_len=args.clip_len, stride=args.stride, workers=args.workers, amp=args.amp,
                               progress=not args.no_progress, meta=meta)
