@@ -394,6 +394,31 @@ def test_profile_op_runs_on_cpu(tmp_path):
     assert "| tiny | fp32 | fwd | fused-cpu |" in (tmp_path / "profile_op.md").read_text()
 
 
+def test_gpu_op_candidates_run_where_they_apply():
+    """The GPU op benchmark's candidate rows (each costs device time in
+    gpu_check.sh's op step): the split forward at the paper shape only, the
+    streamed one at the large shape's forward only, both in bf16 and fp32;
+    the ablations in bf16 only."""
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(repo / "bench"))
+    try:
+        import test_bench_ops as tbo
+    finally:
+        sys.path.remove(str(repo / "bench"))
+    runs = {(v, shape, mode, dt)
+            for v in ("fused-triton-split", "fused-triton-stream", "fused-triton-tiled")
+            for shape in tbo.GPU_SHAPES for mode in ("fwd", "fwdbwd") for dt in (torch.bfloat16, torch.float32)
+            if tbo._skip_reason(v, shape, tbo.GPU_SHAPES[shape], dt, mode) is None}
+    assert {r for r in runs if r[0] == "fused-triton-split"} == {
+        ("fused-triton-split", "paper", m, dt) for m in ("fwd", "fwdbwd") for dt in (torch.bfloat16, torch.float32)}
+    assert {r for r in runs if r[0] == "fused-triton-stream"} == {
+        ("fused-triton-stream", "large", "fwd", dt) for dt in (torch.bfloat16, torch.float32)}
+    assert {r for r in runs if r[0] == "fused-triton-tiled"} == {
+        ("fused-triton-tiled", "paper", m, torch.bfloat16) for m in ("fwd", "fwdbwd")}
+    assert "fused-triton-stream" in tbo.GPU_VARIANTS and tbo._ABLATION_ENV["fused-triton-stream"] == {
+        "PERSONVLAD_TRITON_FWD": "stream"}
+
+
 def test_broken_baselines_and_unnamed_rows():
     """A baseline without a finite positive median does not count (it used
     to become 'the fastest' and give a NaN speed-up); an absent baseline is
