@@ -81,6 +81,19 @@ def _read_lines(path: str, what: str) -> List[str]:
         raise ValueError(f"{path}: expected UTF-8 text ({what}): {e}") from e
 
 
+def _person_dirs(cam_dir: str, pattern: "re.Pattern", dataset: str, expected: str) -> List[str]:
+    """The sub-directories of ``cam_dir`` whose names fullmatch ``pattern``,
+    sorted numerically.  Any other directory (".ipynb_checkpoints",
+    "backup", "person001_old") is left out with a warning: it would shift
+    the split files' indices, or stand in for a person."""
+    subdirs = [d for d in os.listdir(cam_dir) if os.path.isdir(os.path.join(cam_dir, d))]
+    other = sorted(d for d in subdirs if not pattern.fullmatch(d))
+    if other:
+        log.warning("%s: %s: ignoring %d directorie(s) not named %s: %s", dataset, cam_dir, len(other), expected,
+                    other[:5])
+    return natural_sorted([d for d in subdirs if pattern.fullmatch(d)])
+
+
 def list_images(directory: str) -> List[str]:
     """Image files in ``directory`` in numeric order (never raw glob order)."""
     names = [n for n in os.listdir(directory) if n.lower().endswith(IMAGE_EXTS)]
@@ -267,14 +280,7 @@ class ILIDSVID(VideoDataset):
         # ls_set indexes the sorted personNNN directories: anything else there
         # (".ipynb_checkpoints", "backup") would shift every index, so it is
         # left out, and said
-        persons = []
-        for c in cams:
-            subdirs = [d for d in os.listdir(c) if os.path.isdir(os.path.join(c, d))]
-            other = sorted(d for d in subdirs if not _ILIDS_PERSON_RE.fullmatch(d))
-            if other:
-                log.warning("iLIDS-VID: %s: ignoring %d directorie(s) not named personNNN: %s", c, len(other),
-                            other[:5])
-            persons.append(natural_sorted([d for d in subdirs if _ILIDS_PERSON_RE.fullmatch(d)]))
+        persons = [_person_dirs(c, _ILIDS_PERSON_RE, "iLIDS-VID", "personNNN") for c in cams]
         if persons[0] != persons[1]:
             only = sorted(set(persons[0]) ^ set(persons[1]))[:5]
             raise ValueError(f"{seq}: expected the same person directories in cam1 and cam2; differing: {only}")
@@ -283,8 +289,8 @@ class ILIDSVID(VideoDataset):
         if row.min() < 1 or row.max() > len(persons):
             raise ValueError(f"{split_path}: ls_set values must be 1-based indices in [1, {len(persons)}] "
                              f"(person directories found); got range [{row.min()}, {row.max()}]")
-        if len(np.unique(row)) != len(row):  # a person in both halves, or twice in one
-            vals, counts = np.unique(row, return_counts=True)
+        vals, counts = np.unique(row, return_counts=True)
+        if (counts > 1).any():  # a person in both halves, or twice in one
             raise ValueError(f"{split_path}: ls_set row {split_id} must list each person once (a permutation of "
                              f"person indices); repeated: {vals[counts > 1][:5].tolist()}")
         half = ls.shape[1] // 2
@@ -392,13 +398,8 @@ class PRID2011(VideoDataset):
         # directories won depended on os.listdir's order)
         dirs = []
         for c in cams:
-            subdirs = [d for d in os.listdir(c) if os.path.isdir(os.path.join(c, d))]
-            other = sorted(d for d in subdirs if not _PRID_PERSON_RE.fullmatch(d))
-            if other:
-                log.warning("PRID-2011: %s: ignoring %d directorie(s) not named person_NNNN: %s", c, len(other),
-                            other[:5])
             found: Dict[int, str] = {}
-            for d in natural_sorted(d for d in subdirs if _PRID_PERSON_RE.fullmatch(d)):
+            for d in _person_dirs(c, _PRID_PERSON_RE, "PRID-2011", "person_NNNN"):
                 num = int(_PRID_PERSON_RE.fullmatch(d).group(1))
                 if num in found:
                     raise ValueError(f"{c}: two directories for person {num}: {found[num]!r} and {d!r}")
