@@ -1128,6 +1128,26 @@ def test_cuda_forward_at_support_limits(dtype, grid, path):
         _assert_forward_accurate(tk.person_vlad_triton(*ins, normalize), ins, normalize)
 
 
+def _assert_accurate_and_repeatable(ins, normalize):
+    """The Triton forward of ``ins`` (the path the environment asks for):
+    accurate against float64, and the same bits in three more calls (the
+    ticketed paths: whichever program finishes last).  Returns it."""
+    out = tk.person_vlad_triton(*ins, normalize)
+    _assert_forward_accurate(out, ins, normalize)
+    for _ in range(3):
+        assert torch.equal(tk.person_vlad_triton(*ins, normalize), out)
+    return out
+
+
+def _assert_compiled_call_matches(ins):
+    """torch.compile(fullgraph) of the public op on the Triton backend (the
+    traced launch of the path the environment asks for) against the eager call."""
+    torch._dynamo.reset()
+    cf = torch.compile(lambda *a: ops.person_vlad(*a, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(cf(*ins), tk.person_vlad_triton(*ins, True))
+    torch._dynamo.reset()
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_split_forward(monkeypatch, dtype):
@@ -1148,16 +1168,9 @@ def test_cuda_split_forward(monkeypatch, dtype):
             continue
         assert path == "split"
         for normalize in (True, False):
-            out = tk.person_vlad_triton(*ins, normalize)
-            _assert_forward_accurate(out, ins, normalize)
-            for _ in range(3):
-                assert torch.equal(tk.person_vlad_triton(*ins, normalize), out)
+            _assert_accurate_and_repeatable(ins, normalize)
     if dtype == torch.bfloat16:  # one compilation is enough for the traced launch (compiling costs step time)
-        torch._dynamo.reset()
-        ins = cases[0]
-        cf = torch.compile(lambda *a: ops.person_vlad(*a, backend="triton"), fullgraph=True)
-        torch.testing.assert_close(cf(*ins), tk.person_vlad_triton(*ins, True))
-        torch._dynamo.reset()
+        _assert_compiled_call_matches(cases[0])
 
 
 @pytest.mark.cuda
@@ -1179,18 +1192,11 @@ def test_cuda_stream_forward(monkeypatch, dtype):
         assert C // tk.stream_channels(K, C) >= 4
         assert tk.forward_path(ins[0][0, 0].numel(), K, tk.dot_precision(torch.device("cuda"))) == "stream"
         for normalize in (True, False):
-            out = tk.person_vlad_triton(*ins, normalize)
-            _assert_forward_accurate(out, ins, normalize)
-            for _ in range(3):
-                assert torch.equal(tk.person_vlad_triton(*ins, normalize), out)
+            out = _assert_accurate_and_repeatable(ins, normalize)
             alone = [None if t is None else (t[1:2] if t.dim() > 2 else t) for t in ins]
             assert torch.equal(tk.person_vlad_triton(*alone, normalize), out[1:2])
-    if dtype == torch.bfloat16:
-        torch._dynamo.reset()
-        ins = cases[0]
-        cf = torch.compile(lambda *a: ops.person_vlad(*a, backend="triton"), fullgraph=True)
-        torch.testing.assert_close(cf(*ins), tk.person_vlad_triton(*ins, True))
-        torch._dynamo.reset()
+    if dtype == torch.bfloat16:  # one compilation is enough for the traced launch (compiling costs step time)
+        _assert_compiled_call_matches(cases[0])
 
 
 @pytest.mark.cuda
