@@ -116,8 +116,9 @@ def _variants(device):
 # forward would run (P <= 128).  CUDA: the GEMMs with the bf16 features on
 # bf16 tensor cores, the float32 operand split in three bf16 pieces, instead
 # of IEEE fp32 GEMMs over a float32 copy of F; and the one-kernel forward
-# (fused_forward_kernel: one launch, no intermediate in memory but the
-# partials of samples split over several blocks; a candidate default, so it
+# (fused_forward_kernel: one launch, no intermediate in memory; samples split
+# over several blocks sum their V in the output's memory, plus the low
+# halves of those sums for a 16-bit output; a candidate default, so it
 # runs in every dtype), with the one-kernel backward (K <= 64, C <= 256; ~140
 # KB of shared memory at the paper shape, so sm_80+; at the large shape, C =
 # 512, the backward falls back to the gemm path).  The forward splits each

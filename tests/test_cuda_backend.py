@@ -150,27 +150,36 @@ PV_EXPORTS(double, f64)
                           IN* out, int64_t N, int64_t C, int64_t P, int64_t B, int64_t K,       \
                           int normalize, int64_t sms, int64_t smem_limit, int64_t forced,       \
                           int reverse) {                                                        \
-    /* returns the splits used, -1 when a barrier broke, -2 when no plan, -3 when a */          \
-    /* ticket was left non-zero */                                                             \
+    /* returns the splits used, -1 when a barrier broke, -2 when no plan, -3 when the */        \
+    /* chain's counters are not where a whole launch leaves them, -4 when a block */            \
+    /* found a turn not yet given (on a GPU it would have waited for a later block) */          \
     const FusedSplit plan = fused_forward_split(N, P, K, B, sms, smem_limit, forced, TC);       \
     if (plan.splits == 0) return -2;                                                            \
-    std::vector<ACC> part(plan.splits > 1 ? N * plan.splits * K * (C + 1) : 0,                  \
-                          std::numeric_limits<ACC>::quiet_NaN());                               \
-    std::vector<unsigned> tickets(N, 0u);                                                       \
-    ACC* pv = part.empty() ? nullptr : part.data();                                             \
-    ACC* ps = part.empty() ? nullptr : part.data() + N * plan.splits * K * C;                   \
-    unsigned* tk = plan.splits > 1 ? tickets.data() : nullptr;                                  \
+    const bool split = plan.splits > 1;                                                         \
+    std::vector<ACC> part_s(split ? N * plan.splits * K : 0, std::numeric_limits<ACC>::quiet_NaN()); \
+    std::vector<uint16_t> lo(split && sizeof(IN) == 2 ? N * K * C : 0, uint16_t(0xffff));      \
+    const int64_t nch = fused_v_chunks(K, C);                                                   \
+    std::vector<unsigned> sync(split ? 1 + N * nch : 0, 0u);                                    \
+    ACC* ps = split ? part_s.data() : nullptr;                                                  \
+    uint16_t* vl = lo.empty() ? nullptr : lo.data();                                            \
+    unsigned* sy = split ? sync.data() : nullptr;                                               \
     pv_emu::reverse_blocks = reverse != 0;                                                      \
+    pv_emu::turn_not_given = false;                                                             \
     const bool ok = launch_threads(N * plan.splits, kFusedThreads, [=] {                        \
       fused_forward_kernel<IN, IN, ACC, TC>(F, M, W, z, c, out, static_cast<int>(C),            \
                                             static_cast<int>(P), static_cast<int>(B),           \
                                             static_cast<int>(K), normalize != 0,                \
                                             static_cast<int>(plan.splits),                      \
-                                            static_cast<int>(plan.chunk), pv, ps, tk);          \
+                                            static_cast<int>(plan.chunk), vl, ps, sy);          \
     }, static_cast<size_t>(plan.smem_elems) * sizeof(ACC));                                     \
     pv_emu::reverse_blocks = false;                                                             \
     if (!ok) return -1;                                                                         \
-    for (unsigned t : tickets) if (t != 0) return -3;                                           \
+    if (pv_emu::turn_not_given) return -4;                                                      \
+    if (split) {                                                                                \
+      if (sync[0] != N * plan.splits) return -3;                                                \
+      for (int64_t i = 1; i <= N * nch; ++i)                                                    \
+        if (sync[i] != static_cast<unsigned>(plan.splits - 1)) return -3;                       \
+    }                                                                                           \
     return plan.splits;                                                                         \
   }
 PV_FUSED_EXPORT(float, float, false, fused_fwd_f32)
@@ -251,7 +260,8 @@ class _Emu:
         if name.startswith("fused_fwd"):  # the splits it ran with
             assert rc != -1, f"{name}: a __syncthreads/__shfl_xor_sync was not reached by all threads"
             assert rc != -2, f"{name}: no split of the sample fits the shared memory given"
-            assert rc != -3, f"{name}: a split sample's ticket was not reset"
+            assert rc != -3, f"{name}: the split samples' chain did not run its whole course (start counter, turns)"
+            assert rc != -4, f"{name}: a block of a split sample found its turn not given (it would wait on a GPU)"
             assert rc >= 1, rc
             return rc
         if name.startswith(("epi", "fused")):
@@ -492,8 +502,9 @@ _SPLIT_CASES = [
 def test_fused_forward_split_emulated_on_cpu(emulated_kernels, case, plan, dtype):
     """fused_forward_kernel with samples split over several blocks: against
     float64 and the unsplit kernel; run with the blocks in reverse order
-    (another block draws the last ticket and sums the partials) it gives the
-    same bits; the tickets are left at zero (checked by the export)."""
+    (the blocks take their place in the chain from the order they start in,
+    not from blockIdx) it gives the same bits; the export checks that the
+    chain ran its whole course and that no block found its turn not given."""
     emu = _Emu(emulated_kernels)
     atol, rtol = tolerance(dtype)
     for normalize in (True, False):
@@ -523,6 +534,7 @@ _TC_CASES = [
     (dict(S=(2, 3, 6), B=16, K=6, C=9), {}),
     (dict(S=(7, 13), B=2, K=3, C=5), dict(forced=2)),
     (dict(S=(3, 30), B=None, K=70, C=300), dict(forced=2)),
+    (dict(S=(3, 30), B=2, K=70, C=300), dict(forced=3)),  # a chain of 3 blocks on 4 chunks, 16-bit sums
 ]
 
 
@@ -637,14 +649,14 @@ namespace pv {
 %s
 #define PV_FUSED(IN, M, ACC) template __global__ void fused_forward_kernel<IN, M, ACC>( \
     const IN*, const M*, const ACC*, const ACC*, const ACC*, IN*, int, int, int, int, bool, int, int, \
-    ACC*, ACC*, unsigned*); \
+    uint16_t*, ACC*, unsigned*); \
   template __global__ void fused_backward_kernel<IN, M, ACC>(const IN*, const IN*, const M*, const ACC*, \
     const ACC*, const ACC*, IN*, ACC*, ACC*, ACC*, ACC*, int, int, int, int, bool);
 PV_FUSED(float, float, float)
 PV_FUSED(__nv_bfloat16, __nv_bfloat16, float)
 template __global__ void fused_forward_kernel<__nv_bfloat16, __nv_bfloat16, float, true>(
     const __nv_bfloat16*, const __nv_bfloat16*, const float*, const float*, const float*, __nv_bfloat16*, int,
-    int, int, int, bool, int, int, float*, float*, unsigned*);
+    int, int, int, bool, int, int, uint16_t*, float*, unsigned*);
 }
 """
 
@@ -995,14 +1007,14 @@ def test_fused_forward_matches_reference(monkeypatch, S, B, normalize, dtype):
 def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
     """At the paper shape (N=64, C=256, P=110, B=6, K=64) the switch runs
     fused_forward_kernel and no other kernel (a split run adds one memset of
-    its tickets), within the dtype's tolerance of float64 and of the default
+    its chain's counters), within the dtype's tolerance of float64 and of the default
     path, deterministic, with every PERSONVLAD_CUDA_FWD_SPLITS."""
     needs_native_cuda()
     args = make_inputs(N=64, C=256, S=(2, 11, 5), B=6, K=64, dtype=dtype, device="cuda", alpha=10.0, seed=42)
     default = FWD(*args, True)
     monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
     atol, rtol = tolerance(dtype)
-    # split runs (more than one block per sample) add the tickets' memset;
+    # split runs (more than one block per sample) add the counters' memset;
     # "auto" splits (fused_forward_split: max(1, SMs / N) blocks, A' fits
     # one block here) only on a GPU with at least 2 * 64 SMs (H100 SXM: 132)
     sms = torch.cuda.get_device_properties(args[0].device).multi_processor_count
@@ -1024,7 +1036,7 @@ def test_fused_forward_paper_shape_is_one_kernel(monkeypatch, dtype):
 def test_fused_tc_forward_bfloat16(monkeypatch, shape):
     """PERSONVLAD_CUDA_FWD=fused-tc, bfloat16 features on sm_80+: the one-kernel
     forward with both products on tensor cores, one fused kernel (a split run adds
-    the tickets' memset), within bf16's tolerance of float64 and within one
+    the counters' memset), within bf16's tolerance of float64 and within one
     bf16 rounding step of the FMA one-kernel forward (at most 0.5% of the
     outputs rounding the other way), deterministic.  float32 features (and
     sm_7x) take the FMA kernel: same bits as PERSONVLAD_CUDA_FWD=fused."""
@@ -1057,7 +1069,11 @@ def test_fused_tc_forward_bfloat16(monkeypatch, shape):
 def test_fused_forward_large_grid_is_split(monkeypatch, dtype):
     """A grid whose A' is over a block's shared memory (the large benchmark
     shape's P = 1568) runs split over several blocks per sample: one fused
-    kernel, within tolerance of float64, deterministic, with a gradient."""
+    kernel, within tolerance of float64, deterministic, with a gradient.
+    The split samples sum their V in the output's memory: a float32 forward
+    allocates little besides its output, a bfloat16 one the low halves of
+    the float32 sums (as large as the output) besides (per-block partials
+    of V took 8x the output at the large benchmark shape)."""
     needs_native_cuda()
     args = make_inputs(N=4, C=512, S=(8, 14, 14), B=8, K=64, dtype=dtype, device="cuda", alpha=10.0, seed=44,
                        requires_grad=True)
@@ -1065,6 +1081,17 @@ def test_fused_forward_large_grid_is_split(monkeypatch, dtype):
     with torch.no_grad():
         names = _kernel_names(lambda: FWD(*args, True))
     assert sum("fused_forward_kernel" in n for n in names) == 1, names
+    with torch.no_grad():
+        FWD(*args, True)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = FWD(*args, True)
+        torch.cuda.synchronize()
+        extra = torch.cuda.max_memory_allocated() - before - out.numel() * out.element_size()
+        del out
+    lo_halves = args[0].shape[0] * 64 * 512 * 2 if dtype == torch.bfloat16 else 0
+    assert extra <= lo_halves + 64 * 1024, (extra, lo_halves)  # + s per block and the turns
     out = person_vlad(*args, backend="cuda")
     atol, rtol = tolerance(dtype)
     torch.testing.assert_close(out.double(), _ref64(args, True), atol=atol, rtol=rtol)

@@ -16,11 +16,15 @@
 //   memory (PV_DYNAMIC_SMEM) is one buffer of launch_threads' smem_bytes,
 //   filled with 0xff bytes (NaN) so a read of a slot never written shows.
 // - Blocks run in index order, or in reverse (pv_emu::reverse_blocks), so a
-//   kernel whose blocks hand work to whichever finishes last (atomicAdd
-//   tickets) is run with either block last.
+//   kernel that reads blockIdx where it should not (fused_forward_kernel's
+//   split samples take their place from the order blocks start in) shows.
+//   Blocks never run side by side: a block that would wait for another
+//   (pv_wait_turn) finds the turn given, or the launch reports the error.
 // - The tensor-core path's nvcuda::wmma tiles and __nv_bfloat16 are emulated
 //   too (see there): every lane holds a whole tile.
 #pragma once
+
+#define PV_CPU_EMULATION 1  // the device code leaves out what this header defines its own of
 
 #include <algorithm>
 #include <atomic>
@@ -133,6 +137,28 @@ inline T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
 inline void __trap() { std::abort(); }
 inline void __threadfence() { std::atomic_thread_fence(std::memory_order_seq_cst); }
 inline unsigned atomicAdd(unsigned* p, unsigned v) { return __atomic_fetch_add(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned atomicExch(unsigned* p, unsigned v) { return __atomic_exchange_n(p, v, __ATOMIC_SEQ_CST); }
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+namespace pv_emu {
+inline std::atomic<bool> turn_not_given{false};  // pv_wait_turn found a turn not yet given
+}
+// fused_forward_kernel's chain: a block waits for a block that started
+// before it.  Blocks run one after another here, so the turn must already be
+// given; where it is not (a block waiting for one that runs later, which
+// could hang a GPU) this records the error, for the test to report, instead
+// of spinning forever.
+inline void pv_wait_turn(const unsigned* turn, unsigned want) {
+  if (__atomic_load_n(turn, __ATOMIC_SEQ_CST) != want) pv_emu::turn_not_given = true;
+}
 template <typename T>
 inline T __ldcg(const T* p) {
   return *p;  // a load that bypasses L1 on the GPU

@@ -479,12 +479,14 @@ __global__ void __launch_bounds__(kEpilogueThreads) epilogue_backward_kernel(
 // Split samples (fused_forward_split: where A' of all P positions would not
 // fit a block's shared memory, or to fill the GPU when N is below its SM
 // count): `splits` blocks per sample, block j taking positions
-// [j * chunk, (j + 1) * chunk).  Each runs phase A on its range and writes
-// its A' F^T (K x C) and s (K) to its slot of float32 partials, then takes a
-// ticket (atomicAdd on the sample's counter, after a __threadfence); the
-// block that draws the last ticket sums the slots in slot order, whichever
-// block it is, subtracts s c and runs phase B's norms and output on the sums.
-// The result is the same whatever order the blocks run in.
+// [j * chunk, (j + 1) * chunk).  Each runs phase A on its range and computes
+// its A' F^T (K x C) chunk by chunk; the blocks of a sample add these in a
+// chain, block after block, into a running sum kept in the output's own
+// memory (VSum: a 16-bit output adds one 16-bit half per element), and the
+// last block in the chain subtracts s c and runs phase B's norms and output
+// on the sum.  The sums run in block order whatever the blocks' timing, so
+// the result is deterministic; the extra memory is at most one 16-bit
+// element per output element (no per-block partials of V).
 //
 // Both phases stage their operands through shared memory chunk by chunk, with
 // the next chunk's global loads issued into registers before the current
@@ -1035,6 +1037,56 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
   __syncthreads();
 }
 
+// One thread of a block waits until another block of the launch, already
+// running, sets *turn to `want` (fused_forward_kernel's chain).  A volatile
+// load: from L2, never a stale L1 line.  The CPU emulation, whose blocks run
+// one after another, has its own that never waits but reports a turn not yet
+// given.
+#ifndef PV_CPU_EMULATION
+__device__ __forceinline__ void pv_wait_turn(const unsigned* turn, unsigned want) {
+  while (*reinterpret_cast<const volatile unsigned*>(turn) != want) {
+  }
+  __threadfence();  // what the other block wrote before its turn is read after this
+}
+#endif
+
+// The running sum of a split sample's V partials (fused_forward_kernel), kept
+// in the output's own memory so that a split sample has no buffer of
+// partials: a float32 (float64) output holds it as it is; a 16-bit output
+// holds the high 16 bits of each float32 and `lo` (N x K x C) the low 16, so
+// the sum keeps every bit.  Written by one block, read by the next through L2
+// (__ldcg), after the chain's fences (fused_forward_kernel).
+template <typename in_t, typename acc_t>
+struct VSum {
+  in_t* out;
+  uint16_t* lo;
+  __device__ __forceinline__ void store(int64_t i, acc_t v) const {
+    if constexpr (sizeof(in_t) == sizeof(acc_t)) {
+      reinterpret_cast<acc_t*>(out)[i] = v;
+    } else {
+      static_assert(sizeof(in_t) == 2 && sizeof(acc_t) == 4, "a 16-bit output holds float32 sums in two halves");
+      const unsigned u = __float_as_uint(v);
+      reinterpret_cast<uint16_t*>(out)[i] = static_cast<uint16_t>(u >> 16);
+      lo[i] = static_cast<uint16_t>(u & 0xffffu);
+    }
+  }
+  __device__ __forceinline__ acc_t load(int64_t i) const {
+    if constexpr (sizeof(in_t) == sizeof(acc_t)) {
+      return __ldcg(reinterpret_cast<const acc_t*>(out) + i);
+    } else {
+      const unsigned hi = __ldcg(reinterpret_cast<const uint16_t*>(out) + i), l = __ldcg(lo + i);
+      return __uint_as_float((hi << 16) | l);
+    }
+  }
+};
+
+// How many V chunks (kChunkRows x kChunkCols) a sample's K x C has: the
+// turns of a split sample's chain (fused_forward_kernel) are counted per
+// chunk.  Host and device.
+__host__ __device__ inline int fused_v_chunks(int64_t K, int64_t C) {
+  return static_cast<int>(((K + kChunkRows - 1) / kChunkRows) * ((C + kChunkCols - 1) / kChunkCols));
+}
+
 // F and the output in in_t, M in m_t (in_t or acc_t), W, z, c in acc_t.
 // At least one block per SM: without it ptxas held the kernel to 128
 // registers and spilled (tests/test_cuda_backend.py reads ptxas' report);
@@ -1048,12 +1100,26 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
 // tensor cores (bfloat16 features, sm_80+): G = W F (fused_g_tile_tc) and
 // V = A' F^T (fused_v_chunk_tc), the work area sized by
 // fused_smem_elems(..., tc = true).
+//
+// Split samples (splits > 1) sum their blocks' partial V in a chain, chunk
+// by chunk, in the output's memory (VSum): block j of a sample waits for its
+// turn on a chunk (turns[chunk] == j), adds the running sum to its own
+// partial, stores it and hands the turn on (j + 1); the last block (j =
+// splits - 1) subtracts s c and goes on to phase B with the whole V.  The
+// blocks' own s (K floats each) go to slots of part_s, summed in slot order
+// by the last block.  So the sums run in slot order whatever the blocks'
+// timing (deterministic), and the only extra memory is part_s, the `lo`
+// halves of a 16-bit output and the turns.  A block's place (n, j) is the
+// order it started in (an atomicAdd on sync[0]), not blockIdx: a block waits
+// only for blocks that started before it, so the chain cannot wait for a block
+// the GPU has not scheduled.  sync = [start counter, N x fused_v_chunks
+// turns], all zero at launch (the host's memset).
 template <typename in_t, typename m_t, typename acc_t, bool TC = false>
 __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
     const in_t* __restrict__ F, const m_t* __restrict__ M, const acc_t* __restrict__ W,
-    const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* __restrict__ out, int C, int P,
-    int B, int K, bool normalize, int splits, int chunk, acc_t* __restrict__ part_v,
-    acc_t* __restrict__ part_s, unsigned* __restrict__ tickets) {
+    const acc_t* __restrict__ z, const acc_t* __restrict__ cen, in_t* out, int C, int P,
+    int B, int K, bool normalize, int splits, int chunk, uint16_t* v_lo, acc_t* __restrict__ part_s,
+    unsigned* __restrict__ sync) {
   PV_DYNAMIC_SMEM(smem_raw);
   acc_t* Ap = reinterpret_cast<acc_t*>(smem_raw);  // K x chunk
   acc_t* s_sum = Ap + K * chunk;                   // K
@@ -1062,72 +1128,92 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   acc_t* red = rowsst + K;                         // kFusedWarps
   acc_t* work = reinterpret_cast<acc_t*>(smem_raw) + fused_work_offset(K, chunk);
   acc_t* Fb = work;                                // phase B: kFusedPC x kFbStride
-  __shared__ int last_block;
+  __shared__ unsigned order;                       // split samples: the block's place in the launch
 
-  const int64_t n = blockIdx.x / splits;
-  const int j = static_cast<int>(blockIdx.x % splits);  // this block's range of positions
-  const int p_begin = j * chunk, Pj = P - p_begin < chunk ? P - p_begin : chunk;
   const int tid = threadIdx.x, warp = tid / kWarp, lane = tid % kWarp;
+  if (splits > 1) {
+    if (tid == 0) order = atomicAdd(sync, 1u);
+    __syncthreads();
+  }
+  const int64_t n = splits > 1 ? order / splits : blockIdx.x;
+  const int j = splits > 1 ? static_cast<int>(order % splits) : 0;  // this block's range of positions
+  const int p_begin = j * chunk, Pj = P - p_begin < chunk ? P - p_begin : chunk;
   const in_t* Fn = F + n * C * P + p_begin;
   const m_t* Mn = (M != nullptr) ? M + n * B * P + p_begin : nullptr;
   const acc_t eps = acc_t(kEps);
+  const VSum<in_t, acc_t> vsum{out + n * K * C, v_lo != nullptr ? v_lo + n * K * C : nullptr};
 
   for (int k = tid; k < K; k += kFusedThreads) rowss[k] = rowsst[k] = 0;  // read after phase A's barriers
   fused_assign<in_t, m_t, acc_t, TC>(Fn, Mn, W, z, Ap, s_sum, static_cast<acc_t*>(nullptr), work, C, Pj, B, K,
                                      P);  // ends with a barrier
 
-  // ---- split: this block's A' F^T and s to its slot of the partials; the
-  // sample's last block to arrive (ticket) sums all of them in slot order,
-  // whichever it is, so the result does not depend on the blocks' timing.
-  acc_t* pv_n = splits > 1 ? part_v + n * splits * K * C : nullptr;  // slot j at pv_n + j * K * C
+  // ---- split: the chain (see above)
   if (splits > 1) {
-    acc_t* pv = part_v + (n * splits + j) * K * C;
+    for (int k = tid; k < K; k += kFusedThreads) part_s[(n * splits + j) * K + k] = s_sum[k];  // before any turn
+    const bool last = j == splits - 1;
+    int ch = 0;
     acc_t v[kVRows][kVCols];
     for (int r0 = 0; r0 < K; r0 += kChunkRows)
-      for (int c0 = 0; c0 < C; c0 += kChunkCols) {
+      for (int c0 = 0; c0 < C; c0 += kChunkCols, ++ch) {
         if constexpr (TC)
           fused_v_chunk_tc(v, Fn, cen, Ap, static_cast<const acc_t*>(nullptr), work, r0, c0, C, Pj, K, P);
         else
           fused_v_chunk(v, Fn, cen, Ap, static_cast<const acc_t*>(nullptr), Fb, r0, c0, C, Pj, K, P);
+        if (j > 0) {
+          if (tid == 0) pv_wait_turn(sync + 1 + n * fused_v_chunks(K, C) + ch, static_cast<unsigned>(j));
+          __syncthreads();
+          __threadfence();  // the previous blocks' sums (and part_s) are read after their turn
+          if (last && ch == 0) {  // s of the whole sample, in slot order (its own slot was read above)
+            for (int k = tid; k < K; k += kFusedThreads) {
+              acc_t t = 0;
+              for (int js = 0; js < splits; ++js) t += __ldcg(part_s + (n * splits + js) * K + k);
+              s_sum[k] = t;
+            }
+            __syncthreads();
+          }
+#pragma unroll
+          for (int i = 0; i < kVRows; ++i)
+#pragma unroll
+            for (int jj = 0; jj < kVCols; ++jj) {
+              const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
+              if (k < K && c < C) v[i][jj] = vsum.load(k * C + c) + v[i][jj];
+            }
+        }
+        if (!last) {
+#pragma unroll
+          for (int i = 0; i < kVRows; ++i)
+#pragma unroll
+            for (int jj = 0; jj < kVCols; ++jj) {
+              const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
+              if (k < K && c < C) vsum.store(k * C + c, v[i][jj]);
+            }
+          __threadfence();  // this block's sum is visible device-wide before the turn is handed on
+          __syncthreads();
+          if (tid == 0) atomicExch(sync + 1 + n * fused_v_chunks(K, C) + ch, static_cast<unsigned>(j + 1));
+          continue;
+        }
+        // the last block: V of this chunk, to phase B through the sum's
+        // memory (read back by this same thread; a float32 output without
+        // normalize is then written)
+        subtract_sc(v, cen, s_sum, r0, c0, C, K);
 #pragma unroll
         for (int i = 0; i < kVRows; ++i)
 #pragma unroll
           for (int jj = 0; jj < kVCols; ++jj) {
             const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
-            if (k < K && c < C) pv[k * C + c] = v[i][jj];
+            if (k < K && c < C) vsum.store(k * C + c, v[i][jj]);
           }
       }
-    for (int k = tid; k < K; k += kFusedThreads) part_s[(n * splits + j) * K + k] = s_sum[k];
-    __threadfence();  // this block's partials are visible device-wide before its ticket
-    __syncthreads();
-    if (tid == 0) last_block = atomicAdd(tickets + n, 1u) == static_cast<unsigned>(splits - 1);
-    __syncthreads();
-    if (!last_block) return;
-    __threadfence();  // ... and the other blocks' partials are read after theirs
-    for (int k = tid; k < K; k += kFusedThreads) {
-      acc_t t = 0;
-      for (int js = 0; js < splits; ++js) t += __ldcg(part_s + (n * splits + js) * K + k);
-      s_sum[k] = t;
-    }
-    if (tid == 0) tickets[n] = 0;  // ready for another launch
-    __syncthreads();
-    // V = sum of the slots - s c, into slot 0 (each thread its own entries;
-    // a plain strided loop: summing straight into the register tile below
-    // took ptxas from 0.8 to 17 s per instance and ~40 more registers)
-    for (int i = tid; i < K * C; i += kFusedThreads) {
-      acc_t t = 0;
-      for (int js = 0; js < splits; ++js) t += __ldcg(pv_n + int64_t(js) * K * C + i);
-      pv_n[i] = t - s_sum[i / C] * cen[i];
-    }
-    __syncthreads();  // the block's writes are visible to all its threads
+    if (j != splits - 1 || (!normalize && sizeof(in_t) == sizeof(acc_t))) return;
   }
-  // V[r0.., c0..] of the sample: computed here, or read from slot 0.
-  auto v_chunk = [&](acc_t (&v)[kVRows][kVCols], int r0, int c0) {
+  // V[r0.., c0..] of the sample: computed here, or read back from the
+  // chain's sum.
+  auto v_chunk = [&](acc_t (&vc)[kVRows][kVCols], int r0, int c0) {
     if (splits == 1) {
       if constexpr (TC)
-        fused_v_chunk_tc(v, Fn, cen, Ap, s_sum, work, r0, c0, C, P, K, P);
+        fused_v_chunk_tc(vc, Fn, cen, Ap, s_sum, work, r0, c0, C, P, K, P);
       else
-        fused_v_chunk(v, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K, P);
+        fused_v_chunk(vc, Fn, cen, Ap, s_sum, Fb, r0, c0, C, P, K, P);
       return;
     }
 #pragma unroll
@@ -1135,7 +1221,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
 #pragma unroll
       for (int jj = 0; jj < kVCols; ++jj) {
         const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
-        v[i][jj] = (k < K && c < C) ? __ldcg(pv_n + k * C + c) : acc_t(0);
+        vc[i][jj] = (k < K && c < C) ? vsum.load(k * C + c) : acc_t(0);
       }
   };
 
@@ -1712,8 +1798,8 @@ FusedSplit fused_forward_plan(const at::Tensor& features, const std::optional<at
 template <typename scalar_t>
 void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Tensor& Wa, const at::Tensor& za,
                           const at::Tensor& ca, bool tc, at::Tensor& out, int64_t C, int64_t P,
-                          int64_t B, int64_t K, bool normalize, const FusedSplit& plan, float* part_v,
-                          float* part_s, unsigned* tick, cudaStream_t stream) {
+                          int64_t B, int64_t K, bool normalize, const FusedSplit& plan, uint16_t* v_lo,
+                          float* part_s, unsigned* sync, cudaStream_t stream) {
   if constexpr (std::is_same_v<scalar_t, double>) {
     TORCH_INTERNAL_ASSERT(false, "the one-kernel forward takes no float64 (fused_dtypes)");
   } else {
@@ -1727,17 +1813,21 @@ void launch_fused_forward(const at::Tensor& F, const at::Tensor& M, const at::Te
         F.data_ptr<scalar_t>(), M.defined() ? M.data_ptr<scalar_t>() : nullptr, Wa.data_ptr<float>(),
         za.data_ptr<float>(), ca.data_ptr<float>(), out.data_ptr<scalar_t>(), static_cast<int>(C),
         static_cast<int>(P), static_cast<int>(B), static_cast<int>(K), normalize, static_cast<int>(plan.splits),
-        static_cast<int>(plan.chunk), part_v, part_s, tick);
+        static_cast<int>(plan.chunk), v_lo, part_s, sync);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
 // The whole forward in fused_forward_kernel (N >= 1, a plan from
 // fused_forward_plan): one launch where the inputs are contiguous and the
-// parameters float32, as in the model (otherwise their copies come first);
-// split samples add a ticket per sample (zeroed by a memset) and float32
-// partials of splits x (K x C + K) per sample; `tc` (bfloat16 features,
-// sm_80+: tensor_core_forward) runs the tensor-core instance.
+// parameters float32, as in the model (otherwise their copies come first).
+// Split samples sum their blocks' V in the output's memory; they add, per
+// sample, the blocks' s (splits x K floats), the chain's turns (one int per V
+// chunk, plus one start counter, zeroed by a memset) and, for a 16-bit
+// output, the low halves of the float32 sum (K x C uint16, as large as the
+// output): at the large benchmark shape in bfloat16, 1.02x the output where
+// per-block partials of V took 8x.  `tc` (bfloat16 features, sm_80+:
+// tensor_core_forward) runs the tensor-core instance.
 void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& parts,
                    const at::Tensor& W, const at::Tensor& z, const at::Tensor& c, bool normalize,
                    const FusedSplit& plan, bool tc, at::Tensor& out) {
@@ -1749,20 +1839,25 @@ void fused_forward(const at::Tensor& features, const std::optional<at::Tensor>& 
   const at::Tensor Wa = W.to(at::kFloat).contiguous(), za = z.to(at::kFloat).contiguous(),
                    ca = c.to(at::kFloat).contiguous();
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  at::Tensor partials, tickets;  // held until the launch is enqueued (the allocator is stream-ordered)
-  float *part_v = nullptr, *part_s = nullptr;
-  unsigned* tick = nullptr;
+  at::Tensor s_parts, lo, sync_t;  // held until the launch is enqueued (the allocator is stream-ordered)
+  float* part_s = nullptr;
+  uint16_t* v_lo = nullptr;
+  unsigned* sync = nullptr;
   if (plan.splits > 1) {
-    partials = at::empty({N * plan.splits * K * (C + 1)}, Wa.options());
-    tickets = at::empty({N}, features.options().dtype(at::kInt));
-    C10_CUDA_CHECK(cudaMemsetAsync(tickets.data_ptr(), 0, N * sizeof(int32_t), stream));  // a memset, not a kernel
-    part_v = partials.data_ptr<float>();
-    part_s = part_v + N * plan.splits * K * C;
-    tick = reinterpret_cast<unsigned*>(tickets.data_ptr<int32_t>());
+    s_parts = at::empty({N * plan.splits * K}, Wa.options());
+    part_s = s_parts.data_ptr<float>();
+    if (out.element_size() == 2) {
+      lo = at::empty({N * K * C}, features.options().dtype(at::kShort));
+      v_lo = reinterpret_cast<uint16_t*>(lo.data_ptr<int16_t>());
+    }
+    const int64_t counters = 1 + N * fused_v_chunks(K, C);
+    sync_t = at::empty({counters}, features.options().dtype(at::kInt));
+    C10_CUDA_CHECK(cudaMemsetAsync(sync_t.data_ptr(), 0, counters * sizeof(int32_t), stream));  // a memset, not a kernel
+    sync = reinterpret_cast<unsigned*>(sync_t.data_ptr<int32_t>());
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, features.scalar_type(),
                                   "person_vlad_cuda_fused_forward", [&] {
-    launch_fused_forward<scalar_t>(F, M, Wa, za, ca, tc, out, C, P, B, K, normalize, plan, part_v, part_s, tick,
+    launch_fused_forward<scalar_t>(F, M, Wa, za, ca, tc, out, C, P, B, K, normalize, plan, v_lo, part_s, sync,
                                    stream);
   });
 }
