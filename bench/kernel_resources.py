@@ -93,12 +93,14 @@ def cases(dtype: str, cap: int, block_k: int):
                         dict(HAS_PARTS=True, NORMALIZE=True, LOGIT_PREC=logit, DOT_PREC=gemm, BLOCK_K=block_k,
                              BLOCK_P=bp, FIN_C=tk._block_c_rows(block_k, tk.MAX_CHANNELS), SPLIT_C=128),
                         cfgs(tk._fwd_split_kernel if cap != 90 else tk._fwd_split_kernel_sm90)))
-    # the streamed forward (any P), normalised: V in the float32 output, or in
-    # an fp32 workspace beside a half output, as the host launches it
+    # the streamed forward (any P), normalised: V in the float32 output, or
+    # its high halves in a 16-bit output and the low halves in an int16
+    # buffer, as the host launches it
     out.append(("fwd_stream", tk._fwd_stream_kernel.fn,
-                dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f, V_ptr=f32,
-                     CNT_ptr="*i32", NORM_ptr=f32),
-                dict(HAS_PARTS=True, NORMALIZE=True, V_IS_OUT=(dtype == "fp32"), LOGIT_PREC=logit, DOT_PREC=gemm,
+                dict(ints, F_ptr=f, M_ptr=f, W_ptr=f32, Z_ptr=f32, CEN_ptr=f32, OUT_ptr=f,
+                     V_ptr=f32 if dtype == "fp32" else "*i16", CNT_ptr="*i32", NORM_ptr=f32),
+                dict(HAS_PARTS=True, NORMALIZE=True, V_IS_OUT=(dtype == "fp32"), V_HALVES=(dtype != "fp32"),
+                     LOGIT_PREC=logit, DOT_PREC=gemm,
                      BLOCK_K=block_k, FIN_C=tk._block_c_rows(block_k, tk.MAX_CHANNELS),
                      STREAM_C=tk.stream_channels(block_k, tk.MAX_CHANNELS)),
                 cfgs(tk._fwd_stream_kernel)))

@@ -517,35 +517,67 @@ def _is_last_program(CNT_ptr, n, NPROG):
 
 
 @triton.jit
-def _write_scaled(OUT_ptr, Vn, scale, n, K, C, offs_k, mk, FIN_C: tl.constexpr, CACHE: tl.constexpr):
-    """OUT[n] = V * scale (per row) from sample n's fp32 V at ``Vn``, in FIN_C
-    chunks, loading with ``cache_modifier=CACHE``."""
+def _store_v(Vn, On, off, v, msk, V_HALVES: tl.constexpr):
+    """A sample's fp32 V (the entries ``off``) to its buffer: float32 at
+    ``Vn``, or (``V_HALVES``, a 16-bit output) each float32's high 16 bits
+    in the output's own element at ``On`` and its low 16 bits in the int16
+    buffer at ``Vn``: every bit kept, and one 16-bit buffer instead of a
+    float32 one beside the output.  :func:`_load_v` reads it back."""
+    if V_HALVES:
+        u = v.to(tl.uint32, bitcast=True)
+        tl.store(On + off, (u >> 16).to(tl.uint16).to(On.dtype.element_ty, bitcast=True), mask=msk)
+        tl.store(Vn + off, (u & 0xFFFF).to(tl.uint16).to(tl.int16, bitcast=True), mask=msk)
+    else:
+        tl.store(Vn + off, v, mask=msk)
+
+
+@triton.jit
+def _load_v(Vn, On, off, msk, V_HALVES: tl.constexpr, CACHE: tl.constexpr):
+    """The fp32 V that :func:`_store_v` wrote (0 where masked), loaded with
+    ``cache_modifier=CACHE``."""
+    if V_HALVES:
+        hi = tl.load(On + off, mask=msk, other=0, cache_modifier=CACHE).to(tl.uint16, bitcast=True)
+        lo = tl.load(Vn + off, mask=msk, other=0, cache_modifier=CACHE).to(tl.uint16, bitcast=True)
+        return ((hi.to(tl.uint32) << 16) | lo.to(tl.uint32)).to(tl.float32, bitcast=True)
+    else:
+        return tl.load(Vn + off, mask=msk, other=0.0, cache_modifier=CACHE)
+
+
+@triton.jit
+def _write_scaled(OUT_ptr, Vn, scale, n, K, C, offs_k, mk, FIN_C: tl.constexpr, CACHE: tl.constexpr,
+                  V_HALVES: tl.constexpr = False):
+    """OUT[n] = V * scale (per row) from sample n's fp32 V at ``Vn``
+    (:func:`_load_v`; with ``V_HALVES`` read from the output it overwrites,
+    each element by the program that wrote it), in FIN_C chunks, loading with
+    ``cache_modifier=CACHE``."""
     On = OUT_ptr + n * K * C
     for c0 in range(0, C, FIN_C):
         offs_c = c0 + tl.arange(0, FIN_C)
         msk = mk[:, None] & (offs_c < C)[None, :]
         off = offs_k[:, None] * C + offs_c[None, :]
-        v = tl.load(Vn + off, mask=msk, other=0.0, cache_modifier=CACHE)
+        v = _load_v(Vn, On, off, msk, V_HALVES, CACHE)
         tl.store(On + off, (v * scale[:, None]).to(OUT_ptr.dtype.element_ty), mask=msk)
 
 
 @triton.jit
 def _normalize_sample(OUT_ptr, Vn, NORM_ptr, n, K, C, offs_k, mk,
-                      BLOCK_K: tl.constexpr, FIN_C: tl.constexpr, CACHE: tl.constexpr):
-    """Sample n's raw fp32 V (at ``Vn``) to its norms and the scaled output:
-    the rows' sums of squares over FIN_C chunks in chunk order, then the
-    output (:func:`_write_scaled`)."""
+                      BLOCK_K: tl.constexpr, FIN_C: tl.constexpr, CACHE: tl.constexpr,
+                      V_HALVES: tl.constexpr = False):
+    """Sample n's raw fp32 V (at ``Vn``, :func:`_load_v`) to its norms and the
+    scaled output: the rows' sums of squares over FIN_C chunks in chunk
+    order, then the output (:func:`_write_scaled`)."""
+    On = OUT_ptr + n * K * C
     ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
     sst = tl.zeros((BLOCK_K,), dtype=tl.float32)
     for c0 in range(0, C, FIN_C):
         offs_c = c0 + tl.arange(0, FIN_C)
         msk = mk[:, None] & (offs_c < C)[None, :]
-        v = tl.load(Vn + offs_k[:, None] * C + offs_c[None, :], mask=msk, other=0.0, cache_modifier=CACHE)
+        v = _load_v(Vn, On, offs_k[:, None] * C + offs_c[None, :], msk, V_HALVES, CACHE)
         dss, dsst = _row_sq_sums(v)
         ss += dss
         sst += dsst
     scale = _norms_and_scale(ss, sst, NORM_ptr, n, K, offs_k, mk)
-    _write_scaled(OUT_ptr, Vn, scale, n, K, C, offs_k, mk, FIN_C, CACHE)
+    _write_scaled(OUT_ptr, Vn, scale, n, K, C, offs_k, mk, FIN_C, CACHE, V_HALVES)
 
 
 # No SPLIT_C in the key: one config per shape class whatever the batch, so a
@@ -611,7 +643,8 @@ def _fwd_split_kernel(
 # STREAM_C is a function of (C, K) alone: one config and one slicing per
 # shape class whatever the batch, so a sample's bits do not depend on how
 # many samples share its launch.
-_STREAM_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "V_IS_OUT", "LOGIT_PREC", "DOT_PREC"]
+_STREAM_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "V_IS_OUT", "V_HALVES", "LOGIT_PREC",
+               "DOT_PREC"]
 
 
 @triton.autotune(configs=_cfgs(_STREAM, ("BLOCK_P", "BLOCK_C")), key=_STREAM_KEY)
@@ -619,7 +652,7 @@ _STREAM_KEY = ["C", "K", "B", "P_BUCKET", "HAS_PARTS", "NORMALIZE", "V_IS_OUT", 
 def _fwd_stream_kernel(
     F_ptr, M_ptr, W_ptr, Z_ptr, CEN_ptr, OUT_ptr, V_ptr, CNT_ptr, NORM_ptr,
     C, P, K, B, P_BUCKET, NSLICE,
-    HAS_PARTS: tl.constexpr, NORMALIZE: tl.constexpr, V_IS_OUT: tl.constexpr,
+    HAS_PARTS: tl.constexpr, NORMALIZE: tl.constexpr, V_IS_OUT: tl.constexpr, V_HALVES: tl.constexpr,
     LOGIT_PREC: tl.constexpr, DOT_PREC: tl.constexpr,
     BLOCK_K: tl.constexpr, FIN_C: tl.constexpr, STREAM_C: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -634,12 +667,14 @@ def _fwd_stream_kernel(
     accumulator that stays in registers.  Neither A' nor G is ever written
     to memory (the tiled forward's (N, K, P) A' workspace); the price is G
     computed once per slice.  At the end ``V_j -= s c_j``.  Unnormalised,
-    V_j is the output.  Normalised, the program writes V_j to the fp32 V
-    (the output itself when that is float32, ``V_IS_OUT``) and takes a
-    ticket (:func:`_is_last_program`); the sample's last program reads all
-    of V back from L2 for the norms and the scaled output, in a fixed chunk
-    order (:func:`_normalize_sample`; no per-slice partial sums, so nothing
-    but V is allocated beside the output)."""
+    V_j is the output.  Normalised, the program writes V_j in float32 --
+    into the output itself when that is float32 (``V_IS_OUT``); for a
+    16-bit output, high halves in the output and low halves in the int16
+    ``V`` (``V_HALVES``, :func:`_store_v`); else to the float32 ``V`` --
+    and takes a ticket (:func:`_is_last_program`); the sample's last program
+    reads all of V back from L2 for the norms and the scaled output, in a
+    fixed chunk order (:func:`_normalize_sample`; no per-slice partial sums,
+    so at most one 16-bit V is allocated beside a 16-bit output)."""
     pid = tl.program_id(0)
     n = (pid // NSLICE).to(tl.int64)
     sp = pid % NSLICE
@@ -664,13 +699,17 @@ def _fwd_stream_kernel(
     if NORMALIZE:
         if V_IS_OUT:
             tl.static_assert(OUT_ptr.dtype.element_ty == tl.float32, "V_IS_OUT needs a float32 output")
+            tl.static_assert(not V_HALVES, "V_IS_OUT and V_HALVES exclude each other")
             Vn = OUT_ptr + n * K * C
         else:
             Vn = V_ptr + n * K * C
-        tl.store(Vn + off, V, mask=msk)
+        if V_HALVES:
+            tl.static_assert(OUT_ptr.dtype.element_ty.primitive_bitwidth == 16, "V_HALVES needs a 16-bit output")
+            tl.static_assert(V_ptr.dtype.element_ty == tl.int16, "V_HALVES keeps the low halves as int16")
+        _store_v(Vn, OUT_ptr + n * K * C, off, V, msk, V_HALVES)
         last = _is_last_program(CNT_ptr, n, NSLICE)
         if last:
-            _normalize_sample(OUT_ptr, Vn, NORM_ptr, n, K, C, offs_k, mk, BLOCK_K, FIN_C, ".cg")
+            _normalize_sample(OUT_ptr, Vn, NORM_ptr, n, K, C, offs_k, mk, BLOCK_K, FIN_C, ".cg", V_HALVES)
             tl.atomic_xchg(CNT_ptr + n, 0)
     else:
         tl.store(OUT_ptr + n * K * C + off, V.to(OUT_ptr.dtype.element_ty), mask=msk)
@@ -1059,19 +1098,23 @@ def _run_forward(F, M, W, z, c, N, C, P, K, normalize, out_dtype, wrap):
         nslice = triton.cdiv(C, stream_c)
         out = torch.empty((N, K * C) if normalize else (N, K, C), device=dev, dtype=out_dtype)
         # normalised: V in fp32 -- the output itself where that is float32
-        # (V_IS_OUT: rescaled in place, no second argument aliasing it) --
-        # and one ticket counter per sample
+        # (V_IS_OUT: rescaled in place, no second argument aliasing it); for
+        # a 16-bit output its high halves there and the low halves in an
+        # int16 V (V_HALVES) -- and one ticket counter per sample
         v_is_out = normalize and out_dtype == torch.float32
+        v_halves = normalize and out_dtype in (torch.float16, torch.bfloat16)
         if normalize:
             norms = torch.empty((N, K + 1), device=dev, dtype=torch.float32)
-            V = torch.empty(0 if v_is_out else (N, K, C), device=dev, dtype=torch.float32)
+            V = torch.empty(0 if v_is_out else (N, K, C), device=dev,
+                            dtype=torch.int16 if v_halves else torch.float32)
             cnt = torch.zeros((N,), device=dev, dtype=torch.int32)
         else:  # V and the counter are not touched: one empty stands in for both
             norms = torch.empty((N, 0), device=dev, dtype=torch.float32)
             V = cnt = torch.empty(0, device=dev, dtype=torch.float32)
         (wrap_triton(_fwd_stream_kernel) if wrap else tuned(_fwd_stream_kernel))[(N * nslice,)](
             F, Mp, W, z, c, out, V, cnt, norms, C, P, K, B, PB, nslice,
-            HAS_PARTS=M is not None, NORMALIZE=normalize, V_IS_OUT=v_is_out, LOGIT_PREC=logit_prec,
+            HAS_PARTS=M is not None, NORMALIZE=normalize, V_IS_OUT=v_is_out, V_HALVES=v_halves,
+            LOGIT_PREC=logit_prec,
             DOT_PREC=prec, BLOCK_K=BK, FIN_C=_block_c_rows(BK, C), STREAM_C=stream_c,
         )
         return out, norms
