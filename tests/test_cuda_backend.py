@@ -1102,6 +1102,32 @@ def test_fused_forward_large_grid_is_split(monkeypatch, dtype):
 
 
 @pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["float32", "bfloat16", "float16"])
+def test_fused_forward_split_chain_over_waves(monkeypatch, dtype):
+    """Split samples whose blocks sum V in a chain, with more blocks than one
+    wave (64 samples x 4 blocks, one block an SM) and four V chunks (K = 70,
+    C = 300): within tolerance of float64 and of the unsplit kernel,
+    normalised or not, and the same bits on every call whatever the blocks'
+    timing; a 16-bit output's sums go through its low halves."""
+    needs_native_cuda()
+    args = make_inputs(N=64, C=300, S=(2, 11, 5), B=6, K=70, dtype=dtype, device="cuda", alpha=10.0, seed=46)
+    monkeypatch.setenv("PERSONVLAD_CUDA_FWD", "fused")
+    atol, rtol = tolerance(dtype)
+    for normalize in (True, False):
+        monkeypatch.setenv("PERSONVLAD_CUDA_FWD_SPLITS", "1")
+        whole = FWD(*args, normalize)
+        monkeypatch.setenv("PERSONVLAD_CUDA_FWD_SPLITS", "4")
+        names = _kernel_names(lambda: FWD(*args, normalize))
+        assert sum("fused_forward_kernel" in n for n in names) == 1, names
+        out = FWD(*args, normalize)
+        torch.testing.assert_close(out.double(), _ref64(args, normalize), atol=atol, rtol=rtol)
+        torch.testing.assert_close(out, whole, atol=atol, rtol=rtol)
+        for _ in range(3):
+            assert torch.equal(FWD(*args, normalize), out)
+
+
+@pytest.mark.cuda
 @pytest.mark.parametrize("K,C,S,B,dtype", [(130, 3, (5, 3), 2, "float32"), (4, 8, (3, 5), 17, "float32"),
                                            (64, 512, (8, 14, 14), 8, "float32"), (70, 300, (4, 9), 3, "float32"),
                                            (4, 8, (3, 5), 2, "float64"), (4, 8, (3, 5), 2, "mixed")],

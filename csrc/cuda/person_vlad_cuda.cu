@@ -1039,12 +1039,17 @@ __device__ __forceinline__ void fused_assign(const in_t* __restrict__ Fn, const 
 
 // One thread of a block waits until another block of the launch, already
 // running, sets *turn to `want` (fused_forward_kernel's chain).  A volatile
-// load: from L2, never a stale L1 line.  The CPU emulation, whose blocks run
-// one after another, has its own that never waits but reports a turn not yet
-// given.
+// load: from L2, never a stale L1 line.  A turn that never comes (a bug: the
+// chain's counters not zeroed, say) traps after ~2^34 clock cycles (seconds;
+// a block waits microseconds, milliseconds under compute-sanitizer), so the
+// launch fails instead of hanging the GPU.  The CPU emulation, whose blocks
+// run one after another, has its own that never waits but reports a turn
+// not yet given.
 #ifndef PV_CPU_EMULATION
 __device__ __forceinline__ void pv_wait_turn(const unsigned* turn, unsigned want) {
+  const long long start = clock64();
   while (*reinterpret_cast<const volatile unsigned*>(turn) != want) {
+    if (clock64() - start > (1LL << 34)) __trap();
   }
   __threadfence();  // what the other block wrote before its turn is read after this
 }
