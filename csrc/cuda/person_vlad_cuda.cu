@@ -1184,23 +1184,10 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
               if (k < K && c < C) v[i][jj] = vsum.load(k * C + c) + v[i][jj];
             }
         }
-        if (!last) {
-#pragma unroll
-          for (int i = 0; i < kVRows; ++i)
-#pragma unroll
-            for (int jj = 0; jj < kVCols; ++jj) {
-              const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
-              if (k < K && c < C) vsum.store(k * C + c, v[i][jj]);
-            }
-          __threadfence();  // this block's sum is visible device-wide before the turn is handed on
-          __syncthreads();
-          if (tid == 0) atomicExch(sync + 1 + n * fused_v_chunks(K, C) + ch, static_cast<unsigned>(j + 1));
-          continue;
-        }
-        // the last block: V of this chunk, to phase B through the sum's
-        // memory (read back by this same thread; a float32 output without
-        // normalize is then written)
-        subtract_sc(v, cen, s_sum, r0, c0, C, K);
+        // the running sum back, for the next block; the last block's is V
+        // (v - s c), for phase B (read back by this same thread; a float32
+        // output without normalize is then written)
+        if (last) subtract_sc(v, cen, s_sum, r0, c0, C, K);
 #pragma unroll
         for (int i = 0; i < kVRows; ++i)
 #pragma unroll
@@ -1208,6 +1195,11 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
             const int k = r0 + warp * kVRows + i, c = c0 + lane + kWarp * jj;
             if (k < K && c < C) vsum.store(k * C + c, v[i][jj]);
           }
+        if (!last) {
+          __threadfence();  // this block's sum is visible device-wide before the turn is handed on
+          __syncthreads();
+          if (tid == 0) atomicExch(sync + 1 + n * fused_v_chunks(K, C) + ch, static_cast<unsigned>(j + 1));
+        }
       }
     if (j != splits - 1 || (!normalize && sizeof(in_t) == sizeof(acc_t))) return;
   }
