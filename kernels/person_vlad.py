@@ -77,10 +77,12 @@ forward, any P, ``PERSONVLAD_TRITON_FWD=stream``: one launch
      over all C, the soft-assignments, A' and s on chip -- and accumulates
      its slice ``V_j += A' F_j^T`` in registers.  Nothing of size K x P is
      written (the tiled forward's A' workspace); G is computed once per
-     slice.  Normalised, V goes to an fp32 workspace (the output itself when
-     that is float32) and the sample's last program normalises, as in the
-     split forward.  An ablation until GPU benchmarks decide; at the large
-     shape its extra memory is at most 2x the output (issue 4's bound).
+     slice.  Normalised, V goes to float32 in the output itself (a float32
+     output) or, beside a 16-bit output, as 16-bit halves (the high ones in
+     the output, the low ones in an int16 buffer), and the sample's last
+     program normalises, as in the split forward.  An ablation until GPU
+     benchmarks decide; its extra memory is at most 1x the output (issue
+     4's bound: 2x).
 forward, larger P (tiled; ``PERSONVLAD_TRITON_FWD=tiled`` forces it)
   1. ``_fwd_assign``  grid (N, cdiv(P, BLOCK_P)).  G = W F for a P tile
      (tl.dot over C chunks), then for each part b the max-subtracted softmax
