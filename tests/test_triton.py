@@ -145,6 +145,31 @@ def _ticketed_forward(monkeypatch, ins, normalize, dtype):
     return out, norms
 
 
+def _assert_alone_same_bits(ins, out, norms, normalize, i):
+    """Sample ``i`` run alone gives the same output and norms, to the bit, as
+    in the batch ``ins`` (``out``, ``norms``)."""
+    alone = [None if t is None else (t[i:i + 1] if t.dim() > 2 else t) for t in ins]
+    out1, norms1, _ = torch.ops.personvlad.person_vlad_triton(*alone, normalize)
+    assert torch.equal(out1, out[i:i + 1]) and torch.equal(norms1, norms[i:i + 1])
+
+
+def _assert_grads_match_path(monkeypatch, ins, normalize, out, seed, path, exact):
+    """The gradients (of a random gradient like ``out``, from ``seed``)
+    through the forward the environment asks for against those through
+    forward path ``path`` (the backward is shared, fed from each forward's
+    output and norms): the same bits where ``exact``, else within fp32
+    rounding."""
+    gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out)
+    grads = _grads(_triton, ins, normalize, gout)
+    monkeypatch.setenv("PERSONVLAD_TRITON_FWD", path)
+    for a, b in zip(grads, _grads(_triton, ins, normalize, gout)):
+        if a is not None:
+            if exact:
+                assert torch.equal(a, b)
+            else:
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
 @pytest.mark.parametrize("B,normalize,dtype", [
     (3, True, torch.float32), (None, True, torch.float16), (2, False, torch.float32), (None, False, torch.float16)],
     ids=["B3-norm-f32", "noparts-norm-f16", "B2-raw-f32", "noparts-raw-f16"])
@@ -165,20 +190,13 @@ def test_split_forward_over_several_slices(monkeypatch, B, normalize, dtype):
     # interpreter): each chunk's row sums are added in chunk order, as there;
     # and so the same bits for a sample alone (3 slices of 16 channels here)
     # as in the batch of 3 (2 slices of 32)
-    alone = [None if t is None else (t[:1] if t.dim() > 2 else t) for t in ins]
     assert tk.split_channels(1, C, tk._sm_count(torch.device(DEV))) != split_c
-    out1, norms1, _ = torch.ops.personvlad.person_vlad_triton(*alone, normalize)
-    assert torch.equal(out1, out[:1]) and torch.equal(norms1, norms[:1])
+    _assert_alone_same_bits(ins, out, norms, normalize, 0)
     monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "single")
     single, snorms, _ = torch.ops.personvlad.person_vlad_triton(*ins, normalize)
     assert torch.equal(single, out) and torch.equal(snorms, norms)
-    if dtype == torch.float32:
-        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-        grads = _grads(_triton, ins, normalize, gout)
-        monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "split")
-        for a, b in zip(grads, _grads(_triton, ins, normalize, gout)):
-            if a is not None:
-                assert torch.equal(a, b)
+    if dtype == torch.float32:  # "single" set: its gradients against the split forward's
+        _assert_grads_match_path(monkeypatch, ins, normalize, out, 1, "split", exact=True)
 
 
 @pytest.mark.parametrize("B,normalize,dtype", [
@@ -199,16 +217,9 @@ def test_stream_forward_over_several_slices(monkeypatch, B, normalize, dtype):
         assert tk.stream_channels(K, C) == 16
     ins = make_inputs(N=N, C=C, S=S, B=B, K=K, dtype=dtype, device=DEV, seed=11)
     out, norms = _ticketed_forward(monkeypatch, ins, normalize, dtype)
-    alone = [None if t is None else (t[1:2] if t.dim() > 2 else t) for t in ins]
-    out1, norms1, _ = torch.ops.personvlad.person_vlad_triton(*alone, normalize)
-    assert torch.equal(out1, out[1:2]) and torch.equal(norms1, norms[1:2])
+    _assert_alone_same_bits(ins, out, norms, normalize, 1)
     if dtype == torch.float32:
-        gout = torch.randn(out.shape, generator=torch.Generator().manual_seed(2)).to(out)
-        grads = _grads(_triton, ins, normalize, gout)
-        monkeypatch.setenv("PERSONVLAD_TRITON_FWD", "tiled")
-        for a, b in zip(grads, _grads(_triton, ins, normalize, gout)):
-            if a is not None:
-                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        _assert_grads_match_path(monkeypatch, ins, normalize, out, 2, "tiled", exact=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["f32", "f16"])
