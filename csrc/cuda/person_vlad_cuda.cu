@@ -1155,6 +1155,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
   // ---- split: the chain (see above)
   if (splits > 1) {
     for (int k = tid; k < K; k += kFusedThreads) part_s[(n * splits + j) * K + k] = s_sum[k];  // before any turn
+    unsigned* turns = sync + 1 + n * fused_v_chunks(K, C);  // this sample's, one per V chunk
     const bool last = j == splits - 1;
     int ch = 0;
     acc_t v[kVRows][kVCols];
@@ -1165,7 +1166,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
         else
           fused_v_chunk(v, Fn, cen, Ap, static_cast<const acc_t*>(nullptr), Fb, r0, c0, C, Pj, K, P);
         if (j > 0) {
-          if (tid == 0) pv_wait_turn(sync + 1 + n * fused_v_chunks(K, C) + ch, static_cast<unsigned>(j));
+          if (tid == 0) pv_wait_turn(turns + ch, static_cast<unsigned>(j));
           __syncthreads();
           __threadfence();  // the previous blocks' sums (and part_s) are read after their turn
           if (last && ch == 0) {  // s of the whole sample, in slot order (its own slot was read above)
@@ -1198,7 +1199,7 @@ __global__ void __launch_bounds__(kFusedThreads, 1) fused_forward_kernel(
         if (!last) {
           __threadfence();  // this block's sum is visible device-wide before the turn is handed on
           __syncthreads();
-          if (tid == 0) atomicExch(sync + 1 + n * fused_v_chunks(K, C) + ch, static_cast<unsigned>(j + 1));
+          if (tid == 0) atomicExch(turns + ch, static_cast<unsigned>(j + 1));
         }
       }
     if (j != splits - 1 || (!normalize && sizeof(in_t) == sizeof(acc_t))) return;
